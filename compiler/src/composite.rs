@@ -1,0 +1,675 @@
+//! Composite ops: functions of primitives, written once against [`Build`] so eager mode and the
+//! tracer share them, and their derivatives come from the primitives' rules.
+
+use crate::emitter::{norm_dim, Build};
+use crate::ops::{softmax_op, CompareOp, Op, OpError, OpResult, ReduceKind, UnaryOp};
+use tracegrad_runtime::{Buffer, DType, Dims, ShapeDisplay};
+
+/// How a loss reduces over the batch, as PyTorch's `reduction=`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Reduction {
+    /// One loss per element.
+    None,
+    /// The mean (the default).
+    #[default]
+    Mean,
+    /// The sum.
+    Sum,
+}
+
+fn err(op: &str, msg: String) -> OpError {
+    OpError::new(op, msg)
+}
+
+fn all_dims(rank: usize) -> Vec<isize> {
+    (0..rank as isize).collect()
+}
+
+/// Mean over `dims` (all when empty).
+pub fn mean<B: Build>(e: &mut B, x: &B::Value, dims: &[isize], keepdim: bool) -> OpResult<B::Value> {
+    let t = e.value_type(x);
+    if !t.dtype.is_float() {
+        return Err(err("mean", format!("mean(): could not infer output dtype. Input dtype must be either a floating point or complex dtype. Got: {}", t.dtype)));
+    }
+    let dims: Vec<isize> = if dims.is_empty() { all_dims(t.rank()) } else { dims.to_vec() };
+    let mut n = 1usize;
+    for &d in &dims {
+        if t.rank() > 0 {
+            n *= t.shape[norm_dim("mean", d, t.rank())?];
+        }
+    }
+    let s = e.sum(x, &dims, keepdim)?;
+    e.mul_scalar(&s, 1.0 / n as f64)
+}
+
+/// Variance over `dims` with Bessel-style `correction` (1 = unbiased, PyTorch's default).
+pub fn var<B: Build>(e: &mut B, x: &B::Value, dims: &[isize], correction: usize, keepdim: bool) -> OpResult<B::Value> {
+    let t = e.value_type(x);
+    let dims: Vec<isize> = if dims.is_empty() { all_dims(t.rank()) } else { dims.to_vec() };
+    let mut n = 1usize;
+    for &d in &dims {
+        if t.rank() > 0 {
+            n *= t.shape[norm_dim("var", d, t.rank())?];
+        }
+    }
+    let m = mean(e, x, &dims, true)?;
+    let c = e.sub(x, &m)?;
+    let c2 = e.mul(&c, &c)?;
+    let s = e.sum(&c2, &dims, keepdim)?;
+    // n - correction <= 0 gives inf/nan, as in PyTorch.
+    e.mul_scalar(&s, 1.0 / (n as f64 - correction as f64))
+}
+
+/// `log(sum(exp(x)))` over `dims`, stable for large inputs: the max is subtracted first and
+/// treated as a constant (its gradient contributions cancel exactly).
+pub fn logsumexp<B: Build>(e: &mut B, x: &B::Value, dims: &[isize], keepdim: bool) -> OpResult<B::Value> {
+    let t = e.value_type(x);
+    let dims: Vec<isize> = if dims.is_empty() { all_dims(t.rank()) } else { dims.to_vec() };
+    let m = e.reduce(ReduceKind::Max, x, &dims, true)?;
+    // Keep the shift finite when a whole slice is -inf.
+    let finite = {
+        let inf = e.scalar(f64::INFINITY, t.dtype)?;
+        let a = e.unary(UnaryOp::Abs, &m)?;
+        e.compare(CompareOp::Ne, &a, &inf)?
+    };
+    let z = e.zeros_like(&m)?;
+    let m = e.where_(&finite, &m, &z)?;
+    let m = stop_gradient(e, &m)?;
+    let c = e.sub(x, &m)?;
+    let ex = e.unary(UnaryOp::Exp, &c)?;
+    let s = e.sum(&ex, &dims, true)?;
+    let l = e.unary(UnaryOp::Log, &s)?;
+    let r = e.add(&l, &m)?;
+    if keepdim {
+        Ok(r)
+    } else {
+        let shape = reduced_shape(e, x, &dims)?;
+        e.reshape(&r, &shape)
+    }
+}
+
+fn reduced_shape<B: Build>(e: &mut B, x: &B::Value, dims: &[isize]) -> OpResult<Dims> {
+    let s = e.shape(x);
+    let nd: Vec<usize> = dims.iter().map(|&d| norm_dim("reduce", d, s.len())).collect::<OpResult<_>>()?;
+    Ok(s.iter().enumerate().filter(|(i, _)| !nd.contains(i)).map(|(_, &d)| d).collect())
+}
+
+/// The same value with no gradient path.
+pub fn stop_gradient<B: Build>(e: &mut B, x: &B::Value) -> OpResult<B::Value> {
+    e.emit(Op::StopGradient, &[x])
+}
+
+/// Softmax along `dim`.
+pub fn softmax<B: Build>(e: &mut B, x: &B::Value, dim: isize) -> OpResult<B::Value> {
+    let op = softmax_op(dim, e.shape(x).len(), false)?;
+    e.emit(op, &[x])
+}
+
+/// Log-softmax along `dim`.
+pub fn log_softmax<B: Build>(e: &mut B, x: &B::Value, dim: isize) -> OpResult<B::Value> {
+    let op = softmax_op(dim, e.shape(x).len(), true)?;
+    e.emit(op, &[x])
+}
+
+/// argmax/argmin over `dim` (the flattened tensor when `None`).
+pub fn arg_reduce<B: Build>(
+    e: &mut B,
+    x: &B::Value,
+    dim: Option<isize>,
+    keepdim: bool,
+    min: bool,
+) -> OpResult<B::Value> {
+    let name = if min { "argmin" } else { "argmax" };
+    let dim = match dim {
+        Some(d) => Some(norm_dim(name, d, e.shape(x).len())?).filter(|_| !e.shape(x).is_empty()),
+        None => None,
+    };
+    e.emit(Op::ArgReduce { min, dim, keepdim }, &[x])
+}
+
+/// `max(dim)` / `min(dim)`: values and the index of the first extreme. The gradient flows to
+/// that index, as in PyTorch.
+pub fn max_dim<B: Build>(
+    e: &mut B,
+    x: &B::Value,
+    dim: isize,
+    keepdim: bool,
+    min: bool,
+) -> OpResult<(B::Value, B::Value)> {
+    let rank = e.shape(x).len();
+    let d = norm_dim(if min { "min" } else { "max" }, dim, rank)?;
+    let idx = arg_reduce(e, x, Some(dim), true, min)?;
+    if rank == 0 {
+        return Ok((x.clone(), idx));
+    }
+    let v = e.emit(Op::Gather { dim: d }, &[x, &idx])?;
+    if keepdim {
+        Ok((v, idx))
+    } else {
+        Ok((squeeze(e, &v, Some(d as isize))?, squeeze(e, &idx, Some(d as isize))?))
+    }
+}
+
+/// Removes size-1 dims (`dim = None`: all of them).
+pub fn squeeze<B: Build>(e: &mut B, x: &B::Value, dim: Option<isize>) -> OpResult<B::Value> {
+    let s = e.shape(x);
+    let out: Vec<usize> = match dim {
+        None => s.iter().copied().filter(|&d| d != 1).collect(),
+        Some(d) => {
+            if s.is_empty() {
+                return Ok(x.clone());
+            }
+            let d = norm_dim("squeeze", d, s.len())?;
+            s.iter().enumerate().filter(|&(i, &n)| !(i == d && n == 1)).map(|(_, &n)| n).collect()
+        }
+    };
+    e.reshape(x, &out)
+}
+
+/// Inserts a size-1 dim at `dim` (which may be `rank`, or negative).
+pub fn unsqueeze<B: Build>(e: &mut B, x: &B::Value, dim: isize) -> OpResult<B::Value> {
+    let mut s: Vec<usize> = e.shape(x).to_vec();
+    let d = norm_dim("unsqueeze", dim, s.len() + 1)?;
+    s.insert(d, 1);
+    e.reshape(x, &s)
+}
+
+/// Flattens dims `start..=end` into one.
+pub fn flatten<B: Build>(e: &mut B, x: &B::Value, start: isize, end: isize) -> OpResult<B::Value> {
+    let s = e.shape(x);
+    if s.is_empty() {
+        return e.reshape(x, &[1]);
+    }
+    let a = norm_dim("flatten", start, s.len())?;
+    let b = norm_dim("flatten", end, s.len())?;
+    if a > b {
+        return Err(err("flatten", "flatten() has invalid args: start_dim cannot come after end_dim".into()));
+    }
+    let mut out: Vec<usize> = s[..a].to_vec();
+    out.push(s[a..=b].iter().product());
+    out.extend_from_slice(&s[b + 1..]);
+    e.reshape(x, &out)
+}
+
+/// `reshape` with one inferred `-1` dimension.
+pub fn reshape_infer<B: Build>(e: &mut B, x: &B::Value, shape: &[isize]) -> OpResult<B::Value> {
+    let n: usize = e.shape(x).iter().product();
+    let known: usize = shape.iter().filter(|&&d| d >= 0).map(|&d| d as usize).product();
+    let infer = shape.iter().filter(|&&d| d == -1).count();
+    let bad = || {
+        err(
+            "reshape",
+            format!(
+                "reshape: shape '{:?}' is invalid for input of size {n} (input shape {})",
+                shape,
+                ShapeDisplay(&e.shape(x))
+            ),
+        )
+    };
+    if infer > 1 || shape.iter().any(|&d| d < -1) {
+        return Err(bad());
+    }
+    let out: Vec<usize> = shape
+        .iter()
+        .map(|&d| {
+            if d == -1 {
+                if known == 0 {
+                    0
+                } else {
+                    n / known
+                }
+            } else {
+                d as usize
+            }
+        })
+        .collect();
+    if out.iter().product::<usize>() != n {
+        return Err(bad());
+    }
+    e.reshape(x, &out)
+}
+
+/// `transpose(a, b)` / `swapdims` with possibly negative dims.
+pub fn swapdims<B: Build>(e: &mut B, x: &B::Value, a: isize, b: isize) -> OpResult<B::Value> {
+    let r = e.shape(x).len();
+    if r == 0 {
+        return Ok(x.clone());
+    }
+    let (a, b) = (norm_dim("transpose", a, r)?, norm_dim("transpose", b, r)?);
+    e.transpose(x, a, b)
+}
+
+/// `permute` with possibly negative dims.
+pub fn permute<B: Build>(e: &mut B, x: &B::Value, dims: &[isize]) -> OpResult<B::Value> {
+    let r = e.shape(x).len();
+    let p: Vec<usize> = dims.iter().map(|&d| norm_dim("permute", d, r)).collect::<OpResult<_>>()?;
+    e.emit(Op::Permute(p.into_iter().collect()), &[x])
+}
+
+/// `cat` with a possibly negative dim.
+pub fn cat<B: Build>(e: &mut B, xs: &[&B::Value], dim: isize) -> OpResult<B::Value> {
+    if xs.is_empty() {
+        return Err(err("cat", "cat(): expected a non-empty list of Tensors".into()));
+    }
+    let d = norm_dim("cat", dim, e.shape(xs[0]).len())?;
+    e.emit(Op::Cat { dim: d }, xs)
+}
+
+/// `stack`: unsqueeze each at `dim`, then cat.
+pub fn stack<B: Build>(e: &mut B, xs: &[&B::Value], dim: isize) -> OpResult<B::Value> {
+    if xs.is_empty() {
+        return Err(err("stack", "stack expects a non-empty TensorList".into()));
+    }
+    let s0 = e.shape(xs[0]);
+    let d = norm_dim("stack", dim, s0.len() + 1)?;
+    let mut parts = Vec::with_capacity(xs.len());
+    for (k, x) in xs.iter().enumerate() {
+        let s = e.shape(x);
+        if s != s0 {
+            return Err(err(
+                "stack",
+                format!(
+                    "stack expects each tensor to be equal size, but got {} at entry 0 and {} at entry {k}",
+                    ShapeDisplay(&s0),
+                    ShapeDisplay(&s)
+                ),
+            ));
+        }
+        parts.push(unsqueeze(e, x, d as isize)?);
+    }
+    let refs: Vec<&B::Value> = parts.iter().collect();
+    e.emit(Op::Cat { dim: d }, &refs)
+}
+
+/// `narrow` with a possibly negative dim.
+pub fn narrow<B: Build>(e: &mut B, x: &B::Value, dim: isize, start: usize, len: usize) -> OpResult<B::Value> {
+    let d = norm_dim("narrow", dim, e.shape(x).len())?;
+    e.emit(Op::Narrow { dim: d, start, len }, &[x])
+}
+
+/// `split(size)`: pieces of `size` along `dim`, the last one smaller.
+pub fn split<B: Build>(e: &mut B, x: &B::Value, size: usize, dim: isize) -> OpResult<Vec<B::Value>> {
+    let d = norm_dim("split", dim, e.shape(x).len())?;
+    let n = e.shape(x)[d];
+    if size == 0 && n > 0 {
+        return Err(err(
+            "split",
+            "split_size can only be 0 if dimension size is 0, but got dimension size of ".to_string() + &n.to_string(),
+        ));
+    }
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = size.min(n - start);
+        out.push(e.narrow(x, d, start, len)?);
+        start += len;
+    }
+    if n == 0 {
+        out.push(x.clone());
+    }
+    Ok(out)
+}
+
+/// `chunk(chunks)`: pieces of `ceil(n / chunks)`, so there may be fewer than `chunks`.
+pub fn chunk<B: Build>(e: &mut B, x: &B::Value, chunks: usize, dim: isize) -> OpResult<Vec<B::Value>> {
+    if chunks == 0 {
+        return Err(err("chunk", "chunk expects `chunks` to be greater than 0, got: 0".into()));
+    }
+    let d = norm_dim("chunk", dim, e.shape(x).len())?;
+    let n = e.shape(x)[d];
+    split(e, x, n.div_ceil(chunks).max(1), d as isize)
+}
+
+/// `tensor_split(sections)`: exactly `sections` pieces, the first `n % sections` one longer.
+pub fn tensor_split<B: Build>(e: &mut B, x: &B::Value, sections: usize, dim: isize) -> OpResult<Vec<B::Value>> {
+    if sections == 0 {
+        return Err(err("tensor_split", "number of sections must be larger than 0, got 0".into()));
+    }
+    let d = norm_dim("tensor_split", dim, e.shape(x).len())?;
+    let n = e.shape(x)[d];
+    let (q, r) = (n / sections, n % sections);
+    let mut out = Vec::with_capacity(sections);
+    let mut start = 0;
+    for i in 0..sections {
+        let len = q + usize::from(i < r);
+        out.push(e.emit(Op::Narrow { dim: d, start, len }, &[x])?);
+        start += len;
+    }
+    Ok(out)
+}
+
+/// `tensor_split(indices)`: pieces between the given split points (clamped to the size).
+pub fn tensor_split_at<B: Build>(e: &mut B, x: &B::Value, indices: &[usize], dim: isize) -> OpResult<Vec<B::Value>> {
+    let d = norm_dim("tensor_split", dim, e.shape(x).len())?;
+    let n = e.shape(x)[d];
+    let mut out = Vec::with_capacity(indices.len() + 1);
+    let mut start = 0;
+    for &i in indices.iter().chain(std::iter::once(&n)) {
+        let end = i.min(n).max(start);
+        out.push(e.emit(Op::Narrow { dim: d, start, len: end - start }, &[x])?);
+        start = end;
+    }
+    Ok(out)
+}
+
+/// `matmul` with PyTorch's 1-D promotion rules and batch broadcasting.
+pub fn matmul<B: Build>(e: &mut B, a: &B::Value, b: &B::Value) -> OpResult<B::Value> {
+    let (sa, sb) = (e.shape(a), e.shape(b));
+    if sa.is_empty() || sb.is_empty() {
+        return Err(err(
+            "matmul",
+            format!(
+                "matmul: both arguments to matmul need to be at least 1D, but they are {}D and {}D",
+                sa.len(),
+                sb.len()
+            ),
+        ));
+    }
+    let (a, b) = e.promote(a, b)?;
+    let a2 = if sa.len() == 1 { e.reshape(&a, &[1, sa[0]])? } else { a };
+    let b2 = if sb.len() == 1 { e.reshape(&b, &[sb[0], 1])? } else { b };
+    let y = e.matmul_t(&a2, &b2, false, false)?;
+    let mut ys: Vec<usize> = e.shape(&y).to_vec();
+    if sb.len() == 1 {
+        ys.pop();
+    }
+    if sa.len() == 1 {
+        let l = ys.len();
+        ys.remove(l - if sb.len() == 1 { 1 } else { 2 });
+    }
+    e.reshape(&y, &ys)
+}
+
+/// `bmm`: strictly 3-D batched matmul.
+pub fn bmm<B: Build>(e: &mut B, a: &B::Value, b: &B::Value) -> OpResult<B::Value> {
+    let (sa, sb) = (e.shape(a), e.shape(b));
+    if sa.len() != 3 || sb.len() != 3 {
+        return Err(err(
+            "bmm",
+            format!(
+                "bmm: batch1 must be a 3D tensor and batch2 must be a 3D tensor (shapes {} and {})",
+                ShapeDisplay(&sa),
+                ShapeDisplay(&sb)
+            ),
+        ));
+    }
+    if sa[0] != sb[0] {
+        return Err(err(
+            "bmm",
+            format!("bmm: batch1 and batch2 must have same number of batches, got {} and {}", sa[0], sb[0]),
+        ));
+    }
+    e.matmul_t(a, b, false, false)
+}
+
+/// `addmm(input, m1, m2, beta, alpha)` = `beta·input + alpha·(m1 @ m2)`.
+pub fn addmm<B: Build>(
+    e: &mut B,
+    input: &B::Value,
+    m1: &B::Value,
+    m2: &B::Value,
+    beta: f64,
+    alpha: f64,
+) -> OpResult<B::Value> {
+    let (s1, s2) = (e.shape(m1), e.shape(m2));
+    if s1.len() != 2 || s2.len() != 2 {
+        return Err(err(
+            "addmm",
+            format!("addmm: mat1 and mat2 must be matrices (shapes {} and {})", ShapeDisplay(&s1), ShapeDisplay(&s2)),
+        ));
+    }
+    let p = e.matmul_t(m1, m2, false, false)?;
+    let p = if alpha == 1.0 { p } else { e.mul_scalar(&p, alpha)? };
+    let i = if beta == 1.0 { input.clone() } else { e.mul_scalar(input, beta)? };
+    e.add(&i, &p)
+}
+
+/// `linear(x, w, b)` = `x @ wᵀ + b`, with `w: [out, in]`.
+pub fn linear<B: Build>(e: &mut B, x: &B::Value, w: &B::Value, b: Option<&B::Value>) -> OpResult<B::Value> {
+    let (sx, sw) = (e.shape(x), e.shape(w));
+    if sw.len() != 2 || sx.is_empty() || sx[sx.len() - 1] != sw[1] {
+        return Err(err(
+            "linear",
+            format!(
+                "linear: mat1 and mat2 shapes cannot be multiplied ({}x{} and {}x{}) (input {}, weight {})",
+                sx[..sx.len().saturating_sub(1)].iter().product::<usize>(),
+                sx.last().copied().unwrap_or(0),
+                sw.get(1).copied().unwrap_or(0),
+                sw.first().copied().unwrap_or(0),
+                ShapeDisplay(&sx),
+                ShapeDisplay(&sw)
+            ),
+        ));
+    }
+    // Fold leading dims into one row dimension so the weight is read once.
+    let rows: usize = sx[..sx.len() - 1].iter().product();
+    let x2 = e.reshape(x, &[rows, sw[1]])?;
+    let y = e.matmul_t(&x2, w, false, true)?;
+    let y = match b {
+        Some(b) => e.add(&y, b)?,
+        None => y,
+    };
+    let mut out: Vec<usize> = sx[..sx.len() - 1].to_vec();
+    out.push(sw[0]);
+    e.reshape(&y, &out)
+}
+
+/// `addcmul(input, t1, t2, value)` = `input + value·t1·t2`.
+pub fn addcmul<B: Build>(e: &mut B, input: &B::Value, t1: &B::Value, t2: &B::Value, value: f64) -> OpResult<B::Value> {
+    let p = e.mul(t1, t2)?;
+    let p = e.mul_scalar(&p, value)?;
+    e.add(input, &p)
+}
+
+/// `addcdiv(input, t1, t2, value)` = `input + value·t1/t2`.
+pub fn addcdiv<B: Build>(e: &mut B, input: &B::Value, t1: &B::Value, t2: &B::Value, value: f64) -> OpResult<B::Value> {
+    let p = e.div(t1, t2)?;
+    let p = e.mul_scalar(&p, value)?;
+    e.add(input, &p)
+}
+
+/// `masked_fill(mask, value)`.
+pub fn masked_fill<B: Build>(e: &mut B, x: &B::Value, mask: &B::Value, value: f64) -> OpResult<B::Value> {
+    if e.dtype(mask) != DType::Bool {
+        return Err(err(
+            "masked_fill",
+            format!("masked_fill_ only supports boolean masks, but got mask with dtype {}", e.dtype(mask)),
+        ));
+    }
+    let v = e.scalar(value, e.dtype(x))?;
+    let out = e.where_(mask, &v, x)?;
+    let xs = e.shape(x);
+    if e.shape(&out) != xs {
+        return Err(err(
+            "masked_fill",
+            format!(
+                "masked_fill: mask of shape {} cannot be broadcast to the tensor's shape {}",
+                ShapeDisplay(&e.shape(mask)),
+                ShapeDisplay(&xs)
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// `clamp(min, max)`.
+pub fn clamp<B: Build>(e: &mut B, x: &B::Value, min: Option<f64>, max: Option<f64>) -> OpResult<B::Value> {
+    e.emit(Op::Clamp { min, max }, &[x])
+}
+
+/// Layer normalisation over the trailing `normalized` dims (biased variance, as PyTorch).
+pub fn layer_norm<B: Build>(
+    e: &mut B,
+    x: &B::Value,
+    normalized: &[usize],
+    weight: Option<&B::Value>,
+    bias: Option<&B::Value>,
+    eps: f64,
+) -> OpResult<B::Value> {
+    let s = e.shape(x);
+    if normalized.len() > s.len() || s[s.len() - normalized.len()..] != *normalized {
+        return Err(err(
+            "layer_norm",
+            format!(
+                "layer_norm: Given normalized_shape={}, expected input with shape [*, {}], but got input of size{}",
+                ShapeDisplay(normalized),
+                normalized.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
+                ShapeDisplay(&s)
+            ),
+        ));
+    }
+    let dims: Vec<isize> = (s.len() - normalized.len()..s.len()).map(|d| d as isize).collect();
+    let m = mean(e, x, &dims, true)?;
+    let c = e.sub(x, &m)?;
+    let c2 = e.mul(&c, &c)?;
+    let v = mean(e, &c2, &dims, true)?;
+    let v = e.add_scalar(&v, eps)?;
+    let r = e.unary(UnaryOp::Rsqrt, &v)?;
+    let mut y = e.mul(&c, &r)?;
+    if let Some(w) = weight {
+        y = e.mul(&y, w)?;
+    }
+    if let Some(b) = bias {
+        y = e.add(&y, b)?;
+    }
+    Ok(y)
+}
+
+/// `embedding(idx, weight)`: rows of `weight` picked by an integer tensor of any shape.
+pub fn embedding<B: Build>(e: &mut B, idx: &B::Value, weight: &B::Value) -> OpResult<B::Value> {
+    let (si, sw) = (e.shape(idx), e.shape(weight));
+    if sw.len() != 2 {
+        return Err(err("embedding", format!("embedding: 'weight' must be 2-D, got shape {}", ShapeDisplay(&sw))));
+    }
+    let flat = e.reshape(idx, &[si.iter().product()])?;
+    let rows = e.emit(Op::IndexSelect { dim: 0 }, &[weight, &flat])?;
+    let mut out: Vec<usize> = si.to_vec();
+    out.push(sw[1]);
+    e.reshape(&rows, &out)
+}
+
+/// `dropout` given a keep-mask drawn by the caller (1 = keep): `x·mask/(1-p)`.
+pub fn dropout_with_mask<B: Build>(e: &mut B, x: &B::Value, mask: Buffer, p: f64) -> OpResult<B::Value> {
+    let m = e.constant(mask)?;
+    let m = e.cast(&m, e.dtype(x))?;
+    let y = e.mul(x, &m)?;
+    e.mul_scalar(&y, 1.0 / (1.0 - p))
+}
+
+fn reduce_loss<B: Build>(e: &mut B, l: &B::Value, reduction: Reduction) -> OpResult<B::Value> {
+    match reduction {
+        Reduction::None => Ok(l.clone()),
+        Reduction::Sum => e.sum(l, &[], false),
+        Reduction::Mean => mean(e, l, &[], false),
+    }
+}
+
+/// `nll_loss(logp, target)` for `logp: [N, C, ...]` (or `[C]`) and integer `target: [N, ...]`.
+/// Targets equal to `ignore_index` contribute nothing and are left out of the mean.
+pub fn nll_loss<B: Build>(
+    e: &mut B,
+    logp: &B::Value,
+    target: &B::Value,
+    reduction: Reduction,
+    ignore_index: i64,
+) -> OpResult<B::Value> {
+    let (sl, st) = (e.shape(logp), e.shape(target));
+    if e.dtype(target) != DType::I64 {
+        return Err(err("nll_loss", format!("nll_loss: expected target of dtype int64 but got {}", e.dtype(target))));
+    }
+    let batched = sl.len() >= 2;
+    let expect: Vec<usize> =
+        if batched { std::iter::once(sl[0]).chain(sl[2..].iter().copied()).collect() } else { vec![] };
+    if st.as_slice() != expect.as_slice() {
+        return Err(err(
+            "nll_loss",
+            format!(
+                "nll_loss: Expected input batch_size ({}) to match target batch_size ({}) (input {}, target {})",
+                sl.first().copied().unwrap_or(1),
+                st.first().copied().unwrap_or(1),
+                ShapeDisplay(&sl),
+                ShapeDisplay(&st)
+            ),
+        ));
+    }
+    let cdim = if batched { 1 } else { 0 };
+    let ign = e.scalar(ignore_index as f64, DType::I64)?;
+    let keep = e.compare(CompareOp::Ne, target, &ign)?;
+    let zero = e.scalar(0.0, DType::I64)?;
+    let safe = e.where_(&keep, target, &zero)?;
+    let idx = unsqueeze(e, &safe, cdim as isize)?;
+    let picked = e.emit(Op::Gather { dim: cdim }, &[logp, &idx])?;
+    let picked = squeeze(e, &picked, Some(cdim as isize))?;
+    let l = e.neg(&picked)?;
+    let keepf = e.cast(&keep, e.dtype(logp))?;
+    let l = e.mul(&l, &keepf)?;
+    match reduction {
+        Reduction::Mean => {
+            let s = e.sum(&l, &[], false)?;
+            let n = e.sum(&keepf, &[], false)?;
+            e.div(&s, &n)
+        }
+        r => reduce_loss(e, &l, r),
+    }
+}
+
+/// `cross_entropy(logits, target)` with class-index targets: log_softmax over dim 1 then
+/// nll_loss, with optional label smoothing (PyTorch's formula). Stable for huge logits.
+pub fn cross_entropy<B: Build>(
+    e: &mut B,
+    logits: &B::Value,
+    target: &B::Value,
+    reduction: Reduction,
+    label_smoothing: f64,
+    ignore_index: i64,
+) -> OpResult<B::Value> {
+    if !(0.0..=1.0).contains(&label_smoothing) {
+        return Err(err(
+            "cross_entropy",
+            format!("cross_entropy: label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}"),
+        ));
+    }
+    let sl = e.shape(logits);
+    let cdim: isize = if sl.len() >= 2 { 1 } else { 0 };
+    let logp = log_softmax(e, logits, cdim)?;
+    let nll = nll_loss(e, &logp, target, Reduction::None, ignore_index)?;
+    if label_smoothing == 0.0 {
+        return match reduction {
+            Reduction::Mean => nll_loss(e, &logp, target, Reduction::Mean, ignore_index),
+            r => reduce_loss(e, &nll, r),
+        };
+    }
+    let c = sl[cdim as usize] as f64;
+    // loss = (1-ε)·nll + ε·mean_c(-logp), ignored targets masked out of both terms.
+    let ign = e.scalar(ignore_index as f64, DType::I64)?;
+    let keep = e.compare(CompareOp::Ne, target, &ign)?;
+    let keepf = e.cast(&keep, e.dtype(logits))?;
+    let smooth = e.sum(&logp, &[cdim], false)?;
+    let smooth = e.mul_scalar(&smooth, -1.0 / c)?;
+    let smooth = e.mul(&smooth, &keepf)?;
+    let a = e.mul_scalar(&nll, 1.0 - label_smoothing)?;
+    let b = e.mul_scalar(&smooth, label_smoothing)?;
+    let l = e.add(&a, &b)?;
+    match reduction {
+        Reduction::Mean => {
+            let s = e.sum(&l, &[], false)?;
+            let n = e.sum(&keepf, &[], false)?;
+            e.div(&s, &n)
+        }
+        r => reduce_loss(e, &l, r),
+    }
+}
+
+/// `mse_loss(input, target)`.
+pub fn mse_loss<B: Build>(e: &mut B, input: &B::Value, target: &B::Value, reduction: Reduction) -> OpResult<B::Value> {
+    let (si, st) = (e.shape(input), e.shape(target));
+    if si != st {
+        return Err(err(
+            "mse_loss",
+            format!("mse_loss: input shape {} and target shape {} differ", ShapeDisplay(&si), ShapeDisplay(&st)),
+        ));
+    }
+    let d = e.sub(input, target)?;
+    let d2 = e.mul(&d, &d)?;
+    reduce_loss(e, &d2, reduction)
+}

@@ -1,0 +1,463 @@
+//! The op vocabulary. Every primitive is one [`Op`] variant, and each family module holds, side
+//! by side, the parts that define its ops:
+//!
+//! - the **shape/dtype rule** (`infer`), whose error text names the op and the shapes;
+//! - the **reference kernel** (`eval`), which calls into `tracegrad-runtime`;
+//! - the **derivative rule** (`vjp`), written against the abstract [`Emitter`], so eager
+//!   autograd (which computes) and the AOT autodiff pass (which builds graph nodes) run the very
+//!   same rule.
+//!
+//! Composite ops (softmax-based losses, layer_norm, einsum, …) live in
+//! [`crate::composite`] as functions of primitives.
+
+mod index;
+mod layout;
+mod linalg;
+mod nn;
+mod pointwise;
+mod reduce;
+
+pub use pointwise::{BinaryOp, CompareOp, Real, UnaryOp};
+pub use reduce::{softmax_op, ReduceKind};
+
+use crate::emitter::Emitter;
+use std::fmt;
+use tracegrad_runtime::{Buffer, DType, Dims, ShapeDisplay};
+
+/// The dtype and shape of a value: what the shape rule computes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TensorType {
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Dims,
+}
+
+impl TensorType {
+    /// Builds a type.
+    pub fn new(dtype: DType, shape: &[usize]) -> TensorType {
+        TensorType { dtype, shape: shape.into() }
+    }
+
+    /// Rank.
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The type of a buffer.
+    pub fn of(b: &Buffer) -> TensorType {
+        TensorType::new(b.dtype(), b.shape())
+    }
+}
+
+impl fmt::Display for TensorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.dtype)?;
+        write!(f, "[")?;
+        for (i, d) in self.shape.iter().enumerate() {
+            if i > 0 {
+                write!(f, ",")?;
+            }
+            write!(f, "{d}")?;
+        }
+        write!(f, "]")
+    }
+}
+
+/// A failure to build or differentiate an op: the op's name and a PyTorch-style message that
+/// already names the shapes involved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpError {
+    /// The op that failed.
+    pub op: String,
+    /// The full message.
+    pub message: String,
+}
+
+impl OpError {
+    /// An error for `op` with `message` (which should start with the op name).
+    pub fn new(op: impl Into<String>, message: impl Into<String>) -> OpError {
+        OpError { op: op.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for OpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for OpError {}
+
+/// Result of a shape rule or kernel.
+pub type OpResult<T> = Result<T, OpError>;
+
+/// One primitive operation. Operands are positional; attributes are fields.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// A tensor filled with one value (also how scalars enter a computation).
+    Full {
+        /// The fill value.
+        value: f64,
+        /// Element type.
+        dtype: DType,
+        /// Shape.
+        shape: Dims,
+    },
+    /// A literal tensor.
+    Constant(Buffer),
+    /// Elementwise unary function of a float tensor.
+    Unary(UnaryOp),
+    /// Elementwise binary arithmetic with broadcasting; operands share a dtype.
+    Binary(BinaryOp),
+    /// Elementwise comparison with broadcasting; the result is bool.
+    Compare(CompareOp),
+    /// `where(cond, a, b)` with broadcasting.
+    Where,
+    /// Clamp into `[min, max]`; either bound may be absent.
+    Clamp {
+        /// Lower bound.
+        min: Option<f64>,
+        /// Upper bound.
+        max: Option<f64>,
+    },
+    /// Conversion to another dtype.
+    Cast(DType),
+    /// Identity whose derivative rule passes no gradient (JAX's `stop_gradient`, PyTorch's
+    /// `detach` inside a computation).
+    StopGradient,
+    /// Reduction over `dims` (sorted, unique, non-negative).
+    Reduce {
+        /// What to compute.
+        kind: ReduceKind,
+        /// Reduced dimensions.
+        dims: Dims,
+        /// Keep reduced dimensions with size 1.
+        keepdim: bool,
+    },
+    /// argmax / argmin over one dimension, or over the flattened tensor when `dim` is `None`.
+    ArgReduce {
+        /// argmin instead of argmax.
+        min: bool,
+        /// The dimension.
+        dim: Option<usize>,
+        /// Keep the reduced dimension.
+        keepdim: bool,
+    },
+    /// Softmax (or log-softmax) along `dim`.
+    Softmax {
+        /// The dimension.
+        dim: usize,
+        /// log_softmax instead of softmax.
+        log: bool,
+    },
+    /// Batched matrix product with NumPy batch broadcasting; transposes are free.
+    MatMul {
+        /// Use the transpose of the last two dims of operand 0.
+        trans_a: bool,
+        /// Use the transpose of the last two dims of operand 1.
+        trans_b: bool,
+    },
+    /// Same data, new shape.
+    Reshape(Dims),
+    /// Reorders dimensions: output dim `i` is input dim `perm[i]`.
+    Permute(Dims),
+    /// Broadcast to a larger shape.
+    Expand(Dims),
+    /// The slice `start..start+len` of dimension `dim`.
+    Narrow {
+        /// The dimension.
+        dim: usize,
+        /// First index.
+        start: usize,
+        /// Length.
+        len: usize,
+    },
+    /// Concatenation along `dim` of all operands.
+    Cat {
+        /// The dimension.
+        dim: usize,
+    },
+    /// `x.index_select(dim, idx)`.
+    IndexSelect {
+        /// The dimension.
+        dim: usize,
+    },
+    /// `x.index_add(dim, idx, src)`.
+    IndexAdd {
+        /// The dimension.
+        dim: usize,
+    },
+    /// `x.gather(dim, idx)`.
+    Gather {
+        /// The dimension.
+        dim: usize,
+    },
+    /// `x.scatter_add(dim, idx, src)`.
+    ScatterAdd {
+        /// The dimension.
+        dim: usize,
+    },
+    /// 2-D convolution, NCHW, no bias (bias is a separate add).
+    Conv2d {
+        /// Stride.
+        stride: [usize; 2],
+        /// Zero padding.
+        padding: [usize; 2],
+    },
+    /// Gradient of conv2d w.r.t. its input: operands (grad_out, weight).
+    Conv2dGradInput {
+        /// Stride.
+        stride: [usize; 2],
+        /// Padding.
+        padding: [usize; 2],
+        /// The input's spatial size.
+        input_hw: [usize; 2],
+    },
+    /// Gradient of conv2d w.r.t. its weight: operands (input, grad_out).
+    Conv2dGradWeight {
+        /// Stride.
+        stride: [usize; 2],
+        /// Padding.
+        padding: [usize; 2],
+        /// The kernel's spatial size.
+        kernel_hw: [usize; 2],
+    },
+    /// 2-D max pooling.
+    MaxPool2d {
+        /// Window.
+        kernel: [usize; 2],
+        /// Stride.
+        stride: [usize; 2],
+        /// Padding (with -inf).
+        padding: [usize; 2],
+    },
+    /// Gradient of max pooling: operands (input, grad_out).
+    MaxPool2dGrad {
+        /// Window.
+        kernel: [usize; 2],
+        /// Stride.
+        stride: [usize; 2],
+        /// Padding.
+        padding: [usize; 2],
+    },
+    /// 2-D average pooling.
+    AvgPool2d {
+        /// Window.
+        kernel: [usize; 2],
+        /// Stride.
+        stride: [usize; 2],
+        /// Padding (with zeros).
+        padding: [usize; 2],
+        /// Whether padded zeros count in the divisor (PyTorch's default: true).
+        count_include_pad: bool,
+    },
+    /// Gradient of average pooling: operand grad_out.
+    AvgPool2dGrad {
+        /// Window.
+        kernel: [usize; 2],
+        /// Stride.
+        stride: [usize; 2],
+        /// Padding.
+        padding: [usize; 2],
+        /// As in the forward.
+        count_include_pad: bool,
+        /// The forward input's shape.
+        input_shape: Dims,
+    },
+}
+
+impl Op {
+    /// The op's name as it appears in errors and dumps.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Full { .. } => "full",
+            Op::Constant(_) => "constant",
+            Op::Unary(u) => u.name(),
+            Op::Binary(b) => b.name(),
+            Op::Compare(c) => c.name(),
+            Op::Where => "where",
+            Op::Clamp { .. } => "clamp",
+            Op::Cast(_) => "to",
+            Op::StopGradient => "stop_gradient",
+            Op::Reduce { kind, .. } => kind.name(),
+            Op::ArgReduce { min, .. } => {
+                if *min {
+                    "argmin"
+                } else {
+                    "argmax"
+                }
+            }
+            Op::Softmax { log, .. } => {
+                if *log {
+                    "log_softmax"
+                } else {
+                    "softmax"
+                }
+            }
+            Op::MatMul { .. } => "matmul",
+            Op::Reshape(_) => "reshape",
+            Op::Permute(_) => "permute",
+            Op::Expand(_) => "expand",
+            Op::Narrow { .. } => "narrow",
+            Op::Cat { .. } => "cat",
+            Op::IndexSelect { .. } => "index_select",
+            Op::IndexAdd { .. } => "index_add",
+            Op::Gather { .. } => "gather",
+            Op::ScatterAdd { .. } => "scatter_add",
+            Op::Conv2d { .. } => "conv2d",
+            Op::Conv2dGradInput { .. } => "conv2d_grad_input",
+            Op::Conv2dGradWeight { .. } => "conv2d_grad_weight",
+            Op::MaxPool2d { .. } => "max_pool2d",
+            Op::MaxPool2dGrad { .. } => "max_pool2d_grad",
+            Op::AvgPool2d { .. } => "avg_pool2d",
+            Op::AvgPool2dGrad { .. } => "avg_pool2d_grad",
+        }
+    }
+
+    /// Number of operands the op takes, or `None` for variadic ops (cat).
+    pub fn arity(&self) -> Option<usize> {
+        Some(match self {
+            Op::Full { .. } | Op::Constant(_) => 0,
+            Op::Unary(_)
+            | Op::Clamp { .. }
+            | Op::Cast(_)
+            | Op::StopGradient
+            | Op::Reduce { .. }
+            | Op::ArgReduce { .. } => 1,
+            Op::Softmax { .. } | Op::Reshape(_) | Op::Permute(_) | Op::Expand(_) | Op::Narrow { .. } => 1,
+            Op::MaxPool2d { .. } | Op::AvgPool2d { .. } | Op::AvgPool2dGrad { .. } => 1,
+            Op::Binary(_) | Op::Compare(_) | Op::MatMul { .. } | Op::IndexSelect { .. } | Op::Gather { .. } => 2,
+            Op::Conv2d { .. } | Op::Conv2dGradInput { .. } | Op::Conv2dGradWeight { .. } => 2,
+            Op::MaxPool2dGrad { .. } => 2,
+            Op::Where | Op::IndexAdd { .. } | Op::ScatterAdd { .. } => 3,
+            Op::Cat { .. } => return None,
+        })
+    }
+
+    /// The shape/dtype rule: the output type for these operand types, or a PyTorch-style error.
+    pub fn infer(&self, inputs: &[TensorType]) -> OpResult<TensorType> {
+        if let Some(n) = self.arity() {
+            if inputs.len() != n {
+                return Err(self.error(format!("{}: expected {n} operands, got {}", self.name(), inputs.len())));
+            }
+        } else if inputs.is_empty() {
+            return Err(self.error(format!("{}: expected a non-empty list of Tensors", self.name())));
+        }
+        let r = match self {
+            Op::Full { dtype, shape, .. } => Ok(TensorType { dtype: *dtype, shape: shape.clone() }),
+            Op::Constant(b) => Ok(TensorType::of(b)),
+            Op::StopGradient => Ok(inputs[0].clone()),
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Clamp { .. } | Op::Cast(_) => {
+                pointwise::infer(self, inputs)
+            }
+            Op::Reduce { .. } | Op::ArgReduce { .. } | Op::Softmax { .. } => reduce::infer(self, inputs),
+            Op::MatMul { .. } => linalg::infer(self, inputs),
+            Op::Reshape(_) | Op::Permute(_) | Op::Expand(_) | Op::Narrow { .. } | Op::Cat { .. } => {
+                layout::infer(self, inputs)
+            }
+            Op::IndexSelect { .. } | Op::IndexAdd { .. } | Op::Gather { .. } | Op::ScatterAdd { .. } => {
+                index::infer(self, inputs)
+            }
+            _ => nn::infer(self, inputs),
+        };
+        r.map_err(|m| self.error(m))
+    }
+
+    /// The reference kernel: computes the output from operand buffers whose types passed
+    /// `infer` (giving `out`). Data-dependent failures (an index out of range) are errors.
+    pub fn eval(&self, inputs: &[&Buffer], out: &TensorType) -> OpResult<Buffer> {
+        let r = match self {
+            Op::Full { value, dtype, shape } => Ok(Buffer::full(*value, *dtype, shape)),
+            Op::Constant(b) => Ok(b.clone()),
+            Op::StopGradient => Ok(inputs[0].clone()),
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Clamp { .. } | Op::Cast(_) => {
+                Ok(pointwise::eval(self, inputs, out))
+            }
+            Op::Reduce { .. } | Op::ArgReduce { .. } | Op::Softmax { .. } => Ok(reduce::eval(self, inputs, out)),
+            Op::MatMul { trans_a, trans_b } => {
+                Ok(tracegrad_runtime::kernels::matmul::matmul(inputs[0], inputs[1], *trans_a, *trans_b))
+            }
+            Op::Reshape(_) | Op::Permute(_) | Op::Expand(_) | Op::Narrow { .. } | Op::Cat { .. } => {
+                Ok(layout::eval(self, inputs, out))
+            }
+            Op::IndexSelect { .. } | Op::IndexAdd { .. } | Op::Gather { .. } | Op::ScatterAdd { .. } => {
+                index::eval(self, inputs)
+            }
+            _ => Ok(nn::eval(self, inputs, out)),
+        };
+        r.map_err(|m| self.error(format!("{}: {m}", self.name())))
+    }
+
+    /// The derivative rule: given the operands, the output and the gradient of the output,
+    /// emits the gradient of each operand (`None` where an operand takes no gradient, e.g. an
+    /// index). Ops without a rule return an error; they never yield a silent zero.
+    pub fn vjp<E: Emitter>(
+        &self,
+        e: &mut E,
+        inputs: &[&E::Value],
+        output: &E::Value,
+        grad: &E::Value,
+    ) -> OpResult<Vec<Option<E::Value>>> {
+        match self {
+            Op::Full { .. } | Op::Constant(_) => Ok(vec![]),
+            Op::StopGradient => Ok(vec![None]),
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Clamp { .. } | Op::Cast(_) => {
+                pointwise::vjp(self, e, inputs, output, grad)
+            }
+            Op::Reduce { .. } | Op::ArgReduce { .. } | Op::Softmax { .. } => reduce::vjp(self, e, inputs, output, grad),
+            Op::MatMul { .. } => linalg::vjp(self, e, inputs, grad),
+            Op::Reshape(_) | Op::Permute(_) | Op::Expand(_) | Op::Narrow { .. } | Op::Cat { .. } => {
+                layout::vjp(self, e, inputs, grad)
+            }
+            Op::IndexSelect { .. } | Op::IndexAdd { .. } | Op::Gather { .. } | Op::ScatterAdd { .. } => {
+                index::vjp(self, e, inputs, grad)
+            }
+            _ => nn::vjp(self, e, inputs, grad),
+        }
+    }
+
+    /// An error attributed to this op.
+    pub fn error(&self, message: impl Into<String>) -> OpError {
+        OpError::new(self.name(), message)
+    }
+
+    /// The error for an op that has no derivative rule.
+    pub fn no_derivative(&self) -> OpError {
+        self.error(format!("the derivative for '{}' is not implemented", self.name()))
+    }
+}
+
+/// Formats a shape for messages.
+pub(crate) fn sh(s: &[usize]) -> ShapeDisplay<'_> {
+    ShapeDisplay(s)
+}
+
+/// Requires a floating dtype, with the op's name in the message.
+pub(crate) fn require_float(op: &str, t: &TensorType) -> Result<(), String> {
+    if t.dtype.is_float() {
+        Ok(())
+    } else {
+        Err(format!("{op}: expected a floating-point tensor, got {} of shape {}", t.dtype, sh(&t.shape)))
+    }
+}
+
+/// Requires two operands of one dtype.
+pub(crate) fn require_same_dtype(op: &str, a: &TensorType, b: &TensorType) -> Result<(), String> {
+    if a.dtype == b.dtype {
+        Ok(())
+    } else {
+        Err(format!(
+            "{op}: expected both operands to have the same dtype, but got {} {} and {} {}",
+            a.dtype,
+            sh(&a.shape),
+            b.dtype,
+            sh(&b.shape)
+        ))
+    }
+}

@@ -1,0 +1,166 @@
+//! Convolution and pooling (NCHW, groups 1, dilation 1, floor mode), and their gradients as ops
+//! of their own so that the backward graph is made of ordinary nodes. The conv gradients have
+//! derivative rules too (each is linear in both operands), so double backward works.
+
+use super::{require_float, require_same_dtype, sh, Op, OpResult, TensorType};
+use crate::emitter::{Build, Emitter};
+use tracegrad_runtime::kernels::conv;
+use tracegrad_runtime::{Buffer, Dims};
+
+fn out_size(op: &str, input: usize, k: usize, stride: usize, pad: usize) -> Result<usize, String> {
+    if stride == 0 {
+        return Err(format!("{op}: stride should be greater than zero"));
+    }
+    if input + 2 * pad < k {
+        return Err(format!(
+            "{op}: Calculated padded input size per channel: ({}). Kernel size: ({k}). Kernel size can't be greater than actual input size",
+            input + 2 * pad
+        ));
+    }
+    Ok((input + 2 * pad - k) / stride + 1)
+}
+
+fn require_4d(op: &str, what: &str, t: &TensorType) -> Result<(), String> {
+    if t.rank() != 4 {
+        return Err(format!("{op}: expected 4-D {what} (N, C, H, W), got shape {}", sh(&t.shape)));
+    }
+    require_float(op, t)
+}
+
+pub(super) fn infer(op: &Op, t: &[TensorType]) -> Result<TensorType, String> {
+    let name = op.name();
+    let x = &t[0];
+    match op {
+        Op::Conv2d { stride, padding } => {
+            let w = &t[1];
+            require_4d(name, "input", x)?;
+            require_4d(name, "weight", w)?;
+            require_same_dtype(name, x, w)?;
+            if x.shape[1] != w.shape[1] {
+                return Err(format!(
+                    "conv2d: Given groups=1, weight of size {}, expected input{} to have {} channels, but got {} channels instead",
+                    sh(&w.shape),
+                    sh(&x.shape),
+                    w.shape[1],
+                    x.shape[1]
+                ));
+            }
+            let oh = out_size(name, x.shape[2], w.shape[2], stride[0], padding[0])?;
+            let ow = out_size(name, x.shape[3], w.shape[3], stride[1], padding[1])?;
+            Ok(TensorType::new(x.dtype, &[x.shape[0], w.shape[0], oh, ow]))
+        }
+        Op::Conv2dGradInput { input_hw, .. } => {
+            let (g, w) = (&t[0], &t[1]);
+            require_4d(name, "grad_output", g)?;
+            require_4d(name, "weight", w)?;
+            Ok(TensorType::new(g.dtype, &[g.shape[0], w.shape[1], input_hw[0], input_hw[1]]))
+        }
+        Op::Conv2dGradWeight { kernel_hw, .. } => {
+            let (x, g) = (&t[0], &t[1]);
+            require_4d(name, "input", x)?;
+            require_4d(name, "grad_output", g)?;
+            Ok(TensorType::new(x.dtype, &[g.shape[1], x.shape[1], kernel_hw[0], kernel_hw[1]]))
+        }
+        Op::MaxPool2d { kernel, stride, padding } | Op::AvgPool2d { kernel, stride, padding, .. } => {
+            require_4d(name, "input", x)?;
+            for i in 0..2 {
+                if padding[i] * 2 > kernel[i] {
+                    return Err(format!(
+                        "{name}: pad should be at most half of effective kernel size, but got pad={}, kernel_size={}",
+                        padding[i], kernel[i]
+                    ));
+                }
+            }
+            let oh = out_size(name, x.shape[2], kernel[0], stride[0], padding[0])?;
+            let ow = out_size(name, x.shape[3], kernel[1], stride[1], padding[1])?;
+            Ok(TensorType::new(x.dtype, &[x.shape[0], x.shape[1], oh, ow]))
+        }
+        Op::MaxPool2dGrad { .. } => Ok(t[0].clone()),
+        Op::AvgPool2dGrad { input_shape, .. } => Ok(TensorType { dtype: x.dtype, shape: input_shape.clone() }),
+        _ => unreachable!("not an nn op: {}", op.name()),
+    }
+}
+
+pub(super) fn eval(op: &Op, x: &[&Buffer], _out: &TensorType) -> Buffer {
+    match op {
+        Op::Conv2d { stride, padding } => conv::conv2d(x[0], x[1], *stride, *padding),
+        Op::Conv2dGradInput { stride, padding, input_hw } => {
+            conv::conv2d_grad_input(x[0], x[1], *input_hw, *stride, *padding)
+        }
+        Op::Conv2dGradWeight { stride, padding, kernel_hw } => {
+            conv::conv2d_grad_weight(x[0], x[1], *kernel_hw, *stride, *padding)
+        }
+        Op::MaxPool2d { kernel, stride, padding } => conv::max_pool2d(x[0], *kernel, *stride, *padding),
+        Op::MaxPool2dGrad { kernel, stride, padding } => conv::max_pool2d_grad(x[0], x[1], *kernel, *stride, *padding),
+        Op::AvgPool2d { kernel, stride, padding, count_include_pad } => {
+            conv::avg_pool2d(x[0], *kernel, *stride, *padding, *count_include_pad)
+        }
+        Op::AvgPool2dGrad { kernel, stride, padding, count_include_pad, input_shape } => {
+            conv::avg_pool2d_grad(x[0], input_shape, *kernel, *stride, *padding, *count_include_pad)
+        }
+        _ => unreachable!(),
+    }
+}
+
+pub(super) fn vjp<E: Emitter>(op: &Op, e: &mut E, x: &[&E::Value], g: &E::Value) -> OpResult<Vec<Option<E::Value>>> {
+    Ok(match op {
+        Op::Conv2d { stride, padding } => {
+            let (xs, ws) = (e.shape(x[0]), e.shape(x[1]));
+            let gi = e.emit(
+                Op::Conv2dGradInput { stride: *stride, padding: *padding, input_hw: [xs[2], xs[3]] },
+                &[g, x[1]],
+            )?;
+            let gw = e.emit(
+                Op::Conv2dGradWeight { stride: *stride, padding: *padding, kernel_hw: [ws[2], ws[3]] },
+                &[x[0], g],
+            )?;
+            vec![Some(gi), Some(gw)]
+        }
+        Op::Conv2dGradInput { stride, padding, .. } => {
+            // y = convᵀ_w(go): d/dgo = conv_w(g); d/dw = grad_weight(g, go).
+            let ws = e.shape(x[1]);
+            let d_go = e.emit(Op::Conv2d { stride: *stride, padding: *padding }, &[g, x[1]])?;
+            let d_w = e.emit(
+                Op::Conv2dGradWeight { stride: *stride, padding: *padding, kernel_hw: [ws[2], ws[3]] },
+                &[g, x[0]],
+            )?;
+            vec![Some(d_go), Some(d_w)]
+        }
+        Op::Conv2dGradWeight { stride, padding, .. } => {
+            // y = gw(x, go): d/dx = grad_input(go, g); d/dgo = conv_g(x).
+            let xs = e.shape(x[0]);
+            let d_x = e.emit(
+                Op::Conv2dGradInput { stride: *stride, padding: *padding, input_hw: [xs[2], xs[3]] },
+                &[x[1], g],
+            )?;
+            let d_go = e.emit(Op::Conv2d { stride: *stride, padding: *padding }, &[x[0], g])?;
+            vec![Some(d_x), Some(d_go)]
+        }
+        Op::MaxPool2d { kernel, stride, padding } => {
+            vec![Some(e.emit(Op::MaxPool2dGrad { kernel: *kernel, stride: *stride, padding: *padding }, &[x[0], g])?)]
+        }
+        Op::AvgPool2d { kernel, stride, padding, count_include_pad } => {
+            let input_shape: Dims = e.shape(x[0]);
+            let op = Op::AvgPool2dGrad {
+                kernel: *kernel,
+                stride: *stride,
+                padding: *padding,
+                count_include_pad: *count_include_pad,
+                input_shape,
+            };
+            vec![Some(e.emit(op, &[g])?)]
+        }
+        Op::AvgPool2dGrad { kernel, stride, padding, count_include_pad, .. } => {
+            // Average pooling is linear; its gradient's adjoint is the pooling itself.
+            let op = Op::AvgPool2d {
+                kernel: *kernel,
+                stride: *stride,
+                padding: *padding,
+                count_include_pad: *count_include_pad,
+            };
+            vec![Some(e.emit(op, &[g])?)]
+        }
+        Op::MaxPool2dGrad { .. } => return Err(op.no_derivative()),
+        _ => unreachable!(),
+    })
+}

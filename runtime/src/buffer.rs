@@ -1,0 +1,320 @@
+//! `Buffer`: a shape plus shared, contiguous, row-major storage.
+//!
+//! Invariant: `data.len() == numel(shape)`. Buffers are immutable values; cloning is an `Arc`
+//! bump, and a reshape shares storage. Writers go through `make_mut`, which copies only when
+//! the storage is shared (copy-on-write), so no reader ever sees a buffer change under it.
+
+use crate::dtype::DType;
+use crate::shape::{numel, Dims, ShapeDisplay};
+use std::fmt;
+use std::sync::Arc;
+
+/// The typed storage behind a buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    /// Booleans.
+    Bool(Vec<bool>),
+    /// Bytes.
+    U8(Vec<u8>),
+    /// 64-bit integers.
+    I64(Vec<i64>),
+    /// Single-precision floats.
+    F32(Vec<f32>),
+    /// Double-precision floats.
+    F64(Vec<f64>),
+}
+
+impl Data {
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Data::Bool(_) => DType::Bool,
+            Data::U8(_) => DType::U8,
+            Data::I64(_) => DType::I64,
+            Data::F32(_) => DType::F32,
+            Data::F64(_) => DType::F64,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Data::Bool(v) => v.len(),
+            Data::U8(v) => v.len(),
+            Data::I64(v) => v.len(),
+            Data::F32(v) => v.len(),
+            Data::F64(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A Rust scalar type that can live in a [`Buffer`].
+pub trait Element: Copy + Send + Sync + PartialOrd + Default + fmt::Debug + 'static {
+    /// The matching dtype.
+    const DTYPE: DType;
+    /// Borrows the storage if it holds this type.
+    fn slice(data: &Data) -> Option<&[Self]>;
+    /// Mutably borrows the storage if it holds this type.
+    fn slice_mut(data: &mut Data) -> Option<&mut Vec<Self>>;
+    /// Wraps a vector as storage.
+    fn wrap(v: Vec<Self>) -> Data;
+    /// Converts to f64 (booleans are 0 or 1).
+    fn to_f64(self) -> f64;
+    /// Converts from f64 with Rust's `as` semantics (truncation toward zero, saturation).
+    fn from_f64(v: f64) -> Self;
+}
+
+macro_rules! element {
+    ($t:ty, $variant:ident, $to:expr, $from:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = DType::$variant;
+            fn slice(data: &Data) -> Option<&[Self]> {
+                match data {
+                    Data::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn slice_mut(data: &mut Data) -> Option<&mut Vec<Self>> {
+                match data {
+                    Data::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn wrap(v: Vec<Self>) -> Data {
+                Data::$variant(v)
+            }
+            fn to_f64(self) -> f64 {
+                #[allow(clippy::redundant_closure_call)]
+                ($to)(self)
+            }
+            fn from_f64(v: f64) -> Self {
+                #[allow(clippy::redundant_closure_call)]
+                ($from)(v)
+            }
+        }
+    };
+}
+element!(bool, Bool, |x: bool| x as u8 as f64, |v: f64| v != 0.0);
+element!(u8, U8, |x: u8| x as f64, |v: f64| v as u8);
+element!(i64, I64, |x: i64| x as f64, |v: f64| v as i64);
+element!(f32, F32, |x: f32| x as f64, |v: f64| v as f32);
+element!(f64, F64, |x: f64| x, |v: f64| v);
+
+/// Runs `$body` with `$v` bound to the typed slice of `$data` and `$T` to its element type.
+/// The `float` form accepts only f32/f64; the `numeric` form adds i64 and u8; `all` adds bool.
+#[macro_export]
+macro_rules! dispatch {
+    (float, $data:expr, $op:expr, |$v:ident: $T:ident| $body:expr) => {
+        match $data {
+            $crate::Data::F32($v) => {
+                #[allow(dead_code)]
+                type $T = f32;
+                $body
+            }
+            $crate::Data::F64($v) => {
+                #[allow(dead_code)]
+                type $T = f64;
+                $body
+            }
+            other => panic!("{}: expected a floating-point tensor, got {}", $op, other.dtype()),
+        }
+    };
+    (numeric, $data:expr, $op:expr, |$v:ident: $T:ident| $body:expr) => {
+        match $data {
+            $crate::Data::F32($v) => {
+                #[allow(dead_code)]
+                type $T = f32;
+                $body
+            }
+            $crate::Data::F64($v) => {
+                #[allow(dead_code)]
+                type $T = f64;
+                $body
+            }
+            $crate::Data::I64($v) => {
+                #[allow(dead_code)]
+                type $T = i64;
+                $body
+            }
+            $crate::Data::U8($v) => {
+                #[allow(dead_code)]
+                type $T = u8;
+                $body
+            }
+            other => panic!("{}: expected a numeric tensor, got {}", $op, other.dtype()),
+        }
+    };
+    (all, $data:expr, |$v:ident: $T:ident| $body:expr) => {
+        match $data {
+            $crate::Data::F32($v) => {
+                #[allow(dead_code)]
+                type $T = f32;
+                $body
+            }
+            $crate::Data::F64($v) => {
+                #[allow(dead_code)]
+                type $T = f64;
+                $body
+            }
+            $crate::Data::I64($v) => {
+                #[allow(dead_code)]
+                type $T = i64;
+                $body
+            }
+            $crate::Data::U8($v) => {
+                #[allow(dead_code)]
+                type $T = u8;
+                $body
+            }
+            $crate::Data::Bool($v) => {
+                #[allow(dead_code)]
+                type $T = bool;
+                $body
+            }
+        }
+    };
+}
+
+/// A dense tensor value: shape plus shared contiguous storage.
+#[derive(Clone, PartialEq)]
+pub struct Buffer {
+    data: Arc<Data>,
+    shape: Dims,
+}
+
+impl Buffer {
+    /// Wraps storage with a shape. Panics if the element count does not match the shape.
+    pub fn new(data: Data, shape: &[usize]) -> Buffer {
+        assert_eq!(
+            data.len(),
+            numel(shape),
+            "Buffer::new: {} elements cannot have shape {}",
+            data.len(),
+            ShapeDisplay(shape)
+        );
+        Buffer { data: Arc::new(data), shape: shape.into() }
+    }
+
+    /// Builds a buffer from a typed vector.
+    pub fn from_vec<T: Element>(v: Vec<T>, shape: &[usize]) -> Buffer {
+        Buffer::new(T::wrap(v), shape)
+    }
+
+    /// A 0-d buffer holding one value.
+    pub fn scalar(value: f64, dtype: DType) -> Buffer {
+        Buffer::full(value, dtype, &[])
+    }
+
+    /// A buffer filled with `value`, converted to `dtype`.
+    pub fn full(value: f64, dtype: DType, shape: &[usize]) -> Buffer {
+        let n = numel(shape);
+        let data = match dtype {
+            DType::Bool => Data::Bool(vec![value != 0.0; n]),
+            DType::U8 => Data::U8(vec![value as u8; n]),
+            DType::I64 => Data::I64(vec![value as i64; n]),
+            DType::F32 => Data::F32(vec![value as f32; n]),
+            DType::F64 => Data::F64(vec![value; n]),
+        };
+        Buffer::new(data, shape)
+    }
+
+    /// A zero-filled buffer.
+    pub fn zeros(dtype: DType, shape: &[usize]) -> Buffer {
+        Buffer::full(0.0, dtype, shape)
+    }
+
+    /// The storage.
+    pub fn data(&self) -> &Data {
+        &self.data
+    }
+
+    /// The storage, copied first if shared.
+    pub fn make_mut(&mut self) -> &mut Data {
+        Arc::make_mut(&mut self.data)
+    }
+
+    /// Whether two buffers share storage.
+    pub fn shares_storage(&self, other: &Buffer) -> bool {
+        Arc::ptr_eq(&self.data, &other.data)
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// The same storage under another shape with the same element count.
+    pub fn reshaped(&self, shape: &[usize]) -> Buffer {
+        assert_eq!(numel(shape), self.numel(), "reshape: element count mismatch");
+        Buffer { data: self.data.clone(), shape: shape.into() }
+    }
+
+    /// Borrows the elements as `T`, panicking with the dtypes if they differ.
+    pub fn as_slice<T: Element>(&self) -> &[T] {
+        T::slice(&self.data).unwrap_or_else(|| panic!("expected a {} buffer, got {}", T::DTYPE, self.dtype()))
+    }
+
+    /// Copies the elements out as `T` (converting through f64 if the dtype differs).
+    pub fn to_vec<T: Element>(&self) -> Vec<T> {
+        if let Some(s) = T::slice(&self.data) {
+            return s.to_vec();
+        }
+        dispatch!(all, &*self.data, |v: S| v.iter().map(|x| T::from_f64(x.to_f64())).collect())
+    }
+
+    /// All elements converted to f64.
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        self.to_vec::<f64>()
+    }
+
+    /// The single element of a one-element buffer, as f64.
+    pub fn item(&self) -> f64 {
+        assert_eq!(self.numel(), 1, "a Tensor with {} elements cannot be converted to Scalar", self.numel());
+        self.to_f64_vec()[0]
+    }
+
+    /// Converts to another dtype (float→int truncates toward zero, as PyTorch does).
+    pub fn cast(&self, dtype: DType) -> Buffer {
+        if dtype == self.dtype() {
+            return self.clone();
+        }
+        let data = match dtype {
+            DType::Bool => Data::Bool(self.to_vec()),
+            DType::U8 => Data::U8(self.to_vec()),
+            DType::I64 => Data::I64(self.to_vec()),
+            DType::F32 => Data::F32(self.to_vec()),
+            DType::F64 => Data::F64(self.to_vec()),
+        };
+        Buffer::new(data, &self.shape)
+    }
+}
+
+impl fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Buffer({}{}, ", self.dtype(), ShapeDisplay(&self.shape))?;
+        dispatch!(all, &*self.data, |v: T| {
+            let shown = &v[..v.len().min(8)];
+            write!(f, "{shown:?}{})", if v.len() > 8 { "…" } else { "" })
+        })
+    }
+}

@@ -1,0 +1,437 @@
+//! Matrix-multiplication kernels: the batched, broadcasting `matmul` behind the eager op and
+//! the strided 2-D `gemm_strided` helper that the convolution kernels build on.
+//!
+//! Everything here is a thin, copy-free layer over the `gemm` crate: transposes are expressed
+//! as element strides, batch broadcasting as repeated (stride-0) operand offsets. Operands are
+//! contiguous row-major [`Buffer`]s of f32 or f64 (both the same dtype); shapes have already
+//! been validated by the op's shape rule, so the checks here only guard broken invariants.
+//! Work is split between rayon (across independent products) and gemm's own threading
+//! (inside one large product), never both at once.
+
+use crate::buffer::Buffer;
+use crate::shape::{broadcast_shapes, broadcast_strides, numel, Dims, ShapeDisplay};
+use gemm::Parallelism;
+use num_traits::{One, Zero};
+use rayon::prelude::*;
+use std::any::TypeId;
+
+/// Multiply-adds below which threading does not pay for itself (gemm's own default threshold).
+pub(crate) const PAR_THRESHOLD: usize = 48 * 48 * 256;
+
+/// How a batch of independent products (or convolution samples) is spread over threads.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Schedule {
+    /// One item after another; gemm uses the given parallelism inside each item.
+    Serial(Parallelism),
+    /// Items in parallel on rayon; each item runs single-threaded.
+    Batch,
+}
+
+/// Picks a [`Schedule`] for `batch` items of `per_item` multiply-adds each: tiny totals run
+/// serially on one thread, many or small items go wide across the batch, and a few big items
+/// run one after another with gemm's threads inside each.
+pub(crate) fn schedule(batch: usize, per_item: usize) -> Schedule {
+    let threads = rayon::current_num_threads();
+    let total = batch.saturating_mul(per_item);
+    if threads <= 1 || batch <= 1 || total < PAR_THRESHOLD {
+        Schedule::Serial(if batch == 1 { threads_for(per_item, threads) } else { Parallelism::None })
+    } else if batch >= threads || per_item < PAR_THRESHOLD {
+        Schedule::Batch
+    } else {
+        Schedule::Serial(threads_for(per_item, threads))
+    }
+}
+
+fn threads_for(work: usize, threads: usize) -> Parallelism {
+    if threads <= 1 || work < PAR_THRESHOLD {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(threads)
+    }
+}
+
+/// Number of threads worth using for an m×n×k product (1 for small ones so they don't pay
+/// rayon overhead): `Parallelism::None` below 48·48·256 multiply-adds, otherwise all of
+/// rayon's current pool.
+pub fn gemm_parallelism(m: usize, n: usize, k: usize) -> Parallelism {
+    threads_for(m.saturating_mul(n).saturating_mul(k), rayon::current_num_threads())
+}
+
+/// Elements a strided `rows`×`cols` operand spans from its first element (both non-zero).
+fn span(what: &str, rows: usize, cols: usize, rs: isize, cs: isize) -> usize {
+    assert!(rs >= 0 && cs >= 0, "gemm_strided: negative strides are not supported ({what}: rs={rs}, cs={cs})");
+    (rows - 1)
+        .checked_mul(rs as usize)
+        .and_then(|r| (cols - 1).checked_mul(cs as usize).and_then(|c| r.checked_add(c)))
+        .and_then(|s| s.checked_add(1))
+        .unwrap_or_else(|| panic!("gemm_strided: {what} extent overflows usize"))
+}
+
+/// Plain 2-D product used by the convolutions and by [`matmul`]:
+/// `dst[m,n] = (accumulate ? dst : 0) + lhs·rhs`.
+///
+/// `dst` is row-major and contiguous (exactly `m*n` elements). `lhs` is read as an m×k matrix
+/// whose element `(i, p)` is `lhs[i*lhs_rs + p*lhs_cs]`, and `rhs` as a k×n matrix whose element
+/// `(p, j)` is `rhs[p*rhs_rs + j*rhs_cs]`; strides are in elements and must be non-negative
+/// (zero is allowed), and every addressed element must lie inside its slice (checked).
+///
+/// # Panics
+/// If `T` is not f32 or f64, if `dst.len() != m*n`, or if a strided operand runs past its slice.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided<T: 'static + Copy + Zero + One>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: &[T],
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: &[T],
+    rhs_rs: isize,
+    rhs_cs: isize,
+    par: Parallelism,
+) {
+    assert!(
+        TypeId::of::<T>() == TypeId::of::<f32>() || TypeId::of::<T>() == TypeId::of::<f64>(),
+        "gemm_strided: only f32 and f64 are supported"
+    );
+    assert_eq!(dst.len(), m * n, "gemm_strided: dst must hold exactly m*n = {}x{} elements", m, n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(T::zero());
+        }
+        return;
+    }
+    assert!(span("lhs", m, k, lhs_rs, lhs_cs) <= lhs.len(), "gemm_strided: lhs slice too short");
+    assert!(span("rhs", k, n, rhs_rs, rhs_cs) <= rhs.len(), "gemm_strided: rhs slice too short");
+    let n_stride = isize::try_from(n).expect("gemm_strided: n overflows isize");
+    // SAFETY: T is f32 or f64 (asserted above), the only types gemm is asked to handle here.
+    // `dst` is an exclusively borrowed, contiguous m×n row-major block (len == m*n, checked;
+    // rs = n, cs = 1), so every write stays inside it, and because it is `&mut` it cannot alias
+    // `lhs` or `rhs`. Every element gemm reads from `lhs` (offsets i*lhs_rs + p*lhs_cs,
+    // i < m, p < k) and `rhs` (offsets p*rhs_rs + j*rhs_cs, p < k, j < n) is within the
+    // respective slice: strides are non-negative and the largest offset + 1 (`span`) was
+    // checked against the slice length. m, n, k are all non-zero. With read_dst = false gemm
+    // never reads dst (whose contents are initialised anyway), and alpha only scales dst.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n_stride,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// One product's geometry: sizes and the element strides of the (possibly transposed) operands.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs_rs: isize,
+    rhs_cs: isize,
+}
+
+/// Element offsets of each output batch entry's `a` and `b` matrices, in row-major order of the
+/// broadcast batch shape. `sa`/`sb` are batch strides counted in whole matrices.
+fn batch_offsets(batch: &[usize], sa: &[usize], a_mat: usize, sb: &[usize], b_mat: usize) -> Vec<(usize, usize)> {
+    let nb = numel(batch);
+    let mut out = Vec::with_capacity(nb);
+    let mut idx: Dims = smallvec::smallvec![0; batch.len()];
+    let (mut oa, mut ob) = (0usize, 0usize);
+    for _ in 0..nb {
+        out.push((oa * a_mat, ob * b_mat));
+        // Odometer increment over the batch dims, innermost fastest.
+        for d in (0..batch.len()).rev() {
+            idx[d] += 1;
+            oa += sa[d];
+            ob += sb[d];
+            if idx[d] < batch[d] {
+                break;
+            }
+            oa -= sa[d] * batch[d];
+            ob -= sb[d] * batch[d];
+            idx[d] = 0;
+        }
+    }
+    out
+}
+
+/// Runs every product of the batch into a fresh output (`offsets.len()` m×n matrices).
+fn batched<T: 'static + Copy + Send + Sync + Zero + One>(
+    a: &[T],
+    b: &[T],
+    g: &Geometry,
+    offsets: &[(usize, usize)],
+) -> Vec<T> {
+    let mat = g.m * g.n;
+    let mut out = vec![T::zero(); offsets.len() * mat];
+    if mat == 0 {
+        return out;
+    }
+    let run = |dst: &mut [T], (oa, ob): (usize, usize), par: Parallelism| {
+        gemm_strided(g.m, g.n, g.k, dst, false, &a[oa..], g.lhs_rs, g.lhs_cs, &b[ob..], g.rhs_rs, g.rhs_cs, par);
+    };
+    match schedule(offsets.len(), g.m.saturating_mul(g.n).saturating_mul(g.k)) {
+        Schedule::Serial(par) => {
+            for (dst, &off) in out.chunks_mut(mat).zip(offsets) {
+                run(dst, off, par);
+            }
+        }
+        Schedule::Batch => {
+            out.par_chunks_mut(mat).zip(offsets.par_iter()).for_each(|(dst, &off)| run(dst, off, Parallelism::None));
+        }
+    }
+    out
+}
+
+/// Batched matmul with optional transposes and NumPy batch broadcasting.
+///
+/// `a`: `[..., m, k]` (or `[..., k, m]` when `trans_a`), `b`: `[..., k, n]` (or `[..., n, k]`
+/// when `trans_b`); both rank >= 2. Returns shape `[broadcast(batch_a, batch_b)..., m, n]`.
+/// f32 and f64 (both operands the same dtype). Transposes are read through strides, never
+/// copied; a batched `a` times an unbatched `b` (a linear layer) is folded into one big product.
+pub fn matmul(a: &Buffer, b: &Buffer, trans_a: bool, trans_b: bool) -> Buffer {
+    let (sa, sb) = (a.shape(), b.shape());
+    let (ra, rb) = (sa.len(), sb.len());
+    assert!(
+        ra >= 2 && rb >= 2,
+        "matmul kernel: operands must have rank >= 2, got {} and {}",
+        ShapeDisplay(sa),
+        ShapeDisplay(sb)
+    );
+    assert_eq!(a.dtype(), b.dtype(), "matmul kernel: operand dtypes differ");
+    let (m, k) = if trans_a { (sa[ra - 1], sa[ra - 2]) } else { (sa[ra - 2], sa[ra - 1]) };
+    let (kb, n) = if trans_b { (sb[rb - 1], sb[rb - 2]) } else { (sb[rb - 2], sb[rb - 1]) };
+    assert_eq!(
+        k,
+        kb,
+        "matmul kernel: inner dimensions differ for {} (trans {}) and {} (trans {})",
+        ShapeDisplay(sa),
+        trans_a,
+        ShapeDisplay(sb),
+        trans_b
+    );
+    let (batch_a, batch_b) = (&sa[..ra - 2], &sb[..rb - 2]);
+    let batch = broadcast_shapes("matmul", batch_a, batch_b).unwrap_or_else(|e| panic!("{e}"));
+    let mut out_shape = batch.clone();
+    out_shape.push(m);
+    out_shape.push(n);
+    let nb = numel(&batch);
+
+    // Row/column strides of op(a) (m×k) and op(b) (k×n) inside one stored matrix.
+    let (lhs_rs, lhs_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
+    let (rhs_rs, rhs_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+    let mut g = Geometry { m, n, k, lhs_rs, lhs_cs, rhs_rs, rhs_cs };
+
+    let offsets = if nb > 1 && !trans_a && numel(batch_a) == nb && numel(batch_b) == 1 {
+        // Every a-matrix is distinct and stacked contiguously, b is shared, and the output is
+        // stacked the same way: one [nb*m, k] x [k, n] product does the whole batch.
+        g.m = nb * m;
+        vec![(0, 0)]
+    } else {
+        batch_offsets(&batch, &broadcast_strides(batch_a, &batch), m * k, &broadcast_strides(batch_b, &batch), k * n)
+    };
+
+    crate::dispatch!(float, a.data(), "matmul", |av: T| {
+        let bv = b.as_slice::<T>();
+        Buffer::from_vec(batched::<T>(av, bv, &g, &offsets), &out_shape)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1) from a 64-bit LCG.
+    fn lcg(seed: u64, n: usize) -> Vec<f64> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn buf64(seed: u64, shape: &[usize]) -> Buffer {
+        Buffer::from_vec(lcg(seed, numel(shape)), shape)
+    }
+
+    /// Straightforward reference: index every operand element by its broadcast batch index.
+    fn naive(a: &[f64], sa: &[usize], b: &[f64], sb: &[usize], ta: bool, tb: bool) -> (Vec<f64>, Vec<usize>) {
+        let (ra, rb) = (sa.len(), sb.len());
+        let (m, k) = if ta { (sa[ra - 1], sa[ra - 2]) } else { (sa[ra - 2], sa[ra - 1]) };
+        let n = if tb { sb[rb - 2] } else { sb[rb - 1] };
+        let (ba, bb) = (&sa[..ra - 2], &sb[..rb - 2]);
+        let rank = ba.len().max(bb.len());
+        let pad = |s: &[usize]| -> Vec<usize> {
+            let mut v = vec![1; rank - s.len()];
+            v.extend_from_slice(s);
+            v
+        };
+        let (pa, pb) = (pad(ba), pad(bb));
+        let batch: Vec<usize> = (0..rank).map(|i| if pa[i] == 1 { pb[i] } else { pa[i] }).collect();
+        let nb: usize = batch.iter().product();
+        let mut out = vec![0.0; nb * m * n];
+        for bi in 0..nb {
+            // Unravel bi, then ravel into a's and b's batch with broadcasting.
+            let mut rem = bi;
+            let mut idx = vec![0; rank];
+            for d in (0..rank).rev() {
+                idx[d] = rem % batch[d];
+                rem /= batch[d];
+            }
+            let (mut ia, mut ib) = (0, 0);
+            for d in 0..rank {
+                ia = ia * pa[d] + if pa[d] == 1 { 0 } else { idx[d] };
+                ib = ib * pb[d] + if pb[d] == 1 { 0 } else { idx[d] };
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0.0;
+                    for p in 0..k {
+                        let av = if ta { a[ia * m * k + p * m + i] } else { a[ia * m * k + i * k + p] };
+                        let bv = if tb { b[ib * k * n + j * k + p] } else { b[ib * k * n + p * n + j] };
+                        acc += av * bv;
+                    }
+                    out[bi * m * n + i * n + j] = acc;
+                }
+            }
+        }
+        let mut shape = batch;
+        shape.push(m);
+        shape.push(n);
+        (out, shape)
+    }
+
+    fn check(sa: &[usize], sb: &[usize], ta: bool, tb: bool, expect_shape: Option<&[usize]>) {
+        let (a, b) = (buf64(sa.iter().sum::<usize>() as u64, sa), buf64(7 + sb.len() as u64, sb));
+        let (want, want_shape) = naive(a.as_slice(), sa, b.as_slice(), sb, ta, tb);
+        if let Some(s) = expect_shape {
+            assert_eq!(want_shape, s);
+        }
+        let got = matmul(&a, &b, ta, tb);
+        assert_eq!(got.shape(), want_shape.as_slice(), "{sa:?} x {sb:?} ta={ta} tb={tb}");
+        for (i, (g, w)) in got.as_slice::<f64>().iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "{sa:?}x{sb:?} ta={ta} tb={tb} [{i}]: {g} vs {w}");
+        }
+        // f32 too, against the f64 reference.
+        let got32 = matmul(&a.cast(crate::dtype::DType::F32), &b.cast(crate::dtype::DType::F32), ta, tb);
+        assert_eq!(got32.shape(), want_shape.as_slice());
+        for (g, w) in got32.as_slice::<f32>().iter().zip(&want) {
+            assert!((*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "f32 {sa:?}x{sb:?}: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn all_transpose_combinations() {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let sa: &[usize] = if ta { &[4, 3] } else { &[3, 4] };
+                let sb: &[usize] = if tb { &[5, 4] } else { &[4, 5] };
+                check(sa, sb, ta, tb, Some(&[3, 5]));
+                // Batched, same batch shape on both sides.
+                let sa: &[usize] = if ta { &[2, 4, 3] } else { &[2, 3, 4] };
+                let sb: &[usize] = if tb { &[2, 5, 4] } else { &[2, 4, 5] };
+                check(sa, sb, ta, tb, Some(&[2, 3, 5]));
+            }
+        }
+    }
+
+    #[test]
+    fn batch_broadcasting() {
+        check(&[2, 1, 3, 4], &[5, 4, 2], false, false, Some(&[2, 5, 3, 2]));
+        check(&[2, 1, 4, 3], &[5, 2, 4], true, true, Some(&[2, 5, 3, 2]));
+        // Unbatched lhs against a batched rhs, and the folded linear-layer path both ways.
+        check(&[3, 4], &[6, 4, 2], false, false, Some(&[6, 3, 2]));
+        check(&[2, 3, 3, 4], &[4, 5], false, false, Some(&[2, 3, 3, 5]));
+        check(&[2, 3, 3, 4], &[5, 4], false, true, Some(&[2, 3, 3, 5]));
+        check(&[2, 3, 4, 3], &[1, 4, 5], true, false, Some(&[2, 3, 3, 5]));
+        check(&[2, 1, 3, 4], &[1, 3, 4, 2], false, false, Some(&[2, 3, 3, 2]));
+    }
+
+    #[test]
+    fn degenerate_sizes() {
+        check(&[2, 0], &[0, 3], false, false, Some(&[2, 3]));
+        check(&[0, 4], &[4, 3], false, false, Some(&[0, 3]));
+        check(&[2, 4], &[4, 0], false, false, Some(&[2, 0]));
+        check(&[0, 2, 4], &[4, 3], false, false, Some(&[0, 2, 3]));
+        check(&[1, 1], &[1, 1], true, true, Some(&[1, 1]));
+    }
+
+    #[test]
+    fn large_products_use_threaded_paths() {
+        // One big product (gemm threads inside), for every transpose combination.
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let sa: &[usize] = if ta { &[130, 120] } else { &[120, 130] };
+            let sb: &[usize] = if tb { &[110, 130] } else { &[130, 110] };
+            check(sa, sb, ta, tb, Some(&[120, 110]));
+        }
+        // Many medium products (parallel over the batch), with broadcasting.
+        check(&[40, 1, 24, 20], &[3, 20, 24], false, false, Some(&[40, 3, 24, 24]));
+        // A few big products.
+        check(&[2, 100, 90], &[2, 80, 90], false, true, Some(&[2, 100, 80]));
+    }
+
+    #[test]
+    fn gemm_strided_accumulates_and_reads_strides() {
+        // lhs is the transpose of a stored 3x2 matrix; rhs reads every other column of a 2x6 one.
+        let lhs = [1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0]; // stored [3,2]; op(lhs) = [[1,3,5],[2,4,6]]
+        let rhs = lcg(3, 18); // stored [3,6]; op(rhs)(p, j) = rhs[p*6 + 2*j], 3x3
+        let mut dst = vec![1.0f64; 6];
+        gemm_strided(2, 3, 3, &mut dst, true, &lhs, 1, 2, &rhs, 6, 2, Parallelism::None);
+        for i in 0..2 {
+            for j in 0..3 {
+                let want: f64 = 1.0 + (0..3).map(|p| lhs[p * 2 + i] * rhs[p * 6 + 2 * j]).sum::<f64>();
+                assert!((dst[i * 3 + j] - want).abs() < 1e-12);
+            }
+        }
+        let before = dst.clone();
+        gemm_strided(2, 3, 0, &mut dst, true, &[], 0, 0, &[], 0, 0, Parallelism::None);
+        assert_eq!(dst, before);
+        gemm_strided(2, 3, 0, &mut dst, false, &[], 0, 0, &[], 0, 0, Parallelism::None);
+        assert_eq!(dst, vec![0.0; 6]);
+    }
+
+    #[test]
+    #[should_panic(expected = "rhs slice too short")]
+    fn gemm_strided_checks_bounds() {
+        let mut dst = vec![0.0f32; 4];
+        gemm_strided(2, 2, 2, &mut dst, false, &[1.0; 4], 2, 1, &[1.0; 3], 2, 1, Parallelism::None);
+    }
+
+    #[test]
+    fn parallelism_heuristic() {
+        assert!(matches!(gemm_parallelism(8, 8, 8), Parallelism::None));
+        let threads = rayon::current_num_threads();
+        if threads > 1 {
+            assert!(matches!(gemm_parallelism(1024, 1024, 1024), Parallelism::Rayon(t) if t == threads));
+            assert!(matches!(schedule(64, 32 * 32 * 32), Schedule::Batch));
+            assert!(matches!(schedule(1, 1 << 30), Schedule::Serial(Parallelism::Rayon(_))));
+        }
+        assert!(matches!(schedule(4, 8), Schedule::Serial(Parallelism::None)));
+    }
+}

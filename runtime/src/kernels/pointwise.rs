@@ -1,0 +1,146 @@
+//! Elementwise loops: unary maps and broadcasting binary/ternary zips.
+//!
+//! The scalar function comes from the op definition (compiler crate); these loops only own the
+//! iteration order and the split across rayon threads above [`PAR_THRESHOLD`] elements.
+
+use crate::buffer::Element;
+use crate::shape::{broadcast_strides, numel};
+use rayon::prelude::*;
+
+/// Below this many elements a loop runs on the calling thread: small tensors must not pay for
+/// thread hand-off.
+pub const PAR_THRESHOLD: usize = 1 << 15;
+/// Smallest piece of work handed to one rayon task.
+const MIN_CHUNK: usize = 1 << 13;
+
+/// `f` applied to every element.
+pub fn map<T: Element, U: Element>(x: &[T], f: impl Fn(T) -> U + Sync + Send) -> Vec<U> {
+    if x.len() < PAR_THRESHOLD {
+        x.iter().map(|&v| f(v)).collect()
+    } else {
+        x.par_iter().with_min_len(MIN_CHUNK).map(|&v| f(v)).collect()
+    }
+}
+
+/// `f(a, b)` over the broadcast shape `out` of `a` (shape `ash`) and `b` (shape `bsh`).
+pub fn zip<A: Element, B: Element, U: Element>(
+    a: &[A],
+    ash: &[usize],
+    b: &[B],
+    bsh: &[usize],
+    out: &[usize],
+    f: impl Fn(A, B) -> U + Sync + Send,
+) -> Vec<U> {
+    let n = numel(out);
+    if a.len() == n && b.len() == n {
+        if n < PAR_THRESHOLD {
+            return a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect();
+        }
+        return a.par_iter().with_min_len(MIN_CHUNK).zip(b.par_iter()).map(|(&x, &y)| f(x, y)).collect();
+    }
+    if b.len() == 1 && a.len() == n {
+        let y = b[0];
+        return map(a, |x| f(x, y));
+    }
+    if a.len() == 1 && b.len() == n {
+        let x = a[0];
+        return map(b, |y| f(x, y));
+    }
+    let sa = broadcast_strides(ash, out);
+    let sb = broadcast_strides(bsh, out);
+    strided_rows(out, |row_start, len, dst: &mut [U]| {
+        let (oa, ob) = (offset(row_start, out, &sa), offset(row_start, out, &sb));
+        let (ia, ib) = (sa[out.len() - 1], sb[out.len() - 1]);
+        for (j, d) in dst.iter_mut().enumerate().take(len) {
+            *d = f(a[oa + j * ia], b[ob + j * ib]);
+        }
+    })
+}
+
+/// `f(c, a, b)` over the broadcast shape `out` of three operands (used by `where`).
+#[allow(clippy::too_many_arguments)]
+pub fn zip3<C: Element, A: Element, B: Element, U: Element>(
+    c: &[C],
+    csh: &[usize],
+    a: &[A],
+    ash: &[usize],
+    b: &[B],
+    bsh: &[usize],
+    out: &[usize],
+    f: impl Fn(C, A, B) -> U + Sync + Send,
+) -> Vec<U> {
+    let sc = broadcast_strides(csh, out);
+    let sa = broadcast_strides(ash, out);
+    let sb = broadcast_strides(bsh, out);
+    strided_rows(out, |row_start, len, dst: &mut [U]| {
+        let last = out.len() - 1;
+        let (oc, oa, ob) = (offset(row_start, out, &sc), offset(row_start, out, &sa), offset(row_start, out, &sb));
+        for (j, d) in dst.iter_mut().enumerate().take(len) {
+            *d = f(c[oc + j * sc[last]], a[oa + j * sa[last]], b[ob + j * sb[last]]);
+        }
+    })
+}
+
+/// Element offset, under `strides`, of the output position with linear index `linear`.
+pub fn offset(mut linear: usize, shape: &[usize], strides: &[usize]) -> usize {
+    let mut off = 0;
+    for d in (0..shape.len()).rev() {
+        let i = linear % shape[d];
+        linear /= shape[d];
+        off += i * strides[d];
+    }
+    off
+}
+
+/// Runs `fill(row_start, row_len, row)` over the rows (last dimension) of a fresh output of
+/// shape `out`, in parallel when the output is large. A rank-0 output is one row of length 1.
+pub fn strided_rows<U: Element>(out: &[usize], fill: impl Fn(usize, usize, &mut [U]) + Sync + Send) -> Vec<U> {
+    let n = numel(out);
+    let row = if out.is_empty() { 1 } else { out[out.len() - 1].max(1) };
+    let mut dst = vec![U::default(); n];
+    if n == 0 {
+        return dst;
+    }
+    if out.is_empty() {
+        // A scalar: pretend it is shape [1] with stride-0 offsets.
+        fill(0, 1, &mut dst);
+        return dst;
+    }
+    if n < PAR_THRESHOLD {
+        for (r, chunk) in dst.chunks_mut(row).enumerate() {
+            fill(r * row, row, chunk);
+        }
+    } else {
+        let rows_per_task = (MIN_CHUNK / row).max(1);
+        dst.par_chunks_mut(row * rows_per_task).enumerate().for_each(|(t, block)| {
+            for (r, chunk) in block.chunks_mut(row).enumerate() {
+                fill((t * rows_per_task + r) * row, row, chunk);
+            }
+        });
+    }
+    dst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zip_broadcasts_rows_and_columns() {
+        let a = [1.0f32, 2.0, 3.0];
+        let b = [10.0f32, 20.0];
+        let out = zip(&a, &[3, 1], &b, &[2], &[3, 2], |x, y| x + y);
+        assert_eq!(out, vec![11.0, 21.0, 12.0, 22.0, 13.0, 23.0]);
+    }
+
+    #[test]
+    fn zip_large_matches_small_path() {
+        let n = 7 * (PAR_THRESHOLD / 2 + 3);
+        let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..7).map(|i| i as f32).collect();
+        let out = zip(&a, &[n / 7, 7], &b, &[7], &[n / 7, 7], |x, y| x * y);
+        for (i, v) in out.iter().enumerate() {
+            assert_eq!(*v, a[i] * b[i % 7]);
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! tracegrad-runtime: what executes. Storage and dtypes, the eager reference kernels (gemm
+//! matmul, pointwise loops, reductions, conv, gather/scatter) and the seeded generator.
+//!
+//! This crate knows nothing of ops' meaning: op definitions in `tracegrad-compiler` pick a
+//! kernel and pass it the scalar function. That keeps each op defined once.
+
+pub mod buffer;
+pub mod dtype;
+pub mod kernels;
+pub mod random;
+pub mod shape;
+
+pub use buffer::{Buffer, Data, Element};
+pub use dtype::DType;
+pub use random::Generator;
+pub use shape::{Dims, ShapeDisplay};

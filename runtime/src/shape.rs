@@ -1,0 +1,113 @@
+//! Shapes, strides, dimension normalisation and NumPy/PyTorch broadcasting.
+
+use smallvec::SmallVec;
+use std::fmt;
+
+/// A tensor shape: the size of each dimension, outermost first.
+pub type Dims = SmallVec<[usize; 6]>;
+
+/// Wrapper that prints a shape as PyTorch does in error messages: `[2, 3]`.
+pub struct ShapeDisplay<'a>(pub &'a [usize]);
+
+impl fmt::Display for ShapeDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[")?;
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        write!(f, "]")
+    }
+}
+
+/// Number of elements of a shape (1 for a scalar).
+pub fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// Row-major contiguous strides, in elements.
+pub fn contiguous_strides(shape: &[usize]) -> Dims {
+    let mut strides: Dims = SmallVec::from_elem(0, shape.len());
+    let mut acc = 1;
+    for i in (0..shape.len()).rev() {
+        strides[i] = acc;
+        acc *= shape[i];
+    }
+    strides
+}
+
+/// Normalises a possibly negative dimension index against `rank`, with PyTorch's error text.
+pub fn normalize_dim(dim: isize, rank: usize) -> Result<usize, String> {
+    // PyTorch treats a scalar as having one wrappable dimension.
+    let r = rank.max(1) as isize;
+    if dim < -r || dim >= r {
+        return Err(format!(
+            "Dimension out of range (expected to be in range of [{}, {}], but got {})",
+            -r,
+            r - 1,
+            dim
+        ));
+    }
+    Ok(if dim < 0 { (dim + r) as usize } else { dim as usize })
+}
+
+/// Broadcasts two shapes; the error names the op and both shapes.
+pub fn broadcast_shapes(op: &str, a: &[usize], b: &[usize]) -> Result<Dims, String> {
+    let rank = a.len().max(b.len());
+    let mut out: Dims = SmallVec::from_elem(0, rank);
+    for i in 0..rank {
+        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
+        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+        out[i] = if da == db || db == 1 {
+            da
+        } else if da == 1 {
+            db
+        } else {
+            return Err(format!(
+                "{op}: the size of tensor a ({da}) must match the size of tensor b ({db}) at non-singleton dimension {i} (shapes {} and {})",
+                ShapeDisplay(a),
+                ShapeDisplay(b)
+            ));
+        };
+    }
+    Ok(out)
+}
+
+/// Strides (in elements) for reading a contiguous tensor of shape `src` as if it had the
+/// broadcast shape `dst`: broadcast dimensions get stride 0.
+pub fn broadcast_strides(src: &[usize], dst: &[usize]) -> Dims {
+    let strides = contiguous_strides(src);
+    let off = dst.len() - src.len();
+    let mut out: Dims = SmallVec::from_elem(0, dst.len());
+    for i in 0..src.len() {
+        out[i + off] = if src[i] == 1 && dst[i + off] != 1 { 0 } else { strides[i] };
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcasting_follows_numpy() {
+        assert_eq!(broadcast_shapes("add", &[3, 1], &[4]).unwrap().as_slice(), &[3, 4]);
+        assert_eq!(broadcast_shapes("add", &[], &[2, 2]).unwrap().as_slice(), &[2, 2]);
+        let e = broadcast_shapes("add", &[2, 3], &[2, 4]).unwrap_err();
+        assert!(
+            e.starts_with(
+                "add: the size of tensor a (3) must match the size of tensor b (4) at non-singleton dimension 1"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn negative_dims_wrap() {
+        assert_eq!(normalize_dim(-1, 3).unwrap(), 2);
+        assert!(normalize_dim(3, 3).is_err());
+        assert_eq!(normalize_dim(0, 0).unwrap(), 0);
+    }
+}

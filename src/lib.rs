@@ -1,0 +1,37 @@
+//! # tracegrad
+//!
+//! PyTorch-style tensors, autograd and modules in Rust, growing into a static-graph compiler
+//! (trace → petgraph IR → AOT autodiff → fusion → Cranelift JIT).
+//!
+//! ```
+//! use tracegrad::{nn, nn::Module, optim::{Optimizer, Sgd}, Tensor};
+//!
+//! tracegrad::manual_seed(0);
+//! let model = nn::Sequential::new()
+//!     .add(nn::Linear::new(4, 8))
+//!     .add(nn::ReLU)
+//!     .add(nn::Linear::new(8, 3));
+//! let mut opt = Sgd::new(model.parameters(), 0.1);
+//! let x = Tensor::randn(&[16, 4]);
+//! let y = Tensor::from_vec((0..16).map(|i| i % 3).collect::<Vec<i64>>(), &[16]);
+//! let loss = model.forward(&x).cross_entropy(&y);
+//! opt.zero_grad();
+//! loss.backward();
+//! opt.step();
+//! assert!(model.parameters()[0].grad().is_some());
+//! ```
+
+pub mod autograd;
+pub mod data;
+mod display;
+pub mod nn;
+mod ops;
+pub mod optim;
+pub mod tensor;
+
+pub use autograd::{enable_grad, is_grad_enabled, no_grad, Eager};
+pub use ops::linear;
+pub use tensor::{manual_seed, Tensor};
+pub use tracegrad_compiler::composite::Reduction;
+pub use tracegrad_compiler::{Op, OpError, TensorType};
+pub use tracegrad_runtime::{Buffer, DType, Generator};

@@ -1,0 +1,715 @@
+//! The eager op API on [`Tensor`]. Every method is a thin call into the op definitions of
+//! `tracegrad-compiler` (primitives or composites) through the [`Eager`] emitter; misuse
+//! panics with PyTorch's message naming the op and the shapes.
+
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+use tracegrad_compiler::composite::{self as c, Reduction};
+use tracegrad_compiler::einsum;
+use tracegrad_compiler::ops::{BinaryOp, CompareOp, ReduceKind, UnaryOp};
+use tracegrad_compiler::{Build, Emitter, Op, OpResult};
+use tracegrad_runtime::{Buffer, DType, Generator};
+
+use crate::autograd::{is_grad_enabled, Eager};
+use crate::tensor::{eager_ok, Tensor};
+
+/// Runs a rule on the eager emitter, panicking with the op's message on misuse.
+#[track_caller]
+pub(crate) fn eager<R>(f: impl FnOnce(&mut Eager) -> OpResult<R>) -> R {
+    eager_ok(f(&mut Eager))
+}
+
+macro_rules! unary_methods {
+    ($($(#[$doc:meta])* $name:ident => $op:expr;)*) => {
+        impl Tensor {
+            $(
+                $(#[$doc])*
+                #[track_caller]
+                pub fn $name(&self) -> Tensor {
+                    eager(|e| e.unary($op, self))
+                }
+            )*
+        }
+    };
+}
+
+unary_methods! {
+    /// `-x`.
+    neg => UnaryOp::Neg;
+    /// `|x|`.
+    abs => UnaryOp::Abs;
+    /// Sign: -1, 0 or 1.
+    sign => UnaryOp::Sign;
+    /// `e^x`.
+    exp => UnaryOp::Exp;
+    /// Natural logarithm.
+    log => UnaryOp::Log;
+    /// Square root.
+    sqrt => UnaryOp::Sqrt;
+    /// `1/sqrt(x)`.
+    rsqrt => UnaryOp::Rsqrt;
+    /// Sine.
+    sin => UnaryOp::Sin;
+    /// Cosine.
+    cos => UnaryOp::Cos;
+    /// Hyperbolic tangent.
+    tanh => UnaryOp::Tanh;
+    /// Logistic sigmoid.
+    sigmoid => UnaryOp::Sigmoid;
+    /// `max(x, 0)`.
+    relu => UnaryOp::Relu;
+    /// Exact (erf) GELU.
+    gelu => UnaryOp::Gelu;
+    /// GELU, tanh approximation (`approximate='tanh'`).
+    gelu_tanh => UnaryOp::GeluTanh;
+    /// SiLU / swish: `x·sigmoid(x)`.
+    silu => UnaryOp::Silu;
+    /// Error function.
+    erf => UnaryOp::Erf;
+    /// `x²`.
+    square => UnaryOp::Square;
+    /// `1/x`.
+    reciprocal => UnaryOp::Reciprocal;
+}
+
+macro_rules! binary_methods {
+    ($($(#[$doc:meta])* $name:ident, $scalar:ident => $op:expr;)*) => {
+        impl Tensor {
+            $(
+                $(#[$doc])*
+                #[track_caller]
+                pub fn $name(&self, other: &Tensor) -> Tensor {
+                    eager(|e| if $op == BinaryOp::Div { e.div(self, other) } else { e.binary($op, self, other) })
+                }
+
+                /// The same with a number, taken in this tensor's dtype (a float number turns an
+                /// integer tensor into f32, as PyTorch's type promotion does).
+                #[track_caller]
+                pub fn $scalar(&self, v: f64) -> Tensor {
+                    let s = self.scalar_like(v);
+                    self.$name(&s)
+                }
+            )*
+        }
+    };
+}
+
+binary_methods! {
+    /// `self + other`, broadcasting.
+    add, add_scalar => BinaryOp::Add;
+    /// `self - other`, broadcasting.
+    sub, sub_scalar => BinaryOp::Sub;
+    /// `self * other`, broadcasting.
+    mul, mul_scalar => BinaryOp::Mul;
+    /// `self / other` (true division), broadcasting.
+    div, div_scalar => BinaryOp::Div;
+    /// Elementwise maximum.
+    maximum, maximum_scalar => BinaryOp::Maximum;
+    /// Elementwise minimum.
+    minimum, minimum_scalar => BinaryOp::Minimum;
+    /// `self ^ other`.
+    pow_tensor, pow_scalar_tensor => BinaryOp::Pow;
+}
+
+macro_rules! compare_methods {
+    ($($(#[$doc:meta])* $name:ident, $scalar:ident => $op:expr;)*) => {
+        impl Tensor {
+            $(
+                $(#[$doc])*
+                #[track_caller]
+                pub fn $name(&self, other: &Tensor) -> Tensor {
+                    eager(|e| e.compare($op, self, other))
+                }
+
+                /// The same against a number.
+                #[track_caller]
+                pub fn $scalar(&self, v: f64) -> Tensor {
+                    let s = self.scalar_like(v);
+                    self.$name(&s)
+                }
+            )*
+        }
+    };
+}
+
+compare_methods! {
+    /// `self == other` (bool).
+    eq, eq_scalar => CompareOp::Eq;
+    /// `self != other` (bool).
+    ne, ne_scalar => CompareOp::Ne;
+    /// `self < other` (bool).
+    lt, lt_scalar => CompareOp::Lt;
+    /// `self <= other` (bool).
+    le, le_scalar => CompareOp::Le;
+    /// `self > other` (bool).
+    gt, gt_scalar => CompareOp::Gt;
+    /// `self >= other` (bool).
+    ge, ge_scalar => CompareOp::Ge;
+}
+
+impl Tensor {
+    /// A 0-d tensor holding `v` in this tensor's dtype, or f32 when `v` is fractional and this
+    /// tensor is not floating.
+    fn scalar_like(&self, v: f64) -> Tensor {
+        let d = self.dtype();
+        let d = if d.is_float() || v.fract() == 0.0 { d } else { DType::F32 };
+        Tensor::full_dtype(&[], v, d)
+    }
+
+    /// `x^p` for a number `p`.
+    #[track_caller]
+    pub fn pow(&self, p: f64) -> Tensor {
+        eager(|e| e.unary(UnaryOp::PowScalar(p), self))
+    }
+
+    /// Conversion to `dtype` (`tensor.to(dtype)`).
+    #[track_caller]
+    pub fn to_dtype(&self, dtype: DType) -> Tensor {
+        eager(|e| e.cast(self, dtype))
+    }
+
+    /// `torch.where(cond, a, b)`.
+    #[track_caller]
+    pub fn where_cond(cond: &Tensor, a: &Tensor, b: &Tensor) -> Tensor {
+        eager(|e| e.where_(cond, a, b))
+    }
+
+    /// `clamp(min, max)`.
+    #[track_caller]
+    pub fn clamp(&self, min: Option<f64>, max: Option<f64>) -> Tensor {
+        eager(|e| c::clamp(e, self, min, max))
+    }
+
+    /// `self + value·t1·t2`.
+    #[track_caller]
+    pub fn addcmul(&self, t1: &Tensor, t2: &Tensor, value: f64) -> Tensor {
+        eager(|e| c::addcmul(e, self, t1, t2, value))
+    }
+
+    /// `self + value·t1/t2`.
+    #[track_caller]
+    pub fn addcdiv(&self, t1: &Tensor, t2: &Tensor, value: f64) -> Tensor {
+        eager(|e| c::addcdiv(e, self, t1, t2, value))
+    }
+
+    /// Fills positions where `mask` is true with `value`.
+    #[track_caller]
+    pub fn masked_fill(&self, mask: &Tensor, value: f64) -> Tensor {
+        eager(|e| c::masked_fill(e, self, mask, value))
+    }
+
+    /// Sum over `dims` (`&[]` for all).
+    #[track_caller]
+    pub fn sum(&self, dims: &[isize], keepdim: bool) -> Tensor {
+        eager(|e| e.sum(self, dims, keepdim))
+    }
+
+    /// Sum of all elements.
+    #[track_caller]
+    pub fn sum_all(&self) -> Tensor {
+        self.sum(&[], false)
+    }
+
+    /// Mean over `dims` (`&[]` for all).
+    #[track_caller]
+    pub fn mean(&self, dims: &[isize], keepdim: bool) -> Tensor {
+        eager(|e| c::mean(e, self, dims, keepdim))
+    }
+
+    /// Mean of all elements.
+    #[track_caller]
+    pub fn mean_all(&self) -> Tensor {
+        self.mean(&[], false)
+    }
+
+    /// Variance over `dims` (`&[]` for all) with `correction` (1 = unbiased).
+    #[track_caller]
+    pub fn var(&self, dims: &[isize], correction: usize, keepdim: bool) -> Tensor {
+        eager(|e| c::var(e, self, dims, correction, keepdim))
+    }
+
+    /// Maximum over `dims` (`&[]` for all); ties share the gradient.
+    #[track_caller]
+    pub fn amax(&self, dims: &[isize], keepdim: bool) -> Tensor {
+        let all: Vec<isize> = (0..self.dim() as isize).collect();
+        eager(|e| e.reduce(ReduceKind::Max, self, if dims.is_empty() { &all } else { dims }, keepdim))
+    }
+
+    /// Minimum over `dims` (`&[]` for all).
+    #[track_caller]
+    pub fn amin(&self, dims: &[isize], keepdim: bool) -> Tensor {
+        let all: Vec<isize> = (0..self.dim() as isize).collect();
+        eager(|e| e.reduce(ReduceKind::Min, self, if dims.is_empty() { &all } else { dims }, keepdim))
+    }
+
+    /// Largest element.
+    #[track_caller]
+    pub fn max(&self) -> Tensor {
+        self.amax(&[], false)
+    }
+
+    /// Smallest element.
+    #[track_caller]
+    pub fn min(&self) -> Tensor {
+        self.amin(&[], false)
+    }
+
+    /// `max(dim)`: (values, indices).
+    #[track_caller]
+    pub fn max_dim(&self, dim: isize, keepdim: bool) -> (Tensor, Tensor) {
+        eager(|e| c::max_dim(e, self, dim, keepdim, false))
+    }
+
+    /// `min(dim)`: (values, indices).
+    #[track_caller]
+    pub fn min_dim(&self, dim: isize, keepdim: bool) -> (Tensor, Tensor) {
+        eager(|e| c::max_dim(e, self, dim, keepdim, true))
+    }
+
+    /// Index of the maximum over `dim` (flattened when `None`).
+    #[track_caller]
+    pub fn argmax(&self, dim: Option<isize>, keepdim: bool) -> Tensor {
+        eager(|e| c::arg_reduce(e, self, dim, keepdim, false))
+    }
+
+    /// Index of the minimum over `dim` (flattened when `None`).
+    #[track_caller]
+    pub fn argmin(&self, dim: Option<isize>, keepdim: bool) -> Tensor {
+        eager(|e| c::arg_reduce(e, self, dim, keepdim, true))
+    }
+
+    /// Whether all elements (over `dims`, `&[]` for all) are non-zero.
+    #[track_caller]
+    pub fn all(&self, dims: &[isize], keepdim: bool) -> Tensor {
+        let all: Vec<isize> = (0..self.dim() as isize).collect();
+        eager(|e| e.reduce(ReduceKind::All, self, if dims.is_empty() { &all } else { dims }, keepdim))
+    }
+
+    /// Whether any element (over `dims`, `&[]` for all) is non-zero.
+    #[track_caller]
+    pub fn any(&self, dims: &[isize], keepdim: bool) -> Tensor {
+        let all: Vec<isize> = (0..self.dim() as isize).collect();
+        eager(|e| e.reduce(ReduceKind::Any, self, if dims.is_empty() { &all } else { dims }, keepdim))
+    }
+
+    /// `log(sum(exp(x)))` over `dims`, stable for large inputs.
+    #[track_caller]
+    pub fn logsumexp(&self, dims: &[isize], keepdim: bool) -> Tensor {
+        eager(|e| c::logsumexp(e, self, dims, keepdim))
+    }
+
+    /// Softmax along `dim`.
+    #[track_caller]
+    pub fn softmax(&self, dim: isize) -> Tensor {
+        eager(|e| c::softmax(e, self, dim))
+    }
+
+    /// Log-softmax along `dim`.
+    #[track_caller]
+    pub fn log_softmax(&self, dim: isize) -> Tensor {
+        eager(|e| c::log_softmax(e, self, dim))
+    }
+
+    /// `matmul` with 1-D promotion and batch broadcasting.
+    #[track_caller]
+    pub fn matmul(&self, other: &Tensor) -> Tensor {
+        eager(|e| c::matmul(e, self, other))
+    }
+
+    /// 3-D batched matmul.
+    #[track_caller]
+    pub fn bmm(&self, other: &Tensor) -> Tensor {
+        eager(|e| c::bmm(e, self, other))
+    }
+
+    /// `beta·self + alpha·(m1 @ m2)`.
+    #[track_caller]
+    pub fn addmm(&self, m1: &Tensor, m2: &Tensor, beta: f64, alpha: f64) -> Tensor {
+        eager(|e| c::addmm(e, self, m1, m2, beta, alpha))
+    }
+
+    /// `torch.einsum(equation, operands)`.
+    #[track_caller]
+    pub fn einsum(equation: &str, operands: &[&Tensor]) -> Tensor {
+        eager(|e| einsum::einsum(e, equation, operands))
+    }
+
+    /// Reshape; one dimension may be `-1`.
+    #[track_caller]
+    pub fn reshape(&self, shape: &[isize]) -> Tensor {
+        eager(|e| c::reshape_infer(e, self, shape))
+    }
+
+    /// Alias of [`reshape`](Self::reshape) (tracegrad's views copy or share as documented).
+    #[track_caller]
+    pub fn view(&self, shape: &[isize]) -> Tensor {
+        self.reshape(shape)
+    }
+
+    /// Reorders dimensions.
+    #[track_caller]
+    pub fn permute(&self, dims: &[isize]) -> Tensor {
+        eager(|e| c::permute(e, self, dims))
+    }
+
+    /// Swaps two dimensions.
+    #[track_caller]
+    pub fn transpose(&self, a: isize, b: isize) -> Tensor {
+        eager(|e| c::swapdims(e, self, a, b))
+    }
+
+    /// Alias of [`transpose`](Self::transpose).
+    #[track_caller]
+    pub fn swapdims(&self, a: isize, b: isize) -> Tensor {
+        self.transpose(a, b)
+    }
+
+    /// Transpose of a matrix (`.t()`; vectors are returned as they are).
+    #[track_caller]
+    pub fn t(&self) -> Tensor {
+        if self.dim() < 2 {
+            return self.clone();
+        }
+        assert!(self.dim() == 2, "t() expects a tensor with <= 2 dimensions, but self is {}D", self.dim());
+        self.transpose(0, 1)
+    }
+
+    /// Broadcasts to `shape`; `-1` keeps a dimension.
+    #[track_caller]
+    pub fn expand(&self, shape: &[isize]) -> Tensor {
+        let s = self.shape();
+        let off = shape.len().saturating_sub(s.len());
+        let target: Vec<usize> = shape
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| if d == -1 && i >= off { s[i - off] } else { d.max(0) as usize })
+            .collect();
+        self.broadcast_to(&target)
+    }
+
+    /// Broadcasts to `shape`.
+    #[track_caller]
+    pub fn broadcast_to(&self, shape: &[usize]) -> Tensor {
+        eager(|e| e.expand(self, shape))
+    }
+
+    /// Removes all size-1 dims.
+    #[track_caller]
+    pub fn squeeze(&self) -> Tensor {
+        eager(|e| c::squeeze(e, self, None))
+    }
+
+    /// Removes `dim` if it has size 1.
+    #[track_caller]
+    pub fn squeeze_dim(&self, dim: isize) -> Tensor {
+        eager(|e| c::squeeze(e, self, Some(dim)))
+    }
+
+    /// Inserts a size-1 dim.
+    #[track_caller]
+    pub fn unsqueeze(&self, dim: isize) -> Tensor {
+        eager(|e| c::unsqueeze(e, self, dim))
+    }
+
+    /// Flattens dims `start..=end`.
+    #[track_caller]
+    pub fn flatten(&self, start: isize, end: isize) -> Tensor {
+        eager(|e| c::flatten(e, self, start, end))
+    }
+
+    /// Concatenates along `dim`.
+    #[track_caller]
+    pub fn cat(tensors: &[&Tensor], dim: isize) -> Tensor {
+        eager(|e| c::cat(e, tensors, dim))
+    }
+
+    /// Stacks along a new `dim`.
+    #[track_caller]
+    pub fn stack(tensors: &[&Tensor], dim: isize) -> Tensor {
+        eager(|e| c::stack(e, tensors, dim))
+    }
+
+    /// Splits into `chunks` pieces of `ceil(n/chunks)` (maybe fewer pieces).
+    #[track_caller]
+    pub fn chunk(&self, chunks: usize, dim: isize) -> Vec<Tensor> {
+        eager(|e| c::chunk(e, self, chunks, dim))
+    }
+
+    /// Splits into pieces of `size` (the last smaller).
+    #[track_caller]
+    pub fn split(&self, size: usize, dim: isize) -> Vec<Tensor> {
+        eager(|e| c::split(e, self, size, dim))
+    }
+
+    /// Splits into exactly `sections` pieces as evenly as possible.
+    #[track_caller]
+    pub fn tensor_split(&self, sections: usize, dim: isize) -> Vec<Tensor> {
+        eager(|e| c::tensor_split(e, self, sections, dim))
+    }
+
+    /// Splits at the given indices.
+    #[track_caller]
+    pub fn tensor_split_at(&self, indices: &[usize], dim: isize) -> Vec<Tensor> {
+        eager(|e| c::tensor_split_at(e, self, indices, dim))
+    }
+
+    /// `start..start+len` of `dim`.
+    #[track_caller]
+    pub fn narrow(&self, dim: isize, start: usize, len: usize) -> Tensor {
+        eager(|e| c::narrow(e, self, dim, start, len))
+    }
+
+    /// Rows (along `dim`) picked by a 1-D i64 index; duplicates accumulate in the backward.
+    #[track_caller]
+    pub fn index_select(&self, dim: isize, index: &Tensor) -> Tensor {
+        let d = eager(|_| tracegrad_compiler::emitter::norm_dim("index_select", dim, self.dim()));
+        eager(|e| e.emit(Op::IndexSelect { dim: d }, &[self, index]))
+    }
+
+    /// `out[.., index[j], ..] += src[.., j, ..]`.
+    #[track_caller]
+    pub fn index_add(&self, dim: isize, index: &Tensor, src: &Tensor) -> Tensor {
+        let d = eager(|_| tracegrad_compiler::emitter::norm_dim("index_add", dim, self.dim()));
+        eager(|e| e.emit(Op::IndexAdd { dim: d }, &[self, index, src]))
+    }
+
+    /// `out[p] = self[p with dim := index[p]]`.
+    #[track_caller]
+    pub fn gather(&self, dim: isize, index: &Tensor) -> Tensor {
+        let d = eager(|_| tracegrad_compiler::emitter::norm_dim("gather", dim, self.dim()));
+        eager(|e| e.emit(Op::Gather { dim: d }, &[self, index]))
+    }
+
+    /// `out[p with dim := index[p]] += src[p]`.
+    #[track_caller]
+    pub fn scatter_add(&self, dim: isize, index: &Tensor, src: &Tensor) -> Tensor {
+        let d = eager(|_| tracegrad_compiler::emitter::norm_dim("scatter_add", dim, self.dim()));
+        eager(|e| e.emit(Op::ScatterAdd { dim: d }, &[self, index, src]))
+    }
+
+    /// Indices that sort `dim` (stable; NaN sorts last ascending, as PyTorch).
+    #[track_caller]
+    pub fn argsort(&self, dim: isize, descending: bool) -> Tensor {
+        let d = eager(|_| tracegrad_compiler::emitter::norm_dim("argsort", dim, self.dim()));
+        Tensor::from_buffer(argsort_buffer(&self.buffer(), d, descending))
+    }
+
+    /// Whether `|self - other| <= atol + rtol·|other|` everywhere (NaN never close).
+    #[track_caller]
+    pub fn allclose(&self, other: &Tensor, rtol: f64, atol: f64) -> bool {
+        let (a, b) = (self.to_dtype(DType::F64), other.to_dtype(DType::F64));
+        let d = a.sub(&b).abs();
+        let tol = b.abs().mul_scalar(rtol).add_scalar(atol);
+        d.le(&tol).all(&[], false).item() != 0.0
+    }
+
+    /// Same shape and same elements.
+    pub fn equal(&self, other: &Tensor) -> bool {
+        self.shape() == other.shape() && self.to_vec_f64() == other.to_vec_f64()
+    }
+
+    /// 2-D convolution (NCHW) with optional bias.
+    #[track_caller]
+    pub fn conv2d(&self, weight: &Tensor, bias: Option<&Tensor>, stride: [usize; 2], padding: [usize; 2]) -> Tensor {
+        eager(|e| {
+            let y = e.emit(Op::Conv2d { stride, padding }, &[self, weight])?;
+            match bias {
+                Some(b) => {
+                    let n = e.shape(b)[0];
+                    let b4 = e.reshape(b, &[1, n, 1, 1])?;
+                    e.add(&y, &b4)
+                }
+                None => Ok(y),
+            }
+        })
+    }
+
+    /// 2-D max pooling (floor mode).
+    #[track_caller]
+    pub fn max_pool2d(&self, kernel: [usize; 2], stride: [usize; 2], padding: [usize; 2]) -> Tensor {
+        eager(|e| e.emit(Op::MaxPool2d { kernel, stride, padding }, &[self]))
+    }
+
+    /// 2-D average pooling (floor mode, padded zeros counted).
+    #[track_caller]
+    pub fn avg_pool2d(&self, kernel: [usize; 2], stride: [usize; 2], padding: [usize; 2]) -> Tensor {
+        eager(|e| e.emit(Op::AvgPool2d { kernel, stride, padding, count_include_pad: true }, &[self]))
+    }
+
+    /// Layer normalisation over the trailing `normalized` dims.
+    #[track_caller]
+    pub fn layer_norm(&self, normalized: &[usize], weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Tensor {
+        eager(|e| c::layer_norm(e, self, normalized, weight, bias, eps))
+    }
+
+    /// Dropout with keep-probability `1-p`, drawing from the default generator. Identity when
+    /// not `training`.
+    #[track_caller]
+    pub fn dropout(&self, p: f64, training: bool) -> Tensor {
+        tracegrad_runtime::random::with_default(|g| self.dropout_with(g, p, training))
+    }
+
+    /// Dropout drawing from `g`.
+    #[track_caller]
+    pub fn dropout_with(&self, g: &mut Generator, p: f64, training: bool) -> Tensor {
+        assert!((0.0..=1.0).contains(&p), "dropout probability has to be between 0 and 1, but got {p}");
+        if !training || p == 0.0 {
+            return self.clone();
+        }
+        if p == 1.0 {
+            return self.mul_scalar(0.0);
+        }
+        let keep: Vec<bool> = g.uniform(self.numel(), 0.0, 1.0).into_iter().map(|u| u >= p).collect();
+        let mask = Buffer::from_vec(keep, &self.shape());
+        eager(|e| c::dropout_with_mask(e, self, mask, p))
+    }
+
+    /// Rows of `weight` selected by this integer tensor.
+    #[track_caller]
+    pub fn embedding(&self, weight: &Tensor) -> Tensor {
+        eager(|e| c::embedding(e, self, weight))
+    }
+
+    /// Cross-entropy of logits `[N, C, ...]` against class indices.
+    #[track_caller]
+    pub fn cross_entropy(&self, target: &Tensor) -> Tensor {
+        self.cross_entropy_with(target, Reduction::Mean, 0.0)
+    }
+
+    /// Cross-entropy with a reduction and label smoothing (ignore_index -100).
+    #[track_caller]
+    pub fn cross_entropy_with(&self, target: &Tensor, reduction: Reduction, label_smoothing: f64) -> Tensor {
+        eager(|e| c::cross_entropy(e, self, target, reduction, label_smoothing, -100))
+    }
+
+    /// Negative log-likelihood of log-probabilities against class indices.
+    #[track_caller]
+    pub fn nll_loss(&self, target: &Tensor, reduction: Reduction) -> Tensor {
+        eager(|e| c::nll_loss(e, self, target, reduction, -100))
+    }
+
+    /// Mean squared error.
+    #[track_caller]
+    pub fn mse_loss(&self, target: &Tensor, reduction: Reduction) -> Tensor {
+        eager(|e| c::mse_loss(e, self, target, reduction))
+    }
+
+    /// Stops gradient flow (a detached value inside an expression).
+    #[track_caller]
+    pub fn stop_gradient(&self) -> Tensor {
+        if !is_grad_enabled() {
+            return self.clone();
+        }
+        eager(|e| c::stop_gradient(e, self))
+    }
+}
+
+/// `linear(x, weight, bias)` = `x @ weightᵀ + bias`.
+#[track_caller]
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    eager(|e| c::linear(e, x, weight, bias))
+}
+
+fn argsort_buffer(b: &Buffer, dim: usize, descending: bool) -> Buffer {
+    let v = b.to_f64_vec();
+    let shape = b.shape();
+    if shape.is_empty() {
+        return Buffer::from_vec(vec![0i64], &[]);
+    }
+    let outer: usize = shape[..dim].iter().product();
+    let n = shape[dim];
+    let inner: usize = shape[dim + 1..].iter().product();
+    let mut out = vec![0i64; v.len()];
+    let key = |x: f64| if x.is_nan() { f64::INFINITY } else { x };
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |k: usize| (o * n + k) * inner + i;
+            let mut idx: Vec<usize> = (0..n).collect();
+            idx.sort_by(|&p, &q| {
+                let (a, b) = (v[at(p)], v[at(q)]);
+                let ord = if a.is_nan() || b.is_nan() {
+                    a.is_nan().cmp(&b.is_nan())
+                } else {
+                    key(a).partial_cmp(&key(b)).unwrap()
+                };
+                if descending {
+                    ord.reverse()
+                } else {
+                    ord
+                }
+            });
+            for (k, &j) in idx.iter().enumerate() {
+                out[at(k)] = j as i64;
+            }
+        }
+    }
+    Buffer::from_vec(out, shape)
+}
+
+macro_rules! operator {
+    ($trait:ident, $method:ident, $tm:ident, $sm:ident) => {
+        impl $trait<&Tensor> for &Tensor {
+            type Output = Tensor;
+            #[track_caller]
+            fn $method(self, rhs: &Tensor) -> Tensor {
+                Tensor::$tm(&self, rhs)
+            }
+        }
+        impl $trait<Tensor> for Tensor {
+            type Output = Tensor;
+            #[track_caller]
+            fn $method(self, rhs: Tensor) -> Tensor {
+                Tensor::$tm(&self, &rhs)
+            }
+        }
+        impl $trait<&Tensor> for Tensor {
+            type Output = Tensor;
+            #[track_caller]
+            fn $method(self, rhs: &Tensor) -> Tensor {
+                Tensor::$tm(&self, rhs)
+            }
+        }
+        impl $trait<Tensor> for &Tensor {
+            type Output = Tensor;
+            #[track_caller]
+            fn $method(self, rhs: Tensor) -> Tensor {
+                Tensor::$tm(&self, &rhs)
+            }
+        }
+        impl $trait<f64> for &Tensor {
+            type Output = Tensor;
+            #[track_caller]
+            fn $method(self, rhs: f64) -> Tensor {
+                Tensor::$sm(&self, rhs)
+            }
+        }
+        impl $trait<f64> for Tensor {
+            type Output = Tensor;
+            #[track_caller]
+            fn $method(self, rhs: f64) -> Tensor {
+                Tensor::$sm(&self, rhs)
+            }
+        }
+    };
+}
+
+operator!(Add, add, add, add_scalar);
+operator!(Sub, sub, sub, sub_scalar);
+operator!(Mul, mul, mul, mul_scalar);
+operator!(Div, div, div, div_scalar);
+
+impl Neg for &Tensor {
+    type Output = Tensor;
+    #[track_caller]
+    fn neg(self) -> Tensor {
+        Tensor::neg(self)
+    }
+}
+
+impl Neg for Tensor {
+    type Output = Tensor;
+    #[track_caller]
+    fn neg(self) -> Tensor {
+        Tensor::neg(&self)
+    }
+}

@@ -1,0 +1,340 @@
+//! [`Tensor`]: a value plus its autograd record.
+//!
+//! Storage is a [`Buffer`] (contiguous, row-major, `Arc`-shared). Views (permute, narrow,
+//! expand, …) copy; `reshape` shares storage. A tensor made by an op while grad mode is on and
+//! some operand requires grad carries a [`GradFn`]: the op and its operands, which is all the
+//! backward pass needs, since derivative rules live with the op definitions.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tracegrad_compiler::{OpError, TensorType};
+use tracegrad_runtime::random::{self, Generator};
+use tracegrad_runtime::{Buffer, DType, Element};
+
+pub(crate) use crate::autograd::GradFn;
+
+/// A multi-dimensional array with PyTorch-style autograd. Cloning is cheap and aliases the
+/// same tensor (like a Python reference), so gradients and in-place updates are shared.
+#[derive(Clone)]
+pub struct Tensor(pub(crate) Arc<TensorImpl>);
+
+pub(crate) struct TensorImpl {
+    pub(crate) data: RwLock<Buffer>,
+    pub(crate) grad_fn: Option<GradFn>,
+    /// For leaves: whether gradients accumulate into `grad`.
+    pub(crate) requires_grad: AtomicBool,
+    pub(crate) retains_grad: AtomicBool,
+    pub(crate) grad: Mutex<Option<Tensor>>,
+}
+
+pub(crate) fn lock_poison<T>(r: std::sync::LockResult<T>) -> T {
+    r.unwrap_or_else(|e| e.into_inner())
+}
+
+/// Unwraps an op result in eager mode, where shape misuse panics with PyTorch's message.
+#[track_caller]
+pub(crate) fn eager_ok<T>(r: Result<T, OpError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+impl Tensor {
+    /// A leaf tensor holding `buffer`.
+    pub fn from_buffer(buffer: Buffer) -> Tensor {
+        Tensor::with_grad_fn(buffer, None)
+    }
+
+    pub(crate) fn with_grad_fn(buffer: Buffer, grad_fn: Option<GradFn>) -> Tensor {
+        Tensor(Arc::new(TensorImpl {
+            data: RwLock::new(buffer),
+            grad_fn,
+            requires_grad: AtomicBool::new(false),
+            retains_grad: AtomicBool::new(false),
+            grad: Mutex::new(None),
+        }))
+    }
+
+    /// A tensor from a vector and a shape. Panics if the element count does not match.
+    #[track_caller]
+    pub fn from_vec<T: Element>(values: Vec<T>, shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        assert_eq!(values.len(), n, "from_vec: {} values cannot have shape {:?}", values.len(), shape);
+        Tensor::from_buffer(Buffer::from_vec(values, shape))
+    }
+
+    /// A tensor copied from a slice.
+    #[track_caller]
+    pub fn from_slice<T: Element>(values: &[T], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(values.to_vec(), shape)
+    }
+
+    /// A 1-D f32 tensor, like `torch.tensor([..])`.
+    pub fn vec1(values: &[f32]) -> Tensor {
+        Tensor::from_slice(values, &[values.len()])
+    }
+
+    /// A 0-d f32 tensor.
+    pub fn scalar(value: f32) -> Tensor {
+        Tensor::from_vec(vec![value], &[])
+    }
+
+    /// A tensor of `shape` filled with `value`, of `dtype`.
+    pub fn full_dtype(shape: &[usize], value: f64, dtype: DType) -> Tensor {
+        Tensor::from_buffer(Buffer::full(value, dtype, shape))
+    }
+
+    /// An f32 tensor filled with `value`.
+    pub fn full(shape: &[usize], value: f64) -> Tensor {
+        Tensor::full_dtype(shape, value, DType::F32)
+    }
+
+    /// f32 zeros.
+    pub fn zeros(shape: &[usize]) -> Tensor {
+        Tensor::full(shape, 0.0)
+    }
+
+    /// f32 ones.
+    pub fn ones(shape: &[usize]) -> Tensor {
+        Tensor::full(shape, 1.0)
+    }
+
+    /// Zeros of `dtype`.
+    pub fn zeros_dtype(shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::full_dtype(shape, 0.0, dtype)
+    }
+
+    /// `[start, start+step, …)` below `end`, as `torch.arange` (f32).
+    pub fn arange(start: f64, end: f64, step: f64) -> Tensor {
+        Tensor::arange_dtype(start, end, step, DType::F32)
+    }
+
+    /// `torch.arange` with an explicit dtype.
+    pub fn arange_dtype(start: f64, end: f64, step: f64, dtype: DType) -> Tensor {
+        assert!(step != 0.0, "arange: step must be nonzero");
+        assert!((end - start) / step >= 0.0, "arange: upper bound and larger bound inconsistent with step sign");
+        let n = ((end - start) / step).ceil() as usize;
+        let v: Vec<f64> = (0..n).map(|i| start + i as f64 * step).collect();
+        Tensor::from_buffer(Buffer::from_vec(v, &[n]).cast(dtype))
+    }
+
+    /// The `n`×`n` identity (f32).
+    pub fn eye(n: usize) -> Tensor {
+        let mut v = vec![0f32; n * n];
+        for i in 0..n {
+            v[i * n + i] = 1.0;
+        }
+        Tensor::from_vec(v, &[n, n])
+    }
+
+    /// U[0, 1) samples from the default generator (see [`manual_seed`]).
+    pub fn rand(shape: &[usize]) -> Tensor {
+        random::with_default(|g| Tensor::rand_with(g, shape))
+    }
+
+    /// U[0, 1) samples from `g`.
+    pub fn rand_with(g: &mut Generator, shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_buffer(Buffer::from_vec(g.uniform(n, 0.0, 1.0), shape).cast(DType::F32))
+    }
+
+    /// Standard normal samples from the default generator.
+    pub fn randn(shape: &[usize]) -> Tensor {
+        random::with_default(|g| Tensor::randn_with(g, shape))
+    }
+
+    /// Standard normal samples from `g`.
+    pub fn randn_with(g: &mut Generator, shape: &[usize]) -> Tensor {
+        Tensor::normal_with(g, 0.0, 1.0, shape)
+    }
+
+    /// N(mean, std²) samples from the default generator.
+    pub fn normal(mean: f64, std: f64, shape: &[usize]) -> Tensor {
+        random::with_default(|g| Tensor::normal_with(g, mean, std, shape))
+    }
+
+    /// N(mean, std²) samples from `g`.
+    pub fn normal_with(g: &mut Generator, mean: f64, std: f64, shape: &[usize]) -> Tensor {
+        assert!(std >= 0.0, "normal expects std >= 0.0, but found std {std}");
+        let n = shape.iter().product();
+        Tensor::from_buffer(Buffer::from_vec(g.normal(n, mean, std), shape).cast(DType::F32))
+    }
+
+    /// Integers uniform in `[low, high)` (i64) from the default generator.
+    pub fn randint(low: i64, high: i64, shape: &[usize]) -> Tensor {
+        random::with_default(|g| Tensor::randint_with(g, low, high, shape))
+    }
+
+    /// Integers uniform in `[low, high)` from `g`.
+    pub fn randint_with(g: &mut Generator, low: i64, high: i64, shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(g.randint(n, low, high), shape)
+    }
+
+    /// A copy of the current value.
+    pub fn buffer(&self) -> Buffer {
+        lock_poison(self.0.data.read()).clone()
+    }
+
+    /// Replaces the value in place (as `tensor.data = …` in PyTorch); autograd history is
+    /// untouched. Panics if the shape or dtype would change.
+    #[track_caller]
+    pub fn set_buffer(&self, b: Buffer) {
+        let mut d = lock_poison(self.0.data.write());
+        assert!(
+            d.shape() == b.shape() && d.dtype() == b.dtype(),
+            "set_buffer: cannot replace {} {:?} with {} {:?}",
+            d.dtype(),
+            d.shape(),
+            b.dtype(),
+            b.shape()
+        );
+        *d = b;
+    }
+
+    /// Mutates the value in place (copy-on-write if the storage is shared).
+    pub fn update_buffer<R>(&self, f: impl FnOnce(&mut Buffer) -> R) -> R {
+        f(&mut *lock_poison(self.0.data.write()))
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> Vec<usize> {
+        lock_poison(self.0.data.read()).shape().to_vec()
+    }
+
+    /// Size of one (possibly negative) dimension.
+    #[track_caller]
+    pub fn size(&self, dim: isize) -> usize {
+        let s = self.shape();
+        let d = eager_ok(tracegrad_compiler::emitter::norm_dim("size", dim, s.len()));
+        s[d]
+    }
+
+    /// Number of dimensions.
+    pub fn dim(&self) -> usize {
+        lock_poison(self.0.data.read()).rank()
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        lock_poison(self.0.data.read()).numel()
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        lock_poison(self.0.data.read()).dtype()
+    }
+
+    /// Dtype and shape.
+    pub fn tensor_type(&self) -> TensorType {
+        TensorType::of(&*lock_poison(self.0.data.read()))
+    }
+
+    /// The elements, converted to `T`.
+    pub fn to_vec<T: Element>(&self) -> Vec<T> {
+        lock_poison(self.0.data.read()).to_vec()
+    }
+
+    /// The elements as f32.
+    pub fn to_vec_f32(&self) -> Vec<f32> {
+        self.to_vec()
+    }
+
+    /// The elements as f64.
+    pub fn to_vec_f64(&self) -> Vec<f64> {
+        self.to_vec()
+    }
+
+    /// The value of a one-element tensor.
+    #[track_caller]
+    pub fn item(&self) -> f64 {
+        lock_poison(self.0.data.read()).item()
+    }
+
+    /// Identity of the underlying tensor (what Python's `is` compares).
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
+
+    /// Whether two handles name the same tensor.
+    pub fn same(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// Whether gradients flow to or through this tensor.
+    pub fn requires_grad(&self) -> bool {
+        self.0.grad_fn.is_some() || self.0.requires_grad.load(Ordering::Relaxed)
+    }
+
+    /// Sets `requires_grad` on a leaf; returns the tensor for chaining.
+    #[track_caller]
+    pub fn requires_grad_(self, on: bool) -> Tensor {
+        if self.0.grad_fn.is_some() && !on {
+            panic!("you can only change requires_grad flags of leaf variables. If you want to use a computed variable in a subgraph that doesn't require differentiation use var_no_grad = var.detach().");
+        }
+        if on && !self.dtype().is_float() {
+            panic!("only Tensors of floating point dtype can require gradients");
+        }
+        if self.0.grad_fn.is_none() {
+            self.0.requires_grad.store(on, Ordering::Relaxed);
+        }
+        self
+    }
+
+    /// Whether this tensor was made by the user rather than by a differentiable op.
+    pub fn is_leaf(&self) -> bool {
+        self.0.grad_fn.is_none()
+    }
+
+    /// The accumulated gradient (leaves, and non-leaves after [`retain_grad`](Self::retain_grad)).
+    pub fn grad(&self) -> Option<Tensor> {
+        lock_poison(self.0.grad.lock()).clone()
+    }
+
+    /// Replaces the stored gradient.
+    pub fn set_grad(&self, g: Option<Tensor>) {
+        *lock_poison(self.0.grad.lock()) = g;
+    }
+
+    /// Clears the stored gradient (PyTorch's `set_to_none=True`).
+    pub fn zero_grad(&self) {
+        self.set_grad(None);
+    }
+
+    /// Keeps the gradient of a non-leaf tensor after backward.
+    pub fn retain_grad(&self) {
+        if self.is_leaf() {
+            return;
+        }
+        self.0.retains_grad.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a non-leaf keeps its gradient.
+    pub fn retains_grad(&self) -> bool {
+        self.0.retains_grad.load(Ordering::Relaxed)
+    }
+
+    /// A new leaf sharing this tensor's storage, outside the autograd graph.
+    pub fn detach(&self) -> Tensor {
+        Tensor::from_buffer(self.buffer())
+    }
+
+    /// A deep copy that stays in the graph (`torch.clone`).
+    pub fn copy(&self) -> Tensor {
+        crate::ops::eager(|e| {
+            use tracegrad_compiler::Build;
+            e.mul_scalar(self, 1.0)
+        })
+    }
+}
+
+/// Reseeds the default generator (`torch.manual_seed`).
+pub fn manual_seed(seed: u64) {
+    random::manual_seed(seed);
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
