@@ -28,6 +28,7 @@ pub mod nn;
 mod ops;
 pub mod optim;
 pub mod tensor;
+pub mod train;
 
 pub use autograd::{enable_grad, is_grad_enabled, no_grad, Eager};
 pub use ops::linear;

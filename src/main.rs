@@ -1,1 +1,194 @@
-fn main() {}
+//! `tracegrad`: the command-line front end (DESIGN.md's CLI contract). With no arguments it
+//! runs `train` on the embedded digits set.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use tracegrad::data::{self, Labeled};
+use tracegrad::train::{train_mlp, TrainConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "tracegrad",
+    version,
+    about = "PyTorch-style deep learning in Rust: train, and (soon) trace, compile and dump"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a classifier (the default command).
+    Train(TrainArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Model {
+    Mlp,
+    Cnn,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Mode {
+    Eager,
+    Compiled,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum OptimizerKind {
+    Sgd,
+    Adam,
+    Adamw,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Model from the zoo.
+    #[arg(long, value_enum, default_value = "mlp")]
+    model: Model,
+    /// `digits` (embedded), `mnist-csv:PATH` or `mnist-idx:DIR`.
+    #[arg(long, default_value = "digits")]
+    dataset: String,
+    /// Execution mode.
+    #[arg(long, value_enum, default_value = "eager")]
+    mode: Mode,
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    /// Samples per step.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value = "sgd")]
+    optimizer: OptimizerKind,
+    /// Seed for initialisation, the split and shuffling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// End stdout with a JSON summary.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        TrainArgs {
+            model: Model::Mlp,
+            dataset: "digits".into(),
+            mode: Mode::Eager,
+            epochs: 20,
+            batch_size: 32,
+            lr: 0.1,
+            optimizer: OptimizerKind::Sgd,
+            seed: 0,
+            json: false,
+        }
+    }
+}
+
+fn load(spec: &str, seed: u64) -> Result<(Labeled, Labeled), String> {
+    if spec == "digits" {
+        return Ok(data::digits().split(0.8, seed));
+    }
+    if let Some(path) = spec.strip_prefix("mnist-csv:") {
+        return Ok(data::read_csv(Path::new(path), 784, 255.0)?.split(0.8, seed));
+    }
+    if let Some(dir) = spec.strip_prefix("mnist-idx:") {
+        let dir = Path::new(dir);
+        let train = data::read_mnist_idx_dir(dir, "train")?;
+        return match data::read_mnist_idx_dir(dir, "t10k") {
+            Ok(test) => Ok((train, test)),
+            Err(_) => Ok(train.split(0.8, seed)),
+        };
+    }
+    Err(format!("unknown dataset {spec:?}: expected digits, mnist-csv:PATH or mnist-idx:DIR"))
+}
+
+fn train(args: TrainArgs) -> Result<(), String> {
+    if args.mode == Mode::Compiled {
+        return Err("--mode compiled is not available yet: the graph compiler has not landed; use --mode eager".into());
+    }
+    if args.model == Model::Cnn {
+        return Err("--model cnn is not available yet: it needs the Conv2d/MaxPool2d modules; use --model mlp".into());
+    }
+    if args.optimizer != OptimizerKind::Sgd {
+        return Err("only --optimizer sgd is available so far (Adam and AdamW arrive with the optimizer suite)".into());
+    }
+    let (train_set, test_set) = load(&args.dataset, args.seed)?;
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        seed: args.seed,
+        ..Default::default()
+    };
+    if cfg.batch_size == 0 {
+        return Err("--batch-size must be positive".into());
+    }
+    eprintln!(
+        "training MLP {}→{}→{} on {} ({} train / {} test), eager, SGD lr {}",
+        train_set.x.shape()[1],
+        cfg.hidden,
+        train_set.classes,
+        args.dataset,
+        train_set.len(),
+        test_set.len(),
+        cfg.lr
+    );
+    // indicatif draws only when stderr is a terminal, so piped runs stay quiet.
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} steps").unwrap().progress_chars("=> "),
+    );
+    let epochs = cfg.epochs;
+    let (_model, summary) = train_mlp(
+        &train_set,
+        &test_set,
+        &cfg,
+        |epoch, step, steps| {
+            if step == 1 {
+                bar.set_length(steps as u64);
+                bar.set_prefix(format!("{epoch}/{epochs}"));
+            }
+            bar.set_position(step as u64);
+        },
+        |r| {
+            bar.suspend(|| {
+                println!(
+                    "epoch {:>3}/{epochs}  loss {:.4}  test accuracy {:.4}  ({:.2} s)",
+                    r.epoch, r.loss, r.test_accuracy, r.seconds
+                )
+            });
+        },
+    );
+    bar.finish_and_clear();
+    println!(
+        "final test accuracy {:.4} after {} epochs ({:.2} s training, {:.0} steps/s)",
+        summary.test_accuracy, summary.epochs, summary.train_seconds, summary.steps_per_second
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&summary).map_err(|e| e.to_string())?);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Train(args)) => train(args),
+        None => train(TrainArgs::default()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

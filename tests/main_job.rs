@@ -1,0 +1,47 @@
+//! The main job: `tracegrad train` on the embedded digits set.
+
+use std::process::Command;
+
+use tracegrad::data;
+use tracegrad::train::{train_mlp, TrainConfig};
+
+#[test]
+fn mlp_reaches_95_percent_on_digits() {
+    let (train, test) = data::digits().split(0.8, 0);
+    let mut epochs_seen = 0;
+    let (_, summary) = train_mlp(&train, &test, &TrainConfig::default(), |_, _, _| {}, |_| epochs_seen += 1);
+    assert_eq!(epochs_seen, 20);
+    assert!(summary.test_accuracy >= 0.95, "test accuracy {}", summary.test_accuracy);
+    assert!(summary.final_loss < 0.3, "final loss {}", summary.final_loss);
+}
+
+#[test]
+fn cli_train_json_ends_stdout_with_the_contract_object() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tracegrad"))
+        .args(["train", "--json", "--epochs", "3"])
+        .output()
+        .expect("run tracegrad");
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last = stdout.lines().last().expect("some output");
+    let v: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    for key in ["mode", "epochs", "final_loss", "test_accuracy", "train_seconds", "steps_per_second"] {
+        assert!(v.get(key).is_some(), "missing {key} in {last}");
+    }
+    assert_eq!(v["mode"], "eager");
+    assert_eq!(v["epochs"], 3);
+    assert!(stdout.contains("epoch   1/3  loss"), "per-epoch report missing:\n{stdout}");
+}
+
+#[test]
+fn cli_rejects_what_is_not_built_yet() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tracegrad")).args(["train", "--mode", "compiled"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--mode compiled is not available yet"));
+    let out = Command::new(env!("CARGO_BIN_EXE_tracegrad"))
+        .args(["train", "--dataset", "mnist-csv:/nonexistent.csv"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.csv"));
+}
