@@ -713,3 +713,115 @@ impl Neg for Tensor {
         Tensor::neg(&self)
     }
 }
+
+impl Tensor {
+    /// Batch normalisation of `[N, C, ...]` (functional). In training mode (or without running
+    /// statistics) returns the batch mean and unbiased variance (detached) for the caller's
+    /// running-statistics update.
+    #[track_caller]
+    pub fn batch_norm(
+        &self,
+        running: Option<(&Tensor, &Tensor)>,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        training: bool,
+        eps: f64,
+    ) -> (Tensor, Option<(Tensor, Tensor)>) {
+        eager(|e| c::batch_norm(e, self, running, weight, bias, training, eps))
+    }
+
+    /// Broadcasts tensors against each other (`torch.broadcast_tensors`).
+    #[track_caller]
+    pub fn broadcast_tensors(tensors: &[&Tensor]) -> Vec<Tensor> {
+        let mut shape: Vec<usize> = vec![];
+        for t in tensors {
+            shape = eager_ok(
+                tracegrad_runtime::shape::broadcast_shapes("broadcast_tensors", &shape, &t.shape())
+                    .map_err(|m| tracegrad_compiler::OpError::new("broadcast_tensors", m)),
+            )
+            .to_vec();
+        }
+        tensors.iter().map(|t| t.broadcast_to(&shape)).collect()
+    }
+
+    /// At least 1-D (`torch.atleast_1d`).
+    #[track_caller]
+    pub fn atleast_1d(&self) -> Tensor {
+        if self.dim() >= 1 {
+            self.clone()
+        } else {
+            self.reshape(&[1])
+        }
+    }
+
+    /// At least 2-D: a vector becomes a row `[1, n]`.
+    #[track_caller]
+    pub fn atleast_2d(&self) -> Tensor {
+        match self.dim() {
+            0 => self.reshape(&[1, 1]),
+            1 => self.unsqueeze(0),
+            _ => self.clone(),
+        }
+    }
+
+    /// At least 3-D: `[n]` becomes `[1, n, 1]`, `[m, n]` becomes `[m, n, 1]`.
+    #[track_caller]
+    pub fn atleast_3d(&self) -> Tensor {
+        match self.dim() {
+            0 => self.reshape(&[1, 1, 1]),
+            1 => self.unsqueeze(0).unsqueeze(-1),
+            2 => self.unsqueeze(-1),
+            _ => self.clone(),
+        }
+    }
+
+    /// Removes the listed dims that have size 1 (`squeeze(dims)`); other dims stay.
+    #[track_caller]
+    pub fn squeeze_dims(&self, dims: &[isize]) -> Tensor {
+        let s = self.shape();
+        let norm: Vec<usize> =
+            dims.iter().map(|&d| eager(|_| tracegrad_compiler::emitter::norm_dim("squeeze", d, s.len()))).collect();
+        let out: Vec<isize> =
+            s.iter().enumerate().filter(|&(i, &n)| !(n == 1 && norm.contains(&i))).map(|(_, &n)| n as isize).collect();
+        self.reshape(&out)
+    }
+
+    /// Zeros with this tensor's shape and dtype.
+    pub fn zeros_like(&self) -> Tensor {
+        Tensor::full_dtype(&self.shape(), 0.0, self.dtype())
+    }
+
+    /// Ones with this tensor's shape and dtype.
+    pub fn ones_like(&self) -> Tensor {
+        Tensor::full_dtype(&self.shape(), 1.0, self.dtype())
+    }
+
+    /// `value` with this tensor's shape and dtype.
+    pub fn full_like(&self, value: f64) -> Tensor {
+        Tensor::full_dtype(&self.shape(), value, self.dtype())
+    }
+
+    /// U[0, 1) samples with this tensor's shape and (float) dtype.
+    pub fn rand_like(&self) -> Tensor {
+        let (shape, dtype) = (self.shape(), self.float_dtype());
+        let n = shape.iter().product();
+        let v = tracegrad_runtime::random::with_default(|g| g.uniform(n, 0.0, 1.0));
+        Tensor::from_buffer(Buffer::from_vec(v, &shape).cast(dtype))
+    }
+
+    /// Standard normal samples with this tensor's shape and (float) dtype.
+    pub fn randn_like(&self) -> Tensor {
+        let (shape, dtype) = (self.shape(), self.float_dtype());
+        let n = shape.iter().product();
+        let v = tracegrad_runtime::random::with_default(|g| g.normal(n, 0.0, 1.0));
+        Tensor::from_buffer(Buffer::from_vec(v, &shape).cast(dtype))
+    }
+
+    fn float_dtype(&self) -> DType {
+        if self.dtype().is_float() {
+            self.dtype()
+        } else {
+            DType::F32
+        }
+    }
+}

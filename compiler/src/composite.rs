@@ -673,3 +673,94 @@ pub fn mse_loss<B: Build>(e: &mut B, input: &B::Value, target: &B::Value, reduct
     let d2 = e.mul(&d, &d)?;
     reduce_loss(e, &d2, reduction)
 }
+
+/// Batch normalisation over every dim but 1 (`[N, C, ...]`).
+///
+/// In training mode (or without running statistics) it normalises with the batch's mean and
+/// biased variance and also returns the batch mean and *unbiased* variance, detached, for the
+/// caller's running-statistics update (PyTorch's rule). In eval mode it uses the running
+/// statistics and returns `None`.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn batch_norm<B: Build>(
+    e: &mut B,
+    x: &B::Value,
+    running: Option<(&B::Value, &B::Value)>,
+    weight: Option<&B::Value>,
+    bias: Option<&B::Value>,
+    training: bool,
+    eps: f64,
+) -> OpResult<(B::Value, Option<(B::Value, B::Value)>)> {
+    let s = e.shape(x);
+    if s.len() < 2 {
+        return Err(err(
+            "batch_norm",
+            format!("batch_norm: expected at least 2-D input (N, C, ...), got shape {}", ShapeDisplay(&s)),
+        ));
+    }
+    let c = s[1];
+    let mut bshape = vec![1usize; s.len()];
+    bshape[1] = c;
+    let per_channel = |e: &mut B, v: &B::Value, what: &str| -> OpResult<B::Value> {
+        let vs = e.shape(v);
+        if vs.as_slice() != [c] {
+            return Err(err(
+                "batch_norm",
+                format!(
+                    "batch_norm: {what} should have shape [{c}], got {} (input {})",
+                    ShapeDisplay(&vs),
+                    ShapeDisplay(&s)
+                ),
+            ));
+        }
+        e.reshape(v, &bshape)
+    };
+    let dims: Vec<isize> = (0..s.len() as isize).filter(|&d| d != 1).collect();
+    let n: usize = s.iter().enumerate().filter(|&(i, _)| i != 1).map(|(_, &d)| d).product();
+    let (y, stats) = if training || running.is_none() {
+        if n <= 1 {
+            return Err(err(
+                "batch_norm",
+                format!(
+                    "batch_norm: Expected more than 1 value per channel when training, got input size {}",
+                    ShapeDisplay(&s)
+                ),
+            ));
+        }
+        let m = mean(e, x, &dims, true)?;
+        let xc = e.sub(x, &m)?;
+        let xc2 = e.mul(&xc, &xc)?;
+        let v = mean(e, &xc2, &dims, true)?;
+        let ve = e.add_scalar(&v, eps)?;
+        let r = e.unary(UnaryOp::Rsqrt, &ve)?;
+        let y = e.mul(&xc, &r)?;
+        let bm = e.reshape(&m, &[c])?;
+        let bm = stop_gradient(e, &bm)?;
+        let bv = e.reshape(&v, &[c])?;
+        let bv = e.mul_scalar(&bv, n as f64 / (n as f64 - 1.0))?;
+        let bv = stop_gradient(e, &bv)?;
+        (y, Some((bm, bv)))
+    } else {
+        let (rm, rv) = running.expect("checked above");
+        let rm = per_channel(e, rm, "running_mean")?;
+        let rv = per_channel(e, rv, "running_var")?;
+        let xc = e.sub(x, &rm)?;
+        let ve = e.add_scalar(&rv, eps)?;
+        let r = e.unary(UnaryOp::Rsqrt, &ve)?;
+        (e.mul(&xc, &r)?, None)
+    };
+    let y = match weight {
+        Some(w) => {
+            let w = per_channel(e, w, "weight")?;
+            e.mul(&y, &w)?
+        }
+        None => y,
+    };
+    let y = match bias {
+        Some(b) => {
+            let b = per_channel(e, b, "bias")?;
+            e.add(&y, &b)?
+        }
+        None => y,
+    };
+    Ok((y, stats))
+}
