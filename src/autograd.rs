@@ -1,22 +1,96 @@
-//! Eager autograd: grad mode, the eager [`Emitter`], and the backward engine.
+//! Eager autograd: grad mode, the eager [`Emitter`], graph nodes and the backward engine.
 //!
-//! Backward walks the recorded graph in reverse topological order and calls each op's
-//! derivative rule (`Op::vjp`) through the same eager emitter, so eager backward uses exactly
-//! the rules the AOT autodiff pass will use. Gradients of a tensor used several times are
-//! summed before its own rule runs; leaves accumulate into `.grad`.
+//! A non-leaf tensor points at the [`Node`] that made it and its output index there. Nodes are
+//! either an [`Op`] (one output; its derivative rule is `Op::vjp`, the same rule the AOT
+//! autodiff pass uses) or a [`CustomBackward`] with several outputs (module backward hooks use
+//! one to see all input gradients at once).
+//!
+//! The engine follows PyTorch's: it counts, for every node reachable from the root, how many
+//! edges lead into it, and runs a node once all of them have delivered, choosing among ready
+//! nodes the most recently created (highest sequence number) first, and leaf accumulation
+//! before anything else. Gradients arriving at one output from several paths are summed first.
+//! Tensor hooks run on that sum, in registration order, and may replace it.
 
 use std::cell::Cell;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use tracegrad_compiler::{Build, Emitter, Op, OpResult, TensorType};
-use tracegrad_runtime::Buffer;
+use tracegrad_runtime::{Buffer, ShapeDisplay};
 
-use crate::tensor::{eager_ok, lock_poison, Tensor};
+use crate::tensor::{lock_poison, Tensor, TensorImpl};
 
-/// The op that produced a non-leaf tensor, and its operands.
-pub(crate) struct GradFn {
-    pub(crate) op: Op,
+/// A hook on a gradient: returns `Some(g)` to replace it.
+pub type GradHook = Arc<dyn Fn(&Tensor) -> Option<Tensor> + Send + Sync>;
+/// A hook run after a leaf's `.grad` was updated.
+pub type PostAccumulateHook = Arc<dyn Fn(&Tensor) + Send + Sync>;
+/// The backward function of a custom node: output gradients in, input gradients out.
+pub type CustomBackward = Arc<dyn Fn(&[Option<Tensor>]) -> Result<Vec<Option<Tensor>>, String> + Send + Sync>;
+
+pub(crate) enum NodeKind {
+    Op { op: Op, output: Buffer },
+    Custom { name: &'static str, backward: CustomBackward },
+}
+
+/// One recorded operation of the autograd graph.
+pub(crate) struct Node {
+    pub(crate) seq: u64,
+    pub(crate) kind: NodeKind,
     pub(crate) inputs: Vec<Tensor>,
+    pub(crate) outputs: Mutex<Vec<Weak<TensorImpl>>>,
+    /// Tensor hooks registered on this node's outputs: (hook id, output index, hook).
+    pub(crate) hooks: Mutex<Vec<(u64, usize, GradHook)>>,
+}
+
+impl Node {
+    pub(crate) fn name(&self) -> &str {
+        match &self.kind {
+            NodeKind::Op { op, .. } => op.name(),
+            NodeKind::Custom { name, .. } => name,
+        }
+    }
+
+    fn n_outputs(&self) -> usize {
+        lock_poison(self.outputs.lock()).len()
+    }
+}
+
+static NEXT_SEQ: AtomicU64 = AtomicU64::new(0);
+static NEXT_HOOK_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh id for a hook registration.
+pub(crate) fn next_hook_id() -> u64 {
+    NEXT_HOOK_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+fn new_node(kind: NodeKind, inputs: Vec<Tensor>) -> Arc<Node> {
+    Arc::new(Node {
+        seq: NEXT_SEQ.fetch_add(1, Ordering::Relaxed),
+        kind,
+        inputs,
+        outputs: Mutex::new(Vec::new()),
+        hooks: Mutex::new(Vec::new()),
+    })
+}
+
+fn attach_output(node: &Arc<Node>, buffer: Buffer) -> Tensor {
+    let mut outs = lock_poison(node.outputs.lock());
+    let t = Tensor::with_grad_fn(buffer, Some((node.clone(), outs.len())));
+    outs.push(Arc::downgrade(&t.0));
+    t
+}
+
+/// Passes `inputs` through unchanged, recording one node with an output per input whose
+/// backward is `backward`. Inputs that do not require grad (or grad mode off) pass through
+/// untouched, and their output gradient slot stays `None`.
+pub(crate) fn custom_identity(name: &'static str, inputs: &[Tensor], backward: CustomBackward) -> Vec<Tensor> {
+    if !is_grad_enabled() || !inputs.iter().any(|t| t.requires_grad()) {
+        return inputs.to_vec();
+    }
+    let node = new_node(NodeKind::Custom { name, backward }, inputs.to_vec());
+    inputs.iter().map(|t| attach_output(&node, t.buffer())).collect()
 }
 
 thread_local! {
@@ -56,8 +130,8 @@ pub fn enable_grad<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// The eager emitter: computes each op at once with the reference kernels and records a
-/// [`GradFn`] when grad mode is on and some operand requires grad.
+/// The eager emitter: computes each op at once with the reference kernels and records a node
+/// when grad mode is on and some operand requires grad.
 pub struct Eager;
 
 impl Emitter for Eager {
@@ -71,8 +145,8 @@ impl Emitter for Eager {
         let out = op.eval(&refs, &out_type)?;
         let record = out_type.dtype.is_float() && is_grad_enabled() && inputs.iter().any(|t| t.requires_grad());
         Ok(if record {
-            let inputs = inputs.iter().map(|&t| t.clone()).collect();
-            Tensor::with_grad_fn(out, Some(GradFn { op, inputs }))
+            let node = new_node(NodeKind::Op { op, output: out.clone() }, inputs.iter().map(|&t| t.clone()).collect());
+            attach_output(&node, out)
         } else {
             Tensor::from_buffer(out)
         })
@@ -83,101 +157,275 @@ impl Emitter for Eager {
     }
 }
 
-/// Tensors reachable from `root` through grad_fns, inputs before the ops that use them.
-fn topo_order(root: &Tensor) -> Vec<Tensor> {
-    let mut order = Vec::new();
-    let mut seen = HashSet::new();
-    // Iterative DFS: (tensor, children pushed yet?) keeps deep graphs off the call stack.
-    let mut stack = vec![(root.clone(), false)];
-    while let Some((t, expanded)) = stack.pop() {
-        if expanded {
-            order.push(t);
-            continue;
+/// Why a backward pass failed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackwardError(pub String);
+
+impl fmt::Display for BackwardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BackwardError {}
+
+fn add_into(slot: &mut Option<Tensor>, g: Tensor) -> Result<(), BackwardError> {
+    *slot = Some(match slot.take() {
+        None => g,
+        Some(prev) => Eager.add(&prev, &g).map_err(|e| BackwardError(e.to_string()))?,
+    });
+    Ok(())
+}
+
+/// Checks a hook's replacement against the gradient it replaces.
+pub(crate) fn check_replacement(what: &str, old: &Tensor, new: &Tensor) -> Result<(), String> {
+    if old.shape() != new.shape() || old.dtype() != new.dtype() {
+        return Err(format!(
+            "{what} returned a gradient of {}{} where {}{} was expected",
+            new.dtype(),
+            ShapeDisplay(&new.shape()),
+            old.dtype(),
+            ShapeDisplay(&old.shape())
+        ));
+    }
+    Ok(())
+}
+
+fn run_hooks(hooks: &[GradHook], mut g: Tensor, what: &str) -> Result<Tensor, BackwardError> {
+    for h in hooks {
+        if let Some(new) = h(&g) {
+            check_replacement(what, &g, &new).map_err(BackwardError)?;
+            g = new;
         }
-        if !seen.insert(t.id()) {
-            continue;
-        }
-        stack.push((t.clone(), true));
-        if let Some(gf) = &t.0.grad_fn {
-            for i in gf.inputs.iter().rev() {
-                if i.requires_grad() && !seen.contains(&i.id()) {
-                    stack.push((i.clone(), false));
+    }
+    Ok(g)
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum Task {
+    // Field order matters for the derived ordering: priority first.
+    Ready(u64, usize),
+}
+
+fn accumulate_leaf(t: &Tensor, g: Tensor) -> Result<(), BackwardError> {
+    let hooks: Vec<GradHook> = lock_poison(t.0.hooks.lock()).iter().map(|(_, h)| h.clone()).collect();
+    let g = run_hooks(&hooks, g, "a tensor hook")?;
+    add_into(&mut *lock_poison(t.0.grad.lock()), g)?;
+    let post: Vec<PostAccumulateHook> = lock_poison(t.0.post_hooks.lock()).iter().map(|(_, h)| h.clone()).collect();
+    for h in post {
+        h(t);
+    }
+    Ok(())
+}
+
+/// Runs backward from `root` seeded with `grad` (already checked against `root`).
+fn run_backward(root: &Tensor, grad: Tensor) -> Result<(), BackwardError> {
+    let Some((root_node, root_idx)) = root.grad_fn() else {
+        return accumulate_leaf(root, grad);
+    };
+    // Discover the graph: nodes by address, leaves by tensor id; count incoming edges.
+    let mut nodes: HashMap<usize, Arc<Node>> = HashMap::new();
+    let mut leaves: HashMap<usize, Tensor> = HashMap::new();
+    let mut deps: HashMap<usize, usize> = HashMap::new();
+    let key = |n: &Arc<Node>| Arc::as_ptr(n) as usize;
+    nodes.insert(key(&root_node), root_node.clone());
+    let mut stack = vec![root_node.clone()];
+    while let Some(n) = stack.pop() {
+        for input in n.inputs.iter().filter(|t| t.requires_grad()) {
+            match input.grad_fn() {
+                Some((m, _)) => {
+                    *deps.entry(key(&m)).or_insert(0) += 1;
+                    if nodes.insert(key(&m), m.clone()).is_none() {
+                        stack.push(m);
+                    }
+                }
+                None => {
+                    *deps.entry(input.id()).or_insert(0) += 1;
+                    leaves.insert(input.id(), input.clone());
                 }
             }
         }
     }
-    order
-}
-
-fn accumulate(slot: &mut Option<Tensor>, g: Tensor) {
-    *slot = Some(match slot.take() {
-        None => g,
-        Some(prev) => eager_ok(Eager.add(&prev, &g)),
-    });
+    let mut node_grads: HashMap<usize, Vec<Option<Tensor>>> = HashMap::new();
+    let mut leaf_grads: HashMap<usize, Option<Tensor>> = HashMap::new();
+    let mut slots = vec![None; root_node.n_outputs()];
+    slots[root_idx] = Some(grad);
+    node_grads.insert(key(&root_node), slots);
+    let mut ready = BinaryHeap::new();
+    ready.push(Task::Ready(root_node.seq, key(&root_node)));
+    while let Some(Task::Ready(priority, k)) = ready.pop() {
+        if priority == u64::MAX {
+            let leaf = &leaves[&k];
+            if let Some(Some(g)) = leaf_grads.remove(&k) {
+                accumulate_leaf(leaf, g)?;
+            }
+            continue;
+        }
+        let node = nodes[&k].clone();
+        let mut grads = node_grads.remove(&k).unwrap_or_else(|| vec![None; node.n_outputs()]);
+        // Tensor hooks on this node's outputs, then retain_grad.
+        let hooks: Vec<(usize, GradHook)> =
+            lock_poison(node.hooks.lock()).iter().map(|(_, i, h)| (*i, h.clone())).collect();
+        for (i, h) in hooks {
+            if let Some(g) = grads[i].take() {
+                grads[i] = Some(run_hooks(&[h], g, "a tensor hook")?);
+            }
+        }
+        let outputs: Vec<Weak<TensorImpl>> = lock_poison(node.outputs.lock()).clone();
+        for (i, w) in outputs.iter().enumerate() {
+            if let (Some(t), Some(g)) = (w.upgrade(), &grads[i]) {
+                let t = Tensor(t);
+                if t.retains_grad() {
+                    add_into(&mut *lock_poison(t.0.grad.lock()), g.clone())?;
+                }
+            }
+        }
+        let input_grads: Vec<Option<Tensor>> = match &node.kind {
+            NodeKind::Op { op, output } => match &grads[0] {
+                None => vec![None; node.inputs.len()],
+                Some(g) => {
+                    let inputs: Vec<&Tensor> = node.inputs.iter().collect();
+                    let out = Tensor::from_buffer(output.clone());
+                    let mut gs = op.vjp(&mut Eager, &inputs, &out, g).map_err(|e| BackwardError(e.to_string()))?;
+                    gs.resize(node.inputs.len(), None);
+                    gs
+                }
+            },
+            NodeKind::Custom { name, backward } => {
+                let mut gs = backward(&grads).map_err(BackwardError)?;
+                if gs.len() != node.inputs.len() {
+                    return Err(BackwardError(format!(
+                        "{name}: backward returned {} gradients for {} inputs",
+                        gs.len(),
+                        node.inputs.len()
+                    )));
+                }
+                gs.resize(node.inputs.len(), None);
+                gs
+            }
+        };
+        for (input, g) in node.inputs.iter().zip(input_grads) {
+            if !input.requires_grad() {
+                continue;
+            }
+            let (dep_key, prio) = match input.grad_fn() {
+                Some((m, idx)) => {
+                    if let Some(g) = g {
+                        let slots = node_grads.entry(key(&m)).or_insert_with(|| vec![None; m.n_outputs()]);
+                        add_into(&mut slots[idx], g)?;
+                    }
+                    (key(&m), m.seq)
+                }
+                None => {
+                    if let Some(g) = g {
+                        add_into(leaf_grads.entry(input.id()).or_insert(None), g)?;
+                    }
+                    (input.id(), u64::MAX)
+                }
+            };
+            let d = deps.get_mut(&dep_key).expect("every edge was counted");
+            *d -= 1;
+            if *d == 0 {
+                ready.push(Task::Ready(prio, dep_key));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Tensor {
-    /// Backpropagates from a scalar (`loss.backward()`).
+    /// Backpropagates from a scalar (`loss.backward()`). Panics with the reason on failure.
     #[track_caller]
     pub fn backward(&self) {
-        if self.numel() != 1 {
-            panic!("grad can be implicitly created only for scalar outputs");
-        }
-        let ones = Tensor::full_dtype(&self.shape(), 1.0, self.dtype());
-        self.backward_with(&ones);
+        self.try_backward().unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Backpropagates `grad` as the gradient of this tensor (`t.backward(grad)`).
     #[track_caller]
     pub fn backward_with(&self, grad: &Tensor) {
+        self.try_backward_with(grad).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// [`backward`](Self::backward), returning errors (a hook's bad replacement, a missing
+    /// derivative rule) instead of panicking.
+    pub fn try_backward(&self) -> Result<(), BackwardError> {
+        if self.numel() != 1 {
+            return Err(BackwardError("grad can be implicitly created only for scalar outputs".into()));
+        }
+        let ones = Tensor::full_dtype(&self.shape(), 1.0, self.dtype());
+        self.try_backward_with(&ones)
+    }
+
+    /// [`backward_with`](Self::backward_with), returning errors instead of panicking.
+    pub fn try_backward_with(&self, grad: &Tensor) -> Result<(), BackwardError> {
         if !self.requires_grad() {
-            panic!("element 0 of tensors does not require grad and does not have a grad_fn");
+            return Err(BackwardError("element 0 of tensors does not require grad and does not have a grad_fn".into()));
         }
         if grad.shape() != self.shape() {
-            panic!(
+            return Err(BackwardError(format!(
                 "Mismatch in shape: grad_output[0] has a shape of torch.Size({:?}) and output[0] has a shape of torch.Size({:?}).",
                 grad.shape(),
                 self.shape()
-            );
+            )));
         }
+        let _mode = GradModeGuard::new(false);
         let grad = if grad.dtype() == self.dtype() {
             grad.detach()
         } else {
-            eager_ok(Eager.cast(&grad.detach(), self.dtype()))
+            Eager.cast(&grad.detach(), self.dtype()).map_err(|e| BackwardError(e.to_string()))?
         };
-        let order = topo_order(self);
-        let _mode = GradModeGuard::new(false);
-        let mut pending: HashMap<usize, Option<Tensor>> = HashMap::new();
-        pending.insert(self.id(), Some(grad));
-        for t in order.iter().rev() {
-            let Some(Some(g)) = pending.remove(&t.id()) else { continue };
-            match &t.0.grad_fn {
-                None => {
-                    if t.0.requires_grad.load(std::sync::atomic::Ordering::Relaxed) {
-                        accumulate(&mut *lock_poison(t.0.grad.lock()), g);
+        run_backward(self, grad)
+    }
+
+    /// Registers a hook on this tensor's gradient (`Tensor.register_hook`). It runs when the
+    /// gradient w.r.t. this tensor is complete, and a returned tensor (same shape and dtype)
+    /// replaces it.
+    #[track_caller]
+    pub fn register_hook(
+        &self,
+        hook: impl Fn(&Tensor) -> Option<Tensor> + Send + Sync + 'static,
+    ) -> crate::hooks::RemovableHandle {
+        assert!(self.requires_grad(), "cannot register a hook on a tensor that doesn't require gradient");
+        let id = next_hook_id();
+        let hook: GradHook = Arc::new(hook);
+        match self.grad_fn() {
+            None => {
+                lock_poison(self.0.hooks.lock()).push((id, hook));
+                let weak = Arc::downgrade(&self.0);
+                crate::hooks::RemovableHandle::new(move || {
+                    if let Some(t) = weak.upgrade() {
+                        lock_poison(t.hooks.lock()).retain(|(i, _)| *i != id);
                     }
-                }
-                Some(gf) => {
-                    if t.retains_grad() {
-                        accumulate(&mut *lock_poison(t.0.grad.lock()), g.clone());
+                })
+            }
+            Some((node, idx)) => {
+                lock_poison(node.hooks.lock()).push((id, idx, hook));
+                let weak = Arc::downgrade(&node);
+                crate::hooks::RemovableHandle::new(move || {
+                    if let Some(n) = weak.upgrade() {
+                        lock_poison(n.hooks.lock()).retain(|(i, _, _)| *i != id);
                     }
-                    let inputs: Vec<&Tensor> = gf.inputs.iter().collect();
-                    let grads = eager_ok(gf.op.vjp(&mut Eager, &inputs, t, &g));
-                    for (input, gi) in gf.inputs.iter().zip(grads) {
-                        if let Some(gi) = gi {
-                            if input.requires_grad() {
-                                debug_assert_eq!(
-                                    gi.shape(),
-                                    input.shape(),
-                                    "gradient shape of {} operand",
-                                    gf.op.name()
-                                );
-                                accumulate(pending.entry(input.id()).or_insert(None), gi);
-                            }
-                        }
-                    }
-                }
+                })
             }
         }
+    }
+
+    /// Registers a hook that runs after a leaf's `.grad` has been updated
+    /// (`register_post_accumulate_grad_hook`).
+    #[track_caller]
+    pub fn register_post_accumulate_grad_hook(
+        &self,
+        hook: impl Fn(&Tensor) + Send + Sync + 'static,
+    ) -> crate::hooks::RemovableHandle {
+        assert!(self.is_leaf(), "post accumulate grad hooks cannot be registered on non-leaf tensors");
+        assert!(self.requires_grad(), "cannot register a hook on a tensor that doesn't require gradient");
+        let id = next_hook_id();
+        lock_poison(self.0.post_hooks.lock()).push((id, Arc::new(hook)));
+        let weak = Arc::downgrade(&self.0);
+        crate::hooks::RemovableHandle::new(move || {
+            if let Some(t) = weak.upgrade() {
+                lock_poison(t.post_hooks.lock()).retain(|(i, _)| *i != id);
+            }
+        })
     }
 }

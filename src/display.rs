@@ -134,10 +134,8 @@ impl fmt::Display for Tensor {
             DType::F32 | DType::I64 | DType::Bool => {}
             d => write!(f, ", dtype={}", d.torch_name())?,
         }
-        if let Some(gf) = &self.0.grad_fn {
-            let name: String = gf
-                .op
-                .name()
+        if let Some(op_name) = self.grad_fn_name() {
+            let name: String = op_name
                 .split('_')
                 .map(|w| {
                     let mut c = w.chars();

@@ -4,7 +4,7 @@
 //! (trace → petgraph IR → AOT autodiff → fusion → Cranelift JIT).
 //!
 //! ```
-//! use tracegrad::{nn, nn::Module, optim::{Optimizer, Sgd}, Tensor};
+//! use tracegrad::{nn, nn::{Module, ModuleExt}, optim::{Optimizer, Sgd}, Tensor};
 //!
 //! tracegrad::manual_seed(0);
 //! let model = nn::Sequential::new()
@@ -21,9 +21,13 @@
 //! assert!(model.parameters()[0].grad().is_some());
 //! ```
 
+// Lets `#[derive(Module)]`'s `::tracegrad::…` paths resolve inside this crate too.
+extern crate self as tracegrad;
+
 pub mod autograd;
 pub mod data;
 mod display;
+pub mod hooks;
 pub mod nn;
 mod ops;
 pub mod optim;

@@ -13,7 +13,7 @@ use tracegrad_compiler::{OpError, TensorType};
 use tracegrad_runtime::random::{self, Generator};
 use tracegrad_runtime::{Buffer, DType, Element};
 
-pub(crate) use crate::autograd::GradFn;
+use crate::autograd::{GradHook, Node, PostAccumulateHook};
 
 /// A multi-dimensional array with PyTorch-style autograd. Cloning is cheap and aliases the
 /// same tensor (like a Python reference), so gradients and in-place updates are shared.
@@ -22,7 +22,11 @@ pub struct Tensor(pub(crate) Arc<TensorImpl>);
 
 pub(crate) struct TensorImpl {
     pub(crate) data: RwLock<Buffer>,
-    pub(crate) grad_fn: Option<GradFn>,
+    /// The node that produced this tensor and the output index there (None for leaves).
+    pub(crate) grad_fn: Option<(Arc<Node>, usize)>,
+    /// Leaf gradient hooks (non-leaf hooks live on the node).
+    pub(crate) hooks: Mutex<Vec<(u64, GradHook)>>,
+    pub(crate) post_hooks: Mutex<Vec<(u64, PostAccumulateHook)>>,
     /// For leaves: whether gradients accumulate into `grad`.
     pub(crate) requires_grad: AtomicBool,
     pub(crate) retains_grad: AtomicBool,
@@ -45,10 +49,12 @@ impl Tensor {
         Tensor::with_grad_fn(buffer, None)
     }
 
-    pub(crate) fn with_grad_fn(buffer: Buffer, grad_fn: Option<GradFn>) -> Tensor {
+    pub(crate) fn with_grad_fn(buffer: Buffer, grad_fn: Option<(Arc<Node>, usize)>) -> Tensor {
         Tensor(Arc::new(TensorImpl {
             data: RwLock::new(buffer),
             grad_fn,
+            hooks: Mutex::new(Vec::new()),
+            post_hooks: Mutex::new(Vec::new()),
             requires_grad: AtomicBool::new(false),
             retains_grad: AtomicBool::new(false),
             grad: Mutex::new(None),
@@ -279,6 +285,15 @@ impl Tensor {
             self.0.requires_grad.store(on, Ordering::Relaxed);
         }
         self
+    }
+
+    pub(crate) fn grad_fn(&self) -> Option<(Arc<Node>, usize)> {
+        self.0.grad_fn.clone()
+    }
+
+    /// The name of the op that produced this tensor (`grad_fn`), if any.
+    pub fn grad_fn_name(&self) -> Option<String> {
+        self.0.grad_fn.as_ref().map(|(n, _)| n.name().to_string())
     }
 
     /// Whether this tensor was made by the user rather than by a differentiable op.

@@ -64,7 +64,7 @@ pub struct TrainSummary {
 
 /// An MLP `d → hidden → classes` with ReLU.
 pub fn mlp(d: usize, hidden: usize, classes: usize) -> nn::Sequential {
-    nn::Sequential::new().add(nn::Linear::new(d, hidden)).add(nn::ReLU).add(nn::Linear::new(hidden, classes))
+    nn::Sequential::new().add(nn::Linear::new(d, hidden)).add(nn::ReLU::new()).add(nn::Linear::new(hidden, classes))
 }
 
 /// Fraction of samples whose arg-max prediction equals the label.

@@ -1,16 +1,22 @@
 //! The layers the foundation needs: `Linear`, `ReLU`, `Sequential`.
 
-use super::{Module, VisitorDyn};
+use std::sync::Arc;
+
+use super::{Module, ModuleCore, ModuleExt, ModuleRef};
 use crate::tensor::Tensor;
 
 /// `y = x Wᵀ + b`, with PyTorch's default initialisation: W and b uniform in ±1/√in_features.
+#[derive(Module)]
 pub struct Linear {
     /// `[out_features, in_features]`.
+    #[param]
     pub weight: Tensor,
     /// `[out_features]`.
+    #[param]
     pub bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
+    core: ModuleCore,
 }
 
 impl Linear {
@@ -29,6 +35,7 @@ impl Linear {
             bias: bias.then(|| u(&[out_features])),
             in_features,
             out_features,
+            core: ModuleCore::new(),
         }
     }
 }
@@ -36,15 +43,6 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Tensor {
         crate::linear(x, &self.weight, self.bias.as_ref())
-    }
-    fn visit(&self, v: &mut dyn VisitorDyn) {
-        v.parameter("weight", &self.weight);
-        if let Some(b) = &self.bias {
-            v.parameter("bias", b);
-        }
-    }
-    fn type_name(&self) -> String {
-        "Linear".into()
     }
     fn extra_repr(&self) -> String {
         format!(
@@ -57,22 +55,28 @@ impl Module for Linear {
 }
 
 /// `max(x, 0)`.
-pub struct ReLU;
+#[derive(Module, Default)]
+pub struct ReLU {
+    core: ModuleCore,
+}
+
+impl ReLU {
+    /// The activation.
+    pub fn new() -> ReLU {
+        ReLU::default()
+    }
+}
 
 impl Module for ReLU {
     fn forward(&self, x: &Tensor) -> Tensor {
         x.relu()
     }
-    fn visit(&self, _v: &mut dyn VisitorDyn) {}
-    fn type_name(&self) -> String {
-        "ReLU".into()
-    }
 }
 
-/// Modules applied in order; children are named `0`, `1`, ….
-#[derive(Default)]
+/// Modules applied in order. Children are named `0`, `1`, … or given names.
+#[derive(Module, Default)]
 pub struct Sequential {
-    children: Vec<(String, Box<dyn Module>)>,
+    core: ModuleCore,
 }
 
 impl Sequential {
@@ -83,42 +87,41 @@ impl Sequential {
 
     /// Appends a module (builder style).
     #[allow(clippy::should_implement_trait)]
-    pub fn add(mut self, m: impl Module + 'static) -> Sequential {
-        self.push(Box::new(m));
+    pub fn add(self, m: impl Module) -> Sequential {
+        self.push(Arc::new(m));
         self
     }
 
-    /// Appends a module.
-    pub fn push(&mut self, m: Box<dyn Module>) {
-        let name = self.children.len().to_string();
-        self.children.push((name, m));
+    /// Appends a (possibly shared) module, named by its position.
+    pub fn push(&self, m: Arc<dyn Module>) {
+        let name = self.len().to_string();
+        self.register_module(&name, m).expect("a fresh positional name is valid");
     }
 
     /// Number of children.
     pub fn len(&self) -> usize {
-        self.children.len()
+        self.named_children().len()
     }
 
     /// Whether there are no children.
     pub fn is_empty(&self) -> bool {
-        self.children.is_empty()
+        self.len() == 0
+    }
+
+    /// The child at `index` (negative counts from the end).
+    pub fn get(&self, index: isize) -> Option<ModuleRef<'_>> {
+        let c = self.named_children();
+        let i = if index < 0 { c.len() as isize + index } else { index };
+        (0..c.len() as isize).contains(&i).then(|| c[i as usize].1.clone())
     }
 }
 
 impl Module for Sequential {
     fn forward(&self, x: &Tensor) -> Tensor {
         let mut h = x.clone();
-        for (_, m) in &self.children {
-            h = m.forward(&h);
+        for (_, m) in self.named_children() {
+            h = m.call(&h);
         }
         h
-    }
-    fn visit(&self, v: &mut dyn VisitorDyn) {
-        for (name, m) in &self.children {
-            v.child(name, m.as_ref());
-        }
-    }
-    fn type_name(&self) -> String {
-        "Sequential".into()
     }
 }
