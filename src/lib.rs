@@ -33,6 +33,7 @@ mod ops;
 pub mod optim;
 pub mod tensor;
 pub mod train;
+pub mod zoo;
 
 pub use autograd::{enable_grad, is_grad_enabled, no_grad, Eager};
 pub use ops::linear;
