@@ -1,5 +1,5 @@
-//! Data sets: the embedded UCI digits set, readers for MNIST in CSV (plain or gzipped) and IDX
-//! form, a fixed train/test split, and shuffled mini-batches.
+//! In-memory data sets: the embedded UCI digits set, readers for MNIST in CSV (plain or gzipped)
+//! and IDX form, a fixed train/test split, and shuffled mini-batches.
 //!
 //! Every reader returns a [`Labeled`] set: features as an f32 `[n, d]` tensor scaled to [0, 1]
 //! and labels as an i64 `[n]` tensor. Malformed input is an `Err` naming the file and line.
@@ -15,10 +15,10 @@ use tracegrad_runtime::Generator;
 
 /// The UCI optical-recognition digits (1797 samples of 8×8 pixels with values 0..16, then the
 /// label), as shipped by scikit-learn; CC BY 4.0 / BSD-3.
-static DIGITS_CSV_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");
+static DIGITS_CSV_GZ: &[u8] = include_bytes!("../../data/digits.csv.gz");
 
 /// A data set read into memory.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Labeled {
     /// `[n, d]` f32 features in [0, 1].
     pub x: Tensor,
