@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, Weak};
 use tracegrad_compiler::{Build, Emitter, Op, OpResult, TensorType};
 use tracegrad_runtime::{Buffer, ShapeDisplay};
 
-use crate::tensor::{lock_poison, Tensor, TensorImpl};
+use crate::tensor::{lock, Tensor, TensorImpl};
 
 /// A hook on a gradient: returns `Some(g)` to replace it.
 pub type GradHook = Arc<dyn Fn(&Tensor) -> Option<Tensor> + Send + Sync>;
@@ -53,7 +53,7 @@ impl Node {
     }
 
     fn n_outputs(&self) -> usize {
-        lock_poison(self.outputs.lock()).len()
+        lock(&self.outputs).len()
     }
 }
 
@@ -76,7 +76,7 @@ fn new_node(kind: NodeKind, inputs: Vec<Tensor>) -> Arc<Node> {
 }
 
 fn attach_output(node: &Arc<Node>, buffer: Buffer) -> Tensor {
-    let mut outs = lock_poison(node.outputs.lock());
+    let mut outs = lock(&node.outputs);
     let t = Tensor::with_grad_fn(buffer, Some((node.clone(), outs.len())));
     outs.push(Arc::downgrade(&t.0));
     t
@@ -208,10 +208,10 @@ enum Task {
 }
 
 fn accumulate_leaf(t: &Tensor, g: Tensor) -> Result<(), BackwardError> {
-    let hooks: Vec<GradHook> = lock_poison(t.0.hooks.lock()).iter().map(|(_, h)| h.clone()).collect();
+    let hooks: Vec<GradHook> = lock(&t.0.hooks).iter().map(|(_, h)| h.clone()).collect();
     let g = run_hooks(&hooks, g, "a tensor hook")?;
-    add_into(&mut *lock_poison(t.0.grad.lock()), g)?;
-    let post: Vec<PostAccumulateHook> = lock_poison(t.0.post_hooks.lock()).iter().map(|(_, h)| h.clone()).collect();
+    add_into(&mut lock(&t.0.grad), g)?;
+    let post: Vec<PostAccumulateHook> = lock(&t.0.post_hooks).iter().map(|(_, h)| h.clone()).collect();
     for h in post {
         h(t);
     }
@@ -264,19 +264,18 @@ fn run_backward(root: &Tensor, grad: Tensor) -> Result<(), BackwardError> {
         let node = nodes[&k].clone();
         let mut grads = node_grads.remove(&k).unwrap_or_else(|| vec![None; node.n_outputs()]);
         // Tensor hooks on this node's outputs, then retain_grad.
-        let hooks: Vec<(usize, GradHook)> =
-            lock_poison(node.hooks.lock()).iter().map(|(_, i, h)| (*i, h.clone())).collect();
+        let hooks: Vec<(usize, GradHook)> = lock(&node.hooks).iter().map(|(_, i, h)| (*i, h.clone())).collect();
         for (i, h) in hooks {
             if let Some(g) = grads[i].take() {
                 grads[i] = Some(run_hooks(&[h], g, "a tensor hook")?);
             }
         }
-        let outputs: Vec<Weak<TensorImpl>> = lock_poison(node.outputs.lock()).clone();
+        let outputs: Vec<Weak<TensorImpl>> = lock(&node.outputs).clone();
         for (i, w) in outputs.iter().enumerate() {
             if let (Some(t), Some(g)) = (w.upgrade(), &grads[i]) {
                 let t = Tensor(t);
                 if t.retains_grad() {
-                    add_into(&mut *lock_poison(t.0.grad.lock()), g.clone())?;
+                    add_into(&mut lock(&t.0.grad), g.clone())?;
                 }
             }
         }
@@ -390,20 +389,20 @@ impl Tensor {
         let hook: GradHook = Arc::new(hook);
         match self.grad_fn() {
             None => {
-                lock_poison(self.0.hooks.lock()).push((id, hook));
+                lock(&self.0.hooks).push((id, hook));
                 let weak = Arc::downgrade(&self.0);
                 crate::hooks::RemovableHandle::new(move || {
                     if let Some(t) = weak.upgrade() {
-                        lock_poison(t.hooks.lock()).retain(|(i, _)| *i != id);
+                        lock(&t.hooks).retain(|(i, _)| *i != id);
                     }
                 })
             }
             Some((node, idx)) => {
-                lock_poison(node.hooks.lock()).push((id, idx, hook));
+                lock(&node.hooks).push((id, idx, hook));
                 let weak = Arc::downgrade(&node);
                 crate::hooks::RemovableHandle::new(move || {
                     if let Some(n) = weak.upgrade() {
-                        lock_poison(n.hooks.lock()).retain(|(i, _, _)| *i != id);
+                        lock(&n.hooks).retain(|(i, _, _)| *i != id);
                     }
                 })
             }
@@ -420,11 +419,11 @@ impl Tensor {
         assert!(self.is_leaf(), "post accumulate grad hooks cannot be registered on non-leaf tensors");
         assert!(self.requires_grad(), "cannot register a hook on a tensor that doesn't require gradient");
         let id = next_hook_id();
-        lock_poison(self.0.post_hooks.lock()).push((id, Arc::new(hook)));
+        lock(&self.0.post_hooks).push((id, Arc::new(hook)));
         let weak = Arc::downgrade(&self.0);
         crate::hooks::RemovableHandle::new(move || {
             if let Some(t) = weak.upgrade() {
-                lock_poison(t.post_hooks.lock()).retain(|(i, _)| *i != id);
+                lock(&t.post_hooks).retain(|(i, _)| *i != id);
             }
         })
     }

@@ -37,6 +37,21 @@ pub(crate) fn lock_poison<T>(r: std::sync::LockResult<T>) -> T {
     r.unwrap_or_else(|e| e.into_inner())
 }
 
+/// Locks a mutex, ignoring poisoning (a panicking hook must not wedge the tensor).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Read-locks, ignoring poisoning.
+pub(crate) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Write-locks, ignoring poisoning.
+pub(crate) fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Unwraps an op result in eager mode, where shape misuse panics with PyTorch's message.
 #[track_caller]
 pub(crate) fn eager_ok<T>(r: Result<T, OpError>) -> T {
@@ -179,14 +194,14 @@ impl Tensor {
 
     /// A copy of the current value.
     pub fn buffer(&self) -> Buffer {
-        lock_poison(self.0.data.read()).clone()
+        read(&self.0.data).clone()
     }
 
     /// Replaces the value in place (as `tensor.data = …` in PyTorch); autograd history is
     /// untouched. Panics if the shape or dtype would change.
     #[track_caller]
     pub fn set_buffer(&self, b: Buffer) {
-        let mut d = lock_poison(self.0.data.write());
+        let mut d = write(&self.0.data);
         assert!(
             d.shape() == b.shape() && d.dtype() == b.dtype(),
             "set_buffer: cannot replace {} {:?} with {} {:?}",
@@ -200,12 +215,12 @@ impl Tensor {
 
     /// Mutates the value in place (copy-on-write if the storage is shared).
     pub fn update_buffer<R>(&self, f: impl FnOnce(&mut Buffer) -> R) -> R {
-        f(&mut *lock_poison(self.0.data.write()))
+        f(&mut write(&self.0.data))
     }
 
     /// Shape.
     pub fn shape(&self) -> Vec<usize> {
-        lock_poison(self.0.data.read()).shape().to_vec()
+        read(&self.0.data).shape().to_vec()
     }
 
     /// Size of one (possibly negative) dimension.
@@ -218,27 +233,27 @@ impl Tensor {
 
     /// Number of dimensions.
     pub fn dim(&self) -> usize {
-        lock_poison(self.0.data.read()).rank()
+        read(&self.0.data).rank()
     }
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
-        lock_poison(self.0.data.read()).numel()
+        read(&self.0.data).numel()
     }
 
     /// Element type.
     pub fn dtype(&self) -> DType {
-        lock_poison(self.0.data.read()).dtype()
+        read(&self.0.data).dtype()
     }
 
     /// Dtype and shape.
     pub fn tensor_type(&self) -> TensorType {
-        TensorType::of(&*lock_poison(self.0.data.read()))
+        TensorType::of(&read(&self.0.data))
     }
 
     /// The elements, converted to `T`.
     pub fn to_vec<T: Element>(&self) -> Vec<T> {
-        lock_poison(self.0.data.read()).to_vec()
+        read(&self.0.data).to_vec()
     }
 
     /// The elements as f32.
@@ -254,7 +269,7 @@ impl Tensor {
     /// The value of a one-element tensor.
     #[track_caller]
     pub fn item(&self) -> f64 {
-        lock_poison(self.0.data.read()).item()
+        read(&self.0.data).item()
     }
 
     /// Identity of the underlying tensor (what Python's `is` compares).
@@ -303,12 +318,12 @@ impl Tensor {
 
     /// The accumulated gradient (leaves, and non-leaves after [`retain_grad`](Self::retain_grad)).
     pub fn grad(&self) -> Option<Tensor> {
-        lock_poison(self.0.grad.lock()).clone()
+        lock(&self.0.grad).clone()
     }
 
     /// Replaces the stored gradient.
     pub fn set_grad(&self, g: Option<Tensor>) {
-        *lock_poison(self.0.grad.lock()) = g;
+        *lock(&self.0.grad) = g;
     }
 
     /// Clears the stored gradient (PyTorch's `set_to_none=True`).

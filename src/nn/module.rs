@@ -19,7 +19,7 @@ use tracegrad_runtime::ShapeDisplay;
 
 use crate::autograd::{check_replacement, custom_identity, is_grad_enabled, next_hook_id, CustomBackward};
 use crate::hooks::RemovableHandle;
-use crate::tensor::{lock_poison, Tensor};
+use crate::tensor::{lock, read, write, Tensor};
 
 /// What [`ModuleFields::visit_fields`] reports: the statically declared members.
 pub trait FieldVisitor<'a> {
@@ -147,12 +147,12 @@ pub fn hooks_version() -> u64 {
 
 fn add_hook(set: &Arc<Mutex<HookSet>>, insert: impl FnOnce(&mut HookSet, u64)) -> RemovableHandle {
     let id = next_hook_id();
-    insert(&mut *lock_poison(set.lock()), id);
+    insert(&mut lock(set), id);
     HOOKS_VERSION.fetch_add(1, Ordering::SeqCst);
     let weak = Arc::downgrade(set);
     RemovableHandle::new(move || {
         if let Some(s) = weak.upgrade() {
-            lock_poison(s.lock()).remove(id);
+            lock(&s).remove(id);
             HOOKS_VERSION.fetch_add(1, Ordering::SeqCst);
         }
     })
@@ -294,7 +294,7 @@ impl<'a> FieldVisitor<'a> for Collect<'a> {
 pub fn own_entries(m: &dyn Module) -> OwnEntries<'_> {
     let mut c = Collect(OwnEntries { params: vec![], buffers: vec![], children: vec![] });
     m.visit_fields(&mut c);
-    let reg = lock_poison(m.core().registry.read());
+    let reg = read(&m.core().registry);
     c.0.params.extend(reg.params.iter().cloned());
     c.0.buffers.extend(reg.buffers.iter().cloned());
     c.0.children.extend(reg.children.iter().map(|(n, m)| (n.clone(), ModuleRef::shared(m))));
@@ -577,10 +577,8 @@ pub trait ModuleExt: AsDyn {
     /// Registers (or replaces) a parameter at run time.
     fn register_parameter(&self, name: &str, t: Option<Tensor>) -> Result<(), ModuleError> {
         let m = self.as_dyn();
-        validate_name("parameter", name, m, |_| {
-            lock_poison(m.core().registry.read()).params.iter().any(|(n, _)| n == name)
-        })?;
-        let mut reg = lock_poison(m.core().registry.write());
+        validate_name("parameter", name, m, |_| read(&m.core().registry).params.iter().any(|(n, _)| n == name))?;
+        let mut reg = write(&m.core().registry);
         match reg.params.iter_mut().find(|(n, _)| n == name) {
             Some(slot) => slot.1 = t,
             None => reg.params.push((name.to_string(), t)),
@@ -591,10 +589,8 @@ pub trait ModuleExt: AsDyn {
     /// Registers (or replaces) a buffer at run time.
     fn register_buffer(&self, name: &str, t: Option<Tensor>, persistent: bool) -> Result<(), ModuleError> {
         let m = self.as_dyn();
-        validate_name("buffer", name, m, |_| {
-            lock_poison(m.core().registry.read()).buffers.iter().any(|(n, _, _)| n == name)
-        })?;
-        let mut reg = lock_poison(m.core().registry.write());
+        validate_name("buffer", name, m, |_| read(&m.core().registry).buffers.iter().any(|(n, _, _)| n == name))?;
+        let mut reg = write(&m.core().registry);
         match reg.buffers.iter_mut().find(|(n, _, _)| n == name) {
             Some(slot) => {
                 slot.1 = t;
@@ -608,10 +604,8 @@ pub trait ModuleExt: AsDyn {
     /// Registers (or replaces) a child module at run time (`add_module`).
     fn register_module(&self, name: &str, child: Arc<dyn Module>) -> Result<(), ModuleError> {
         let m = self.as_dyn();
-        validate_name("module", name, m, |_| {
-            lock_poison(m.core().registry.read()).children.iter().any(|(n, _)| n == name)
-        })?;
-        let mut reg = lock_poison(m.core().registry.write());
+        validate_name("module", name, m, |_| read(&m.core().registry).children.iter().any(|(n, _)| n == name))?;
+        let mut reg = write(&m.core().registry);
         match reg.children.iter_mut().find(|(n, _)| n == name) {
             Some(slot) => slot.1 = child,
             None => reg.children.push((name.to_string(), child)),
@@ -787,8 +781,8 @@ pub fn register_module_full_backward_hook(
 }
 
 fn merged_hooks(m: &dyn Module) -> HookSet {
-    let g = lock_poison(GLOBAL_HOOKS.lock()).clone();
-    let own = lock_poison(m.core().hooks.lock()).clone();
+    let g = lock(&GLOBAL_HOOKS).clone();
+    let own = lock(&m.core().hooks).clone();
     HookSet {
         forward_pre: g.forward_pre.into_iter().chain(own.forward_pre).collect(),
         forward: g.forward.into_iter().chain(own.forward).collect(),
@@ -834,7 +828,7 @@ fn call_module(m: &dyn Module, args: &[Tensor]) -> Tensor {
     if inputs_wired {
         let (go, bw, name) = (grad_output.clone(), backward.clone(), name.clone());
         let f: CustomBackward = Arc::new(move |grad_input: &[Option<Tensor>]| {
-            let go = lock_poison(go.lock()).clone();
+            let go = lock(&go).clone();
             let mut gi = grad_input.to_vec();
             for (_, h) in bw.iter() {
                 if let Some(new) = h(&gi, &go) {
@@ -863,7 +857,7 @@ fn call_module(m: &dyn Module, args: &[Tensor]) -> Tensor {
                     g = new;
                 }
             }
-            *lock_poison(grad_output.lock()) = g.clone();
+            *lock(&grad_output) = g.clone();
             if !inputs_wired {
                 // No input takes a gradient: the backward hooks fire here, with grad_input all None.
                 let gi = vec![None; n_inputs];
