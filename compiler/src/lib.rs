@@ -4,12 +4,18 @@
 //! - [`emitter`]: the abstract builder those rules are written against.
 //! - [`composite`]: ops defined from primitives (losses, normalisation, einsum, …).
 //!
-//! The graph IR, tracer, AOT autodiff, passes and Cranelift backend grow here next; they reuse
-//! these definitions unchanged.
+//! - [`graph`]: the petgraph IR, which is itself an `Emitter`;
+//! - [`autodiff`]: AOT autodiff over the IR, with the same derivative rules;
+//! - [`interpret`]: the reference interpreter, the JIT's oracle.
+//!
+//! The passes and the Cranelift backend grow here next, on the same definitions.
 
+pub mod autodiff;
 pub mod composite;
 pub mod einsum;
 pub mod emitter;
+pub mod graph;
+pub mod interpret;
 pub mod ops;
 
 pub use emitter::{Build, Emitter};

@@ -1,0 +1,111 @@
+//! AOT autodiff: a graph-to-graph pass that appends the backward computation to a graph,
+//! using the very derivative rules eager mode uses (`Op::vjp` through `Graph`'s `Emitter`).
+//! An op without a rule fails here, loudly, with the op and its module path.
+
+use std::collections::{HashMap, HashSet};
+
+use petgraph::stable_graph::NodeIndex;
+use petgraph::Direction;
+
+use crate::emitter::Build;
+use crate::graph::{node_error, Graph, NodeKind};
+use crate::ops::{OpError, OpResult};
+
+/// Differentiates callback nodes: given all projections of one callback and their output
+/// gradients, emits gradients for the callback's operands.
+pub type CallbackVjp<'a> =
+    dyn FnMut(&mut Graph, &[NodeIndex], &[Option<NodeIndex>]) -> OpResult<Vec<Option<NodeIndex>>> + 'a;
+
+fn reachable(g: &Graph, from: &[NodeIndex], dir: Direction) -> HashSet<NodeIndex> {
+    let mut seen: HashSet<NodeIndex> = from.iter().copied().collect();
+    let mut stack: Vec<NodeIndex> = from.to_vec();
+    while let Some(n) = stack.pop() {
+        for m in g.g.neighbors_directed(n, dir) {
+            if seen.insert(m) {
+                stack.push(m);
+            }
+        }
+    }
+    seen
+}
+
+/// Appends to `g` the gradients of `seeds` (pairs of an output node and the node holding its
+/// gradient) with respect to each of `wrt`. Returns one entry per `wrt` (`None` when it does
+/// not influence the outputs). Gradients reaching a node along several paths are summed.
+pub fn append_backward(
+    g: &mut Graph,
+    seeds: &[(NodeIndex, NodeIndex)],
+    wrt: &[NodeIndex],
+    callback_vjp: &mut CallbackVjp<'_>,
+) -> OpResult<Vec<Option<NodeIndex>>> {
+    let outs: Vec<NodeIndex> = seeds.iter().map(|(o, _)| *o).collect();
+    let down = reachable(g, wrt, Direction::Outgoing);
+    let up = reachable(g, &outs, Direction::Incoming);
+    let relevant: HashSet<NodeIndex> = down.intersection(&up).copied().collect();
+    let order: Vec<NodeIndex> =
+        g.topo_order().map_err(|e| OpError::new("autodiff", e))?.into_iter().filter(|n| relevant.contains(n)).collect();
+    let mut grads: HashMap<NodeIndex, NodeIndex> = HashMap::new();
+    let add = |g: &mut Graph, grads: &mut HashMap<NodeIndex, NodeIndex>, n: NodeIndex, d: NodeIndex| -> OpResult<()> {
+        let v = match grads.get(&n) {
+            Some(&prev) => g.add(&prev, &d)?,
+            None => d,
+        };
+        grads.insert(n, v);
+        Ok(())
+    };
+    for &(o, s) in seeds {
+        if relevant.contains(&o) {
+            add(g, &mut grads, o, s)?;
+        }
+    }
+    let mut done_callbacks = HashSet::new();
+    for &n in order.iter().rev() {
+        let operands = g.operands(n);
+        let input_grads: Vec<Option<NodeIndex>> = match g.g[n].kind.clone() {
+            NodeKind::Input { .. } => continue,
+            NodeKind::Op(op) => {
+                let Some(&gn) = grads.get(&n) else { continue };
+                let ops: Vec<&NodeIndex> = operands.iter().collect();
+                // New nodes belong to the module that made the forward node.
+                g.scope.push((g.g[n].path.clone(), g.g[n].module_type.clone()));
+                let r = op.vjp(g, &ops, &n, &gn);
+                g.scope.pop();
+                r.map_err(|e| node_error(g, n, e))?
+            }
+            NodeKind::Callback { id, .. } => {
+                if !done_callbacks.insert(id) {
+                    continue;
+                }
+                let group: Vec<NodeIndex> = order
+                    .iter()
+                    .copied()
+                    .filter(|&m| matches!(g.g[m].kind, NodeKind::Callback { id: i, .. } if i == id))
+                    .collect();
+                let gs: Vec<Option<NodeIndex>> = group.iter().map(|m| grads.get(m).copied()).collect();
+                if gs.iter().all(Option::is_none) {
+                    continue;
+                }
+                callback_vjp(g, &group, &gs)?
+            }
+        };
+        for (o, gi) in operands.iter().zip(input_grads) {
+            if let Some(gi) = gi {
+                if relevant.contains(o) {
+                    add(g, &mut grads, *o, gi)?;
+                }
+            }
+        }
+    }
+    Ok(wrt.iter().map(|w| grads.get(w).copied()).collect())
+}
+
+/// [`append_backward`] for graphs without callbacks.
+pub fn append_backward_plain(
+    g: &mut Graph,
+    seeds: &[(NodeIndex, NodeIndex)],
+    wrt: &[NodeIndex],
+) -> OpResult<Vec<Option<NodeIndex>>> {
+    append_backward(g, seeds, wrt, &mut |_, group, _| {
+        Err(OpError::new("autodiff", format!("callback node %{} has no derivative rule here", group[0].index())))
+    })
+}

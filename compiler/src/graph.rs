@@ -1,0 +1,335 @@
+//! The static-graph IR: a petgraph `StableGraph` whose nodes are typed ops and whose edges are
+//! ordered operands (the edge weight is the operand position).
+//!
+//! [`Graph`] implements [`Emitter`], so everything written against `Build` (derivative rules,
+//! composites) builds graph nodes unchanged: the tracer records a forward pass this way, and
+//! AOT autodiff ([`crate::autodiff`]) runs the very `Op::vjp` rules eager mode runs.
+//!
+//! Invariants (checked by [`Graph::validate`], which tests and debug builds run after every
+//! pass): the graph is acyclic; every op node has exactly the operands its op takes, at
+//! positions `0..n`; every node's stored type is what its shape rule infers; callback nodes
+//! keep the type of the value they stand for.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use petgraph::stable_graph::{NodeIndex, StableGraph};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+
+use crate::emitter::Emitter;
+use crate::ops::{Op, OpError, OpResult, TensorType};
+
+/// Why a graph input exists.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum InputRole {
+    /// A user-supplied tensor.
+    Data,
+    /// A module parameter lifted to an input.
+    Parameter,
+    /// A module buffer lifted to an input.
+    Buffer,
+    /// Optimizer state (momentum, moments, step) or a hyper-parameter such as the learning rate.
+    State,
+    /// A gradient fed into a backward graph.
+    Grad,
+    /// A value saved by a forward graph for its backward graph.
+    Saved,
+}
+
+/// What a node is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NodeKind {
+    /// A graph input.
+    Input {
+        /// Its name (`x`, `fc1.weight`, …).
+        name: String,
+        /// Its role.
+        role: InputRole,
+    },
+    /// A primitive op applied to the node's operands.
+    Op(Op),
+    /// A runtime callback (a hook). It receives all operands as real tensors and yields
+    /// `n_outputs` values of the operands' types; this node is output `output`. Passes never
+    /// remove, reorder or merge callbacks.
+    Callback {
+        /// Which registered callback runs.
+        id: usize,
+        /// Which of its results this node is.
+        output: usize,
+        /// How many results it yields.
+        n_outputs: usize,
+        /// What it is, for dumps (`forward hook of fc1`).
+        label: String,
+    },
+}
+
+/// One node: what it computes, its output type, and where in the model it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GNode {
+    /// The computation.
+    pub kind: NodeKind,
+    /// Output dtype and shape.
+    pub ty: TensorType,
+    /// Dotted module path of the module whose forward made it (`""` at the top level).
+    pub path: String,
+    /// That module's type name (`Linear`), empty at the top level.
+    pub module_type: String,
+}
+
+/// A typed dataflow graph with ordered inputs and named outputs.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    /// The nodes and operand edges (weight = operand position).
+    pub g: StableGraph<GNode, usize>,
+    /// Inputs, in calling order.
+    pub inputs: Vec<NodeIndex>,
+    /// Named outputs, in order.
+    pub outputs: Vec<(String, NodeIndex)>,
+    /// The module scope new nodes are attributed to: (path, type name).
+    pub scope: Vec<(String, String)>,
+}
+
+impl Graph {
+    /// An empty graph.
+    pub fn new() -> Graph {
+        Graph::default()
+    }
+
+    fn scoped(&self, kind: NodeKind, ty: TensorType) -> GNode {
+        let (path, module_type) = self.scope.last().cloned().unwrap_or_default();
+        GNode { kind, ty, path, module_type }
+    }
+
+    /// Adds an input.
+    pub fn add_input(&mut self, name: &str, role: InputRole, ty: TensorType) -> NodeIndex {
+        let n = self.g.add_node(self.scoped(NodeKind::Input { name: name.to_string(), role }, ty));
+        self.inputs.push(n);
+        n
+    }
+
+    /// Adds an op node after checking its shape rule.
+    pub fn add_op(&mut self, op: Op, operands: &[NodeIndex]) -> OpResult<NodeIndex> {
+        let types: Vec<TensorType> = operands.iter().map(|&o| self.g[o].ty.clone()).collect();
+        let ty = op.infer(&types)?;
+        let n = self.g.add_node(self.scoped(NodeKind::Op(op), ty));
+        for (i, &o) in operands.iter().enumerate() {
+            self.g.add_edge(o, n, i);
+        }
+        Ok(n)
+    }
+
+    /// Adds the callback projections for callback `id` over `operands`; returns one node per
+    /// output, typed like `out_types`.
+    pub fn add_callback(
+        &mut self,
+        id: usize,
+        label: &str,
+        operands: &[NodeIndex],
+        out_types: &[TensorType],
+    ) -> Vec<NodeIndex> {
+        (0..out_types.len())
+            .map(|k| {
+                let kind = NodeKind::Callback { id, output: k, n_outputs: out_types.len(), label: label.to_string() };
+                let n = self.g.add_node(self.scoped(kind, out_types[k].clone()));
+                for (i, &o) in operands.iter().enumerate() {
+                    self.g.add_edge(o, n, i);
+                }
+                n
+            })
+            .collect()
+    }
+
+    /// Marks `n` as an output called `name`.
+    pub fn add_output(&mut self, name: &str, n: NodeIndex) {
+        self.outputs.push((name.to_string(), n));
+    }
+
+    /// A node's operands in order.
+    pub fn operands(&self, n: NodeIndex) -> Vec<NodeIndex> {
+        let mut e: Vec<(usize, NodeIndex)> =
+            self.g.edges_directed(n, Direction::Incoming).map(|e| (*e.weight(), e.source())).collect();
+        e.sort_unstable_by_key(|(i, _)| *i);
+        e.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Nodes that use `n`.
+    pub fn users(&self, n: NodeIndex) -> Vec<NodeIndex> {
+        let mut u: Vec<NodeIndex> = self.g.neighbors_directed(n, Direction::Outgoing).collect();
+        u.sort_unstable();
+        u.dedup();
+        u
+    }
+
+    /// Nodes in a topological order (operands first; ties by creation order, so the order
+    /// is deterministic and callbacks keep their relative order).
+    pub fn topo_order(&self) -> Result<Vec<NodeIndex>, String> {
+        let mut indeg: HashMap<NodeIndex, usize> = HashMap::new();
+        for n in self.g.node_indices() {
+            indeg.insert(n, self.g.edges_directed(n, Direction::Incoming).count());
+        }
+        let mut ready: std::collections::BTreeSet<NodeIndex> =
+            indeg.iter().filter(|(_, &d)| d == 0).map(|(&n, _)| n).collect();
+        let mut out = Vec::with_capacity(indeg.len());
+        while let Some(n) = ready.pop_first() {
+            out.push(n);
+            for e in self.g.edges_directed(n, Direction::Outgoing) {
+                let d = indeg.get_mut(&e.target()).expect("node");
+                *d -= 1;
+                if *d == 0 {
+                    ready.insert(e.target());
+                }
+            }
+        }
+        if out.len() != self.g.node_count() {
+            return Err("graph has a cycle".into());
+        }
+        Ok(out)
+    }
+
+    /// Checks the invariants listed in the module docs.
+    pub fn validate(&self) -> Result<(), String> {
+        self.topo_order()?;
+        for n in self.g.node_indices() {
+            let node = &self.g[n];
+            let mut pos: Vec<usize> = self.g.edges_directed(n, Direction::Incoming).map(|e| *e.weight()).collect();
+            pos.sort_unstable();
+            if pos.iter().enumerate().any(|(i, &p)| i != p) {
+                return Err(format!("%{}: operand positions {pos:?} are not 0..n", n.index()));
+            }
+            let operands = self.operands(n);
+            match &node.kind {
+                NodeKind::Input { .. } => {
+                    if !operands.is_empty() {
+                        return Err(format!("%{}: an input has operands", n.index()));
+                    }
+                }
+                NodeKind::Op(op) => {
+                    let types: Vec<TensorType> = operands.iter().map(|&o| self.g[o].ty.clone()).collect();
+                    let ty = op.infer(&types).map_err(|e| format!("%{}: {e}", n.index()))?;
+                    if ty != node.ty {
+                        return Err(format!("%{}: {} infers {ty} but the node says {}", n.index(), op.name(), node.ty));
+                    }
+                }
+                NodeKind::Callback { output, n_outputs, .. } => {
+                    if output >= n_outputs {
+                        return Err(format!("%{}: callback output {output} of {n_outputs}", n.index()));
+                    }
+                }
+            }
+        }
+        for (name, o) in &self.outputs {
+            if !self.g.contains_node(*o) {
+                return Err(format!("output {name} refers to a removed node"));
+            }
+        }
+        for i in &self.inputs {
+            if !matches!(self.g.node_weight(*i).map(|n| &n.kind), Some(NodeKind::Input { .. })) {
+                return Err(format!("input %{} is not an input node", i.index()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The typed-SSA text form: `%7: f32[64,256] = matmul %1, %3   # fc1 (Linear)`.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let order = self.topo_order().unwrap_or_else(|_| self.g.node_indices().collect());
+        let ins: Vec<String> = self
+            .inputs
+            .iter()
+            .map(|&i| match &self.g[i].kind {
+                NodeKind::Input { name, .. } => format!("%{}: {} ({name})", i.index(), self.g[i].ty),
+                _ => format!("%{}", i.index()),
+            })
+            .collect();
+        let _ = writeln!(s, "graph({}) {{", ins.join(", "));
+        for n in order {
+            let node = &self.g[n];
+            let args: Vec<String> = self.operands(n).iter().map(|o| format!("%{}", o.index())).collect();
+            let rhs = match &node.kind {
+                NodeKind::Input { role, .. } => {
+                    if self.inputs.contains(&n) {
+                        continue;
+                    }
+                    format!("input {role:?}")
+                }
+                NodeKind::Op(op) => {
+                    let attrs = op_attrs(op);
+                    format!("{}{} {}", op.name(), attrs, args.join(", "))
+                }
+                NodeKind::Callback { id, output, n_outputs, label } => {
+                    format!("callback#{id}[{output}/{n_outputs}] {}   !! {label}", args.join(", "))
+                }
+            };
+            let note =
+                if node.path.is_empty() { String::new() } else { format!("   # {} ({})", node.path, node.module_type) };
+            let _ = writeln!(s, "  %{}: {} = {}{}", n.index(), node.ty, rhs.trim_end(), note);
+        }
+        let outs: Vec<String> = self.outputs.iter().map(|(name, o)| format!("{name}=%{}", o.index())).collect();
+        let _ = writeln!(s, "  return {}", outs.join(", "));
+        s.push('}');
+        s
+    }
+}
+
+/// The attributes of an op as they appear in dumps (`[dims=[1], keepdim]`).
+pub fn op_attrs(op: &Op) -> String {
+    let a = match op {
+        Op::Full { value, .. } => format!("{value}"),
+        Op::Constant(b) => format!("{:?}", b),
+        Op::Unary(crate::ops::UnaryOp::PowScalar(p)) => format!("p={p}"),
+        Op::Clamp { min, max } => format!("min={min:?}, max={max:?}"),
+        Op::Cast(d) => format!("{d}"),
+        Op::Reduce { dims, keepdim, .. } => format!("dims={dims:?}{}", if *keepdim { ", keepdim" } else { "" }),
+        Op::ArgReduce { dim, keepdim, .. } => format!("dim={dim:?}{}", if *keepdim { ", keepdim" } else { "" }),
+        Op::Softmax { dim, .. } => format!("dim={dim}"),
+        Op::MatMul { trans_a, trans_b } => match (trans_a, trans_b) {
+            (false, false) => String::new(),
+            _ => format!("{}{}", if *trans_a { "Tᵃ" } else { "" }, if *trans_b { "Tᵇ" } else { "" }),
+        },
+        Op::Reshape(s) | Op::Expand(s) => format!("{s:?}"),
+        Op::Permute(p) => format!("{p:?}"),
+        Op::Narrow { dim, start, len } => format!("dim={dim}, {start}..{}", start + len),
+        Op::Cat { dim }
+        | Op::IndexSelect { dim }
+        | Op::IndexAdd { dim }
+        | Op::Gather { dim }
+        | Op::ScatterAdd { dim } => {
+            format!("dim={dim}")
+        }
+        Op::Conv2d { stride, padding } => format!("stride={stride:?}, padding={padding:?}"),
+        Op::MaxPool2d { kernel, stride, .. } | Op::AvgPool2d { kernel, stride, .. } => {
+            format!("kernel={kernel:?}, stride={stride:?}")
+        }
+        _ => String::new(),
+    };
+    if a.is_empty() {
+        a
+    } else {
+        format!("[{a}]")
+    }
+}
+
+impl Emitter for Graph {
+    type Value = NodeIndex;
+
+    fn emit(&mut self, op: Op, inputs: &[&NodeIndex]) -> OpResult<NodeIndex> {
+        let ops: Vec<NodeIndex> = inputs.iter().map(|&&n| n).collect();
+        self.add_op(op, &ops)
+    }
+
+    fn value_type(&self, v: &NodeIndex) -> TensorType {
+        self.g[*v].ty.clone()
+    }
+}
+
+/// Errors of graph construction and passes carry the op, the module path and the shapes.
+pub fn node_error(g: &Graph, n: NodeIndex, e: OpError) -> OpError {
+    let node = &g.g[n];
+    if node.path.is_empty() {
+        e
+    } else {
+        OpError::new(e.op.clone(), format!("{} (in {} ({}))", e.message, node.path, node.module_type))
+    }
+}
