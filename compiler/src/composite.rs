@@ -65,16 +65,24 @@ pub fn var<B: Build>(e: &mut B, x: &B::Value, dims: &[isize], correction: usize,
 pub fn logsumexp<B: Build>(e: &mut B, x: &B::Value, dims: &[isize], keepdim: bool) -> OpResult<B::Value> {
     let t = e.value_type(x);
     let dims: Vec<isize> = if dims.is_empty() { all_dims(t.rank()) } else { dims.to_vec() };
-    let m = e.reduce(ReduceKind::Max, x, &dims, true)?;
-    // Keep the shift finite when a whole slice is -inf.
-    let finite = {
-        let inf = e.scalar(f64::INFINITY, t.dtype)?;
-        let a = e.unary(UnaryOp::Abs, &m)?;
-        e.compare(CompareOp::Ne, &a, &inf)?
+    let nd: Vec<usize> = dims.iter().map(|&d| norm_dim("logsumexp", d, t.rank())).collect::<OpResult<_>>()?;
+    let m = if t.rank() > 0 && nd.iter().any(|&d| t.shape[d] == 0) {
+        // An empty slice has no maximum; its sum of exponentials is 0, so the result is -inf
+        // (as PyTorch) with no shift at all.
+        let kept: Vec<usize> = t.shape.iter().enumerate().map(|(i, &n)| if nd.contains(&i) { 1 } else { n }).collect();
+        e.full(0.0, t.dtype, &kept)?
+    } else {
+        let m = e.reduce(ReduceKind::Max, x, &dims, true)?;
+        // Keep the shift finite when a whole slice is -inf.
+        let finite = {
+            let inf = e.scalar(f64::INFINITY, t.dtype)?;
+            let a = e.unary(UnaryOp::Abs, &m)?;
+            e.compare(CompareOp::Ne, &a, &inf)?
+        };
+        let z = e.zeros_like(&m)?;
+        let m = e.where_(&finite, &m, &z)?;
+        stop_gradient(e, &m)?
     };
-    let z = e.zeros_like(&m)?;
-    let m = e.where_(&finite, &m, &z)?;
-    let m = stop_gradient(e, &m)?;
     let c = e.sub(x, &m)?;
     let ex = e.unary(UnaryOp::Exp, &c)?;
     let s = e.sum(&ex, &dims, true)?;
@@ -209,20 +217,8 @@ pub fn reshape_infer<B: Build>(e: &mut B, x: &B::Value, shape: &[isize]) -> OpRe
     if infer > 1 || shape.iter().any(|&d| d < -1) {
         return Err(bad());
     }
-    let out: Vec<usize> = shape
-        .iter()
-        .map(|&d| {
-            if d == -1 {
-                if known == 0 {
-                    0
-                } else {
-                    n / known
-                }
-            } else {
-                d as usize
-            }
-        })
-        .collect();
+    let out: Vec<usize> =
+        shape.iter().map(|&d| if d == -1 { n.checked_div(known).unwrap_or(0) } else { d as usize }).collect();
     if out.iter().product::<usize>() != n {
         return Err(bad());
     }
@@ -364,6 +360,28 @@ pub fn matmul<B: Build>(e: &mut B, a: &B::Value, b: &B::Value) -> OpResult<B::Va
                 sb.len()
             ),
         ));
+    }
+    // Check the contracted sizes here, so that the message names the caller's shapes rather
+    // than those of the promoted 2-D operands.
+    let ka = sa[sa.len() - 1];
+    let kb = if sb.len() == 1 { sb[0] } else { sb[sb.len() - 2] };
+    if ka != kb {
+        let msg = if sa.len() == 1 && sb.len() == 1 {
+            format!(
+                "matmul: inconsistent tensor size, expected tensor {} and src {} to have the same number of elements, but got {ka} and {kb} elements respectively",
+                ShapeDisplay(&sa),
+                ShapeDisplay(&sb)
+            )
+        } else {
+            let m = if sa.len() == 1 { 1 } else { sa[sa.len() - 2] };
+            let n = if sb.len() == 1 { 1 } else { sb[sb.len() - 1] };
+            format!(
+                "matmul: mat1 and mat2 shapes cannot be multiplied ({m}x{ka} and {kb}x{n}) (shapes {} and {})",
+                ShapeDisplay(&sa),
+                ShapeDisplay(&sb)
+            )
+        };
+        return Err(err("matmul", msg));
     }
     let (a, b) = e.promote(a, b)?;
     let a2 = if sa.len() == 1 { e.reshape(&a, &[1, sa[0]])? } else { a };
@@ -716,7 +734,14 @@ pub fn batch_norm<B: Build>(
     };
     let dims: Vec<isize> = (0..s.len() as isize).filter(|&d| d != 1).collect();
     let n: usize = s.iter().enumerate().filter(|&(i, _)| i != 1).map(|(_, &d)| d).product();
-    let (y, stats) = if training || running.is_none() {
+    let (y, stats) = if let (false, Some((rm, rv))) = (training, running) {
+        let rm = per_channel(e, rm, "running_mean")?;
+        let rv = per_channel(e, rv, "running_var")?;
+        let xc = e.sub(x, &rm)?;
+        let ve = e.add_scalar(&rv, eps)?;
+        let r = e.unary(UnaryOp::Rsqrt, &ve)?;
+        (e.mul(&xc, &r)?, None)
+    } else {
         if n <= 1 {
             return Err(err(
                 "batch_norm",
@@ -739,14 +764,6 @@ pub fn batch_norm<B: Build>(
         let bv = e.mul_scalar(&bv, n as f64 / (n as f64 - 1.0))?;
         let bv = stop_gradient(e, &bv)?;
         (y, Some((bm, bv)))
-    } else {
-        let (rm, rv) = running.expect("checked above");
-        let rm = per_channel(e, rm, "running_mean")?;
-        let rv = per_channel(e, rv, "running_var")?;
-        let xc = e.sub(x, &rm)?;
-        let ve = e.add_scalar(&rv, eps)?;
-        let r = e.unary(UnaryOp::Rsqrt, &ve)?;
-        (e.mul(&xc, &r)?, None)
     };
     let y = match weight {
         Some(w) => {

@@ -60,8 +60,13 @@ pub trait Build: Emitter {
         self.full(0.0, t.dtype, &t.shape)
     }
 
-    /// `op(x)` for a unary op.
+    /// `op(x)` for a unary op. Integer and bool inputs of the transcendental functions are
+    /// cast to f32 first, as PyTorch promotes them to the default float type.
     fn unary(&mut self, op: UnaryOp, x: &Self::Value) -> OpResult<Self::Value> {
+        if op.promotes_integers() && !self.dtype(x).is_float() {
+            let xf = self.cast(x, DType::F32)?;
+            return self.emit(Op::Unary(op), &[&xf]);
+        }
         self.emit(Op::Unary(op), &[x])
     }
 

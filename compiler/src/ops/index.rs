@@ -4,7 +4,7 @@
 use super::{sh, Op, OpResult, TensorType};
 use crate::emitter::{Build, Emitter};
 use tracegrad_runtime::kernels::index;
-use tracegrad_runtime::{Buffer, DType};
+use tracegrad_runtime::{Buffer, DType, Dims};
 
 fn require_index(op: &str, t: &TensorType) -> Result<(), String> {
     if t.dtype != DType::I64 {
@@ -20,8 +20,27 @@ fn check_dim(op: &str, dim: usize, x: &TensorType) -> Result<(), String> {
     Ok(())
 }
 
+/// A shape as PyTorch's gather/scatter checks see it: a 0-d tensor counts as one element
+/// along one dimension (`ensure_nonempty_dim`).
+fn nonempty(shape: &[usize]) -> Dims {
+    if shape.is_empty() {
+        Dims::from_slice(&[1])
+    } else {
+        shape.into()
+    }
+}
+
+/// A buffer viewed through [`nonempty`].
+fn nonempty_buf(b: &Buffer) -> Buffer {
+    if b.rank() == 0 {
+        b.reshaped(&[1])
+    } else {
+        b.clone()
+    }
+}
+
 /// PyTorch's gather/scatter rule: same rank, and `index.size(d) <= other.size(d)` for the
-/// dims it names.
+/// dims it names (a 0-d operand counts as 1-d).
 fn check_scatter_shapes(
     op: &str,
     dim: usize,
@@ -29,15 +48,18 @@ fn check_scatter_shapes(
     idx: &TensorType,
     src: Option<&TensorType>,
 ) -> Result<(), String> {
-    if idx.rank() != x.rank() {
+    let (xs, is) = (nonempty(&x.shape), nonempty(&idx.shape));
+    let ss = src.map(|s| nonempty(&s.shape));
+    if is.len() != xs.len() || ss.as_ref().is_some_and(|s| s.len() != xs.len()) {
         return Err(format!(
-            "{op}(): Index tensor must have the same number of dimensions as input tensor (shapes {} and index {})",
+            "{op}(): Index tensor must have the same number of dimensions as input tensor (shapes {} and index {}{})",
             sh(&x.shape),
-            sh(&idx.shape)
+            sh(&idx.shape),
+            src.map(|s| format!(" and src {}", sh(&s.shape))).unwrap_or_default()
         ));
     }
-    for d in 0..x.rank() {
-        if d != dim && idx.shape[d] > x.shape[d] {
+    for d in 0..xs.len() {
+        if d != dim && is[d] > xs[d] {
             return Err(format!(
                 "{op}(): Size does not match at dimension {d} expected index {} to be smaller than self {} apart from dimension {dim}",
                 sh(&idx.shape),
@@ -45,7 +67,7 @@ fn check_scatter_shapes(
             ));
         }
         if let Some(s) = src {
-            if idx.shape[d] > s.shape[d] {
+            if is[d] > ss.as_ref().expect("src shape")[d] {
                 return Err(format!(
                     "{op}(): Expected index {} to be smaller than self {} apart from dimension {dim} and to be smaller size than src {}",
                     sh(&idx.shape),
@@ -71,6 +93,13 @@ pub(super) fn infer(op: &Op, t: &[TensorType]) -> Result<TensorType, String> {
                     sh(&t[1].shape)
                 ));
             }
+            if x.rank() == 0 && t[1].numel() != 1 {
+                return Err(format!(
+                    "index_select(): Index to scalar can have only 1 value, got {} value(s) (index shape {})",
+                    t[1].numel(),
+                    sh(&t[1].shape)
+                ));
+            }
             let mut s = x.shape.clone();
             if x.rank() > 0 {
                 s[*dim] = t[1].numel();
@@ -79,9 +108,13 @@ pub(super) fn infer(op: &Op, t: &[TensorType]) -> Result<TensorType, String> {
         }
         Op::IndexAdd { dim } => {
             check_dim(name, *dim, x)?;
-            let mut expect = x.shape.clone();
+            if t[1].rank() > 1 {
+                return Err(format!("index_add_(): Index is supposed to be a vector (got shape {})", sh(&t[1].shape)));
+            }
+            // A 0-d self is a one-element vector; its source is then 0-d or 1-d.
+            let mut expect = nonempty(&x.shape);
             expect[*dim] = t[1].numel();
-            if t[2].shape != expect || t[2].dtype != x.dtype {
+            if nonempty(&t[2].shape) != expect || t[2].rank() > expect.len() || t[2].dtype != x.dtype {
                 return Err(format!(
                     "index_add_(): source {} {} does not match self {} {} with index of length {} along dim {dim}",
                     t[2].dtype,
@@ -123,9 +156,19 @@ pub(super) fn eval(op: &Op, x: &[&Buffer]) -> Result<Buffer, String> {
             }
             index::index_select(x[0], *dim, x[1].as_slice::<i64>())
         }
-        Op::IndexAdd { dim } => index::index_add(x[0], *dim, x[1].as_slice::<i64>(), x[2]),
-        Op::Gather { dim } => index::gather(x[0], *dim, x[1]),
-        Op::ScatterAdd { dim } => index::scatter_add(x[0], *dim, x[1], x[2]),
+        // 0-d operands run as one-element vectors; results keep the shapes the rule gave.
+        Op::IndexAdd { dim } => {
+            let r = index::index_add(&nonempty_buf(x[0]), *dim, x[1].as_slice::<i64>(), &nonempty_buf(x[2]))?;
+            Ok(r.reshaped(x[0].shape()))
+        }
+        Op::Gather { dim } => {
+            let r = index::gather(&nonempty_buf(x[0]), *dim, &nonempty_buf(x[1]))?;
+            Ok(r.reshaped(x[1].shape()))
+        }
+        Op::ScatterAdd { dim } => {
+            let r = index::scatter_add(&nonempty_buf(x[0]), *dim, &nonempty_buf(x[1]), &nonempty_buf(x[2]))?;
+            Ok(r.reshaped(x[0].shape()))
+        }
         _ => unreachable!(),
     }
 }
@@ -136,7 +179,11 @@ pub(super) fn vjp<E: Emitter>(op: &Op, e: &mut E, x: &[&E::Value], g: &E::Value)
             let z = e.zeros_like(x[0])?;
             vec![Some(e.emit(Op::IndexAdd { dim: *dim }, &[&z, x[1], g])?), None]
         }
-        Op::IndexAdd { dim } => vec![Some(g.clone()), None, Some(e.emit(Op::IndexSelect { dim: *dim }, &[g, x[1]])?)],
+        Op::IndexAdd { dim } => {
+            let gs = e.emit(Op::IndexSelect { dim: *dim }, &[g, x[1]])?;
+            let ss = e.shape(x[2]);
+            vec![Some(g.clone()), None, Some(e.reshape(&gs, &ss)?)]
+        }
         Op::Gather { dim } => {
             let z = e.zeros_like(x[0])?;
             vec![Some(e.emit(Op::ScatterAdd { dim: *dim }, &[&z, x[1], g])?), None]
@@ -145,7 +192,9 @@ pub(super) fn vjp<E: Emitter>(op: &Op, e: &mut E, x: &[&E::Value], g: &E::Value)
             // src positions outside the index's extent receive no gradient.
             let gs = e.emit(Op::Gather { dim: *dim }, &[g, x[1]])?;
             let ss = e.shape(x[2]);
-            vec![Some(g.clone()), None, Some(e.pad_to(&gs, &ss)?)]
+            let gs = e.reshape(&gs, &nonempty(&e.shape(&gs)))?;
+            let gs = e.pad_to(&gs, &nonempty(&ss))?;
+            vec![Some(g.clone()), None, Some(e.reshape(&gs, &ss)?)]
         }
         _ => unreachable!(),
     })

@@ -98,6 +98,24 @@ impl UnaryOp {
         }
     }
 
+    /// Whether an integer (or bool) input is promoted to the default float type first, as
+    /// PyTorch does for its transcendental functions (`torch.arange(3).exp()` is f32).
+    pub fn promotes_integers(self) -> bool {
+        matches!(
+            self,
+            UnaryOp::Exp
+                | UnaryOp::Log
+                | UnaryOp::Sqrt
+                | UnaryOp::Rsqrt
+                | UnaryOp::Sin
+                | UnaryOp::Cos
+                | UnaryOp::Tanh
+                | UnaryOp::Sigmoid
+                | UnaryOp::Erf
+                | UnaryOp::Reciprocal
+        )
+    }
+
     /// Whether integer tensors are accepted.
     fn integer_ok(self) -> bool {
         matches!(self, UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sign | UnaryOp::Square | UnaryOp::Relu)
@@ -550,12 +568,21 @@ pub(super) fn vjp<E: Emitter>(
                     (e.mul(g, &wa)?, e.mul(g, &wc)?)
                 }
                 BinaryOp::Pow => {
-                    // d/da a^c = c·a^(c-1); d/dc a^c = a^c·ln a
+                    // d/da a^c = c·a^(c-1); d/dc a^c = a^c·ln a. As in PyTorch, the first is 0
+                    // where c == 0 (not 0·0^-1 = NaN at a == 0) and the second is 0 where
+                    // a == 0 and c >= 0 (not 0·ln 0 = NaN).
+                    let z = e.scalar(0.0, e.dtype(a))?;
                     let cm1 = e.add_scalar(c, -1.0)?;
                     let p = e.binary(BinaryOp::Pow, a, &cm1)?;
                     let da = e.mul(c, &p)?;
+                    let c_zero = e.compare(CompareOp::Eq, c, &z)?;
+                    let da = e.where_(&c_zero, &z, &da)?;
                     let la = e.unary(UnaryOp::Log, a)?;
                     let dc = e.mul(y, &la)?;
+                    let a_zero = e.compare(CompareOp::Eq, a, &z)?;
+                    let c_nonneg = e.compare(CompareOp::Ge, c, &z)?;
+                    let masked = e.where_(&c_nonneg, &z, &dc)?;
+                    let dc = e.where_(&a_zero, &masked, &dc)?;
                     (e.mul(g, &da)?, e.mul(g, &dc)?)
                 }
             };

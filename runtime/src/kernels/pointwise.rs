@@ -50,7 +50,7 @@ pub fn zip<A: Element, B: Element, U: Element>(
     let sb = broadcast_strides(bsh, out);
     strided_rows(out, |row_start, len, dst: &mut [U]| {
         let (oa, ob) = (offset(row_start, out, &sa), offset(row_start, out, &sb));
-        let (ia, ib) = (sa[out.len() - 1], sb[out.len() - 1]);
+        let (ia, ib) = (last_stride(&sa), last_stride(&sb));
         for (j, d) in dst.iter_mut().enumerate().take(len) {
             *d = f(a[oa + j * ia], b[ob + j * ib]);
         }
@@ -73,12 +73,17 @@ pub fn zip3<C: Element, A: Element, B: Element, U: Element>(
     let sa = broadcast_strides(ash, out);
     let sb = broadcast_strides(bsh, out);
     strided_rows(out, |row_start, len, dst: &mut [U]| {
-        let last = out.len() - 1;
         let (oc, oa, ob) = (offset(row_start, out, &sc), offset(row_start, out, &sa), offset(row_start, out, &sb));
+        let (ic, ia, ib) = (last_stride(&sc), last_stride(&sa), last_stride(&sb));
         for (j, d) in dst.iter_mut().enumerate().take(len) {
-            *d = f(c[oc + j * sc[last]], a[oa + j * sa[last]], b[ob + j * sb[last]]);
+            *d = f(c[oc + j * ic], a[oa + j * ia], b[ob + j * ib]);
         }
     })
+}
+
+/// The stride of the innermost dimension; 0 for a rank-0 output (one row of one element).
+fn last_stride(strides: &[usize]) -> usize {
+    strides.last().copied().unwrap_or(0)
 }
 
 /// Element offset, under `strides`, of the output position with linear index `linear`.
@@ -131,6 +136,15 @@ mod tests {
         let b = [10.0f32, 20.0];
         let out = zip(&a, &[3, 1], &b, &[2], &[3, 2], |x, y| x + y);
         assert_eq!(out, vec![11.0, 21.0, 12.0, 22.0, 13.0, 23.0]);
+    }
+
+    #[test]
+    fn zip3_of_scalars() {
+        // A rank-0 output is one row of one element.
+        let out = zip3(&[true], &[], &[1.0f64], &[], &[2.0f64], &[], &[], |c, a, b| if c { a } else { b });
+        assert_eq!(out, vec![1.0]);
+        let out = zip3(&[false], &[], &[1.0f64], &[], &[2.0f64], &[], &[], |c, a, b| if c { a } else { b });
+        assert_eq!(out, vec![2.0]);
     }
 
     #[test]
