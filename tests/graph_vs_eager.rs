@@ -9,6 +9,7 @@ use tracegrad_compiler::autodiff::append_backward_plain;
 use tracegrad_compiler::graph::{Graph, InputRole};
 use tracegrad_compiler::interpret::{interpret, NoCallbacks};
 use tracegrad_compiler::ops::{BinaryOp, ReduceKind, UnaryOp};
+use tracegrad_compiler::passes::PassManager;
 use tracegrad_compiler::{Build, OpResult, TensorType};
 use tracegrad_runtime::DType;
 
@@ -111,6 +112,17 @@ proptest! {
         let mut args = bufs.clone();
         args.push(w.buffer());
         let out = interpret(&g, &args, &NoCallbacks).unwrap();
+
+        // The optimization pipeline (validated after every pass) must not change any value.
+        let mut opt = g.clone();
+        let mut pm = PassManager::standard();
+        pm.validate = true;
+        pm.run(&mut opt).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(opt.g.node_count() <= g.g.node_count());
+        let out_opt = interpret(&opt, &args, &NoCallbacks).unwrap();
+        for (a, b) in out_opt.iter().zip(&out) {
+            close(&a.to_f64_vec(), &b.to_f64_vec(), "optimized")?;
+        }
 
         close(&out[0].to_f64_vec(), &y.to_vec_f64(), "value")?;
         let mut k = 1;

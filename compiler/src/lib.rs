@@ -17,6 +17,7 @@ pub mod emitter;
 pub mod graph;
 pub mod interpret;
 pub mod ops;
+pub mod passes;
 
 pub use emitter::{Build, Emitter};
 pub use ops::{Op, OpError, OpResult, TensorType};
