@@ -705,3 +705,31 @@ fn composed_model() {
         },
     );
 }
+
+#[test]
+fn the_checker_catches_wrong_gradients() {
+    // stop_gradient(x)·x has true derivative 2x but autograd (correctly for the detached
+    // expression) reports x: a checker that compares with central differences must object.
+    let x = rnd(1800, &[3]);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gradcheck("deliberately wrong", &[&x], |x| vec![x[0].stop_gradient().mul(&x[0])])
+    }));
+    assert!(r.is_err(), "gradcheck accepted a wrong gradient");
+    // An error of 1e-5 relative is above the 1e-6 bar: x·(1 + 1e-5·stop_gradient(1)) differs
+    // from the function evaluated numerically only through the detached factor.
+    let y = rnd(1801, &[3]);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gradcheck("off by 1e-5", &[&y], |x| {
+            let s = x[0].stop_gradient().mul_scalar(1e-5);
+            vec![x[0].mul(&x[0].add(&s))]
+        })
+    }));
+    assert!(r.is_err(), "gradcheck accepted a gradient off by 1e-5");
+    // An input that gets no gradient at all is reported too.
+    let z = rnd(1802, &[2]);
+    let unused = rnd(1803, &[2]);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gradcheck("unused input", &[&z, &unused], |x| vec![x[0].exp()])
+    }));
+    assert!(r.is_err(), "gradcheck accepted an input without a gradient");
+}

@@ -104,10 +104,8 @@ fn arange10() -> Tensor {
     Tensor::arange(0.0, 10.0, 1.0)
 }
 
-#[test]
-fn gather_diag_3d() {
-    let mut spec = Spec::new();
-    let a = a3(&mut spec);
+fn check_gather_diag_3d(spec: &mut Spec) {
+    let a = a3(spec);
     // The diagonal of each 3x4 slice: index[b, i, 0] = i along dim 2, then squeeze.
     let idx: Vec<i64> = (0..2).flat_map(|_| 0..3).collect();
     let idx = Tensor::from_vec(idx, &[2, 3, 1]);
@@ -115,9 +113,7 @@ fn gather_diag_3d() {
     check("gather_diag_3d", &spec.get("gather_diag_3d")["out"], &out);
 }
 
-#[test]
-fn index_select_and_gather() {
-    let mut spec = Spec::new();
+fn check_index_select_and_gather(spec: &mut Spec) {
     // Reconstructed input: x = [[1, 2], [3, 4]]. index_select(dim=1, index=[0]) picks the first
     // column [[1], [3]]; PyTorch's recorded result is that column flattened to shape [2].
     let x = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], &[2, 2]);
@@ -131,9 +127,7 @@ fn index_select_and_gather() {
     check("gather_dim0", spec.get("gather_dim0"), &x.gather(0, &idx));
 }
 
-#[test]
-fn chunk_and_tensor_split() {
-    let mut spec = Spec::new();
+fn check_chunk_and_tensor_split(spec: &mut Spec) {
     // Input (from the names): arange(10), split into 3 pieces along dim 0.
     let cases: [(&str, Vec<Tensor>); 3] = [
         ("chunk_10_into_3", arange10().chunk(3, 0)),
@@ -149,17 +143,13 @@ fn chunk_and_tensor_split() {
     }
 }
 
-#[test]
-fn swapdims() {
-    let mut spec = Spec::new();
-    let a = a3(&mut spec);
+fn check_swapdims(spec: &mut Spec) {
+    let a = a3(spec);
     check("swapdims_A3_0_2", spec.get("swapdims_A3_0_2"), &a.swapdims(0, 2));
     check("swapdims_A3_0_2 (transpose)", spec.get("swapdims_A3_0_2"), &a.transpose(2, 0));
 }
 
-#[test]
-fn scatter_add() {
-    let mut spec = Spec::new();
+fn check_scatter_add(spec: &mut Spec) {
     // Reconstructed: zeros(3, 4).scatter_add(0, index, ones(2, 4)) with
     // index = [[0, 1, 0, 0], [1, 1, 2, 2]]; column 1 receives both of its ones in row 1.
     let index = Tensor::from_vec(vec![0i64, 1, 0, 0, 1, 1, 2, 2], &[2, 4]);
@@ -167,10 +157,8 @@ fn scatter_add() {
     check("scatter_add_dim0", spec.get("scatter_add_dim0"), &out);
 }
 
-#[test]
-fn einsum() {
-    let mut spec = Spec::new();
-    let a = a3(&mut spec);
+fn check_einsum(spec: &mut Spec) {
+    let a = a3(spec);
     // Reconstructed: the operands are slices of A: x = A[:, :, :2] ([2, 3, 2]) and
     // y = A[:, :2, :] ([2, 2, 4]).
     let x = a.narrow(2, 0, 2);
@@ -188,9 +176,7 @@ fn einsum() {
     assert!(close(tr.item(), want), "einsum_trace_ii: got {}, PyTorch {want}", tr.item());
 }
 
-#[test]
-fn addcmul_addcdiv() {
-    let mut spec = Spec::new();
+fn check_addcmul_addcdiv(spec: &mut Spec) {
     // Reconstructed: input = ones(3), tensor1 = [1, 2, 3], tensor2 = [4, 5, 6], value = 0.5.
     let input = Tensor::ones(&[3]);
     let t1 = Tensor::vec1(&[1.0, 2.0, 3.0]);
@@ -202,10 +188,8 @@ fn addcmul_addcdiv() {
     check("addcdiv", spec.get("addcdiv"), &r);
 }
 
-#[test]
-fn argmax_amax() {
-    let mut spec = Spec::new();
-    let a = a3(&mut spec);
+fn check_argmax_amax(spec: &mut Spec) {
+    let a = a3(spec);
     check_ints("argmax_A3_dim2", spec.get("argmax_A3_dim2"), &a.argmax(Some(2), false));
     check("amax_A3_dim1", spec.get("amax_A3_dim1"), &a.amax(&[1], false));
     let (values, indices) = a.max_dim(1, false);
@@ -213,26 +197,20 @@ fn argmax_amax() {
     assert_eq!(indices.to_vec::<i64>(), vec![2; 8]);
 }
 
-#[test]
-fn argsort_descending() {
-    let mut spec = Spec::new();
+fn check_argsort_descending(spec: &mut Spec) {
     // Reconstructed: x = [3, 1, 2].
     let x = Tensor::vec1(&[3.0, 1.0, 2.0]);
     check_ints("argsort_desc", spec.get("argsort_desc"), &x.argsort(0, true));
 }
 
-#[test]
-fn broadcast_to() {
-    let mut spec = Spec::new();
+fn check_broadcast_to(spec: &mut Spec) {
     // Reconstructed: [1, 2] broadcast to (3, 2).
     let x = Tensor::vec1(&[1.0, 2.0]);
     check("broadcast_to_3x2", spec.get("broadcast_to_3x2"), &x.broadcast_to(&[3, 2]));
     check("broadcast_to_3x2 (expand)", spec.get("broadcast_to_3x2"), &x.expand(&[3, -1]));
 }
 
-#[test]
-fn addmm() {
-    let mut spec = Spec::new();
+fn check_addmm(spec: &mut Spec) {
     // Reconstructed (the file keeps only the result): input = [[5, 6], [7, 8]],
     // mat1 = arange(4).reshape(2, 2), mat2 = [[1, 2], [1, 4]], beta = alpha = 1.
     let input = Tensor::from_vec(vec![5.0f32, 6.0, 7.0, 8.0], &[2, 2]);
@@ -244,31 +222,105 @@ fn addmm() {
     check("addmm beta alpha", spec.get("addmm"), &halves.addmm(&m1, &m2.mul_scalar(2.0), 2.0, 0.5));
 }
 
-/// Runs every check above against one `Spec`, so that an entry added to the file without a
-/// test fails here.
+/// A check of some entries of the file.
+type Check = fn(&mut Spec);
+
+/// Every check, in order.
+const CHECKS: &[(&str, Check)] = &[
+    ("gather_diag_3d", check_gather_diag_3d),
+    ("index_select_and_gather", check_index_select_and_gather),
+    ("chunk_and_tensor_split", check_chunk_and_tensor_split),
+    ("swapdims", check_swapdims),
+    ("scatter_add", check_scatter_add),
+    ("einsum", check_einsum),
+    ("addcmul_addcdiv", check_addcmul_addcdiv),
+    ("argmax_amax", check_argmax_amax),
+    ("argsort_descending", check_argsort_descending),
+    ("broadcast_to", check_broadcast_to),
+    ("addmm", check_addmm),
+];
+
 #[test]
-fn every_entry_is_covered() {
+fn reproduces_every_entry_of_ops_json() {
+    // One `Spec` through all the checks: an entry of the file that no check reads fails here.
     let mut spec = Spec::new();
-    for key in [
-        "gather_diag_3d",
-        "index_select_dim1_idx0",
-        "gather_dim0",
-        "chunk_10_into_3",
-        "tensor_split_10_into_3",
-        "tensor_split_10_at_2_5",
-        "swapdims_A3_0_2",
-        "scatter_add_dim0",
-        "einsum_bij_bjk",
-        "einsum_trace_ii",
-        "addcmul",
-        "addcdiv",
-        "argmax_A3_dim2",
-        "amax_A3_dim1",
-        "argsort_desc",
-        "broadcast_to_3x2",
-        "addmm",
-    ] {
-        spec.get(key);
+    let mut failed = Vec::new();
+    for (name, check) in CHECKS {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&mut spec))).is_err() {
+            failed.push(*name);
+        }
     }
+    assert!(failed.is_empty(), "failed checks: {failed:?}");
     spec.assert_all_seen();
+}
+
+#[test]
+fn the_comparison_is_strict() {
+    // A value off by more than the tolerance, or a wrong shape, is caught.
+    let want: Value = serde_json::json!({"shape": [2], "data": [1.0, 2.0]});
+    check("exact", &want, &Tensor::vec1(&[1.0, 2.0]));
+    let off = std::panic::catch_unwind(|| check("off", &want, &Tensor::vec1(&[1.0, 2.00001])));
+    assert!(off.is_err());
+    let shape = std::panic::catch_unwind(|| check("shape", &want, &Tensor::vec1(&[1.0, 2.0]).reshape(&[2, 1])));
+    assert!(shape.is_err());
+}
+
+/// One test per exercise, for readable failures.
+mod each {
+    use super::*;
+
+    #[test]
+    fn gather_diag_3d() {
+        check_gather_diag_3d(&mut Spec::new());
+    }
+
+    #[test]
+    fn index_select_and_gather() {
+        check_index_select_and_gather(&mut Spec::new());
+    }
+
+    #[test]
+    fn chunk_and_tensor_split() {
+        check_chunk_and_tensor_split(&mut Spec::new());
+    }
+
+    #[test]
+    fn swapdims() {
+        check_swapdims(&mut Spec::new());
+    }
+
+    #[test]
+    fn scatter_add() {
+        check_scatter_add(&mut Spec::new());
+    }
+
+    #[test]
+    fn einsum() {
+        check_einsum(&mut Spec::new());
+    }
+
+    #[test]
+    fn addcmul_addcdiv() {
+        check_addcmul_addcdiv(&mut Spec::new());
+    }
+
+    #[test]
+    fn argmax_amax() {
+        check_argmax_amax(&mut Spec::new());
+    }
+
+    #[test]
+    fn argsort_descending() {
+        check_argsort_descending(&mut Spec::new());
+    }
+
+    #[test]
+    fn broadcast_to() {
+        check_broadcast_to(&mut Spec::new());
+    }
+
+    #[test]
+    fn addmm() {
+        check_addmm(&mut Spec::new());
+    }
 }
