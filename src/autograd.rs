@@ -138,6 +138,9 @@ impl Emitter for Eager {
     type Value = Tensor;
 
     fn emit(&mut self, op: Op, inputs: &[&Tensor]) -> OpResult<Tensor> {
+        if let Some(traced) = crate::compile::trace_emit(&op, inputs) {
+            return traced;
+        }
         let bufs: Vec<Buffer> = inputs.iter().map(|t| t.buffer()).collect();
         let types: Vec<TensorType> = bufs.iter().map(TensorType::of).collect();
         let out_type = op.infer(&types)?;

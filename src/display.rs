@@ -116,6 +116,9 @@ fn render(v: &[f64], shape: &[usize], style: &Style, width: usize, indent: usize
 
 impl fmt::Display for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(s) = self.symbol() {
+            return write!(f, "tensor(<traced {} %{}>)", s.ty, s.node.index());
+        }
         let b = self.buffer();
         let v = b.to_f64_vec();
         let shape = b.shape();

@@ -25,6 +25,7 @@
 extern crate self as tracegrad;
 
 pub mod autograd;
+pub mod compile;
 pub mod data;
 mod display;
 pub mod hooks;
@@ -35,6 +36,7 @@ pub mod tensor;
 pub mod train;
 pub mod zoo;
 
+pub use compile::{compile, CompileError, CompiledModule};
 pub use autograd::{enable_grad, is_grad_enabled, no_grad, Eager};
 pub use ops::linear;
 pub use tensor::{manual_seed, Tensor};

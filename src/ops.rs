@@ -556,6 +556,9 @@ impl Tensor {
         if !training || p == 0.0 {
             return self.clone();
         }
+        if crate::compile::is_tracing() {
+            panic!("dropout: training-mode dropout cannot be compiled yet (its mask would be frozen into the graph); compile in eval mode");
+        }
         if p == 1.0 {
             return self.mul_scalar(0.0);
         }

@@ -31,6 +31,8 @@ pub(crate) struct TensorImpl {
     pub(crate) requires_grad: AtomicBool,
     pub(crate) retains_grad: AtomicBool,
     pub(crate) grad: Mutex<Option<Tensor>>,
+    /// Set for the symbolic tensors of a trace: they have a type and a graph node, no data.
+    pub(crate) symbol: Option<crate::compile::Symbol>,
 }
 
 pub(crate) fn lock_poison<T>(r: std::sync::LockResult<T>) -> T {
@@ -73,7 +75,45 @@ impl Tensor {
             requires_grad: AtomicBool::new(false),
             retains_grad: AtomicBool::new(false),
             grad: Mutex::new(None),
+            symbol: None,
         }))
+    }
+
+    /// A symbolic tensor of a trace (no data; `requires_grad` as eager mode would have it).
+    pub(crate) fn symbolic(symbol: crate::compile::Symbol, requires_grad: bool) -> Tensor {
+        let placeholder = Buffer::zeros(symbol.ty.dtype, &[0]);
+        let t = Tensor(Arc::new(TensorImpl {
+            data: RwLock::new(placeholder),
+            grad_fn: None,
+            hooks: Mutex::new(Vec::new()),
+            post_hooks: Mutex::new(Vec::new()),
+            requires_grad: AtomicBool::new(requires_grad),
+            retains_grad: AtomicBool::new(false),
+            grad: Mutex::new(None),
+            symbol: Some(symbol),
+        }));
+        t
+    }
+
+    /// The trace symbol of a symbolic tensor.
+    pub(crate) fn symbol(&self) -> Option<&crate::compile::Symbol> {
+        self.0.symbol.as_ref()
+    }
+
+    /// Whether this is a symbolic tensor inside a trace (it has a type but no values).
+    pub fn is_symbolic(&self) -> bool {
+        self.0.symbol.is_some()
+    }
+
+    #[track_caller]
+    fn concrete(&self) -> std::sync::RwLockReadGuard<'_, Buffer> {
+        if let Some(s) = &self.0.symbol {
+            panic!(
+                "the value of a traced tensor ({}) is not available while compiling: data-dependent control flow (item(), to_vec(), printing) cannot be traced",
+                s.ty
+            );
+        }
+        read(&self.0.data)
     }
 
     /// A tensor from a vector and a shape. Panics if the element count does not match.
@@ -193,14 +233,16 @@ impl Tensor {
     }
 
     /// A copy of the current value.
+    #[track_caller]
     pub fn buffer(&self) -> Buffer {
-        read(&self.0.data).clone()
+        self.concrete().clone()
     }
 
     /// Replaces the value in place (as `tensor.data = …` in PyTorch); autograd history is
     /// untouched. Panics if the shape or dtype would change.
     #[track_caller]
     pub fn set_buffer(&self, b: Buffer) {
+        assert!(self.0.symbol.is_none(), "set_buffer: a traced tensor has no storage to write");
         let mut d = write(&self.0.data);
         assert!(
             d.shape() == b.shape() && d.dtype() == b.dtype(),
@@ -215,11 +257,15 @@ impl Tensor {
 
     /// Mutates the value in place (copy-on-write if the storage is shared).
     pub fn update_buffer<R>(&self, f: impl FnOnce(&mut Buffer) -> R) -> R {
+        assert!(self.0.symbol.is_none(), "update_buffer: a traced tensor has no storage to write");
         f(&mut write(&self.0.data))
     }
 
     /// Shape.
     pub fn shape(&self) -> Vec<usize> {
+        if let Some(s) = &self.0.symbol {
+            return s.ty.shape.to_vec();
+        }
         read(&self.0.data).shape().to_vec()
     }
 
@@ -233,27 +279,31 @@ impl Tensor {
 
     /// Number of dimensions.
     pub fn dim(&self) -> usize {
-        read(&self.0.data).rank()
+        self.tensor_type().rank()
     }
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
-        read(&self.0.data).numel()
+        self.tensor_type().numel()
     }
 
     /// Element type.
     pub fn dtype(&self) -> DType {
-        read(&self.0.data).dtype()
+        self.tensor_type().dtype
     }
 
     /// Dtype and shape.
     pub fn tensor_type(&self) -> TensorType {
+        if let Some(s) = &self.0.symbol {
+            return s.ty.clone();
+        }
         TensorType::of(&read(&self.0.data))
     }
 
     /// The elements, converted to `T`.
+    #[track_caller]
     pub fn to_vec<T: Element>(&self) -> Vec<T> {
-        read(&self.0.data).to_vec()
+        self.concrete().to_vec()
     }
 
     /// The elements as f32.
@@ -269,7 +319,7 @@ impl Tensor {
     /// The value of a one-element tensor.
     #[track_caller]
     pub fn item(&self) -> f64 {
-        read(&self.0.data).item()
+        self.concrete().item()
     }
 
     /// Identity of the underlying tensor (what Python's `is` compares).
@@ -346,6 +396,9 @@ impl Tensor {
 
     /// A new leaf sharing this tensor's storage, outside the autograd graph.
     pub fn detach(&self) -> Tensor {
+        if self.is_symbolic() {
+            return crate::ops::eager(|e| tracegrad_compiler::composite::stop_gradient(e, self));
+        }
         Tensor::from_buffer(self.buffer())
     }
 

@@ -166,7 +166,12 @@ impl Pass for Cse {
             if matches!(op, Op::Constant(b) if b.numel() > 64) {
                 continue;
             }
-            let key = format!("{op:?}|{:?}", g.operands(n));
+            // The key must identify the op exactly: a literal's Debug form is abbreviated,
+            // so literals are keyed by their full data.
+            let key = match op {
+                Op::Constant(b) => format!("constant {:?} {:?} {:?}|", b.dtype(), b.shape(), b.to_f64_vec()),
+                _ => format!("{op:?}|{:?}", g.operands(n)),
+            };
             match seen.get(&key) {
                 Some(&first) => {
                     replace_all_uses(g, n, first);

@@ -11,4 +11,5 @@ pub use module::{
     BackwardHook, BackwardPreHook, FieldVisitor, ForwardHook, ForwardPreHook, LoadReport, Module, ModuleCore,
     ModuleError, ModuleExt, ModuleFields, ModuleRef, OwnEntries,
 };
+pub(crate) use module::{global_hooks_version, hook_state, module_id};
 pub use tracegrad_macros::Module;

@@ -121,6 +121,8 @@ pub type BackwardHook = Arc<dyn Fn(&[Option<Tensor>], &[Option<Tensor>]) -> Opti
 
 #[derive(Default, Clone)]
 struct HookSet {
+    /// Bumped by every registration and removal on this set.
+    version: u64,
     forward_pre: Vec<(u64, ForwardPreHook)>,
     forward: Vec<(u64, ForwardHook)>,
     backward_pre: Vec<(u64, BackwardPreHook)>,
@@ -147,12 +149,18 @@ pub fn hooks_version() -> u64 {
 
 fn add_hook(set: &Arc<Mutex<HookSet>>, insert: impl FnOnce(&mut HookSet, u64)) -> RemovableHandle {
     let id = next_hook_id();
-    insert(&mut lock(set), id);
+    {
+        let mut s = lock(set);
+        insert(&mut s, id);
+        s.version += 1;
+    }
     HOOKS_VERSION.fetch_add(1, Ordering::SeqCst);
     let weak = Arc::downgrade(set);
     RemovableHandle::new(move || {
         if let Some(s) = weak.upgrade() {
-            lock(&s).remove(id);
+            let mut s = lock(&s);
+            s.remove(id);
+            s.version += 1;
             HOOKS_VERSION.fetch_add(1, Ordering::SeqCst);
         }
     })
@@ -304,7 +312,7 @@ pub fn own_entries(m: &dyn Module) -> OwnEntries<'_> {
 /// Identity of a module. Its address is not enough: a module stored by value as the first
 /// field of its parent shares the parent's address. Every module owns one non-zero-sized
 /// `ModuleCore`, and distinct cores never share an address.
-fn module_id(m: &dyn Module) -> usize {
+pub(crate) fn module_id(m: &dyn Module) -> usize {
     m.core() as *const ModuleCore as usize
 }
 
@@ -780,10 +788,23 @@ pub fn register_module_full_backward_hook(
     add_hook(&GLOBAL_HOOKS, |s, id| s.backward.push((id, Arc::new(hook))))
 }
 
+/// A module's hook-set version and hook count (all four kinds), for plan signatures and
+/// recompile reasons.
+pub(crate) fn hook_state(m: &dyn Module) -> (u64, usize) {
+    let h = lock(&m.core().hooks);
+    (h.version, h.forward_pre.len() + h.forward.len() + h.backward_pre.len() + h.backward.len())
+}
+
+/// The global hook set's version.
+pub(crate) fn global_hooks_version() -> u64 {
+    lock(&GLOBAL_HOOKS).version
+}
+
 fn merged_hooks(m: &dyn Module) -> HookSet {
     let g = lock(&GLOBAL_HOOKS).clone();
     let own = lock(&m.core().hooks).clone();
     HookSet {
+        version: 0,
         forward_pre: g.forward_pre.into_iter().chain(own.forward_pre).collect(),
         forward: g.forward.into_iter().chain(own.forward).collect(),
         backward_pre: g.backward_pre.into_iter().chain(own.backward_pre).collect(),
@@ -814,6 +835,14 @@ fn check_grads(what: &str, old: &[Option<Tensor>], new: &[Option<Tensor>]) -> Re
 /// `forward`, forward hooks, backward-hook wiring on the output.
 fn call_module(m: &dyn Module, args: &[Tensor]) -> Tensor {
     let hooks = merged_hooks(m);
+    if crate::compile::is_tracing() {
+        if !hooks.backward.is_empty() || !hooks.backward_pre.is_empty() {
+            panic!("compile: {} has full backward hooks, which compiled mode does not support yet", m.type_name());
+        }
+        let pre: Vec<ForwardPreHook> = hooks.forward_pre.iter().map(|(_, h)| h.clone()).collect();
+        let post: Vec<ForwardHook> = hooks.forward.iter().map(|(_, h)| h.clone()).collect();
+        return crate::compile::traced_call(m, args, &pre, &post);
+    }
     let mut args = args.to_vec();
     for (_, h) in &hooks.forward_pre {
         if let Some(new) = h(m, &args) {

@@ -1,0 +1,238 @@
+//! `compile(&module)`: a [`CompiledModule`] that traces `forward` per input signature, optimizes
+//! the graph, caches the plan and runs it on the reference interpreter. Hooks run at run time
+//! as callback nodes, with real tensors.
+
+use tracegrad_compiler::interpret::{interpret, CallbackRunner};
+use tracegrad_compiler::passes::PassManager;
+use tracegrad_compiler::TensorType;
+use tracegrad_runtime::{Buffer, ShapeDisplay};
+
+use super::trace::{trace_module, CallbackSpec, CompileError};
+use crate::nn::{Module, ModuleExt};
+use crate::tensor::Tensor;
+
+/// What a plan is specialised on. Any change recompiles.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Signature {
+    inputs: Vec<(TensorType, bool)>,
+    training: bool,
+    grad_enabled: bool,
+    /// The global hook set's version.
+    global_hooks: u64,
+    /// Per module path: hook-set version and hook count.
+    hooks: Vec<(String, u64, usize)>,
+}
+
+/// One compiled specialisation.
+pub struct Plan {
+    /// The optimized forward graph.
+    pub graph: tracegrad_compiler::graph::Graph,
+    /// The pass manager's timings for this plan.
+    pub pass_report: String,
+    lifted: Vec<Tensor>,
+    callbacks: Vec<CallbackSpec>,
+}
+
+/// A module compiled into static-graph plans (see [`compile`]).
+pub struct CompiledModule<'m> {
+    module: &'m dyn Module,
+    plans: Vec<(Signature, Plan)>,
+    reasons: Vec<String>,
+    last: Option<Signature>,
+}
+
+/// Compiles `module`: each call looks up the plan for its input signature (shapes, dtypes,
+/// requires_grad, train/eval, grad mode and the hook set), tracing and optimizing on a miss.
+pub fn compile<M: Module>(module: &M) -> CompiledModule<'_> {
+    CompiledModule { module, plans: Vec::new(), reasons: Vec::new(), last: None }
+}
+
+fn hook_states(m: &dyn Module) -> Vec<(String, u64, usize)> {
+    m.named_modules()
+        .into_iter()
+        .map(|(p, sub)| {
+            let (v, n) = crate::nn::hook_state(&*sub);
+            (p, v, n)
+        })
+        .collect()
+}
+
+fn describe_change(old: &Signature, new: &Signature) -> String {
+    let mut why = Vec::new();
+    if old.inputs.len() != new.inputs.len() {
+        why.push(format!("{} inputs -> {}", old.inputs.len(), new.inputs.len()));
+    }
+    for (i, ((a, ga), (b, gb))) in old.inputs.iter().zip(&new.inputs).enumerate() {
+        if a.shape != b.shape {
+            why.push(format!("input {i} shape {} -> {}", ShapeDisplay(&a.shape), ShapeDisplay(&b.shape)));
+        }
+        if a.dtype != b.dtype {
+            why.push(format!("input {i} dtype {} -> {}", a.dtype, b.dtype));
+        }
+        if ga != gb {
+            why.push(format!("input {i} requires_grad {ga} -> {gb}"));
+        }
+    }
+    if old.training != new.training {
+        why.push(format!(
+            "mode {} -> {}",
+            if old.training { "train" } else { "eval" },
+            if new.training { "train" } else { "eval" }
+        ));
+    }
+    if old.grad_enabled != new.grad_enabled {
+        why.push(format!("grad mode {} -> {}", old.grad_enabled, new.grad_enabled));
+    }
+    if old.global_hooks != new.global_hooks {
+        why.push("global module hooks changed".into());
+    }
+    for ((p, va, a), (_, vb, b)) in old.hooks.iter().zip(&new.hooks) {
+        if va != vb {
+            let at = if p.is_empty() { "the root module" } else { p };
+            why.push(match b.cmp(a) {
+                std::cmp::Ordering::Greater => format!("hook added on {at}"),
+                std::cmp::Ordering::Less => format!("hook removed on {at}"),
+                std::cmp::Ordering::Equal => format!("hooks replaced on {at}"),
+            });
+        }
+    }
+    if why.is_empty() {
+        why.push("new signature".into());
+    }
+    why.join("; ")
+}
+
+struct Runner<'a> {
+    root: &'a dyn Module,
+    specs: &'a [CallbackSpec],
+}
+
+fn to_tensors(bufs: &[Buffer]) -> Vec<Tensor> {
+    bufs.iter().map(|b| Tensor::from_buffer(b.clone())).collect()
+}
+
+fn check_same(path: &str, what: &str, old: &Buffer, new: &Tensor) -> Result<Buffer, String> {
+    let nb = new.buffer();
+    if TensorType::of(&nb) != TensorType::of(old) {
+        return Err(format!(
+            "the {what} of {path} returned {} where {} was expected (a compiled module's hooks must keep shape and dtype)",
+            TensorType::of(&nb),
+            TensorType::of(old)
+        ));
+    }
+    Ok(nb)
+}
+
+impl CallbackRunner for Runner<'_> {
+    fn run(&self, id: usize, args: &[Buffer]) -> Result<Vec<Buffer>, String> {
+        let spec = &self.specs[id];
+        let path = spec.path();
+        let module = self.root.get_submodule(path).map_err(|e| e.to_string())?;
+        crate::no_grad(|| match spec {
+            CallbackSpec::ForwardPre { hook, .. } => match hook(&*module, &to_tensors(args)) {
+                None => Ok(args.to_vec()),
+                Some(new) => {
+                    if new.len() != args.len() {
+                        return Err(format!(
+                            "the forward pre-hook of {path} returned {} inputs, expected {}",
+                            new.len(),
+                            args.len()
+                        ));
+                    }
+                    args.iter().zip(&new).map(|(a, n)| check_same(path, "forward pre-hook", a, n)).collect()
+                }
+            },
+            CallbackSpec::Forward { hook, n_args, .. } => {
+                let ts = to_tensors(args);
+                let out = &ts[*n_args];
+                match hook(&*module, &ts[..*n_args], out) {
+                    None => Ok(vec![args[*n_args].clone()]),
+                    Some(new) => Ok(vec![check_same(path, "forward hook", &args[*n_args], &new)?]),
+                }
+            }
+        })
+    }
+}
+
+impl CompiledModule<'_> {
+    fn signature(&self, inputs: &[Tensor]) -> Signature {
+        Signature {
+            inputs: inputs.iter().map(|t| (t.tensor_type(), t.requires_grad())).collect(),
+            training: self.module.training(),
+            grad_enabled: crate::is_grad_enabled(),
+            global_hooks: crate::nn::global_hooks_version(),
+            hooks: hook_states(self.module),
+        }
+    }
+
+    /// Runs the module on one input.
+    pub fn call(&mut self, x: &Tensor) -> Result<Tensor, CompileError> {
+        self.call_many(std::slice::from_ref(x))
+    }
+
+    /// Runs the module on several inputs.
+    pub fn call_many(&mut self, inputs: &[Tensor]) -> Result<Tensor, CompileError> {
+        let sig = self.signature(inputs);
+        let needs_grad = sig.grad_enabled
+            && (sig.inputs.iter().any(|(_, g)| *g) || self.module.parameters().iter().any(|p| p.requires_grad()));
+        if needs_grad {
+            return Err(CompileError {
+                op: String::new(),
+                module_path: String::new(),
+                message: "compiled backward is not available yet: run the compiled module under no_grad(), or train in eager mode".into(),
+            });
+        }
+        let idx = match self.plans.iter().position(|(s, _)| *s == sig) {
+            Some(i) => i,
+            None => {
+                let reason = match &self.last {
+                    None => "first call".to_string(),
+                    Some(old) => describe_change(old, &sig),
+                };
+                let traced = trace_module(self.module, &sig.inputs)?;
+                let mut graph = traced.graph;
+                let mut pm = PassManager::standard();
+                pm.validate = cfg!(debug_assertions);
+                pm.run(&mut graph).map_err(|e| CompileError {
+                    op: e.op,
+                    module_path: String::new(),
+                    message: e.message,
+                })?;
+                self.reasons.push(reason);
+                self.plans.push((
+                    sig.clone(),
+                    Plan { graph, pass_report: pm.report(), lifted: traced.lifted_inputs, callbacks: traced.callbacks },
+                ));
+                self.plans.len() - 1
+            }
+        };
+        self.last = Some(sig);
+        let plan = &self.plans[idx].1;
+        let mut args: Vec<Buffer> = inputs.iter().map(|t| t.buffer()).collect();
+        args.extend(plan.lifted.iter().map(|t| t.buffer()));
+        let runner = Runner { root: self.module, specs: &plan.callbacks };
+        let out = interpret(&plan.graph, &args, &runner).map_err(|e| CompileError {
+            op: e.op.clone(),
+            module_path: String::new(),
+            message: e.message,
+        })?;
+        Ok(Tensor::from_buffer(out.into_iter().next().expect("one output")))
+    }
+
+    /// Why each plan was compiled, oldest first (`first call`, `input 0 shape [64, 784] -> [32, 784]`,
+    /// `hook added on fc1`).
+    pub fn recompile_reasons(&self) -> &[String] {
+        &self.reasons
+    }
+
+    /// The plan the last call used.
+    pub fn last_plan(&self) -> Option<&Plan> {
+        let last = self.last.as_ref()?;
+        self.plans.iter().find(|(s, _)| s == last).map(|(_, p)| p)
+    }
+
+    /// Number of cached plans.
+    pub fn plan_count(&self) -> usize {
+        self.plans.len()
+    }
+}

@@ -1,0 +1,9 @@
+//! Compiled mode: trace `forward` into the static graph IR, optimize it, and run it. Plans are
+//! cached per input signature; hooks become callback nodes that fire at run time.
+
+mod compiled;
+mod trace;
+
+pub use compiled::{compile, CompiledModule, Plan};
+pub use trace::{is_tracing, CompileError, Symbol};
+pub(crate) use trace::{trace_emit, traced_call};

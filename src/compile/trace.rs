@@ -1,0 +1,264 @@
+//! Tracing: `forward` runs once on symbolic tensors and every op lands in a [`Graph`].
+//!
+//! While a trace is active on this thread, the `Eager` emitter hands each op to
+//! [`trace_emit`]. Operands that are symbolic are graph nodes already. A concrete operand that
+//! is one of the module's parameters or buffers is *lifted* to a graph input, so the graph is a
+//! pure function and optimizer updates need no recompile. Any other concrete tensor becomes a
+//! constant. Module calls open a scope (so nodes carry their module path) and turn the module's
+//! forward hooks into callback nodes.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Once;
+
+use petgraph::stable_graph::NodeIndex;
+use tracegrad_compiler::graph::{Graph, InputRole};
+use tracegrad_compiler::{Op, OpError, OpResult, TensorType};
+
+use crate::nn::{module_id, ForwardHook, ForwardPreHook, Module, ModuleExt};
+use crate::tensor::Tensor;
+
+/// The graph node a symbolic tensor stands for.
+#[derive(Clone, Debug)]
+pub struct Symbol {
+    pub(crate) trace: u64,
+    pub(crate) node: NodeIndex,
+    pub(crate) ty: TensorType,
+}
+
+/// A hook captured as a callback node, with what the runtime needs to call it.
+#[derive(Clone)]
+pub(crate) enum CallbackSpec {
+    ForwardPre { path: String, hook: ForwardPreHook },
+    Forward { path: String, hook: ForwardHook, n_args: usize },
+}
+
+impl CallbackSpec {
+    pub(crate) fn path(&self) -> &str {
+        match self {
+            CallbackSpec::ForwardPre { path, .. } | CallbackSpec::Forward { path, .. } => path,
+        }
+    }
+}
+
+pub(crate) struct TraceState {
+    id: u64,
+    pub(crate) graph: Graph,
+    /// Concrete tensors already in the graph (lifted inputs and constants), by tensor id.
+    lifted: HashMap<usize, NodeIndex>,
+    /// Keeps every tensor keyed in `lifted` alive for the whole trace: a tensor id is an
+    /// address, and a freed temporary's address can be reused by the next one.
+    keepalive: Vec<Tensor>,
+    /// The module's parameters and buffers, by tensor id: (name, role, tensor).
+    pub(crate) liftable: HashMap<usize, (String, InputRole, Tensor)>,
+    /// Lifted tensors in graph-input order (after the data inputs).
+    pub(crate) lifted_inputs: Vec<Tensor>,
+    module_paths: HashMap<usize, String>,
+    pub(crate) callbacks: Vec<CallbackSpec>,
+}
+
+thread_local! {
+    static TRACE: RefCell<Option<TraceState>> = const { RefCell::new(None) };
+    static SILENT_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+static NEXT_TRACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Whether a trace is active on this thread.
+pub fn is_tracing() -> bool {
+    TRACE.with(|t| t.borrow().is_some())
+}
+
+fn with_trace<R>(f: impl FnOnce(&mut TraceState) -> R) -> Option<R> {
+    TRACE.with(|t| t.borrow_mut().as_mut().map(f))
+}
+
+fn node_of(st: &mut TraceState, t: &Tensor) -> OpResult<NodeIndex> {
+    if let Some(s) = t.symbol() {
+        if s.trace != st.id {
+            return Err(OpError::new("trace", "a symbolic tensor from another trace was used".to_string()));
+        }
+        return Ok(s.node);
+    }
+    if let Some(&n) = st.lifted.get(&t.id()) {
+        return Ok(n);
+    }
+    let n = match st.liftable.get(&t.id()).cloned() {
+        Some((name, role, tensor)) => {
+            // Lifted inputs belong to no module scope: they are the graph's arguments.
+            let scope = std::mem::take(&mut st.graph.scope);
+            let n = st.graph.add_input(&name, role, tensor.tensor_type());
+            st.graph.scope = scope;
+            st.lifted_inputs.push(tensor);
+            n
+        }
+        None => st.graph.add_op(Op::Constant(t.buffer()), &[])?,
+    };
+    st.lifted.insert(t.id(), n);
+    st.keepalive.push(t.clone());
+    Ok(n)
+}
+
+/// Records `op` in the active trace; `None` when no trace is active.
+pub(crate) fn trace_emit(op: &Op, inputs: &[&Tensor]) -> Option<OpResult<Tensor>> {
+    with_trace(|st| {
+        let nodes: Vec<NodeIndex> = inputs.iter().map(|t| node_of(st, t)).collect::<OpResult<_>>()?;
+        let n = st.graph.add_op(op.clone(), &nodes)?;
+        let ty = st.graph.g[n].ty.clone();
+        let rg = ty.dtype.is_float() && crate::is_grad_enabled() && inputs.iter().any(|t| t.requires_grad());
+        Ok(Tensor::symbolic(Symbol { trace: st.id, node: n, ty }, rg))
+    })
+}
+
+fn symbolic_like(st: &TraceState, n: NodeIndex, requires_grad: bool) -> Tensor {
+    Tensor::symbolic(Symbol { trace: st.id, node: n, ty: st.graph.g[n].ty.clone() }, requires_grad)
+}
+
+/// `module(args)` during a trace: a scope for the module's nodes, and its forward hooks as
+/// callback nodes around `forward`.
+pub(crate) fn traced_call(m: &dyn Module, args: &[Tensor], pre: &[ForwardPreHook], post: &[ForwardHook]) -> Tensor {
+    let path =
+        with_trace(|st| st.module_paths.get(&module_id(m)).cloned().unwrap_or_else(|| format!("<{}>", m.type_name())))
+            .expect("tracing");
+    let type_name = m.type_name();
+    with_trace(|st| st.graph.scope.push((path.clone(), type_name.clone())));
+    let mut args = args.to_vec();
+    for hook in pre {
+        args = with_trace(|st| -> OpResult<Vec<Tensor>> {
+            let nodes: Vec<NodeIndex> = args.iter().map(|a| node_of(st, a)).collect::<OpResult<_>>()?;
+            let types: Vec<TensorType> = nodes.iter().map(|&n| st.graph.g[n].ty.clone()).collect();
+            let id = st.callbacks.len();
+            st.callbacks.push(CallbackSpec::ForwardPre { path: path.clone(), hook: hook.clone() });
+            let outs = st.graph.add_callback(id, &format!("forward pre-hook of {path} ({type_name})"), &nodes, &types);
+            Ok(outs.iter().zip(&args).map(|(&n, a)| symbolic_like(st, n, a.requires_grad())).collect())
+        })
+        .expect("tracing")
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut out = m.forward_many(&args);
+    for hook in post {
+        out = with_trace(|st| -> OpResult<Tensor> {
+            let mut nodes: Vec<NodeIndex> = args.iter().map(|a| node_of(st, a)).collect::<OpResult<_>>()?;
+            nodes.push(node_of(st, &out)?);
+            let ty = st.graph.g[*nodes.last().unwrap()].ty.clone();
+            let id = st.callbacks.len();
+            st.callbacks.push(CallbackSpec::Forward { path: path.clone(), hook: hook.clone(), n_args: args.len() });
+            let n = st.graph.add_callback(id, &format!("forward hook of {path} ({type_name})"), &nodes, &[ty])[0];
+            Ok(symbolic_like(st, n, out.requires_grad()))
+        })
+        .expect("tracing")
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    with_trace(|st| st.graph.scope.pop());
+    out
+}
+
+/// Why compiling failed: the op, the module path and the shapes, in one message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompileError {
+    /// The op that failed (empty when the failure is not an op's).
+    pub op: String,
+    /// Dotted path of the module whose forward failed (`""`: the top level).
+    pub module_path: String,
+    /// The full message.
+    pub message: String,
+}
+
+impl std::fmt::Display for CompileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.module_path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{} (in module {})", self.message, self.module_path)
+        }
+    }
+}
+
+impl std::error::Error for CompileError {}
+
+/// Installs (once) a panic hook that stays quiet while a trace catches its own panics, so a
+/// failed trace is an `Err`, not noise on stderr.
+fn install_quiet_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !SILENT_PANICS.with(|s| s.get()) {
+                prev(info)
+            }
+        }));
+    });
+}
+
+/// The result of tracing one call.
+pub(crate) struct Traced {
+    pub(crate) graph: Graph,
+    pub(crate) lifted_inputs: Vec<Tensor>,
+    pub(crate) callbacks: Vec<CallbackSpec>,
+}
+
+/// Traces `module(inputs)` for inputs of the given types.
+pub(crate) fn trace_module(m: &dyn Module, inputs: &[(TensorType, bool)]) -> Result<Traced, CompileError> {
+    if is_tracing() {
+        return Err(CompileError {
+            op: String::new(),
+            module_path: String::new(),
+            message: "nested compile: a trace is already active on this thread".into(),
+        });
+    }
+    let mut liftable = HashMap::new();
+    for (name, t) in m.named_parameters() {
+        liftable.insert(t.id(), (name, InputRole::Parameter, t));
+    }
+    for (name, t) in m.named_buffers() {
+        liftable.insert(t.id(), (name, InputRole::Buffer, t));
+    }
+    let module_paths: HashMap<usize, String> =
+        m.named_modules().into_iter().map(|(p, sub)| (module_id(&*sub), p)).collect();
+    let id = NEXT_TRACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut st = TraceState {
+        id,
+        graph: Graph::new(),
+        lifted: HashMap::new(),
+        keepalive: Vec::new(),
+        liftable,
+        lifted_inputs: Vec::new(),
+        module_paths,
+        callbacks: Vec::new(),
+    };
+    let args: Vec<Tensor> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (ty, rg))| {
+            let n = st.graph.add_input(&format!("input{i}"), InputRole::Data, ty.clone());
+            Tensor::symbolic(Symbol { trace: id, node: n, ty: ty.clone() }, *rg)
+        })
+        .collect();
+    TRACE.with(|t| *t.borrow_mut() = Some(st));
+    install_quiet_hook();
+    SILENT_PANICS.with(|s| s.set(true));
+    let result = catch_unwind(AssertUnwindSafe(|| m.call_many(&args)));
+    SILENT_PANICS.with(|s| s.set(false));
+    let mut st = TRACE.with(|t| t.borrow_mut().take()).expect("trace state");
+    let out = match result {
+        Ok(out) => out,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "forward panicked".into());
+            let module_path = st.graph.scope.last().map(|(p, _)| p.clone()).unwrap_or_default();
+            let op = message.split(':').next().filter(|s| !s.contains(' ')).unwrap_or("").to_string();
+            return Err(CompileError { op, module_path, message });
+        }
+    };
+    let n = node_of(&mut st, &out).map_err(|e| CompileError {
+        op: e.op,
+        module_path: String::new(),
+        message: e.message,
+    })?;
+    st.graph.add_output("out", n);
+    Ok(Traced { graph: st.graph, lifted_inputs: st.lifted_inputs, callbacks: st.callbacks })
+}

@@ -1,0 +1,135 @@
+//! The compile API on the reference interpreter: compiled and eager runs agree, plans are
+//! cached per signature with reasons, hooks fire through callback nodes, trace errors are
+//! values naming the module path.
+
+use std::sync::{Arc, Mutex};
+
+use tracegrad::nn::{Linear, Module, ModuleCore, ModuleExt, ReLU, Sequential};
+use tracegrad::zoo::seed_model;
+use tracegrad::{compile, no_grad, Tensor};
+
+fn close(a: &Tensor, b: &Tensor) {
+    assert_eq!(a.shape(), b.shape());
+    for (x, y) in a.to_vec_f64().iter().zip(b.to_vec_f64()) {
+        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+    }
+}
+
+fn mlp() -> Sequential {
+    tracegrad::manual_seed(3);
+    Sequential::new().add(Linear::new(784, 64)).add(ReLU::new()).add(Linear::new(64, 10))
+}
+
+#[test]
+fn compiled_mlp_matches_eager_and_caches_per_signature() {
+    let m = mlp();
+    let mut c = compile(&m);
+    no_grad(|| {
+        let x = Tensor::randn(&[64, 784]);
+        close(&c.call(&x).unwrap(), &m.call(&x));
+        close(&c.call(&x).unwrap(), &m.call(&x));
+        assert_eq!(c.plan_count(), 1);
+        let x2 = Tensor::randn(&[32, 784]);
+        close(&c.call(&x2).unwrap(), &m.call(&x2));
+        assert_eq!(
+            c.recompile_reasons(),
+            &["first call".to_string(), "input 0 shape [64, 784] -> [32, 784]".to_string()]
+        );
+        // Parameters are graph inputs: an update is seen without recompiling.
+        let w = m.get_parameter("0.weight").unwrap();
+        w.set_buffer(w.mul_scalar(0.5).buffer());
+        close(&c.call(&x2).unwrap(), &m.call(&x2));
+        assert_eq!(c.plan_count(), 2);
+        m.eval();
+        c.call(&x2).unwrap();
+        assert!(c.recompile_reasons().last().unwrap().contains("mode train -> eval"));
+    });
+}
+
+#[test]
+fn the_plan_is_a_typed_graph_with_module_paths() {
+    let m = mlp();
+    let mut c = compile(&m);
+    no_grad(|| c.call(&Tensor::randn(&[8, 784])).unwrap());
+    let text = c.last_plan().unwrap().graph.to_text();
+    assert!(text.contains("= matmul"), "{text}");
+    assert!(text.contains("# 0 (Linear)"), "{text}");
+    assert!(text.contains("(0.weight)"), "{text}");
+    assert!(text.contains("f32[8,64]"), "{text}");
+}
+
+#[test]
+fn seed_model_compiles_to_the_same_output() {
+    let m = seed_model();
+    let x = Tensor::vec1(&[1.0, 2.0, 3.0]);
+    let mut c = compile(&m);
+    no_grad(|| close(&c.call(&x).unwrap(), &m.call(&x)));
+}
+
+#[test]
+fn hooks_added_or_removed_after_compiling_are_never_ignored() {
+    let m = mlp();
+    let mut c = compile(&m);
+    let x = Tensor::randn(&[4, 784]);
+    let fired = Arc::new(Mutex::new(0));
+    no_grad(|| {
+        c.call(&x).unwrap();
+        let f = fired.clone();
+        let h = m.get_submodule("2").unwrap().register_forward_hook(move |_, _, out| {
+            *f.lock().unwrap() += 1;
+            Some(out * 2.0)
+        });
+        let y = c.call(&x).unwrap();
+        assert_eq!(*fired.lock().unwrap(), 1);
+        close(&y, &m.call(&x)); // eager fires it too (count 2) and doubles as well
+        assert_eq!(*fired.lock().unwrap(), 2);
+        assert_eq!(c.recompile_reasons().last().unwrap(), "hook added on 2");
+        assert!(c.last_plan().unwrap().graph.to_text().contains("forward hook of 2 (Linear)"));
+        h.remove();
+        let y = c.call(&x).unwrap();
+        assert_eq!(*fired.lock().unwrap(), 2);
+        close(&y, &m.call(&x));
+        assert_eq!(c.recompile_reasons().last().unwrap(), "hook removed on 2");
+    });
+}
+
+#[test]
+fn a_hook_that_changes_the_shape_is_an_error_naming_the_module() {
+    let m = mlp();
+    let mut c = compile(&m);
+    m.get_submodule("0").unwrap().register_forward_hook(|_, _, out| Some(out.sum(&[1], true)));
+    let e = no_grad(|| c.call(&Tensor::randn(&[4, 784]))).unwrap_err();
+    assert!(e.to_string().contains("forward hook of 0"), "{e}");
+    assert!(e.to_string().contains("f32[4,1]") && e.to_string().contains("f32[4,64]"), "{e}");
+}
+
+#[derive(tracegrad::nn::Module)]
+struct Broken {
+    #[module]
+    inner: Linear,
+    core: ModuleCore,
+}
+
+impl Module for Broken {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.inner.call(x)
+    }
+}
+
+#[test]
+fn a_shape_error_while_tracing_is_an_err_with_the_module_path() {
+    let m = Broken { inner: Linear::new(5, 3), core: ModuleCore::new() };
+    let mut c = compile(&m);
+    let e = no_grad(|| c.call(&Tensor::randn(&[2, 4]))).unwrap_err();
+    assert_eq!(e.module_path, "inner");
+    assert!(e.message.contains("linear"), "{e}");
+    assert!(e.message.contains("[2, 4]") && e.message.contains("[3, 5]"), "{e}");
+}
+
+#[test]
+fn compiled_backward_is_absent_and_says_so() {
+    let m = mlp();
+    let mut c = compile(&m);
+    let e = c.call(&Tensor::randn(&[2, 784])).unwrap_err();
+    assert!(e.to_string().contains("compiled backward is not available yet"), "{e}");
+}
