@@ -137,3 +137,35 @@ fn where_and_clamp_of_zero_dim_tensors() {
     r.relu().backward();
     assert_eq!(r.grad().unwrap().to_vec_f64(), vec![0.0]);
 }
+
+#[test]
+fn zero_dim_operands_follow_pytorch_type_promotion() {
+    // A 0-d tensor of the same category does not widen a dimensioned one.
+    let f32v = Tensor::vec1(&[1.0, 2.0]);
+    let f64s = Tensor::from_vec(vec![0.5f64], &[]);
+    let y = f32v.add(&f64s);
+    assert_eq!(y.dtype(), DType::F32);
+    assert_eq!(y.to_vec_f32(), vec![1.5, 2.5]);
+    assert_eq!(f64s.mul(&f32v).dtype(), DType::F32);
+    let u8v = Tensor::from_vec(vec![250u8, 3], &[2]);
+    assert_eq!(u8v.add(&Tensor::from_vec(vec![10i64], &[])).dtype(), DType::U8);
+    // A 0-d tensor of a higher category does.
+    let i64v = Tensor::from_vec(vec![1i64, 2], &[2]);
+    assert_eq!(i64v.add(&Tensor::from_vec(vec![0.5f64], &[])).dtype(), DType::F64);
+    assert_eq!(i64v.add(&Tensor::scalar(0.5)).to_vec_f32(), vec![1.5, 2.5]);
+    let bv = Tensor::from_vec(vec![true, false], &[2]);
+    assert_eq!(bv.mul(&Tensor::from_vec(vec![3i64], &[])).to_vec::<i64>(), vec![3, 0]);
+    // Two dimensioned operands, or two 0-d ones, take the wider dtype.
+    assert_eq!(f32v.add(&Tensor::from_vec(vec![1.0f64, 1.0], &[2])).dtype(), DType::F64);
+    assert_eq!(Tensor::scalar(1.0).add(&f64s).dtype(), DType::F64);
+    // Comparisons and where follow the same rule; the gradient keeps each input's dtype.
+    assert_eq!(f32v.lt(&f64s).to_vec::<bool>(), vec![false, false]);
+    let x = Tensor::vec1(&[1.0, 2.0]).requires_grad_(true);
+    let s = Tensor::from_vec(vec![3.0f64], &[]).requires_grad_(true);
+    let out = x.mul(&s);
+    assert_eq!(out.dtype(), DType::F32);
+    out.sum_all().backward();
+    assert_eq!(x.grad().unwrap().to_vec_f32(), vec![3.0, 3.0]);
+    assert_eq!(s.grad().unwrap().dtype(), DType::F64);
+    assert_eq!(s.grad().unwrap().item(), 3.0);
+}

@@ -27,6 +27,24 @@ pub fn norm_dim(op: &str, dim: isize, rank: usize) -> OpResult<usize> {
     normalize_dim(dim, rank).map_err(|m| OpError::new(op, format!("{op}: {m}")))
 }
 
+/// PyTorch's `result_type` for two tensors: a 0-d tensor only takes part when its category
+/// (bool < integer < float) is higher than the dimensioned operand's, so `f32[3] + f64[]` is
+/// f32 and `u8[3] + i64[]` is u8, while `i64[3] + f32[]` is f32. Otherwise the wider dtype wins.
+pub fn result_type(a: &TensorType, b: &TensorType) -> DType {
+    fn category(d: DType) -> u8 {
+        match d {
+            DType::Bool => 0,
+            DType::U8 | DType::I64 => 1,
+            DType::F32 | DType::F64 => 2,
+        }
+    }
+    match (a.rank() == 0, b.rank() == 0) {
+        (true, false) if category(a.dtype) <= category(b.dtype) => b.dtype,
+        (false, true) if category(b.dtype) <= category(a.dtype) => a.dtype,
+        _ => DType::promote(a.dtype, b.dtype),
+    }
+}
+
 /// Named helpers over any [`Emitter`]. Implemented for all of them.
 pub trait Build: Emitter {
     /// Shape of a value.
@@ -76,10 +94,9 @@ pub trait Build: Emitter {
         self.emit(Op::Binary(op), &[&a, &b])
     }
 
-    /// Casts two values to their common dtype.
+    /// Casts two values to their common dtype ([`result_type`]).
     fn promote(&mut self, a: &Self::Value, b: &Self::Value) -> OpResult<(Self::Value, Self::Value)> {
-        let (da, db) = (self.dtype(a), self.dtype(b));
-        let d = DType::promote(da, db);
+        let d = result_type(&self.value_type(a), &self.value_type(b));
         Ok((self.cast(a, d)?, self.cast(b, d)?))
     }
 
