@@ -9,7 +9,7 @@
 //! tracegrad::manual_seed(0);
 //! let model = nn::Sequential::new()
 //!     .add(nn::Linear::new(4, 8))
-//!     .add(nn::ReLU)
+//!     .add(nn::ReLU::new())
 //!     .add(nn::Linear::new(8, 3));
 //! let mut opt = Sgd::new(model.parameters(), 0.1);
 //! let x = Tensor::randn(&[16, 4]);

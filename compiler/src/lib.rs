@@ -17,6 +17,7 @@ pub mod emitter;
 pub mod graph;
 pub mod interpret;
 pub mod ops;
+pub mod partition;
 pub mod passes;
 
 pub use emitter::{Build, Emitter};

@@ -1,0 +1,242 @@
+//! Splits a joint forward+backward graph into a forward graph and a backward graph with
+//! explicit saved values, as AOTAutograd does.
+//!
+//! The forward graph computes the forward outputs and, as extra outputs, every forward value
+//! the backward reads (the saved values). The backward graph takes those saved values plus the
+//! output gradients as inputs. With `recompute_pointwise`, a saved value that is a cheap
+//! pointwise op of values the backward has anyway is recomputed in the backward instead of
+//! being saved (a simple form of the min-cut rematerialisation heuristic).
+
+use std::collections::{HashMap, HashSet};
+
+use petgraph::stable_graph::NodeIndex;
+use petgraph::Direction;
+
+use crate::graph::{Graph, InputRole, NodeKind};
+use crate::ops::{Op, OpError, OpResult};
+
+/// The two halves.
+pub struct Partitioned {
+    /// Inputs: the joint graph's forward inputs, in order. Outputs: the forward outputs, then
+    /// the saved values.
+    pub forward: Graph,
+    /// Inputs: the saved values (same order as the forward's extra outputs), then the output
+    /// gradients. Outputs: the requested gradients, in order.
+    pub backward: Graph,
+    /// How many values cross from forward to backward.
+    pub saved: usize,
+}
+
+fn ancestors(g: &Graph, from: &[NodeIndex]) -> HashSet<NodeIndex> {
+    let mut seen: HashSet<NodeIndex> = from.iter().copied().collect();
+    let mut stack = from.to_vec();
+    while let Some(n) = stack.pop() {
+        for m in g.g.neighbors_directed(n, Direction::Incoming) {
+            if seen.insert(m) {
+                stack.push(m);
+            }
+        }
+    }
+    seen
+}
+
+fn cheap(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Compare(_)
+            | Op::Where
+            | Op::Clamp { .. }
+            | Op::Cast(_)
+            | Op::Reshape(_)
+            | Op::Full { .. }
+    )
+}
+
+/// Copies the nodes `set` of `src` (in topological order) into `dst`, mapping operands through
+/// `map` (which must already hold every operand outside `set`).
+fn copy_nodes(
+    src: &Graph,
+    order: &[NodeIndex],
+    set: &HashSet<NodeIndex>,
+    dst: &mut Graph,
+    map: &mut HashMap<NodeIndex, NodeIndex>,
+) {
+    for &n in order {
+        if !set.contains(&n) || map.contains_key(&n) {
+            continue;
+        }
+        let node = src.g[n].clone();
+        let new = dst.g.add_node(node);
+        for (i, o) in src.operands(n).iter().enumerate() {
+            dst.g.add_edge(map[o], new, i);
+        }
+        map.insert(n, new);
+    }
+}
+
+/// Partitions `joint`. `fwd_outputs` are the forward results, `grad_inputs` the joint graph's
+/// inputs that carry output gradients, `grads` the gradient nodes to return.
+pub fn partition(
+    joint: &Graph,
+    fwd_outputs: &[NodeIndex],
+    grad_inputs: &[NodeIndex],
+    grads: &[NodeIndex],
+    recompute_pointwise: bool,
+) -> OpResult<Partitioned> {
+    let order = joint.topo_order().map_err(|e| OpError::new("partition", e))?;
+    let fwd: HashSet<NodeIndex> = ancestors(joint, fwd_outputs);
+    for gi in grad_inputs {
+        if fwd.contains(gi) {
+            return Err(OpError::new("partition", "a gradient input feeds the forward outputs".to_string()));
+        }
+    }
+    let bwd_all = ancestors(joint, grads);
+    // Backward-only nodes; forward nodes they read are "saved".
+    let mut bwd: HashSet<NodeIndex> = bwd_all.difference(&fwd).copied().collect();
+    let forward_inputs: HashSet<NodeIndex> =
+        joint.inputs.iter().copied().filter(|i| !grad_inputs.contains(i)).collect();
+    let mut saved: Vec<NodeIndex>;
+    loop {
+        let mut s: Vec<NodeIndex> = order
+            .iter()
+            .copied()
+            .filter(|n| {
+                fwd.contains(n)
+                    && !bwd.contains(n)
+                    && joint.g.neighbors_directed(*n, Direction::Outgoing).any(|u| bwd.contains(&u))
+            })
+            .collect();
+        // A gradient that is itself a forward value (e.g. d(x+y)/dy = seed... or a constant).
+        for g in grads {
+            if fwd.contains(g) && !s.contains(g) {
+                s.push(*g);
+            }
+        }
+        saved = s;
+        if !recompute_pointwise {
+            break;
+        }
+        // Recompute a saved cheap op in the backward when all its operands are forward
+        // inputs (always available to save) or already saved.
+        let saved_set: HashSet<NodeIndex> = saved.iter().copied().collect();
+        let movable: Vec<NodeIndex> = saved
+            .iter()
+            .copied()
+            .filter(|&n| {
+                matches!(&joint.g[n].kind, NodeKind::Op(op) if cheap(op))
+                    && !grads.contains(&n)
+                    && joint.operands(n).iter().all(|o| forward_inputs.contains(o) || saved_set.contains(o))
+                    && !joint.operands(n).is_empty()
+            })
+            .collect();
+        // Only worth it when it does not save more values than it removes.
+        let movable: Vec<NodeIndex> = movable
+            .into_iter()
+            .filter(|&n| joint.operands(n).iter().filter(|o| !saved_set.contains(o)).count() <= 1)
+            .collect();
+        if movable.is_empty() {
+            break;
+        }
+        bwd.extend(movable);
+    }
+
+    // Forward graph.
+    let mut forward = Graph::new();
+    let mut fmap = HashMap::new();
+    for &i in &joint.inputs {
+        if grad_inputs.contains(&i) {
+            continue;
+        }
+        let node = joint.g[i].clone();
+        let n = forward.g.add_node(node);
+        forward.inputs.push(n);
+        fmap.insert(i, n);
+    }
+    copy_nodes(joint, &order, &fwd, &mut forward, &mut fmap);
+    for (k, o) in fwd_outputs.iter().enumerate() {
+        let name =
+            joint.outputs.iter().find(|(_, n)| n == o).map(|(s, _)| s.clone()).unwrap_or_else(|| format!("out{k}"));
+        forward.add_output(&name, fmap[o]);
+    }
+    for s in &saved {
+        forward.add_output(&format!("saved%{}", s.index()), fmap[s]);
+    }
+
+    // Backward graph.
+    let mut backward = Graph::new();
+    let mut bmap = HashMap::new();
+    for s in &saved {
+        let n = backward.add_input(&format!("saved%{}", s.index()), InputRole::Saved, joint.g[*s].ty.clone());
+        backward.g[n].path = joint.g[*s].path.clone();
+        backward.g[n].module_type = joint.g[*s].module_type.clone();
+        bmap.insert(*s, n);
+    }
+    for gi in grad_inputs {
+        let name = match &joint.g[*gi].kind {
+            NodeKind::Input { name, .. } => name.clone(),
+            _ => format!("grad%{}", gi.index()),
+        };
+        let n = backward.add_input(&name, InputRole::Grad, joint.g[*gi].ty.clone());
+        bmap.insert(*gi, n);
+    }
+    copy_nodes(joint, &order, &bwd, &mut backward, &mut bmap);
+    for (k, g) in grads.iter().enumerate() {
+        let n = *bmap.get(g).ok_or_else(|| {
+            OpError::new("partition", format!("gradient {k} is not computable in the backward graph"))
+        })?;
+        backward.add_output(&format!("grad{k}"), n);
+    }
+    Ok(Partitioned { forward, backward, saved: saved.len() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::autodiff::append_backward_plain;
+    use crate::emitter::Build;
+    use crate::interpret::{interpret, NoCallbacks};
+    use crate::ops::{TensorType, UnaryOp};
+    use tracegrad_runtime::{Buffer, DType};
+
+    /// y = sum(tanh(x·w) · 2): forward, then the backward from saved values must equal the
+    /// joint graph's gradients, with and without recomputation.
+    #[test]
+    fn forward_and_backward_halves_agree_with_the_joint_graph() {
+        for recompute in [false, true] {
+            let mut g = Graph::new();
+            let x = g.add_input("x", InputRole::Data, TensorType::new(DType::F64, &[3]));
+            let w = g.add_input("w", InputRole::Parameter, TensorType::new(DType::F64, &[3]));
+            let xw = g.mul(&x, &w).unwrap();
+            let t = g.unary(UnaryOp::Tanh, &xw).unwrap();
+            let t2 = g.mul_scalar(&t, 2.0).unwrap();
+            let y = g.sum(&t2, &[], false).unwrap();
+            let seed = g.add_input("grad_out", InputRole::Grad, TensorType::new(DType::F64, &[]));
+            let grads = append_backward_plain(&mut g, &[(y, seed)], &[x, w]).unwrap();
+            let grads: Vec<NodeIndex> = grads.into_iter().map(Option::unwrap).collect();
+            g.add_output("y", y);
+            for (k, gr) in grads.iter().enumerate() {
+                g.add_output(&format!("d{k}"), *gr);
+            }
+            let xs = Buffer::from_vec(vec![0.1f64, -0.4, 0.7], &[3]);
+            let ws = Buffer::from_vec(vec![1.5f64, 0.2, -0.3], &[3]);
+            let go = Buffer::from_vec(vec![1.0f64], &[]);
+            let joint = interpret(&g, &[xs.clone(), ws.clone(), go.clone()], &NoCallbacks).unwrap();
+            let p = partition(&g, &[y], &[seed], &grads, recompute).unwrap();
+            p.forward.validate().unwrap();
+            p.backward.validate().unwrap();
+            let f = interpret(&p.forward, &[xs, ws], &NoCallbacks).unwrap();
+            assert_eq!(f[0], joint[0]);
+            let mut bargs: Vec<Buffer> = f[1..].to_vec();
+            bargs.push(go);
+            let b = interpret(&p.backward, &bargs, &NoCallbacks).unwrap();
+            assert_eq!(b[0], joint[1]);
+            assert_eq!(b[1], joint[2]);
+            if recompute {
+                // tanh's input x·w is recomputed from x and w rather than saved.
+                assert!(p.backward.to_text().contains("= mul"), "{}", p.backward.to_text());
+            }
+        }
+    }
+}
