@@ -93,6 +93,22 @@ pub(crate) fn custom_identity(name: &'static str, inputs: &[Tensor], backward: C
     inputs.iter().map(|t| attach_output(&node, t.buffer())).collect()
 }
 
+/// Records one node computing `outputs` from `inputs` (already computed elsewhere, e.g. by a
+/// compiled plan) whose backward is `backward`. When grad mode is off or no input requires
+/// grad, the outputs are returned as plain tensors.
+pub(crate) fn custom_op(
+    name: &'static str,
+    inputs: &[Tensor],
+    outputs: Vec<Buffer>,
+    backward: CustomBackward,
+) -> Vec<Tensor> {
+    if !is_grad_enabled() || !inputs.iter().any(|t| t.requires_grad()) {
+        return outputs.into_iter().map(Tensor::from_buffer).collect();
+    }
+    let node = new_node(NodeKind::Custom { name, backward }, inputs.to_vec());
+    outputs.into_iter().map(|b| attach_output(&node, b)).collect()
+}
+
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
 }

@@ -2,7 +2,12 @@
 //! the graph, caches the plan and runs it on the reference interpreter. Hooks run at run time
 //! as callback nodes, with real tensors.
 
-use tracegrad_compiler::interpret::{interpret, CallbackRunner};
+use std::sync::Arc;
+
+use tracegrad_compiler::autodiff::append_backward;
+use tracegrad_compiler::graph::{Graph, InputRole};
+use tracegrad_compiler::interpret::{interpret, CallbackRunner, NoCallbacks};
+use tracegrad_compiler::partition::partition;
 use tracegrad_compiler::passes::PassManager;
 use tracegrad_compiler::TensorType;
 use tracegrad_runtime::{Buffer, ShapeDisplay};
@@ -25,8 +30,14 @@ pub(crate) struct Signature {
 
 /// One compiled specialisation.
 pub struct Plan {
-    /// The optimized forward graph.
+    /// The optimized forward graph. With a backward, its outputs are the result then the
+    /// values saved for the backward.
     pub graph: tracegrad_compiler::graph::Graph,
+    /// The optimized backward graph (saved values and the output gradient in, one gradient
+    /// per `wrt` entry out), when the call needs gradients.
+    pub backward: Option<Arc<tracegrad_compiler::graph::Graph>>,
+    /// Which call arguments get gradients: indices into (data inputs ++ lifted tensors).
+    wrt: Vec<usize>,
     /// The pass manager's timings for this plan.
     pub pass_report: String,
     lifted: Vec<Tensor>,
@@ -44,6 +55,11 @@ pub struct CompiledModule<'m> {
 /// Compiles `module`: each call looks up the plan for its input signature (shapes, dtypes,
 /// requires_grad, train/eval, grad mode and the hook set), tracing and optimizing on a miss.
 pub fn compile<M: Module>(module: &M) -> CompiledModule<'_> {
+    compile_dyn(module)
+}
+
+/// [`compile`] for a `&dyn Module`.
+pub fn compile_dyn(module: &dyn Module) -> CompiledModule<'_> {
     CompiledModule { module, plans: Vec::new(), reasons: Vec::new(), last: None }
 }
 
@@ -154,6 +170,72 @@ impl CallbackRunner for Runner<'_> {
     }
 }
 
+fn op_error(e: tracegrad_compiler::OpError) -> CompileError {
+    CompileError { op: e.op, module_path: String::new(), message: e.message }
+}
+
+fn optimize(g: &mut Graph) -> Result<String, CompileError> {
+    let mut pm = PassManager::standard();
+    pm.validate = cfg!(debug_assertions);
+    pm.run(g).map_err(op_error)?;
+    Ok(pm.report())
+}
+
+/// Traces, differentiates (when the signature needs gradients), partitions and optimizes.
+fn build_plan(module: &dyn Module, sig: &Signature) -> Result<Plan, CompileError> {
+    let traced = trace_module(module, &sig.inputs)?;
+    let mut graph = traced.graph;
+    let n_data = sig.inputs.len();
+    let wrt: Vec<usize> = if sig.grad_enabled {
+        (0..n_data)
+            .filter(|&i| sig.inputs[i].1 && sig.inputs[i].0.dtype.is_float())
+            .chain(traced.lifted_inputs.iter().enumerate().filter(|(_, t)| t.requires_grad()).map(|(j, _)| n_data + j))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if wrt.is_empty() {
+        let pass_report = optimize(&mut graph)?;
+        return Ok(Plan {
+            graph,
+            backward: None,
+            wrt,
+            pass_report,
+            lifted: traced.lifted_inputs,
+            callbacks: traced.callbacks,
+        });
+    }
+    let y = graph.outputs[0].1;
+    let seed = graph.add_input("grad_out", InputRole::Grad, graph.g[y].ty.clone());
+    let wrt_nodes: Vec<_> = wrt.iter().map(|&i| graph.inputs[i]).collect();
+    let grads = append_backward(&mut graph, &[(y, seed)], &wrt_nodes, &mut |g, group, _| {
+        let label = match &g.g[group[0]].kind {
+            tracegrad_compiler::graph::NodeKind::Callback { label, .. } => label.clone(),
+            _ => String::new(),
+        };
+        Err(tracegrad_compiler::OpError::new(
+            "autodiff",
+            format!("compiled backward through a {label} is not supported yet: run the compiled module under no_grad(), or train eagerly"),
+        ))
+    })
+    .map_err(op_error)?;
+    // Arguments that do not influence the output get no gradient, as in eager mode.
+    let (wrt, grads): (Vec<usize>, Vec<_>) = wrt.into_iter().zip(grads).filter_map(|(w, g)| g.map(|g| (w, g))).unzip();
+    let p = partition(&graph, &[y], &[seed], &grads, true).map_err(op_error)?;
+    let (mut forward, mut backward) = (p.forward, p.backward);
+    let mut report = optimize(&mut forward)?;
+    report.push_str("\n-- backward --\n");
+    report.push_str(&optimize(&mut backward)?);
+    Ok(Plan {
+        graph: forward,
+        backward: Some(Arc::new(backward)),
+        wrt,
+        pass_report: report,
+        lifted: traced.lifted_inputs,
+        callbacks: traced.callbacks,
+    })
+}
+
 impl CompiledModule<'_> {
     fn signature(&self, inputs: &[Tensor]) -> Signature {
         Signature {
@@ -173,15 +255,6 @@ impl CompiledModule<'_> {
     /// Runs the module on several inputs.
     pub fn call_many(&mut self, inputs: &[Tensor]) -> Result<Tensor, CompileError> {
         let sig = self.signature(inputs);
-        let needs_grad = sig.grad_enabled
-            && (sig.inputs.iter().any(|(_, g)| *g) || self.module.parameters().iter().any(|p| p.requires_grad()));
-        if needs_grad {
-            return Err(CompileError {
-                op: String::new(),
-                module_path: String::new(),
-                message: "compiled backward is not available yet: run the compiled module under no_grad(), or train in eager mode".into(),
-            });
-        }
         let idx = match self.plans.iter().position(|(s, _)| *s == sig) {
             Some(i) => i,
             None => {
@@ -189,34 +262,35 @@ impl CompiledModule<'_> {
                     None => "first call".to_string(),
                     Some(old) => describe_change(old, &sig),
                 };
-                let traced = trace_module(self.module, &sig.inputs)?;
-                let mut graph = traced.graph;
-                let mut pm = PassManager::standard();
-                pm.validate = cfg!(debug_assertions);
-                pm.run(&mut graph).map_err(|e| CompileError {
-                    op: e.op,
-                    module_path: String::new(),
-                    message: e.message,
-                })?;
+                let plan = build_plan(self.module, &sig)?;
                 self.reasons.push(reason);
-                self.plans.push((
-                    sig.clone(),
-                    Plan { graph, pass_report: pm.report(), lifted: traced.lifted_inputs, callbacks: traced.callbacks },
-                ));
+                self.plans.push((sig.clone(), plan));
                 self.plans.len() - 1
             }
         };
         self.last = Some(sig);
         let plan = &self.plans[idx].1;
-        let mut args: Vec<Buffer> = inputs.iter().map(|t| t.buffer()).collect();
-        args.extend(plan.lifted.iter().map(|t| t.buffer()));
+        let mut all: Vec<Tensor> = inputs.to_vec();
+        all.extend(plan.lifted.iter().cloned());
+        let args: Vec<Buffer> = all.iter().map(|t| t.buffer()).collect();
         let runner = Runner { root: self.module, specs: &plan.callbacks };
-        let out = interpret(&plan.graph, &args, &runner).map_err(|e| CompileError {
-            op: e.op.clone(),
-            module_path: String::new(),
-            message: e.message,
-        })?;
-        Ok(Tensor::from_buffer(out.into_iter().next().expect("one output")))
+        let mut out = interpret(&plan.graph, &args, &runner).map_err(op_error)?;
+        let y = out.remove(0);
+        let Some(backward) = plan.backward.clone() else {
+            return Ok(Tensor::from_buffer(y));
+        };
+        // The compiled output joins eager autograd: one node whose backward runs the
+        // backward graph on the saved values.
+        let saved = out;
+        let wrt_tensors: Vec<Tensor> = plan.wrt.iter().map(|&i| all[i].clone()).collect();
+        let f: crate::autograd::CustomBackward = Arc::new(move |grads: &[Option<Tensor>]| {
+            let Some(g) = &grads[0] else { return Ok(vec![None; backward.outputs.len()]) };
+            let mut bargs = saved.clone();
+            bargs.push(g.buffer());
+            let gs = interpret(&backward, &bargs, &NoCallbacks).map_err(|e| e.to_string())?;
+            Ok(gs.into_iter().map(|b| Some(Tensor::from_buffer(b))).collect())
+        });
+        Ok(crate::autograd::custom_op("CompiledFunction", &wrt_tensors, vec![y], f).remove(0))
     }
 
     /// Why each plan was compiled, oldest first (`first call`, `input 0 shape [64, 784] -> [32, 784]`,

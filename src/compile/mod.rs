@@ -4,6 +4,6 @@
 mod compiled;
 mod trace;
 
-pub use compiled::{compile, CompiledModule, Plan};
+pub use compiled::{compile, compile_dyn, CompiledModule, Plan};
 pub use trace::{is_tracing, CompileError, Symbol};
 pub(crate) use trace::{trace_emit, traced_call};
