@@ -1,0 +1,392 @@
+//! Adam and AdamW (`torch.optim.Adam`, `torch.optim.AdamW`).
+
+use tracegrad_runtime::{dispatch, Buffer, DType};
+
+use super::{check_grad, check_params, slice_mut, with_fma, OptimError, Optimizer, Real};
+use crate::tensor::Tensor;
+
+/// Hyperparameters of [`Adam`]. `Default` gives PyTorch's defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamOptions {
+    /// Learning rate (default `1e-3`).
+    pub lr: f64,
+    /// Decay rates of the first and second moment averages (default `(0.9, 0.999)`).
+    pub betas: (f64, f64),
+    /// Term added to the denominator (default `1e-8`).
+    pub eps: f64,
+    /// L2 penalty added to the gradient: `g ← g + weight_decay·p` (default `0`).
+    pub weight_decay: f64,
+    /// Use the AMSGrad variant (default `false`).
+    pub amsgrad: bool,
+    /// Maximize the objective instead of minimizing it (default `false`).
+    pub maximize: bool,
+}
+
+impl Default for AdamOptions {
+    fn default() -> Self {
+        AdamOptions { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, amsgrad: false, maximize: false }
+    }
+}
+
+/// Hyperparameters of [`AdamW`]. `Default` gives PyTorch's defaults, which differ from Adam's
+/// only in `weight_decay = 0.01`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamWOptions {
+    /// Learning rate (default `1e-3`).
+    pub lr: f64,
+    /// Decay rates of the first and second moment averages (default `(0.9, 0.999)`).
+    pub betas: (f64, f64),
+    /// Term added to the denominator (default `1e-8`).
+    pub eps: f64,
+    /// Decoupled weight decay: `p ← p·(1 − lr·weight_decay)` before the update (default `0.01`).
+    pub weight_decay: f64,
+    /// Use the AMSGrad variant (default `false`).
+    pub amsgrad: bool,
+    /// Maximize the objective instead of minimizing it (default `false`).
+    pub maximize: bool,
+}
+
+impl Default for AdamWOptions {
+    fn default() -> Self {
+        AdamWOptions { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 1e-2, amsgrad: false, maximize: false }
+    }
+}
+
+/// The hyperparameters shared by Adam and AdamW, plus which weight decay applies.
+#[derive(Clone, Debug)]
+struct Hyper {
+    lr: f64,
+    betas: (f64, f64),
+    eps: f64,
+    weight_decay: f64,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled: bool,
+}
+
+impl Hyper {
+    /// PyTorch's checks for Adam and AdamW, in PyTorch's order (`not 0.0 <= x` rejects NaN).
+    fn validate(&self) -> Result<(), OptimError> {
+        let at_least_zero = |x: f64| 0.0 <= x;
+        let unit = |x: f64| (0.0..1.0).contains(&x);
+        if !at_least_zero(self.lr) {
+            return Err(OptimError::InvalidLr(self.lr));
+        }
+        if !at_least_zero(self.eps) {
+            return Err(OptimError::InvalidEps(self.eps));
+        }
+        if !unit(self.betas.0) {
+            return Err(OptimError::InvalidBeta { index: 0, value: self.betas.0 });
+        }
+        if !unit(self.betas.1) {
+            return Err(OptimError::InvalidBeta { index: 1, value: self.betas.1 });
+        }
+        if !at_least_zero(self.weight_decay) {
+            return Err(OptimError::InvalidWeightDecay(self.weight_decay));
+        }
+        Ok(())
+    }
+}
+
+/// One parameter's Adam state (`optimizer.state[p]`), created on its first update.
+#[derive(Clone, Debug)]
+pub struct AdamState {
+    /// The step count: a 0-d f32 buffer, as PyTorch keeps it.
+    pub step: Buffer,
+    /// Exponential moving average of the gradient.
+    pub exp_avg: Buffer,
+    /// Exponential moving average of the squared gradient.
+    pub exp_avg_sq: Buffer,
+    /// Running maximum of `exp_avg_sq` (AMSGrad only).
+    pub max_exp_avg_sq: Option<Buffer>,
+}
+
+impl AdamState {
+    fn new(p: &Buffer, amsgrad: bool) -> AdamState {
+        let zeros = || Buffer::zeros(p.dtype(), p.shape());
+        AdamState {
+            step: Buffer::scalar(0.0, DType::F32),
+            exp_avg: zeros(),
+            exp_avg_sq: zeros(),
+            max_exp_avg_sq: amsgrad.then(zeros),
+        }
+    }
+
+    /// The number of updates applied so far.
+    pub fn steps(&self) -> f64 {
+        self.step.item()
+    }
+}
+
+/// The shared implementation: parameters, hyperparameters and per-parameter state.
+struct Core {
+    params: Vec<Tensor>,
+    h: Hyper,
+    state: Vec<Option<AdamState>>,
+}
+
+impl Core {
+    fn new(params: Vec<Tensor>, h: Hyper) -> Result<Core, OptimError> {
+        h.validate()?;
+        check_params(&params)?;
+        let n = params.len();
+        Ok(Core { params, h, state: vec![None; n] })
+    }
+
+    fn zero_grad(&self) {
+        for p in &self.params {
+            p.zero_grad();
+        }
+    }
+
+    fn step(&mut self, name: &str) {
+        let h = &self.h;
+        for (p, state) in self.params.iter().zip(&mut self.state) {
+            let Some(g) = p.grad() else { continue };
+            let g = g.buffer();
+            p.update_buffer(|w| {
+                check_grad(name, w, &g);
+                let st = state.get_or_insert_with(|| AdamState::new(w, h.amsgrad));
+                // step_t += 1 (an f32 tensor), then step = step_t.item()
+                let step = {
+                    let s = slice_mut::<f32>(&mut st.step);
+                    s[0] += 1.0;
+                    f64::from(s[0])
+                };
+                let (beta1, beta2) = h.betas;
+                let bias_correction1 = 1.0 - beta1.powf(step);
+                let bias_correction2 = 1.0 - beta2.powf(step);
+                let step_size = h.lr / bias_correction1;
+                let bias_correction2_sqrt = bias_correction2.sqrt();
+                dispatch!(float, g.data(), name, |gv: T| {
+                    let c = Coeffs::<T> {
+                        weight_decay: (h.weight_decay != 0.0 && !h.decoupled).then(|| T::of(h.weight_decay)),
+                        decay: (h.weight_decay != 0.0 && h.decoupled).then(|| T::of(1.0 - h.lr * h.weight_decay)),
+                        lerp_weight: T::of(1.0 - beta1),
+                        beta2: T::of(beta2),
+                        one_minus_beta2: T::of(1.0 - beta2),
+                        bias_correction2_sqrt: T::of(bias_correction2_sqrt),
+                        eps: T::of(h.eps),
+                        neg_step_size: T::of(-step_size),
+                        maximize: h.maximize,
+                    };
+                    let pv = slice_mut::<T>(w);
+                    let m = slice_mut::<T>(&mut st.exp_avg);
+                    let v = slice_mut::<T>(&mut st.exp_avg_sq);
+                    let vmax = st.max_exp_avg_sq.as_mut().map(slice_mut::<T>);
+                    with_fma(|| update::<T>(pv, gv, m, v, vmax, &c))
+                })
+            });
+        }
+    }
+}
+
+/// The scalars of one Adam update, rounded to the parameter dtype as ATen does.
+struct Coeffs<T> {
+    /// Adam's L2 penalty.
+    weight_decay: Option<T>,
+    /// AdamW's factor `1 − lr·weight_decay`.
+    decay: Option<T>,
+    lerp_weight: T,
+    beta2: T,
+    one_minus_beta2: T,
+    bias_correction2_sqrt: T,
+    eps: T,
+    neg_step_size: T,
+    maximize: bool,
+}
+
+/// One parameter's update, element by element in the order of PyTorch's `_single_tensor_adam`.
+#[inline(always)]
+fn update<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], mut vmax: Option<&mut [T]>, c: &Coeffs<T>) {
+    let one = T::of(1.0);
+    let half = T::of(0.5);
+    for i in 0..p.len() {
+        // grad = -grad if maximize
+        let mut d = if c.maximize { -g[i] } else { g[i] };
+        let mut pi = p[i];
+        // AdamW: param.mul_(1 - lr * weight_decay); Adam: grad = grad.add(param, alpha=weight_decay)
+        if let Some(f) = c.decay {
+            pi = pi * f;
+        }
+        if let Some(wd) = c.weight_decay {
+            d = T::madd(d, wd, pi);
+        }
+        // exp_avg.lerp_(grad, 1 - beta1), with ATen's two-sided formula
+        let w = c.lerp_weight;
+        let mi = m[i];
+        m[i] = if w.abs() < half { T::madd(mi, w, d - mi) } else { T::msub(d, d - mi, one - w) };
+        // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        let vi = T::madd(v[i] * c.beta2, c.one_minus_beta2 * d, d);
+        v[i] = vi;
+        // torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq) (NaN-propagating)
+        let second = match vmax.as_mut() {
+            Some(vmax) => {
+                let a = vmax[i];
+                let hi = if a.is_nan() || vi.is_nan() {
+                    a + vi
+                } else if vi > a {
+                    vi
+                } else {
+                    a
+                };
+                vmax[i] = hi;
+                hi
+            }
+            None => vi,
+        };
+        // denom = (sqrt / bias_correction2_sqrt).add_(eps)
+        let denom = second.sqrt() / c.bias_correction2_sqrt + c.eps;
+        // param.addcdiv_(exp_avg, denom, value=-step_size)
+        p[i] = pi + c.neg_step_size * m[i] / denom;
+    }
+}
+
+/// Adam with optional L2 weight decay, AMSGrad and maximization, exactly as `torch.optim.Adam`
+/// (`foreach=False`). Per parameter, at step `t`:
+///
+/// ```text
+/// g ← −g                       if maximize
+/// g ← g + weight_decay·p       if weight_decay ≠ 0
+/// m ← lerp(m, g, 1 − β1)
+/// v ← β2·v + (1 − β2)·g²
+/// v̂ ← max(v̂, v) if amsgrad, else v
+/// p ← p − lr/(1 − β1ᵗ) · m / (√v̂ / √(1 − β2ᵗ) + eps)
+/// ```
+pub struct Adam {
+    core: Core,
+}
+
+impl Adam {
+    /// Adam over `params` with learning rate `lr` and PyTorch's other defaults.
+    pub fn new(params: Vec<Tensor>, lr: f64) -> Result<Adam, OptimError> {
+        Adam::with_options(params, AdamOptions { lr, ..AdamOptions::default() })
+    }
+
+    /// Adam over `params` with the given hyperparameters, validated as PyTorch does (same
+    /// checks, same order, same texts), then the parameter list (non-empty, leaves only).
+    pub fn with_options(params: Vec<Tensor>, o: AdamOptions) -> Result<Adam, OptimError> {
+        let h = Hyper {
+            lr: o.lr,
+            betas: o.betas,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            amsgrad: o.amsgrad,
+            maximize: o.maximize,
+            decoupled: false,
+        };
+        Ok(Adam { core: Core::new(params, h)? })
+    }
+
+    /// The optimized parameters.
+    pub fn params(&self) -> &[Tensor] {
+        &self.core.params
+    }
+
+    /// The hyperparameters (`lr` follows [`Optimizer::set_lr`]).
+    pub fn options(&self) -> AdamOptions {
+        let h = &self.core.h;
+        AdamOptions {
+            lr: h.lr,
+            betas: h.betas,
+            eps: h.eps,
+            weight_decay: h.weight_decay,
+            amsgrad: h.amsgrad,
+            maximize: h.maximize,
+        }
+    }
+
+    /// The state of parameter `i`: `None` before its first update.
+    pub fn state(&self, i: usize) -> Option<&AdamState> {
+        self.core.state.get(i).and_then(Option::as_ref)
+    }
+}
+
+impl Optimizer for Adam {
+    fn step(&mut self) {
+        self.core.step("Adam");
+    }
+
+    fn zero_grad(&self) {
+        self.core.zero_grad();
+    }
+
+    fn lr(&self) -> f64 {
+        self.core.h.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.core.h.lr = lr;
+    }
+}
+
+/// Adam with decoupled weight decay, exactly as `torch.optim.AdamW` (`foreach=False`): each
+/// update first shrinks the parameter, `p ← p·(1 − lr·weight_decay)`, then applies Adam's
+/// update (without the L2 term) to the shrunk parameter.
+pub struct AdamW {
+    core: Core,
+}
+
+impl AdamW {
+    /// AdamW over `params` with learning rate `lr` and PyTorch's other defaults (including
+    /// `weight_decay = 0.01`).
+    pub fn new(params: Vec<Tensor>, lr: f64) -> Result<AdamW, OptimError> {
+        AdamW::with_options(params, AdamWOptions { lr, ..AdamWOptions::default() })
+    }
+
+    /// AdamW over `params` with the given hyperparameters, validated as PyTorch does (same
+    /// checks, same order, same texts), then the parameter list (non-empty, leaves only).
+    pub fn with_options(params: Vec<Tensor>, o: AdamWOptions) -> Result<AdamW, OptimError> {
+        let h = Hyper {
+            lr: o.lr,
+            betas: o.betas,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            amsgrad: o.amsgrad,
+            maximize: o.maximize,
+            decoupled: true,
+        };
+        Ok(AdamW { core: Core::new(params, h)? })
+    }
+
+    /// The optimized parameters.
+    pub fn params(&self) -> &[Tensor] {
+        &self.core.params
+    }
+
+    /// The hyperparameters (`lr` follows [`Optimizer::set_lr`]).
+    pub fn options(&self) -> AdamWOptions {
+        let h = &self.core.h;
+        AdamWOptions {
+            lr: h.lr,
+            betas: h.betas,
+            eps: h.eps,
+            weight_decay: h.weight_decay,
+            amsgrad: h.amsgrad,
+            maximize: h.maximize,
+        }
+    }
+
+    /// The state of parameter `i`: `None` before its first update.
+    pub fn state(&self, i: usize) -> Option<&AdamState> {
+        self.core.state.get(i).and_then(Option::as_ref)
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self) {
+        self.core.step("AdamW");
+    }
+
+    fn zero_grad(&self) {
+        self.core.zero_grad();
+    }
+
+    fn lr(&self) -> f64 {
+        self.core.h.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.core.h.lr = lr;
+    }
+}

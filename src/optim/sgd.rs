@@ -1,0 +1,197 @@
+//! Stochastic gradient descent (`torch.optim.SGD`).
+
+use tracegrad_runtime::{dispatch, Buffer};
+
+use super::{check_grad, check_params, slice_mut, with_fma, OptimError, Optimizer, Real};
+use crate::tensor::Tensor;
+
+/// Hyperparameters of [`Sgd`]. `Default` gives PyTorch's defaults (`lr = 1e-3`, everything
+/// else off).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SgdOptions {
+    /// Learning rate (default `1e-3`).
+    pub lr: f64,
+    /// Momentum factor (default `0`: no momentum buffer).
+    pub momentum: f64,
+    /// Dampening for momentum (default `0`).
+    pub dampening: f64,
+    /// L2 penalty added to the gradient: `g ← g + weight_decay·p` (default `0`).
+    pub weight_decay: f64,
+    /// Nesterov momentum (default `false`; needs `momentum > 0` and `dampening == 0`).
+    pub nesterov: bool,
+    /// Maximize the objective instead of minimizing it (default `false`).
+    pub maximize: bool,
+}
+
+impl Default for SgdOptions {
+    fn default() -> Self {
+        SgdOptions { lr: 1e-3, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false, maximize: false }
+    }
+}
+
+impl SgdOptions {
+    /// PyTorch's checks, in PyTorch's order.
+    fn validate(&self) -> Result<(), OptimError> {
+        check_lr(self.lr)?;
+        if self.momentum < 0.0 {
+            return Err(OptimError::InvalidMomentum(self.momentum));
+        }
+        if self.weight_decay < 0.0 {
+            return Err(OptimError::InvalidWeightDecay(self.weight_decay));
+        }
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return Err(OptimError::Nesterov);
+        }
+        Ok(())
+    }
+}
+
+/// SGD's learning-rate check (`lr < 0.0`, so NaN passes, as in PyTorch).
+fn check_lr(lr: f64) -> Result<(), OptimError> {
+    if lr < 0.0 {
+        return Err(OptimError::InvalidLr(lr));
+    }
+    Ok(())
+}
+
+/// Stochastic gradient descent with optional momentum, dampening, Nesterov momentum, weight
+/// decay and maximization, exactly as `torch.optim.SGD` (`foreach=False`). Per parameter, with
+/// `g` its gradient:
+///
+/// ```text
+/// g ← −g                              if maximize
+/// g ← g + weight_decay·p              if weight_decay ≠ 0
+/// if momentum ≠ 0:
+///     b ← g                           on the first step (no dampening)
+///     b ← momentum·b + (1 − dampening)·g   afterwards
+///     g ← g + momentum·b  if nesterov, else  g ← b
+/// p ← p − lr·g
+/// ```
+pub struct Sgd {
+    params: Vec<Tensor>,
+    opts: SgdOptions,
+    /// `state[p]["momentum_buffer"]`, created on a parameter's first update when momentum ≠ 0.
+    momentum_buffers: Vec<Option<Buffer>>,
+}
+
+impl Sgd {
+    /// Plain SGD over `params` with learning rate `lr`. Panics on a negative learning rate,
+    /// with PyTorch's message. Unlike [`Sgd::with_options`], an empty parameter list is
+    /// accepted (the optimizer then does nothing).
+    #[track_caller]
+    pub fn new(params: Vec<Tensor>, lr: f64) -> Sgd {
+        if let Err(e) = check_lr(lr) {
+            panic!("{e}");
+        }
+        let n = params.len();
+        Sgd { params, opts: SgdOptions { lr, ..SgdOptions::default() }, momentum_buffers: vec![None; n] }
+    }
+
+    /// SGD over `params` with the given hyperparameters, validated as PyTorch does (same
+    /// checks, same order, same texts), then the parameter list (non-empty, leaves only).
+    pub fn with_options(params: Vec<Tensor>, opts: SgdOptions) -> Result<Sgd, OptimError> {
+        opts.validate()?;
+        check_params(&params)?;
+        let n = params.len();
+        Ok(Sgd { params, opts, momentum_buffers: vec![None; n] })
+    }
+
+    /// The optimized parameters.
+    pub fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+
+    /// The hyperparameters (`lr` follows [`Optimizer::set_lr`]).
+    pub fn options(&self) -> &SgdOptions {
+        &self.opts
+    }
+
+    /// The momentum buffer of parameter `i` (`state[p]["momentum_buffer"]`): `None` before its
+    /// first update, or always when momentum is 0.
+    pub fn momentum_buffer(&self, i: usize) -> Option<&Buffer> {
+        self.momentum_buffers.get(i).and_then(Option::as_ref)
+    }
+}
+
+/// The scalars of one SGD update, rounded to the parameter dtype as ATen does.
+struct Coeffs<T> {
+    neg_lr: T,
+    weight_decay: Option<T>,
+    momentum: Option<T>,
+    one_minus_dampening: T,
+    nesterov: bool,
+    maximize: bool,
+}
+
+impl<T: Real> Coeffs<T> {
+    fn new(o: &SgdOptions) -> Self {
+        Coeffs {
+            neg_lr: T::of(-o.lr),
+            weight_decay: (o.weight_decay != 0.0).then(|| T::of(o.weight_decay)),
+            momentum: (o.momentum != 0.0).then(|| T::of(o.momentum)),
+            one_minus_dampening: T::of(1.0 - o.dampening),
+            nesterov: o.nesterov,
+            maximize: o.maximize,
+        }
+    }
+}
+
+/// One parameter's update. `buf` is the momentum buffer (when momentum ≠ 0) and whether it is
+/// new, in which case it is initialised to the (decayed) gradient.
+#[inline(always)]
+fn update<T: Real>(p: &mut [T], g: &[T], mut buf: Option<(&mut [T], bool)>, c: &Coeffs<T>) {
+    for (i, (pi, &gi)) in p.iter_mut().zip(g).enumerate() {
+        // grad = -grad if maximize
+        let mut d = if c.maximize { -gi } else { gi };
+        // grad = grad.add(param, alpha=weight_decay)
+        if let Some(wd) = c.weight_decay {
+            d = T::madd(d, wd, *pi);
+        }
+        if let (Some(m), Some((b, fresh))) = (c.momentum, buf.as_mut()) {
+            // buf = clone(grad) on the first step, else buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            let bi = if *fresh { d } else { T::madd(b[i] * m, c.one_minus_dampening, d) };
+            b[i] = bi;
+            // grad = grad.add(buf, alpha=momentum) if nesterov else buf
+            d = if c.nesterov { T::madd(d, m, bi) } else { bi };
+        }
+        // param.add_(grad, alpha=-lr)
+        *pi = T::madd(*pi, c.neg_lr, d);
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self) {
+        let opts = &self.opts;
+        for (p, state) in self.params.iter().zip(&mut self.momentum_buffers) {
+            let Some(g) = p.grad() else { continue };
+            let g = g.buffer();
+            p.update_buffer(|w| {
+                check_grad("SGD", w, &g);
+                let fresh = opts.momentum != 0.0 && state.is_none();
+                if fresh {
+                    *state = Some(Buffer::zeros(w.dtype(), w.shape()));
+                }
+                let state = if opts.momentum != 0.0 { state.as_mut() } else { None };
+                dispatch!(float, g.data(), "SGD", |gv: T| {
+                    let buf = state.map(|b| (slice_mut::<T>(b), fresh));
+                    let (pv, c) = (slice_mut::<T>(w), Coeffs::new(opts));
+                    with_fma(|| update::<T>(pv, gv, buf, &c))
+                })
+            });
+        }
+    }
+
+    fn zero_grad(&self) {
+        for p in &self.params {
+            p.zero_grad();
+        }
+    }
+
+    fn lr(&self) -> f64 {
+        self.opts.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.opts.lr = lr;
+    }
+}
