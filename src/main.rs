@@ -117,9 +117,6 @@ fn train(args: TrainArgs) -> Result<(), String> {
     if args.model == Model::Cnn {
         return Err("--model cnn is not available yet: it needs the Conv2d/MaxPool2d modules; use --model mlp".into());
     }
-    if args.optimizer != OptimizerKind::Sgd {
-        return Err("only --optimizer sgd is available so far (Adam and AdamW arrive with the optimizer suite)".into());
-    }
     let (train_set, test_set) = load(&args.dataset, args.seed)?;
     let cfg = TrainConfig {
         epochs: args.epochs,
@@ -132,13 +129,14 @@ fn train(args: TrainArgs) -> Result<(), String> {
         return Err("--batch-size must be positive".into());
     }
     eprintln!(
-        "training MLP {}→{}→{} on {} ({} train / {} test), eager, SGD lr {}",
+        "training MLP {}→{}→{} on {} ({} train / {} test), eager, {:?} lr {}",
         train_set.x.shape()[1],
         cfg.hidden,
         train_set.classes,
         args.dataset,
         train_set.len(),
         test_set.len(),
+        cfg.optimizer,
         cfg.lr
     );
     // indicatif draws only when stderr is a terminal, so piped runs stay quiet.
@@ -166,7 +164,7 @@ fn train(args: TrainArgs) -> Result<(), String> {
                 )
             });
         },
-    );
+    )?;
     bar.finish_and_clear();
     println!(
         "final test accuracy {:.4} after {} epochs ({:.2} s training, {:.0} steps/s)",

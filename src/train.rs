@@ -9,7 +9,7 @@ use tracegrad_runtime::Generator;
 use crate::data::Labeled;
 use crate::nn::{self, Module, ModuleExt};
 use crate::no_grad;
-use crate::optim::{Optimizer, Sgd};
+use crate::optim::{Adam, AdamW, Optimizer, Sgd};
 
 /// Training settings.
 #[derive(Clone, Debug)]
@@ -24,11 +24,25 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Hidden width of the MLP.
     pub hidden: usize,
+    /// The update rule.
+    pub optimizer: OptimizerKind,
+}
+
+/// Which optimizer `train_mlp` uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OptimizerKind {
+    /// Plain SGD.
+    #[default]
+    Sgd,
+    /// Adam.
+    Adam,
+    /// AdamW (decoupled weight decay 0.01).
+    AdamW,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 20, batch_size: 32, lr: 0.1, seed: 0, hidden: 128 }
+        TrainConfig { epochs: 20, batch_size: 32, lr: 0.1, seed: 0, hidden: 128, optimizer: OptimizerKind::Sgd }
     }
 }
 
@@ -83,11 +97,15 @@ pub fn train_mlp(
     cfg: &TrainConfig,
     mut on_step: impl FnMut(usize, usize, usize),
     mut on_epoch: impl FnMut(&EpochReport),
-) -> (nn::Sequential, TrainSummary) {
+) -> Result<(nn::Sequential, TrainSummary), String> {
     crate::manual_seed(cfg.seed);
     let d = train.x.shape()[1];
     let model = mlp(d, cfg.hidden, train.classes.max(test.classes));
-    let mut opt = Sgd::new(model.parameters(), cfg.lr);
+    let mut opt: Box<dyn Optimizer> = match cfg.optimizer {
+        OptimizerKind::Sgd => Box::new(Sgd::new(model.parameters(), cfg.lr)),
+        OptimizerKind::Adam => Box::new(Adam::new(model.parameters(), cfg.lr).map_err(|e| e.to_string())?),
+        OptimizerKind::AdamW => Box::new(AdamW::new(model.parameters(), cfg.lr).map_err(|e| e.to_string())?),
+    };
     let mut g = Generator::new(cfg.seed.wrapping_add(1));
     let mut train_seconds = 0.0;
     let mut steps = 0usize;
@@ -119,5 +137,5 @@ pub fn train_mlp(
         train_seconds,
         steps_per_second: steps as f64 / train_seconds.max(1e-9),
     };
-    (model, summary)
+    Ok((model, summary))
 }

@@ -9,7 +9,7 @@ use tracegrad::train::{train_mlp, TrainConfig};
 fn mlp_reaches_95_percent_on_digits() {
     let (train, test) = data::digits().split(0.8, 0);
     let mut epochs_seen = 0;
-    let (_, summary) = train_mlp(&train, &test, &TrainConfig::default(), |_, _, _| {}, |_| epochs_seen += 1);
+    let (_, summary) = train_mlp(&train, &test, &TrainConfig::default(), |_, _, _| {}, |_| epochs_seen += 1).unwrap();
     assert_eq!(epochs_seen, 20);
     assert!(summary.test_accuracy >= 0.95, "test accuracy {}", summary.test_accuracy);
     assert!(summary.final_loss < 0.3, "final loss {}", summary.final_loss);
@@ -31,6 +31,15 @@ fn cli_train_json_ends_stdout_with_the_contract_object() {
     assert_eq!(v["mode"], "eager");
     assert_eq!(v["epochs"], 3);
     assert!(stdout.contains("epoch   1/3  loss"), "per-epoch report missing:\n{stdout}");
+}
+
+#[test]
+fn adam_trains_too() {
+    let (train, test) = data::digits().split(0.8, 0);
+    let cfg =
+        TrainConfig { epochs: 5, lr: 1e-3, optimizer: tracegrad::train::OptimizerKind::Adam, ..Default::default() };
+    let (_, s) = train_mlp(&train, &test, &cfg, |_, _, _| {}, |_| {}).unwrap();
+    assert!(s.test_accuracy >= 0.9, "{}", s.test_accuracy);
 }
 
 #[test]
