@@ -8,12 +8,15 @@ use std::sync::{Arc, Mutex};
 use tracegrad::nn::{Linear, ModuleExt, ReLU, Sequential};
 use tracegrad::Tensor;
 
+/// (child name and type, output shape) per forward call.
+type Activations = Arc<Mutex<Vec<(String, Vec<usize>)>>>;
+
 fn main() {
     tracegrad::manual_seed(0);
     let model = Sequential::new().add(Linear::new(4, 8)).add(ReLU::new()).add(Linear::new(8, 2));
 
     // 1. Capture every child's output.
-    let activations: Arc<Mutex<Vec<(String, Vec<usize>)>>> = Arc::default();
+    let activations: Activations = Arc::default();
     let mut handles = Vec::new();
     for (name, child) in model.named_children() {
         let acts = activations.clone();

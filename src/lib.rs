@@ -36,8 +36,8 @@ pub mod tensor;
 pub mod train;
 pub mod zoo;
 
-pub use compile::{compile, CompileError, CompiledModule};
 pub use autograd::{enable_grad, is_grad_enabled, no_grad, Eager};
+pub use compile::{compile, CompileError, CompiledModule};
 pub use ops::linear;
 pub use tensor::{manual_seed, Tensor};
 pub use tracegrad_compiler::composite::Reduction;

@@ -82,7 +82,7 @@ impl Tensor {
     /// A symbolic tensor of a trace (no data; `requires_grad` as eager mode would have it).
     pub(crate) fn symbolic(symbol: crate::compile::Symbol, requires_grad: bool) -> Tensor {
         let placeholder = Buffer::zeros(symbol.ty.dtype, &[0]);
-        let t = Tensor(Arc::new(TensorImpl {
+        Tensor(Arc::new(TensorImpl {
             data: RwLock::new(placeholder),
             grad_fn: None,
             hooks: Mutex::new(Vec::new()),
@@ -91,8 +91,7 @@ impl Tensor {
             retains_grad: AtomicBool::new(false),
             grad: Mutex::new(None),
             symbol: Some(symbol),
-        }));
-        t
+        }))
     }
 
     /// The trace symbol of a symbolic tensor.

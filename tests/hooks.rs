@@ -27,6 +27,9 @@ fn case(name: &str) -> Value {
 
 type Log = Arc<Mutex<Vec<String>>>;
 
+/// Each backward-hook call as (grad_input, grad_output), printed.
+type Calls = Vec<(Vec<String>, Vec<String>)>;
+
 fn fmt(t: &Tensor) -> String {
     format!("{:?}", t.to_vec_f32())
 }
@@ -79,10 +82,10 @@ fn hooks_replace_output_and_inputs_and_removal_restores() {
 }
 
 /// `o = Add()(u1*u1, u2*3); loss = sum(o * [1, 2])`.
-fn run_full_backward(r: &Value, normalise: bool) -> (Tensor, Tensor, Vec<(Vec<String>, Vec<String>)>) {
+fn run_full_backward(r: &Value, normalise: bool) -> (Tensor, Tensor, Calls) {
     let (u1, u2) = (tensor(&r["u1"]).requires_grad_(true), tensor(&r["u2"]).requires_grad_(true));
     let m = Add::default();
-    let calls: Arc<Mutex<Vec<(Vec<String>, Vec<String>)>>> = Arc::default();
+    let calls: Arc<Mutex<Calls>> = Arc::default();
     let c = calls.clone();
     m.register_full_backward_hook(move |gi, go| {
         let s = |v: &[Option<Tensor>]| v.iter().map(|t| fmt(t.as_ref().unwrap())).collect::<Vec<_>>();
@@ -101,7 +104,7 @@ fn run_full_backward(r: &Value, normalise: bool) -> (Tensor, Tensor, Vec<(Vec<St
     (u1.grad().unwrap(), u2.grad().unwrap(), calls)
 }
 
-fn expected_calls(r: &Value) -> Vec<(Vec<String>, Vec<String>)> {
+fn expected_calls(r: &Value) -> Calls {
     r["hook_calls"]
         .as_array()
         .unwrap()

@@ -386,7 +386,7 @@ mod tests {
         let _unused = g.unary(UnaryOp::Sin, &x).unwrap();
         g.add_output("y", r2);
         let xb = Buffer::from_vec(vec![0.1f32, 0.2, 0.3, -0.1, -0.2, 0.5], &[2, 3]);
-        let before = interpret(&g, &[xb.clone()], &NoCallbacks).unwrap();
+        let before = interpret(&g, std::slice::from_ref(&xb), &NoCallbacks).unwrap();
         let n0 = g.g.node_count();
         let mut pm = PassManager::standard();
         pm.validate = true;
@@ -408,7 +408,7 @@ mod tests {
         let mut g = Graph::new();
         let x = input(&mut g, &[2]);
         let ty = g.g[x].ty.clone();
-        let c1 = g.add_callback(0, "hook a", &[x], &[ty.clone()])[0];
+        let c1 = g.add_callback(0, "hook a", &[x], std::slice::from_ref(&ty))[0];
         let c2 = g.add_callback(1, "hook b", &[x], &[ty])[0];
         let _ = (c1, c2);
         let y = g.unary(UnaryOp::Exp, &x).unwrap();
