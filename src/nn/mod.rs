@@ -14,6 +14,7 @@ mod module;
 mod norm;
 mod pooling;
 mod python_repr;
+mod state;
 
 pub use activation::{GeluApproximate, LogSoftmax, ReLU, SiLU, Sigmoid, Softmax, Tanh, GELU};
 pub use container::{IntoSharedModule, ModuleDict, ModuleList, Sequential};
@@ -31,5 +32,8 @@ pub use module::{
 };
 pub use norm::{BatchNorm1d, BatchNorm2d, LayerNorm};
 pub use pooling::{AvgPool2d, MaxPool2d};
+pub use state::{
+    load_safetensors, save_safetensors, state_from_safetensors, state_to_safetensors, StateError, StateErrorKind,
+};
 pub(crate) use module::{global_hooks_version, hook_state, module_id};
 pub use tracegrad_macros::Module;
