@@ -13,7 +13,7 @@ use tracegrad::train::{train_mlp, TrainConfig};
 #[command(
     name = "tracegrad",
     version,
-    about = "PyTorch-style deep learning in Rust: train, and (soon) trace, compile and dump"
+    about = "PyTorch-style deep learning in Rust: train eagerly, trace and compile, dump graphs"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -24,6 +24,60 @@ struct Cli {
 enum Command {
     /// Train a classifier (the default command).
     Train(TrainArgs),
+    /// Print a zoo model's graph at a pipeline stage.
+    Dump(DumpArgs),
+    /// List the model zoo.
+    Models,
+}
+
+#[derive(clap::Args)]
+struct DumpArgs {
+    /// Model from the zoo (see `tracegrad models`).
+    #[arg(long)]
+    model: String,
+    /// traced, joint, forward, backward or optimized.
+    #[arg(long, default_value = "optimized")]
+    stage: String,
+    /// text, dot, svg or json.
+    #[arg(long, default_value = "text")]
+    format: String,
+    /// Batch size of the example input.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Trace in training mode (default: eval).
+    #[arg(long)]
+    train: bool,
+    /// Write here instead of stdout.
+    #[arg(short = 'o', long)]
+    output: Option<std::path::PathBuf>,
+}
+
+fn dump(args: DumpArgs) -> Result<(), String> {
+    use tracegrad::compile::dump::{render, stage_graph, Format, Stage};
+    use tracegrad::nn::ModuleExt;
+    let stage = Stage::parse(&args.stage)?;
+    let format = match args.format.as_str() {
+        "text" => Format::Text,
+        "dot" => Format::Dot,
+        "svg" => Format::Svg,
+        "json" => Format::Json,
+        other => return Err(format!("unknown format {other:?}; formats: text, dot, svg, json")),
+    };
+    tracegrad::manual_seed(0);
+    let z = tracegrad::zoo::build(&args.model, args.batch)?;
+    z.module.train(args.train);
+    let input = tracegrad::TensorType::new(tracegrad::DType::F32, &z.input_shape);
+    let (graph, report) = stage_graph(&*z.module, &[(input, false)], stage).map_err(|e| e.to_string())?;
+    let mut text = render(&graph, format)?;
+    if format == Format::Text && !report.is_empty() {
+        text.push_str("\n\npasses:\n");
+        text.push_str(&report);
+    }
+    match args.output {
+        Some(path) => std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?,
+        None => println!("{text}"),
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -180,6 +234,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Train(args)) => train(args),
+        Some(Command::Dump(args)) => dump(args),
+        Some(Command::Models) => {
+            for (name, what) in tracegrad::zoo::MODELS {
+                println!("{name:<12} {what}");
+            }
+            Ok(())
+        }
         None => train(TrainArgs::default()),
     };
     match result {

@@ -38,7 +38,7 @@ pub enum InputRole {
 }
 
 /// What a node is.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum NodeKind {
     /// A graph input.
     Input {
@@ -65,7 +65,7 @@ pub enum NodeKind {
 }
 
 /// One node: what it computes, its output type, and where in the model it came from.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GNode {
     /// The computation.
     pub kind: NodeKind,
@@ -331,5 +331,172 @@ pub fn node_error(g: &Graph, n: NodeIndex, e: OpError) -> OpError {
         e
     } else {
         OpError::new(e.op.clone(), format!("{} (in {} ({}))", e.message, node.path, node.module_type))
+    }
+}
+
+/// The JSON form of a graph (`tracegrad dump --format json`). Schema, version 1:
+///
+/// ```text
+/// { "format": "tracegrad-graph", "version": 1,
+///   "inputs":  [node id, ...],                 // calling order
+///   "outputs": [[name, node id], ...],
+///   "nodes":   [{ "id": n,
+///                 "node": { "kind": {"Input": {"name", "role"}} | {"Op": <op>} |
+///                                   {"Callback": {"id", "output", "n_outputs", "label"}},
+///                           "ty": {"dtype": "F32", "shape": [..]},
+///                           "path": "fc1", "module_type": "Linear" },
+///                 "operands": [node id, ...] }, ...] }   // ordered operands
+/// ```
+///
+/// An `<op>` is the op's variant name with its attributes, e.g. `{"Softmax": {"dim": 1,
+/// "log": false}}`, `{"Unary": "Tanh"}`, `"Where"`; literals are `{"dtype", "shape", "data"}`.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct GraphJson {
+    /// Always `tracegrad-graph`.
+    pub format: String,
+    /// Schema version (1).
+    pub version: u32,
+    /// Input node ids.
+    pub inputs: Vec<usize>,
+    /// Named outputs.
+    pub outputs: Vec<(String, usize)>,
+    /// Nodes with their ordered operands.
+    pub nodes: Vec<NodeJson>,
+}
+
+/// One node of [`GraphJson`].
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct NodeJson {
+    /// The node id (its index in the graph).
+    pub id: usize,
+    /// The node.
+    pub node: GNode,
+    /// Operand ids in order.
+    pub operands: Vec<usize>,
+}
+
+impl Graph {
+    /// The graph as [`GraphJson`] text.
+    pub fn to_json(&self) -> String {
+        let nodes = self
+            .g
+            .node_indices()
+            .map(|n| NodeJson {
+                id: n.index(),
+                node: self.g[n].clone(),
+                operands: self.operands(n).iter().map(|o| o.index()).collect(),
+            })
+            .collect();
+        let j = GraphJson {
+            format: "tracegrad-graph".into(),
+            version: 1,
+            inputs: self.inputs.iter().map(|i| i.index()).collect(),
+            outputs: self.outputs.iter().map(|(s, o)| (s.clone(), o.index())).collect(),
+            nodes,
+        };
+        serde_json::to_string_pretty(&j).expect("graphs serialise")
+    }
+
+    /// Reads [`GraphJson`] text back, keeping node ids, and validates the result.
+    pub fn from_json(text: &str) -> Result<Graph, String> {
+        let j: GraphJson = serde_json::from_str(text).map_err(|e| format!("graph JSON: {e}"))?;
+        if j.format != "tracegrad-graph" || j.version != 1 {
+            return Err(format!("graph JSON: unsupported format {:?} version {}", j.format, j.version));
+        }
+        let mut g = Graph::new();
+        let max = j.nodes.iter().map(|n| n.id).max().map_or(0, |m| m + 1);
+        let mut slots: Vec<Option<&NodeJson>> = vec![None; max];
+        for n in &j.nodes {
+            if slots[n.id].replace(n).is_some() {
+                return Err(format!("graph JSON: node id {} appears twice", n.id));
+            }
+        }
+        // Add nodes in id order; fill holes with placeholders removed afterwards, so ids survive.
+        let mut holes = Vec::new();
+        for (id, slot) in slots.iter().enumerate() {
+            let node = match slot {
+                Some(n) => n.node.clone(),
+                None => GNode {
+                    kind: NodeKind::Input { name: String::new(), role: InputRole::Data },
+                    ty: TensorType::new(tracegrad_runtime::DType::F32, &[]),
+                    path: String::new(),
+                    module_type: String::new(),
+                },
+            };
+            let idx = g.g.add_node(node);
+            debug_assert_eq!(idx.index(), id);
+            if slot.is_none() {
+                holes.push(idx);
+            }
+        }
+        for n in &j.nodes {
+            for (i, &o) in n.operands.iter().enumerate() {
+                if o >= max || slots[o].is_none() {
+                    return Err(format!("graph JSON: node {} reads missing node {o}", n.id));
+                }
+                g.g.add_edge(NodeIndex::new(o), NodeIndex::new(n.id), i);
+            }
+        }
+        for h in holes {
+            g.g.remove_node(h);
+        }
+        let exists = |i: usize| i < max && slots[i].is_some();
+        for &i in &j.inputs {
+            if !exists(i) {
+                return Err(format!("graph JSON: input {i} is not a node"));
+            }
+            g.inputs.push(NodeIndex::new(i));
+        }
+        for (name, o) in j.outputs {
+            if !exists(o) {
+                return Err(format!("graph JSON: output {name} is not a node"));
+            }
+            g.outputs.push((name, NodeIndex::new(o)));
+        }
+        g.validate().map_err(|e| format!("graph JSON: {e}"))?;
+        Ok(g)
+    }
+
+    /// Graphviz DOT: one box per node labelled like the text dump; callbacks are orange.
+    pub fn to_dot(&self) -> String {
+        let mut s = String::from("digraph tracegrad {\n  rankdir=TB;\n  node [shape=box, fontname=monospace];\n");
+        let esc = |t: &str| t.replace('\\', "\\\\").replace('"', "\\\"");
+        for n in self.g.node_indices() {
+            let node = &self.g[n];
+            let (what, extra) = match &node.kind {
+                NodeKind::Input { name, .. } => (format!("input {name}"), ", style=filled, fillcolor=lightblue"),
+                NodeKind::Op(op) => (format!("{}{}", op.name(), op_attrs(op)), ""),
+                NodeKind::Callback { label, .. } => (format!("callback: {label}"), ", style=filled, fillcolor=orange"),
+            };
+            let what: String = what.chars().take(60).collect();
+            let place =
+                if node.path.is_empty() { String::new() } else { format!("\\n{} ({})", node.path, node.module_type) };
+            let _ = writeln!(
+                s,
+                "  n{} [label=\"%{}: {}\\n{}{}\"{}];",
+                n.index(),
+                n.index(),
+                node.ty,
+                esc(&what),
+                esc(&place),
+                extra
+            );
+        }
+        for e in self.g.edge_indices() {
+            let (a, b) = self.g.edge_endpoints(e).expect("edge");
+            let _ = writeln!(s, "  n{} -> n{} [label=\"{}\"];", a.index(), b.index(), self.g[e]);
+        }
+        for (name, o) in &self.outputs {
+            let _ = writeln!(
+                s,
+                "  out_{} [label=\"{}\", shape=ellipse];\n  n{} -> out_{};",
+                esc(name).replace(|c: char| !c.is_alphanumeric(), "_"),
+                esc(name),
+                o.index(),
+                esc(name).replace(|c: char| !c.is_alphanumeric(), "_")
+            );
+        }
+        s.push_str("}\n");
+        s
     }
 }

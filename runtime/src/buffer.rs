@@ -318,3 +318,117 @@ impl fmt::Debug for Buffer {
         })
     }
 }
+
+/// Buffers serialise as `{"dtype": "F32", "shape": [..], "data": [..]}` with the elements as
+/// JSON numbers (i64 values beyond 2^53 lose precision).
+impl serde::Serialize for Buffer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Buffer", 3)?;
+        st.serialize_field("dtype", &self.dtype())?;
+        st.serialize_field("shape", &self.shape.to_vec())?;
+        #[derive(serde::Serialize)]
+        struct Data(#[serde(with = "json_f64::vec")] Vec<f64>);
+        st.serialize_field("data", &Data(self.to_f64_vec()))?;
+        st.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Buffer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Buffer, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct Raw {
+            dtype: DType,
+            shape: Vec<usize>,
+            #[serde(with = "json_f64::vec")]
+            data: Vec<f64>,
+        }
+        let r = Raw::deserialize(d)?;
+        if r.data.len() != numel(&r.shape) {
+            return Err(serde::de::Error::custom(format!(
+                "buffer of shape {} needs {} elements, found {}",
+                ShapeDisplay(&r.shape),
+                numel(&r.shape),
+                r.data.len()
+            )));
+        }
+        Ok(Buffer::from_vec(r.data, &r.shape).cast(r.dtype))
+    }
+}
+
+/// Serde helpers that keep non-finite floats in JSON: finite values are numbers, the others
+/// the strings `"inf"`, `"-inf"` and `"nan"` (JSON itself has no such numbers).
+pub mod json_f64 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Num(f64),
+        Text(String),
+    }
+
+    fn to_repr(v: f64) -> Repr {
+        if v.is_finite() {
+            Repr::Num(v)
+        } else if v.is_nan() {
+            Repr::Text("nan".into())
+        } else if v > 0.0 {
+            Repr::Text("inf".into())
+        } else {
+            Repr::Text("-inf".into())
+        }
+    }
+
+    fn from_repr<E: serde::de::Error>(r: Repr) -> Result<f64, E> {
+        match r {
+            Repr::Num(v) => Ok(v),
+            Repr::Text(t) => match t.as_str() {
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                "nan" => Ok(f64::NAN),
+                other => Err(E::custom(format!("expected a number, \"inf\", \"-inf\" or \"nan\", found {other:?}"))),
+            },
+        }
+    }
+
+    /// Serialises one float.
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        to_repr(*v).serialize(s)
+    }
+
+    /// Deserialises one float.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        from_repr(Repr::deserialize(d)?)
+    }
+
+    /// The same for `Option<f64>`.
+    pub mod option {
+        use super::*;
+
+        /// Serialises an optional float.
+        pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+            v.map(to_repr).serialize(s)
+        }
+
+        /// Deserialises an optional float.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+            Option::<Repr>::deserialize(d)?.map(from_repr).transpose()
+        }
+    }
+
+    /// The same for a sequence of floats.
+    pub mod vec {
+        use super::*;
+
+        /// Serialises floats.
+        pub fn serialize<S: Serializer>(v: &[f64], s: S) -> Result<S::Ok, S::Error> {
+            v.iter().map(|x| to_repr(*x)).collect::<Vec<_>>().serialize(s)
+        }
+
+        /// Deserialises floats.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+            Vec::<Repr>::deserialize(d)?.into_iter().map(from_repr).collect()
+        }
+    }
+}

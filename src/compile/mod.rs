@@ -2,6 +2,7 @@
 //! cached per input signature; hooks become callback nodes that fire at run time.
 
 mod compiled;
+pub mod dump;
 mod trace;
 
 pub use compiled::{compile, compile_dyn, CompiledModule, Plan};

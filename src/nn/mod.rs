@@ -24,6 +24,7 @@ pub use embedding::Embedding;
 pub use flatten::Flatten;
 pub use linear::{Identity, Linear};
 pub use loss::{CrossEntropyLoss, MSELoss, NLLLoss};
+pub(crate) use module::{global_hooks_version, hook_state, module_id};
 pub use module::{
     hooks_version, own_entries, register_module_forward_hook, register_module_forward_pre_hook,
     register_module_full_backward_hook, register_module_full_backward_pre_hook, repr, AsDyn, AsModule, AsTensorField,
@@ -35,5 +36,4 @@ pub use pooling::{AvgPool2d, MaxPool2d};
 pub use state::{
     load_safetensors, save_safetensors, state_from_safetensors, state_to_safetensors, StateError, StateErrorKind,
 };
-pub(crate) use module::{global_hooks_version, hook_state, module_id};
 pub use tracegrad_macros::Module;

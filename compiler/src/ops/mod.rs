@@ -25,7 +25,7 @@ use std::fmt;
 use tracegrad_runtime::{Buffer, DType, Dims, ShapeDisplay};
 
 /// The dtype and shape of a value: what the shape rule computes.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct TensorType {
     /// Element type.
     pub dtype: DType,
@@ -98,11 +98,12 @@ impl std::error::Error for OpError {}
 pub type OpResult<T> = Result<T, OpError>;
 
 /// One primitive operation. Operands are positional; attributes are fields.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// A tensor filled with one value (also how scalars enter a computation).
     Full {
         /// The fill value.
+        #[serde(with = "tracegrad_runtime::buffer::json_f64")]
         value: f64,
         /// Element type.
         dtype: DType,
@@ -122,8 +123,10 @@ pub enum Op {
     /// Clamp into `[min, max]`; either bound may be absent.
     Clamp {
         /// Lower bound.
+        #[serde(with = "tracegrad_runtime::buffer::json_f64::option")]
         min: Option<f64>,
         /// Upper bound.
+        #[serde(with = "tracegrad_runtime::buffer::json_f64::option")]
         max: Option<f64>,
     },
     /// Conversion to another dtype.

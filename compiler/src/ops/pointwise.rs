@@ -26,7 +26,7 @@ impl Real for f64 {
 }
 
 /// Elementwise functions of one float tensor.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum UnaryOp {
     /// `-x` (also for integers).
     Neg,
@@ -65,7 +65,7 @@ pub enum UnaryOp {
     /// `1/x`.
     Reciprocal,
     /// `x^p` for a constant exponent.
-    PowScalar(f64),
+    PowScalar(#[serde(with = "tracegrad_runtime::buffer::json_f64")] f64),
 }
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
@@ -182,7 +182,7 @@ impl UnaryOp {
 }
 
 /// Elementwise arithmetic of two tensors of one dtype.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum BinaryOp {
     /// `a + b`.
     Add,
@@ -256,7 +256,7 @@ impl BinaryOp {
 }
 
 /// Elementwise comparisons; the result is bool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum CompareOp {
     /// `==`.
     Eq,

@@ -8,7 +8,7 @@ use tracegrad_runtime::kernels::softmax::softmax;
 use tracegrad_runtime::{dispatch, Buffer, DType, Data, Dims};
 
 /// What a [`Op::Reduce`] computes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ReduceKind {
     /// Sum (integers and bools sum to i64).
     Sum,
