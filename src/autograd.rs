@@ -1,6 +1,6 @@
 //! Eager autograd: grad mode, the eager [`Emitter`], graph nodes and the backward engine.
 //!
-//! A non-leaf tensor points at the [`Node`] that made it and its output index there. Nodes are
+//! A non-leaf tensor points at the `Node` that made it and its output index there. Nodes are
 //! either an [`Op`] (one output; its derivative rule is `Op::vjp`, the same rule the AOT
 //! autodiff pass uses) or a [`CustomBackward`] with several outputs (module backward hooks use
 //! one to see all input gradients at once).

@@ -2,7 +2,7 @@
 //!
 //! Storage is a [`Buffer`] (contiguous, row-major, `Arc`-shared). Views (permute, narrow,
 //! expand, …) copy; `reshape` shares storage. A tensor made by an op while grad mode is on and
-//! some operand requires grad carries a [`GradFn`]: the op and its operands, which is all the
+//! some operand requires grad carries a grad_fn: the autograd node that made it, which is all the
 //! backward pass needs, since derivative rules live with the op definitions.
 
 use std::fmt;

@@ -1,4 +1,4 @@
-//! The main job: train a classifier on a [`Labeled`](crate::data::Labeled) set and report
+//! The main job: train a classifier on a [`crate::data::Labeled`] set and report
 //! per-epoch loss and test accuracy. Used by `tracegrad train` and by the tests.
 
 use std::time::Instant;
