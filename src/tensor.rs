@@ -254,6 +254,19 @@ impl Tensor {
         *d = b;
     }
 
+    /// Writes `value` into this tensor in place, outside autograd (`buf.copy_(value)` under
+    /// `no_grad`), casting to this tensor's dtype. Inside a compiled forward this records a
+    /// buffer update that the compiled module writes back after each call. Panics if the
+    /// shapes differ.
+    #[track_caller]
+    pub fn assign(&self, value: &Tensor) {
+        if let Some(r) = crate::compile::trace_assign(self, value) {
+            return r.unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(self.shape(), value.shape(), "assign: shape mismatch");
+        self.set_buffer(value.buffer().cast(self.dtype()));
+    }
+
     /// Mutates the value in place (copy-on-write if the storage is shared).
     pub fn update_buffer<R>(&self, f: impl FnOnce(&mut Buffer) -> R) -> R {
         assert!(self.0.symbol.is_none(), "update_buffer: a traced tensor has no storage to write");

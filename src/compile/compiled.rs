@@ -38,6 +38,9 @@ pub struct Plan {
     pub backward: Option<Arc<tracegrad_compiler::graph::Graph>>,
     /// Which call arguments get gradients: indices into (data inputs ++ lifted tensors).
     wrt: Vec<usize>,
+    /// Buffers the forward writes (BatchNorm running statistics); forward outputs
+    /// `1..=updates.len()` hold their new values.
+    updates: Vec<Tensor>,
     /// The pass manager's timings for this plan.
     pub pass_report: String,
     lifted: Vec<Tensor>,
@@ -200,6 +203,7 @@ fn build_plan(module: &dyn Module, sig: &Signature) -> Result<Plan, CompileError
             graph,
             backward: None,
             wrt,
+            updates: traced.updates,
             pass_report,
             lifted: traced.lifted_inputs,
             callbacks: traced.callbacks,
@@ -221,7 +225,8 @@ fn build_plan(module: &dyn Module, sig: &Signature) -> Result<Plan, CompileError
     .map_err(op_error)?;
     // Arguments that do not influence the output get no gradient, as in eager mode.
     let (wrt, grads): (Vec<usize>, Vec<_>) = wrt.into_iter().zip(grads).filter_map(|(w, g)| g.map(|g| (w, g))).unzip();
-    let p = partition(&graph, &[y], &[seed], &grads, true).map_err(op_error)?;
+    let fwd_outputs: Vec<_> = graph.outputs.iter().map(|(_, n)| *n).collect();
+    let p = partition(&graph, &fwd_outputs, &[seed], &grads, true).map_err(op_error)?;
     let (mut forward, mut backward) = (p.forward, p.backward);
     let mut report = optimize(&mut forward)?;
     report.push_str("\n-- backward --\n");
@@ -230,6 +235,7 @@ fn build_plan(module: &dyn Module, sig: &Signature) -> Result<Plan, CompileError
         graph: forward,
         backward: Some(Arc::new(backward)),
         wrt,
+        updates: traced.updates,
         pass_report: report,
         lifted: traced.lifted_inputs,
         callbacks: traced.callbacks,
@@ -276,6 +282,9 @@ impl CompiledModule<'_> {
         let runner = Runner { root: self.module, specs: &plan.callbacks };
         let mut out = interpret(&plan.graph, &args, &runner).map_err(op_error)?;
         let y = out.remove(0);
+        for (t, b) in plan.updates.iter().zip(out.drain(..plan.updates.len())) {
+            t.set_buffer(b);
+        }
         let Some(backward) = plan.backward.clone() else {
             return Ok(Tensor::from_buffer(y));
         };

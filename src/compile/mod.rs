@@ -7,4 +7,4 @@ mod trace;
 
 pub use compiled::{compile, compile_dyn, CompiledModule, Plan};
 pub use trace::{is_tracing, CompileError, Symbol};
-pub(crate) use trace::{trace_emit, traced_call};
+pub(crate) use trace::{trace_assign, trace_emit, traced_call};

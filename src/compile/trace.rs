@@ -56,6 +56,8 @@ pub(crate) struct TraceState {
     pub(crate) lifted_inputs: Vec<Tensor>,
     module_paths: HashMap<usize, String>,
     pub(crate) callbacks: Vec<CallbackSpec>,
+    /// In-place buffer writes (`Tensor::assign`): the target and the node of its new value.
+    pub(crate) updates: Vec<(Tensor, NodeIndex)>,
 }
 
 thread_local! {
@@ -113,6 +115,32 @@ pub(crate) fn trace_emit(op: &Op, inputs: &[&Tensor]) -> Option<OpResult<Tensor>
 
 fn symbolic_like(st: &TraceState, n: NodeIndex, requires_grad: bool) -> Tensor {
     Tensor::symbolic(Symbol { trace: st.id, node: n, ty: st.graph.g[n].ty.clone() }, requires_grad)
+}
+
+/// Records `target ← value` in the active trace. Later reads of `target` in this trace see
+/// the new value; the runtime writes it back after the call. `None` when not tracing.
+pub(crate) fn trace_assign(target: &Tensor, value: &Tensor) -> Option<Result<(), String>> {
+    with_trace(|st| {
+        if target.is_symbolic() || !st.liftable.contains_key(&target.id()) {
+            return Err("assign: only a module buffer can be written inside a compiled forward".to_string());
+        }
+        let n = node_of(st, value).map_err(|e| e.to_string())?;
+        let want = target.tensor_type();
+        let n = if st.graph.g[n].ty.dtype != want.dtype {
+            st.graph.add_op(Op::Cast(want.dtype), &[n]).map_err(|e| e.to_string())?
+        } else {
+            n
+        };
+        if st.graph.g[n].ty != want {
+            return Err(format!("assign: cannot write {} into a buffer of type {want}", st.graph.g[n].ty));
+        }
+        // Make sure the old value is an input (reads before the write keep seeing it).
+        node_of(st, target).map_err(|e| e.to_string())?;
+        st.lifted.insert(target.id(), n);
+        st.updates.retain(|(t, _)| !t.same(target));
+        st.updates.push((target.clone(), n));
+        Ok(())
+    })
 }
 
 /// `module(args)` during a trace: a scope for the module's nodes, and its forward hooks as
@@ -196,6 +224,8 @@ pub(crate) struct Traced {
     pub(crate) graph: Graph,
     pub(crate) lifted_inputs: Vec<Tensor>,
     pub(crate) callbacks: Vec<CallbackSpec>,
+    /// Buffers written by the forward; graph outputs `1..=updates.len()` hold their values.
+    pub(crate) updates: Vec<Tensor>,
 }
 
 /// Traces `module(inputs)` for inputs of the given types.
@@ -226,6 +256,7 @@ pub(crate) fn trace_module(m: &dyn Module, inputs: &[(TensorType, bool)]) -> Res
         lifted_inputs: Vec::new(),
         module_paths,
         callbacks: Vec::new(),
+        updates: Vec::new(),
     };
     let args: Vec<Tensor> = inputs
         .iter()
@@ -260,5 +291,11 @@ pub(crate) fn trace_module(m: &dyn Module, inputs: &[(TensorType, bool)]) -> Res
         message: e.message,
     })?;
     st.graph.add_output("out", n);
-    Ok(Traced { graph: st.graph, lifted_inputs: st.lifted_inputs, callbacks: st.callbacks })
+    let mut updates = Vec::new();
+    for (t, node) in std::mem::take(&mut st.updates) {
+        let name = st.liftable.get(&t.id()).map(|(n, _, _)| n.clone()).unwrap_or_default();
+        st.graph.add_output(&format!("update:{name}"), node);
+        updates.push(t);
+    }
+    Ok(Traced { graph: st.graph, lifted_inputs: st.lifted_inputs, callbacks: st.callbacks, updates })
 }

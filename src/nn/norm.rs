@@ -6,7 +6,7 @@
 //! `running = (1 - momentum) · running + momentum · batch_stat`, with the batch variance
 //! unbiased (divided by n - 1) for the running estimate while the output uses the biased one.
 
-use tracegrad_runtime::{Buffer, DType};
+use tracegrad_runtime::DType;
 
 use super::python_repr::{py_bool, py_float, py_tuple};
 use super::{Module, ModuleCore, ModuleExt};
@@ -28,14 +28,15 @@ struct BatchNormState<'a> {
 /// `_BatchNorm.forward`: picks batch or running statistics and updates the running ones.
 fn batch_norm_forward(s: BatchNormState, x: &Tensor) -> Tensor {
     let running = s.running_mean.zip(s.running_var);
-    let mut factor = s.momentum.unwrap_or(0.0);
+    // The update factor is a tensor so the same code traces: with momentum None it is
+    // 1/num_batches_tracked (a cumulative moving average), computed from the buffer itself.
+    let mut factor = Tensor::scalar(s.momentum.unwrap_or(0.0) as f32);
     if s.training && running.is_some() {
         if let Some(n) = s.num_batches_tracked {
-            let count = n.item() as i64 + 1;
-            n.set_buffer(Buffer::scalar(count as f64, DType::I64));
+            let count = no_grad(|| n.add_scalar(1.0));
+            n.assign(&count);
             if s.momentum.is_none() {
-                // No momentum: a cumulative moving average.
-                factor = 1.0 / count as f64;
+                factor = no_grad(|| count.to_dtype(DType::F32).reciprocal());
             }
         }
     }
@@ -44,8 +45,9 @@ fn batch_norm_forward(s: BatchNormState, x: &Tensor) -> Tensor {
     if let (true, Some((rm, rv)), Some((batch_mean, batch_var))) = (s.training, running, stats) {
         no_grad(|| {
             let update = |r: &Tensor, batch: &Tensor| {
-                let new = r.mul_scalar(1.0 - factor).add(&batch.mul_scalar(factor));
-                r.set_buffer(new.buffer().cast(r.dtype()));
+                let keep = factor.neg().add_scalar(1.0);
+                let new = r.mul(&keep.to_dtype(r.dtype())).add(&batch.mul(&factor.to_dtype(batch.dtype())));
+                r.assign(&new);
             };
             update(rm, &batch_mean);
             update(rv, &batch_var);
