@@ -57,6 +57,21 @@ impl Node {
     }
 }
 
+impl Drop for Node {
+    /// Dropping a long chain of nodes would recurse once per node (tensor → node → operand
+    /// tensor → …) and overflow the stack; unlink the chain iteratively instead.
+    fn drop(&mut self) {
+        let mut stack: Vec<Tensor> = std::mem::take(&mut self.inputs);
+        while let Some(t) = stack.pop() {
+            let Ok(inner) = Arc::try_unwrap(t.0) else { continue };
+            let Some((node, _)) = inner.grad_fn else { continue };
+            if let Ok(mut node) = Arc::try_unwrap(node) {
+                stack.append(&mut node.inputs);
+            }
+        }
+    }
+}
+
 static NEXT_SEQ: AtomicU64 = AtomicU64::new(0);
 static NEXT_HOOK_ID: AtomicU64 = AtomicU64::new(1);
 
