@@ -19,7 +19,7 @@ use crate::tensor::Tensor;
 /// What a plan is specialised on. Any change recompiles.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Signature {
-    inputs: Vec<(TensorType, bool)>,
+    pub(crate) inputs: Vec<(TensorType, bool)>,
     training: bool,
     grad_enabled: bool,
     /// The global hook set's version.
@@ -76,7 +76,7 @@ fn hook_states(m: &dyn Module) -> Vec<(String, u64, usize)> {
         .collect()
 }
 
-fn describe_change(old: &Signature, new: &Signature) -> String {
+pub(crate) fn describe_change(old: &Signature, new: &Signature) -> String {
     let mut why = Vec::new();
     if old.inputs.len() != new.inputs.len() {
         why.push(format!("{} inputs -> {}", old.inputs.len(), new.inputs.len()));
@@ -121,9 +121,9 @@ fn describe_change(old: &Signature, new: &Signature) -> String {
     why.join("; ")
 }
 
-struct Runner<'a> {
-    root: &'a dyn Module,
-    specs: &'a [CallbackSpec],
+pub(crate) struct Runner<'a> {
+    pub(crate) root: &'a dyn Module,
+    pub(crate) specs: &'a [CallbackSpec],
 }
 
 fn to_tensors(bufs: &[Buffer]) -> Vec<Tensor> {
@@ -173,11 +173,11 @@ impl CallbackRunner for Runner<'_> {
     }
 }
 
-fn op_error(e: tracegrad_compiler::OpError) -> CompileError {
+pub(crate) fn op_error(e: tracegrad_compiler::OpError) -> CompileError {
     CompileError { op: e.op, module_path: String::new(), message: e.message }
 }
 
-fn optimize(g: &mut Graph) -> Result<String, CompileError> {
+pub(crate) fn optimize(g: &mut Graph) -> Result<String, CompileError> {
     let mut pm = PassManager::standard();
     pm.validate = cfg!(debug_assertions);
     pm.run(g).map_err(op_error)?;
@@ -242,15 +242,20 @@ fn build_plan(module: &dyn Module, sig: &Signature) -> Result<Plan, CompileError
     })
 }
 
+/// The plan key for calling `module` on `inputs` now.
+pub(crate) fn signature_of(module: &dyn Module, inputs: &[Tensor]) -> Signature {
+    Signature {
+        inputs: inputs.iter().map(|t| (t.tensor_type(), t.requires_grad())).collect(),
+        training: module.training(),
+        grad_enabled: crate::is_grad_enabled(),
+        global_hooks: crate::nn::global_hooks_version(),
+        hooks: hook_states(module),
+    }
+}
+
 impl CompiledModule<'_> {
     fn signature(&self, inputs: &[Tensor]) -> Signature {
-        Signature {
-            inputs: inputs.iter().map(|t| (t.tensor_type(), t.requires_grad())).collect(),
-            training: self.module.training(),
-            grad_enabled: crate::is_grad_enabled(),
-            global_hooks: crate::nn::global_hooks_version(),
-            hooks: hook_states(self.module),
-        }
+        signature_of(self.module, inputs)
     }
 
     /// Runs the module on one input.

@@ -230,6 +230,15 @@ pub(crate) struct Traced {
 
 /// Traces `module(inputs)` for inputs of the given types.
 pub(crate) fn trace_module(m: &dyn Module, inputs: &[(TensorType, bool)]) -> Result<Traced, CompileError> {
+    trace_with(m, inputs, &|args| m.call_many(args))
+}
+
+/// Traces `f(inputs)`, lifting `m`'s parameters and buffers to graph inputs.
+pub(crate) fn trace_with(
+    m: &dyn Module,
+    inputs: &[(TensorType, bool)],
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+) -> Result<Traced, CompileError> {
     if is_tracing() {
         return Err(CompileError {
             op: String::new(),
@@ -269,7 +278,7 @@ pub(crate) fn trace_module(m: &dyn Module, inputs: &[(TensorType, bool)]) -> Res
     TRACE.with(|t| *t.borrow_mut() = Some(st));
     install_quiet_hook();
     SILENT_PANICS.with(|s| s.set(true));
-    let result = catch_unwind(AssertUnwindSafe(|| m.call_many(&args)));
+    let result = catch_unwind(AssertUnwindSafe(|| f(&args)));
     SILENT_PANICS.with(|s| s.set(false));
     let mut st = TRACE.with(|t| t.borrow_mut().take()).expect("trace state");
     let out = match result {

@@ -1,0 +1,337 @@
+//! `compile_train_step`: forward, loss, backward and the optimizer update in one graph.
+//!
+//! Parameters, buffers, optimizer state (momentum buffers, Adam moments, the step count) and
+//! the learning rate are graph inputs; their new values are graph outputs written back after
+//! each call. So an optimizer step, a learning-rate change or a scheduler needs no recompile.
+//! The update formulas follow PyTorch's single-tensor (foreach=False) implementations.
+
+use tracegrad_compiler::autodiff::append_backward;
+use tracegrad_compiler::graph::{Graph, InputRole};
+use tracegrad_compiler::interpret::interpret;
+use tracegrad_compiler::ops::{BinaryOp, CompareOp, UnaryOp};
+use tracegrad_compiler::{Build, OpResult, TensorType};
+use tracegrad_runtime::{Buffer, DType};
+
+use super::compiled::{op_error, optimize, signature_of, Runner, Signature};
+use super::trace::{trace_with, CompileError};
+use crate::nn::{Module, ModuleExt};
+use crate::optim::{AdamOptions, AdamWOptions, SgdOptions};
+use crate::tensor::Tensor;
+
+/// The update rule compiled into the step.
+#[derive(Clone, Debug)]
+pub enum StepOptimizer {
+    /// SGD with momentum, dampening, nesterov, weight decay and maximize.
+    Sgd(SgdOptions),
+    /// Adam (with amsgrad and maximize).
+    Adam(AdamOptions),
+    /// AdamW: decoupled weight decay.
+    AdamW(AdamWOptions),
+}
+
+impl StepOptimizer {
+    fn lr(&self) -> f64 {
+        match self {
+            StepOptimizer::Sgd(o) => o.lr,
+            StepOptimizer::Adam(o) => o.lr,
+            StepOptimizer::AdamW(o) => o.lr,
+        }
+    }
+
+    /// Names of the per-parameter state slots.
+    fn slots(&self) -> Vec<&'static str> {
+        match self {
+            StepOptimizer::Sgd(o) => {
+                if o.momentum != 0.0 {
+                    vec!["momentum_buffer"]
+                } else {
+                    vec![]
+                }
+            }
+            StepOptimizer::Adam(AdamOptions { amsgrad, .. }) | StepOptimizer::AdamW(AdamWOptions { amsgrad, .. }) => {
+                if *amsgrad {
+                    vec!["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+                } else {
+                    vec!["exp_avg", "exp_avg_sq"]
+                }
+            }
+        }
+    }
+}
+
+struct StepPlan {
+    graph: Graph,
+    lifted: Vec<Tensor>,
+    updates: Vec<Tensor>,
+    /// Indices into `lifted` of the parameters this plan updates, in output order.
+    updated: Vec<usize>,
+    callbacks: Vec<super::trace::CallbackSpec>,
+}
+
+/// A compiled training step (see [`compile_train_step`]).
+pub struct TrainStep<'m> {
+    module: &'m dyn Module,
+    loss_fn: Box<dyn Fn(&Tensor, &Tensor) -> Tensor + 'm>,
+    optimizer: StepOptimizer,
+    lr: f64,
+    step: f32,
+    /// Per parameter (by tensor id): its state slots.
+    state: std::collections::HashMap<usize, Vec<Buffer>>,
+    plans: Vec<(Signature, StepPlan)>,
+    reasons: Vec<String>,
+    last: Option<Signature>,
+}
+
+/// Compiles one training step of `module` under `loss_fn(output, target)` with `optimizer`.
+/// Each [`TrainStep::step`] runs forward, loss, backward and the update as one plan, updates
+/// the parameters (and buffers such as BatchNorm statistics) in place, and returns the loss.
+pub fn compile_train_step<'m>(
+    module: &'m dyn Module,
+    loss_fn: impl Fn(&Tensor, &Tensor) -> Tensor + 'm,
+    optimizer: StepOptimizer,
+) -> TrainStep<'m> {
+    let lr = optimizer.lr();
+    TrainStep {
+        module,
+        loss_fn: Box::new(loss_fn),
+        optimizer,
+        lr,
+        step: 0.0,
+        state: Default::default(),
+        plans: Vec::new(),
+        reasons: Vec::new(),
+        last: None,
+    }
+}
+
+fn scalar<B: Build>(e: &mut B, v: f64, like: &B::Value) -> OpResult<B::Value> {
+    let d = e.dtype(like);
+    e.scalar(v, d)
+}
+
+/// Emits one parameter's update; returns (new parameter, new state slots).
+#[allow(clippy::too_many_arguments)]
+fn emit_update(
+    g: &mut Graph,
+    opt: &StepOptimizer,
+    p: petgraph::stable_graph::NodeIndex,
+    grad: petgraph::stable_graph::NodeIndex,
+    state: &[petgraph::stable_graph::NodeIndex],
+    lr: petgraph::stable_graph::NodeIndex,
+    step: petgraph::stable_graph::NodeIndex,
+    new_step: petgraph::stable_graph::NodeIndex,
+) -> OpResult<(petgraph::stable_graph::NodeIndex, Vec<petgraph::stable_graph::NodeIndex>)> {
+    let lr = g.cast(&lr, g.dtype(&p))?;
+    match opt {
+        StepOptimizer::Sgd(o) => {
+            let mut d = if o.maximize { g.neg(&grad)? } else { grad };
+            if o.weight_decay != 0.0 {
+                let wd = g.mul_scalar(&p, o.weight_decay)?;
+                d = g.add(&d, &wd)?;
+            }
+            let mut new_state = Vec::new();
+            if o.momentum != 0.0 {
+                // First step: buf = grad; later: buf = momentum·buf + (1 − dampening)·grad.
+                let buf = g.mul_scalar(&state[0], o.momentum)?;
+                let dd = g.mul_scalar(&d, 1.0 - o.dampening)?;
+                let later = g.add(&buf, &dd)?;
+                let zero = g.scalar(0.0, DType::F32)?;
+                let first = g.compare(CompareOp::Eq, &step, &zero)?;
+                let buf = g.where_(&first, &d, &later)?;
+                d = if o.nesterov {
+                    let mb = g.mul_scalar(&buf, o.momentum)?;
+                    g.add(&d, &mb)?
+                } else {
+                    buf
+                };
+                new_state.push(buf);
+            }
+            let upd = g.mul(&d, &lr)?;
+            Ok((g.sub(&p, &upd)?, new_state))
+        }
+        StepOptimizer::Adam(AdamOptions { betas, eps, weight_decay, amsgrad, maximize, .. })
+        | StepOptimizer::AdamW(AdamWOptions { betas, eps, weight_decay, amsgrad, maximize, .. }) => {
+            let decoupled = matches!(opt, StepOptimizer::AdamW(_));
+            let (b1, b2) = *betas;
+            let mut d = if *maximize { g.neg(&grad)? } else { grad };
+            let mut p = p;
+            if *weight_decay != 0.0 {
+                if decoupled {
+                    // p ← p·(1 − lr·wd)
+                    let lwd = g.mul_scalar(&lr, *weight_decay)?;
+                    let one = scalar(g, 1.0, &p)?;
+                    let keep = g.sub(&one, &lwd)?;
+                    p = g.mul(&p, &keep)?;
+                } else {
+                    let wd = g.mul_scalar(&p, *weight_decay)?;
+                    d = g.add(&d, &wd)?;
+                }
+            }
+            // m ← m + (1 − β1)(g − m)   (PyTorch's lerp);  v ← β2·v + (1 − β2)·g²
+            let diff = g.sub(&d, &state[0])?;
+            let diff = g.mul_scalar(&diff, 1.0 - b1)?;
+            let m = g.add(&state[0], &diff)?;
+            let v = g.mul_scalar(&state[1], b2)?;
+            let g2 = g.mul(&d, &d)?;
+            let g2 = g.mul_scalar(&g2, 1.0 - b2)?;
+            let v = g.add(&v, &g2)?;
+            let t = g.cast(&new_step, g.dtype(&p))?;
+            let bias = |g: &mut Graph, beta: f64| -> OpResult<_> {
+                let b = scalar(g, beta, &p)?;
+                let pw = g.binary(BinaryOp::Pow, &b, &t)?;
+                let one = scalar(g, 1.0, &p)?;
+                g.sub(&one, &pw)
+            };
+            let bc1 = bias(g, b1)?;
+            let bc2 = bias(g, b2)?;
+            let step_size = g.div(&lr, &bc1)?;
+            let bc2_sqrt = g.unary(UnaryOp::Sqrt, &bc2)?;
+            let mut new_state = vec![m, v];
+            let vv = if *amsgrad {
+                let vmax = g.binary(BinaryOp::Maximum, &state[2], &v)?;
+                new_state.push(vmax);
+                vmax
+            } else {
+                v
+            };
+            let denom = g.unary(UnaryOp::Sqrt, &vv)?;
+            let denom = g.div(&denom, &bc2_sqrt)?;
+            let denom = g.add_scalar(&denom, *eps)?;
+            let ratio = g.div(&m, &denom)?;
+            let upd = g.mul(&ratio, &step_size)?;
+            Ok((g.sub(&p, &upd)?, new_state))
+        }
+    }
+}
+
+impl TrainStep<'_> {
+    /// Changes the learning rate (no recompile: it is a graph input).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    /// The learning rate.
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    /// Why each plan was compiled.
+    pub fn recompile_reasons(&self) -> &[String] {
+        &self.reasons
+    }
+
+    /// The graph of the last step's plan.
+    pub fn last_graph(&self) -> Option<&Graph> {
+        let last = self.last.as_ref()?;
+        self.plans.iter().find(|(s, _)| s == last).map(|(_, p)| &p.graph)
+    }
+
+    fn build(&self, sig: &Signature) -> Result<StepPlan, CompileError> {
+        let m = self.module;
+        let loss_fn = &self.loss_fn;
+        let traced = crate::enable_grad(|| trace_with(m, &sig.inputs, &|a| loss_fn(&m.call(&a[0]), &a[1])))?;
+        let mut g = traced.graph;
+        let loss = g.outputs[0].1;
+        if g.g[loss].ty.numel() != 1 || !g.g[loss].ty.dtype.is_float() {
+            return Err(CompileError {
+                op: String::new(),
+                module_path: String::new(),
+                message: format!("compile_train_step: the loss must be a float scalar, got {}", g.g[loss].ty),
+            });
+        }
+        let n_data = sig.inputs.len();
+        let candidates: Vec<usize> =
+            traced.lifted_inputs.iter().enumerate().filter(|(_, t)| t.requires_grad()).map(|(j, _)| j).collect();
+        let wrt: Vec<_> = candidates.iter().map(|&j| g.inputs[n_data + j]).collect();
+        let loss_ty = g.g[loss].ty.clone();
+        let seed = g.full(1.0, loss_ty.dtype, &loss_ty.shape).map_err(op_error)?;
+        let grads = append_backward(&mut g, &[(loss, seed)], &wrt, &mut |g, group, _| {
+            let label = match &g.g[group[0]].kind {
+                tracegrad_compiler::graph::NodeKind::Callback { label, .. } => label.clone(),
+                _ => String::new(),
+            };
+            Err(tracegrad_compiler::OpError::new(
+                "autodiff",
+                format!("compiled backward through a {label} is not supported yet"),
+            ))
+        })
+        .map_err(op_error)?;
+        let lr = g.add_input("lr", InputRole::State, TensorType::new(DType::F32, &[]));
+        let step = g.add_input("step", InputRole::State, TensorType::new(DType::F32, &[]));
+        let new_step = g.add_scalar(&step, 1.0).map_err(op_error)?;
+        let slots = self.optimizer.slots();
+        let mut updated = Vec::new();
+        for (&j, grad) in candidates.iter().zip(grads) {
+            let Some(grad) = grad else { continue };
+            let p = g.inputs[n_data + j];
+            let ty = g.g[p].ty.clone();
+            let name = match &g.g[p].kind {
+                tracegrad_compiler::graph::NodeKind::Input { name, .. } => name.clone(),
+                _ => String::new(),
+            };
+            let state: Vec<_> =
+                slots.iter().map(|s| g.add_input(&format!("{name}.{s}"), InputRole::State, ty.clone())).collect();
+            let (np, ns) =
+                emit_update(&mut g, &self.optimizer, p, grad, &state, lr, step, new_step).map_err(op_error)?;
+            g.add_output(&format!("param:{name}"), np);
+            for (s, n) in slots.iter().zip(ns) {
+                g.add_output(&format!("state:{name}.{s}"), n);
+            }
+            updated.push(j);
+        }
+        optimize(&mut g)?;
+        Ok(StepPlan {
+            graph: g,
+            lifted: traced.lifted_inputs,
+            updates: traced.updates,
+            updated,
+            callbacks: traced.callbacks,
+        })
+    }
+
+    /// One training step on `(x, target)`; returns the loss (before the update).
+    pub fn step(&mut self, x: &Tensor, target: &Tensor) -> Result<Tensor, CompileError> {
+        let sig = signature_of(self.module, &[x.detach(), target.detach()]);
+        let idx = match self.plans.iter().position(|(s, _)| *s == sig) {
+            Some(i) => i,
+            None => {
+                let reason = match &self.last {
+                    None => "first call".to_string(),
+                    Some(old) => super::compiled::describe_change(old, &sig),
+                };
+                let plan = self.build(&sig)?;
+                self.reasons.push(reason);
+                self.plans.push((sig.clone(), plan));
+                self.plans.len() - 1
+            }
+        };
+        self.last = Some(sig);
+        let plan = &self.plans[idx].1;
+        let slots = self.optimizer.slots().len();
+        let mut args: Vec<Buffer> = vec![x.buffer(), target.buffer()];
+        args.extend(plan.lifted.iter().map(|t| t.buffer()));
+        args.push(Buffer::scalar(self.lr, DType::F32));
+        args.push(Buffer::scalar(self.step as f64, DType::F32));
+        for &j in &plan.updated {
+            let p = &plan.lifted[j];
+            let st = self.state.entry(p.id()).or_insert_with(|| vec![Buffer::zeros(p.dtype(), &p.shape()); slots]);
+            args.extend(st.iter().cloned());
+        }
+        let runner = Runner { root: self.module, specs: &plan.callbacks };
+        let mut out = interpret(&plan.graph, &args, &runner).map_err(op_error)?.into_iter();
+        let loss = out.next().expect("the loss");
+        for t in &plan.updates {
+            t.set_buffer(out.next().expect("a buffer update"));
+        }
+        for &j in &plan.updated {
+            let p = &plan.lifted[j];
+            p.set_buffer(out.next().expect("a new parameter"));
+            let st = self.state.get_mut(&p.id()).expect("state");
+            for s in st.iter_mut() {
+                *s = out.next().expect("new state");
+            }
+        }
+        self.step += 1.0;
+        Ok(Tensor::from_buffer(loss))
+    }
+}
