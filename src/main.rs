@@ -165,31 +165,36 @@ fn load(spec: &str, seed: u64) -> Result<(Labeled, Labeled), String> {
 }
 
 fn train(args: TrainArgs) -> Result<(), String> {
-    if args.mode == Mode::Compiled {
-        return Err("--mode compiled is not available yet: the graph compiler has not landed; use --mode eager".into());
-    }
     if args.model == Model::Cnn {
         return Err("--model cnn is not available yet: it needs the Conv2d/MaxPool2d modules; use --model mlp".into());
     }
     let (train_set, test_set) = load(&args.dataset, args.seed)?;
+    let optimizer = match args.optimizer {
+        OptimizerKind::Sgd => tracegrad::train::OptimizerKind::Sgd,
+        OptimizerKind::Adam => tracegrad::train::OptimizerKind::Adam,
+        OptimizerKind::Adamw => tracegrad::train::OptimizerKind::AdamW,
+    };
     let cfg = TrainConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,
         lr: args.lr,
         seed: args.seed,
+        optimizer,
+        compiled: args.mode == Mode::Compiled,
         ..Default::default()
     };
     if cfg.batch_size == 0 {
         return Err("--batch-size must be positive".into());
     }
     eprintln!(
-        "training MLP {}→{}→{} on {} ({} train / {} test), eager, {:?} lr {}",
+        "training MLP {}→{}→{} on {} ({} train / {} test), {}, {:?} lr {}",
         train_set.x.shape()[1],
         cfg.hidden,
         train_set.classes,
         args.dataset,
         train_set.len(),
         test_set.len(),
+        if cfg.compiled { "compiled (reference interpreter)" } else { "eager" },
         cfg.optimizer,
         cfg.lr
     );

@@ -26,6 +26,9 @@ pub struct TrainConfig {
     pub hidden: usize,
     /// The update rule.
     pub optimizer: OptimizerKind,
+    /// Run each step compiled (`compile_train_step`, one graph per batch shape) instead of
+    /// eagerly.
+    pub compiled: bool,
 }
 
 /// Which optimizer `train_mlp` uses.
@@ -42,7 +45,15 @@ pub enum OptimizerKind {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 20, batch_size: 32, lr: 0.1, seed: 0, hidden: 128, optimizer: OptimizerKind::Sgd }
+        TrainConfig {
+            epochs: 20,
+            batch_size: 32,
+            lr: 0.1,
+            seed: 0,
+            hidden: 128,
+            optimizer: OptimizerKind::Sgd,
+            compiled: false,
+        }
     }
 }
 
@@ -101,10 +112,24 @@ pub fn train_mlp(
     crate::manual_seed(cfg.seed);
     let d = train.x.shape()[1];
     let model = mlp(d, cfg.hidden, train.classes.max(test.classes));
-    let mut opt: Box<dyn Optimizer> = match cfg.optimizer {
-        OptimizerKind::Sgd => Box::new(Sgd::new(model.parameters(), cfg.lr)),
-        OptimizerKind::Adam => Box::new(Adam::new(model.parameters(), cfg.lr).map_err(|e| e.to_string())?),
-        OptimizerKind::AdamW => Box::new(AdamW::new(model.parameters(), cfg.lr).map_err(|e| e.to_string())?),
+    enum Stepper<'a> {
+        Eager(Box<dyn Optimizer>),
+        Compiled(Box<crate::compile::TrainStep<'a>>),
+    }
+    let mut stepper = if cfg.compiled {
+        use crate::compile::StepOptimizer as S;
+        let spec = match cfg.optimizer {
+            OptimizerKind::Sgd => S::Sgd(crate::optim::SgdOptions { lr: cfg.lr, ..Default::default() }),
+            OptimizerKind::Adam => S::Adam(crate::optim::AdamOptions { lr: cfg.lr, ..Default::default() }),
+            OptimizerKind::AdamW => S::AdamW(crate::optim::AdamWOptions { lr: cfg.lr, ..Default::default() }),
+        };
+        Stepper::Compiled(Box::new(crate::compile::compile_train_step(&model, |out, y| out.cross_entropy(y), spec)))
+    } else {
+        Stepper::Eager(match cfg.optimizer {
+            OptimizerKind::Sgd => Box::new(Sgd::new(model.parameters(), cfg.lr)),
+            OptimizerKind::Adam => Box::new(Adam::new(model.parameters(), cfg.lr).map_err(|e| e.to_string())?),
+            OptimizerKind::AdamW => Box::new(AdamW::new(model.parameters(), cfg.lr).map_err(|e| e.to_string())?),
+        })
     };
     let mut g = Generator::new(cfg.seed.wrapping_add(1));
     let mut train_seconds = 0.0;
@@ -115,10 +140,16 @@ pub fn train_mlp(
         let t0 = Instant::now();
         let mut total = 0.0;
         for (i, b) in batches.iter().enumerate() {
-            let loss = model.forward(&b.x).cross_entropy(&b.y);
-            opt.zero_grad();
-            loss.backward();
-            opt.step();
+            let loss = match &mut stepper {
+                Stepper::Eager(opt) => {
+                    let loss = model.forward(&b.x).cross_entropy(&b.y);
+                    opt.zero_grad();
+                    loss.backward();
+                    opt.step();
+                    loss
+                }
+                Stepper::Compiled(step) => step.step(&b.x, &b.y).map_err(|e| e.to_string())?,
+            };
             total += loss.item();
             steps += 1;
             on_step(epoch, i + 1, batches.len());
@@ -129,8 +160,9 @@ pub fn train_mlp(
             EpochReport { epoch, loss: total / batches.len() as f64, test_accuracy: accuracy(&model, test), seconds };
         on_epoch(&last);
     }
+    drop(stepper);
     let summary = TrainSummary {
-        mode: "eager".into(),
+        mode: if cfg.compiled { "compiled" } else { "eager" }.into(),
         epochs: cfg.epochs,
         final_loss: last.loss,
         test_accuracy: last.test_accuracy,

@@ -217,7 +217,7 @@ pub struct TransformerBlock {
 impl TransformerBlock {
     /// A block of width `d` with `heads` heads.
     pub fn new(d: usize, heads: usize) -> TransformerBlock {
-        assert!(d % heads == 0, "width {d} is not divisible by {heads} heads");
+        assert!(d.is_multiple_of(heads), "width {d} is not divisible by {heads} heads");
         TransformerBlock {
             ln1: LayerNorm::new(&[d]),
             qkv: Linear::new(d, 3 * d),

@@ -34,6 +34,18 @@ fn cli_train_json_ends_stdout_with_the_contract_object() {
 }
 
 #[test]
+fn compiled_training_matches_eager_training() {
+    let (train, test) = data::digits().split(0.8, 0);
+    let eager = TrainConfig { epochs: 3, ..Default::default() };
+    let compiled = TrainConfig { compiled: true, ..eager.clone() };
+    let (_, e) = train_mlp(&train, &test, &eager, |_, _, _| {}, |_| {}).unwrap();
+    let (_, c) = train_mlp(&train, &test, &compiled, |_, _, _| {}, |_| {}).unwrap();
+    assert_eq!(c.mode, "compiled");
+    assert!((c.final_loss - e.final_loss).abs() <= 1e-4 * e.final_loss, "{} vs {}", c.final_loss, e.final_loss);
+    assert!((c.test_accuracy - e.test_accuracy).abs() <= 0.01);
+}
+
+#[test]
 fn adam_trains_too() {
     let (train, test) = data::digits().split(0.8, 0);
     let cfg =
@@ -43,10 +55,21 @@ fn adam_trains_too() {
 }
 
 #[test]
-fn cli_rejects_what_is_not_built_yet() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tracegrad")).args(["train", "--mode", "compiled"]).output().unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--mode compiled is not available yet"));
+fn cli_honours_mode_and_optimizer() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tracegrad"))
+        .args(["train", "--json", "--epochs", "2", "--mode", "compiled", "--optimizer", "adam", "--lr", "0.001"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(v["mode"], "compiled");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("compiled (reference interpreter), Adam lr 0.001"), "{stderr}");
+}
+
+#[test]
+fn cli_rejects_bad_input() {
     let out = Command::new(env!("CARGO_BIN_EXE_tracegrad"))
         .args(["train", "--dataset", "mnist-csv:/nonexistent.csv"])
         .output()
