@@ -421,6 +421,11 @@ impl Tensor {
         assert!(self.requires_grad(), "cannot register a hook on a tensor that doesn't require gradient");
         let id = next_hook_id();
         let hook: GradHook = Arc::new(hook);
+        if crate::compile::trace_tensor_hook(self, hook.clone()).is_some() {
+            // The hook is part of the compiled plan; the plan is rebuilt when the forward is
+            // traced again, which is when a hook registered inside forward can change.
+            return crate::hooks::RemovableHandle::new(|| {});
+        }
         match self.grad_fn() {
             None => {
                 lock(&self.0.hooks).push((id, hook));

@@ -373,6 +373,11 @@ impl Tensor {
         self.0.grad_fn.as_ref().map(|(n, _)| n.name().to_string())
     }
 
+    /// Whether gradient hooks (`register_hook`, post-accumulate) are registered on this tensor.
+    pub(crate) fn has_grad_hooks(&self) -> bool {
+        !lock(&self.0.hooks).is_empty() || !lock(&self.0.post_hooks).is_empty()
+    }
+
     /// Whether this tensor was made by the user rather than by a differentiable op.
     pub fn is_leaf(&self) -> bool {
         self.0.grad_fn.is_none()

@@ -174,12 +174,53 @@ fn the_backward_graph_reads_saved_values() {
 }
 
 #[test]
-fn backward_through_a_forward_hook_is_refused_clearly() {
-    let m = mlp();
-    m.get_submodule("0").unwrap().register_forward_hook(|_, _, out| Some(out * 2.0));
-    let e = compile(&m).call(&Tensor::randn(&[2, 784])).unwrap_err();
-    assert!(
-        e.to_string().contains("compiled backward through a forward hook of 0 (Linear) is not supported yet"),
-        "{e}"
+fn gradients_flow_through_forward_hooks_that_use_parameters() {
+    // The seed exercise: every Function_* gets a bias `b` and a forward hook `inp*W1 + b`.
+    let path = format!("{}/../shared/reference/seed_model.json", env!("CARGO_MANIFEST_DIR"));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let r = &r["apply_linear"];
+    let m = seed_model();
+    let is_function = |m: &dyn Module| m.type_name().starts_with("Function_");
+    m.apply(&mut |sub| {
+        if is_function(sub) {
+            sub.register_parameter("b", Some(Tensor::ones(&[2]).requires_grad_(true))).unwrap();
+            for (_, p) in sub.named_parameters_recurse(false) {
+                p.set_buffer(p.ones_like().buffer());
+            }
+            sub.register_forward_hook(|module, inputs, _| {
+                let b = module.get_parameter("b").unwrap();
+                Some(match module.get_parameter("W1") {
+                    Ok(w1) => &inputs[0] * &w1 + &b,
+                    Err(_) => &inputs[0] + &b,
+                })
+            });
+        }
+    });
+    let x = Tensor::from_vec(vec![1.0f32, 2.0], &[1, 2]).requires_grad_(true);
+    let y = compile(&m).call(&x).unwrap();
+    let want = |k: &str| r[k]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(
+        y.to_vec_f64().iter().map(|v| (v * 1e4).round()).collect::<Vec<_>>(),
+        want("output").iter().map(|v| (v * 1e4).round()).collect::<Vec<_>>()
     );
+    y.sum_all().backward();
+    for (a, b) in x.grad().unwrap().to_vec_f64().iter().zip(want("input_grad_of_sum")) {
+        assert!((a - b).abs() < 1e-6, "input grad {a} vs {b}");
+    }
+    let grads = r["param_grads_of_sum"].as_object().unwrap();
+    for (name, p) in m.named_parameters() {
+        match grads.get(&name) {
+            Some(w) => {
+                let w: Vec<f64> = w["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+                let g = p.grad().unwrap_or_else(|| panic!("{name} has no gradient")).to_vec_f64();
+                for (a, b) in g.iter().zip(&w) {
+                    assert!((a - b).abs() < 1e-5, "{name}: {a} vs {b}");
+                }
+            }
+            None => assert!(
+                p.grad().is_none_or(|g| g.to_vec_f64().iter().all(|v| *v == 0.0)),
+                "{name} should get no gradient"
+            ),
+        }
+    }
 }

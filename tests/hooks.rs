@@ -21,6 +21,18 @@ impl Module for Add {
     }
 }
 
+/// Every module case runs in both modes: the same test, eager and compiled.
+const MODES: [bool; 2] = [false, true];
+
+/// `m(args)`, eagerly or through `compile` (a fresh plan, traced on this call).
+fn call(m: &dyn Module, args: &[Tensor], compiled: bool) -> Tensor {
+    if compiled {
+        tracegrad::compile::compile_dyn(m).call_many(args).unwrap_or_else(|e| panic!("compiled: {e}"))
+    } else {
+        m.call_many(args)
+    }
+}
+
 fn case(name: &str) -> Value {
     reference("hooks.json")[name].clone()
 }
@@ -36,6 +48,12 @@ fn fmt(t: &Tensor) -> String {
 
 #[test]
 fn pre_and_forward_hooks_see_inputs_and_output() {
+    for compiled in MODES {
+        pre_and_forward(compiled);
+    }
+}
+
+fn pre_and_forward(compiled: bool) {
     let r = case("pre_and_forward_hook_capture");
     let inputs: Vec<Tensor> = r["inputs"].as_array().unwrap().iter().map(tensor).collect();
     let m = Add::default();
@@ -50,7 +68,7 @@ fn pre_and_forward_hooks_see_inputs_and_output() {
         l.lock().unwrap().push(format!("fwd {}", fmt(out)));
         None
     });
-    let out = m.call_many(&inputs);
+    let out = call(&m, &inputs, compiled);
     assert_close("output", &out, &r["output"], 0.0, 0.0);
     let want: Vec<String> = r["log"]
         .as_array()
@@ -69,22 +87,40 @@ fn pre_and_forward_hooks_see_inputs_and_output() {
 
 #[test]
 fn hooks_replace_output_and_inputs_and_removal_restores() {
-    let inputs = [Tensor::vec1(&[1.0, 2.0]), Tensor::vec1(&[3.0, 4.0])];
-    let m = Add::default();
-    let h = m.register_forward_hook(|_, _, out| Some(out + 5.0));
-    assert_close("plus 5", &m.call_many(&inputs), &case("forward_hook_plus_5"), 0.0, 0.0);
-    h.remove();
-    h.remove(); // removing twice is harmless
-    assert_close("removed", &m.call_many(&inputs), &case("removed_hook_has_no_effect"), 0.0, 0.0);
-    let p = m.register_forward_pre_hook(|_, args| Some(vec![&args[0] * 10.0, args[1].clone()]));
-    assert_close("pre x10", &m.call_many(&inputs), &case("pre_hook_replaces_first_input_times_10"), 0.0, 0.0);
-    p.remove();
+    for compiled in MODES {
+        let inputs = [Tensor::vec1(&[1.0, 2.0]), Tensor::vec1(&[3.0, 4.0])];
+        let m = Add::default();
+        let h = m.register_forward_hook(|_, _, out| Some(out + 5.0));
+        assert_close("plus 5", &call(&m, &inputs, compiled), &case("forward_hook_plus_5"), 0.0, 0.0);
+        h.remove();
+        h.remove(); // removing twice is harmless
+        assert_close("removed", &call(&m, &inputs, compiled), &case("removed_hook_has_no_effect"), 0.0, 0.0);
+        let p = m.register_forward_pre_hook(|_, args| Some(vec![&args[0] * 10.0, args[1].clone()]));
+        let want = case("pre_hook_replaces_first_input_times_10");
+        assert_close("pre x10", &call(&m, &inputs, compiled), &want, 0.0, 0.0);
+        p.remove();
+    }
+}
+
+/// `o = Add()(u1*u1, u2*3)` as a module, so compiled mode traces the products too.
+#[derive(tracegrad::nn::Module, Default)]
+struct SquaresThenAdd {
+    #[module]
+    add: Add,
+    core: ModuleCore,
+}
+
+impl Module for SquaresThenAdd {
+    fn forward_many(&self, xs: &[Tensor]) -> Tensor {
+        self.add.call_many(&[&xs[0] * &xs[0], &xs[1] * 3.0])
+    }
 }
 
 /// `o = Add()(u1*u1, u2*3); loss = sum(o * [1, 2])`.
-fn run_full_backward(r: &Value, normalise: bool) -> (Tensor, Tensor, Calls) {
+fn run_full_backward(r: &Value, normalise: bool, compiled: bool) -> (Tensor, Tensor, Calls) {
     let (u1, u2) = (tensor(&r["u1"]).requires_grad_(true), tensor(&r["u2"]).requires_grad_(true));
-    let m = Add::default();
+    let outer = SquaresThenAdd::default();
+    let m = &outer.add;
     let calls: Arc<Mutex<Calls>> = Arc::default();
     let c = calls.clone();
     m.register_full_backward_hook(move |gi, go| {
@@ -98,7 +134,7 @@ fn run_full_backward(r: &Value, normalise: bool) -> (Tensor, Tensor, Calls) {
             None
         }
     });
-    let o = m.call_many(&[&u1 * &u1, &u2 * 3.0]);
+    let o = call(&outer, &[u1.clone(), u2.clone()], compiled);
     (&o * &Tensor::vec1(&[1.0, 2.0])).sum_all().backward();
     let calls = calls.lock().unwrap().clone();
     (u1.grad().unwrap(), u2.grad().unwrap(), calls)
@@ -119,19 +155,23 @@ fn expected_calls(r: &Value) -> Calls {
 #[test]
 fn full_backward_hook_sees_module_input_gradients() {
     let r = case("full_backward_hook_capture");
-    let (g1, g2, calls) = run_full_backward(&r, false);
-    assert_eq!(calls, expected_calls(&r));
-    assert_close("u1 grad", &g1, &r["u1_grad"], 1e-6, 0.0);
-    assert_close("u2 grad", &g2, &r["u2_grad"], 1e-6, 0.0);
+    for compiled in MODES {
+        let (g1, g2, calls) = run_full_backward(&r, false, compiled);
+        assert_eq!(calls, expected_calls(&r));
+        assert_close("u1 grad", &g1, &r["u1_grad"], 1e-6, 0.0);
+        assert_close("u2 grad", &g2, &r["u2_grad"], 1e-6, 0.0);
+    }
 }
 
 #[test]
 fn full_backward_hook_replaces_grad_input() {
     let r = case("full_backward_hook_normalise");
-    let (g1, g2, calls) = run_full_backward(&r, true);
-    assert_eq!(calls, expected_calls(&r));
-    assert_close("u1 grad", &g1, &r["u1_grad"], 1e-6, 0.0);
-    assert_close("u2 grad", &g2, &r["u2_grad"], 1e-6, 0.0);
+    for compiled in MODES {
+        let (g1, g2, calls) = run_full_backward(&r, true, compiled);
+        assert_eq!(calls, expected_calls(&r));
+        assert_close("u1 grad", &g1, &r["u1_grad"], 1e-6, 0.0);
+        assert_close("u2 grad", &g2, &r["u2_grad"], 1e-6, 0.0);
+    }
 }
 
 #[test]
@@ -139,12 +179,14 @@ fn backward_pre_hook_replaces_grad_output() {
     // Reconstructed forward (the transcript names only the result): o = Add()(u1, u2),
     // loss = sum(o), with a backward pre-hook multiplying grad_output by 3.
     let r = case("backward_pre_hook_times_3");
-    let (u1, u2) = (Tensor::vec1(&[1.0, 2.0]).requires_grad_(true), Tensor::vec1(&[3.0, 4.0]).requires_grad_(true));
-    let m = Add::default();
-    m.register_full_backward_pre_hook(|go| Some(go.iter().map(|g| g.as_ref().map(|g| g * 3.0)).collect()));
-    m.call_many(&[u1.clone(), u2.clone()]).sum_all().backward();
-    assert_close("u1 grad", &u1.grad().unwrap(), &r["u1_grad"], 0.0, 0.0);
-    assert_close("u2 grad", &u2.grad().unwrap(), &r["u2_grad"], 0.0, 0.0);
+    for compiled in MODES {
+        let (u1, u2) = (Tensor::vec1(&[1.0, 2.0]).requires_grad_(true), Tensor::vec1(&[3.0, 4.0]).requires_grad_(true));
+        let m = Add::default();
+        m.register_full_backward_pre_hook(|go| Some(go.iter().map(|g| g.as_ref().map(|g| g * 3.0)).collect()));
+        call(&m, &[u1.clone(), u2.clone()], compiled).sum_all().backward();
+        assert_close("u1 grad", &u1.grad().unwrap(), &r["u1_grad"], 0.0, 0.0);
+        assert_close("u2 grad", &u2.grad().unwrap(), &r["u2_grad"], 0.0, 0.0);
+    }
 }
 
 #[test]
@@ -170,14 +212,28 @@ fn tensor_hooks_on_parameters_capture_and_clip() {
     assert_close("clipped", &w.grad().unwrap(), &case("param_tensor_hook_clip")["W_grad"], 0.0, 0.0);
 }
 
+/// `h = v*2` with a tensor hook multiplying h's gradient by 10; returns `sum(h²)`.
+#[derive(tracegrad::nn::Module, Default)]
+struct HookedSquare {
+    core: ModuleCore,
+}
+
+impl Module for HookedSquare {
+    fn forward(&self, v: &Tensor) -> Tensor {
+        let h = v * 2.0;
+        h.register_hook(|g| Some(g * 10.0));
+        h.pow(2.0).sum_all()
+    }
+}
+
 #[test]
 fn tensor_hook_on_an_intermediate() {
     let r = case("intermediate_tensor_hook_times_10");
-    let v = tensor(&r["v"]).requires_grad_(true);
-    let h = &v * 2.0;
-    h.register_hook(|g| Some(g * 10.0));
-    h.pow(2.0).sum_all().backward();
-    assert_close("v grad", &v.grad().unwrap(), &r["v_grad"], 1e-6, 0.0);
+    for compiled in MODES {
+        let v = tensor(&r["v"]).requires_grad_(true);
+        call(&HookedSquare::default(), std::slice::from_ref(&v), compiled).backward();
+        assert_close("v grad", &v.grad().unwrap(), &r["v_grad"], 1e-6, 0.0);
+    }
 }
 
 #[test]
@@ -243,6 +299,12 @@ impl Module for Outer {
 
 #[test]
 fn all_four_hook_kinds_fire_in_pytorchs_order() {
+    for compiled in MODES {
+        firing_order(compiled);
+    }
+}
+
+fn firing_order(compiled: bool) {
     let r = case("firing_order_nested");
     let inner = || Inner { l: Linear::new(3, 3), core: ModuleCore::new() };
     let model = Outer { i1: inner(), i2: inner(), core: ModuleCore::new() };
@@ -271,8 +333,8 @@ fn all_four_hook_kinds_fire_in_pytorchs_order() {
         });
     }
     let x = Tensor::randn(&[2, 3]).requires_grad_(true);
-    model.call(&x).sum_all().backward();
-    assert_eq!(*events.lock().unwrap(), common::strings(&r["events"]));
+    call(&model, std::slice::from_ref(&x), compiled).sum_all().backward();
+    assert_eq!(*events.lock().unwrap(), common::strings(&r["events"]), "compiled: {compiled}");
 }
 
 #[test]

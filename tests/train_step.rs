@@ -89,3 +89,17 @@ fn a_learning_rate_change_does_not_recompile() {
     let text = step.last_graph().unwrap().to_text();
     assert!(text.contains("(lr)") && text.contains("param:0.weight"), "{text}");
 }
+
+#[test]
+fn parameter_hooks_are_refused_not_skipped() {
+    let m = model();
+    let data = batches();
+    m.get_parameter("0.weight").unwrap().register_hook(|g| Some(g * 0.0));
+    let mut step = compile_train_step(
+        &m,
+        |out, y| out.cross_entropy(y),
+        StepOptimizer::Sgd(SgdOptions { lr: 0.1, ..Default::default() }),
+    );
+    let e = step.step(&data[0].0, &data[0].1).unwrap_err();
+    assert!(e.to_string().contains("parameter 0.weight has gradient hooks"), "{e}");
+}

@@ -38,6 +38,22 @@ pub fn append_backward(
     wrt: &[NodeIndex],
     callback_vjp: &mut CallbackVjp<'_>,
 ) -> OpResult<Vec<Option<NodeIndex>>> {
+    append_backward_hooked(g, seeds, wrt, callback_vjp, &mut |_, _, grad| Ok(grad))
+}
+
+/// Rewrites a node's complete gradient (tensor hooks): gets the forward node and its summed
+/// gradient, returns the gradient to use from then on.
+pub type GradHook<'a> = dyn FnMut(&mut Graph, NodeIndex, NodeIndex) -> OpResult<NodeIndex> + 'a;
+
+/// [`append_backward`] with `grad_hook` applied to every node's gradient once it is complete
+/// (all paths summed), before the node's own rule runs, as eager autograd runs tensor hooks.
+pub fn append_backward_hooked(
+    g: &mut Graph,
+    seeds: &[(NodeIndex, NodeIndex)],
+    wrt: &[NodeIndex],
+    callback_vjp: &mut CallbackVjp<'_>,
+    grad_hook: &mut GradHook<'_>,
+) -> OpResult<Vec<Option<NodeIndex>>> {
     let outs: Vec<NodeIndex> = seeds.iter().map(|(o, _)| *o).collect();
     let down = reachable(g, wrt, Direction::Outgoing);
     let up = reachable(g, &outs, Direction::Incoming);
@@ -60,6 +76,10 @@ pub fn append_backward(
     }
     let mut done_callbacks = HashSet::new();
     for &n in order.iter().rev() {
+        if let Some(&gn) = grads.get(&n) {
+            let hooked = grad_hook(g, n, gn)?;
+            grads.insert(n, hooked);
+        }
         let operands = g.operands(n);
         let input_grads: Vec<Option<NodeIndex>> = match g.g[n].kind.clone() {
             NodeKind::Input { .. } => continue,

@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
-use tracegrad_compiler::autodiff::append_backward;
+use tracegrad_compiler::autodiff::append_backward_hooked;
 use tracegrad_compiler::graph::{Graph, InputRole};
-use tracegrad_compiler::interpret::{interpret, CallbackRunner, NoCallbacks};
+use tracegrad_compiler::interpret::{interpret, CallbackRunner};
 use tracegrad_compiler::partition::partition;
 use tracegrad_compiler::passes::PassManager;
+use tracegrad_compiler::Build;
 use tracegrad_compiler::TensorType;
 use tracegrad_runtime::{Buffer, ShapeDisplay};
 
@@ -44,7 +45,7 @@ pub struct Plan {
     /// The pass manager's timings for this plan.
     pub pass_report: String,
     lifted: Vec<Tensor>,
-    callbacks: Vec<CallbackSpec>,
+    callbacks: Arc<Vec<CallbackSpec>>,
 }
 
 /// A module compiled into static-graph plans (see [`compile`]).
@@ -121,9 +122,200 @@ pub(crate) fn describe_change(old: &Signature, new: &Signature) -> String {
     why.join("; ")
 }
 
+/// What one call's callbacks share between its forward and backward graphs.
+#[derive(Default)]
+pub(crate) struct CallState {
+    /// Forward (pre-)hooks run on leaves under autograd: (leaves, results) per callback id.
+    replays: std::sync::Mutex<std::collections::HashMap<usize, (Vec<Tensor>, Vec<Tensor>)>>,
+    /// grad_output per module-output callback id, for that module's full backward hooks.
+    grad_outputs: std::sync::Mutex<std::collections::HashMap<usize, Vec<Option<Tensor>>>>,
+}
+
+/// Runs a plan's callbacks. `root` is needed by forward hooks (they receive their module);
+/// `state` is set when the call records for a backward.
 pub(crate) struct Runner<'a> {
-    pub(crate) root: &'a dyn Module,
+    pub(crate) root: Option<&'a dyn Module>,
     pub(crate) specs: &'a [CallbackSpec],
+    pub(crate) state: Option<Arc<CallState>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn zeros_like(b: &Buffer) -> Buffer {
+    Buffer::zeros(b.dtype(), b.shape())
+}
+
+fn check_grads(what: &str, old: &[Option<Tensor>], new: &[Option<Tensor>]) -> Result<(), String> {
+    if old.len() != new.len() {
+        return Err(format!("{what} returned {} gradients, expected {}", new.len(), old.len()));
+    }
+    for (o, n) in old.iter().zip(new) {
+        if let (Some(o), Some(n)) = (o, n) {
+            crate::autograd::check_replacement(what, o, n)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs full backward hooks on `grad_input` (None where an input takes no gradient).
+fn run_full_backward(
+    path: &str,
+    hooks: &[crate::nn::BackwardHook],
+    mut gi: Vec<Option<Tensor>>,
+    go: &[Option<Tensor>],
+) -> Result<Vec<Option<Tensor>>, String> {
+    for h in hooks {
+        if let Some(new) = h(&gi, go) {
+            check_grads(&format!("a full backward hook of {path}"), &gi, &new)?;
+            gi = new;
+        }
+    }
+    Ok(gi)
+}
+
+impl Runner<'_> {
+    fn module(&self, path: &str) -> Result<crate::nn::ModuleRef<'_>, String> {
+        let root = self.root.ok_or("a forward callback ran without its module")?;
+        root.get_submodule(path).map_err(|e| e.to_string())
+    }
+
+    /// Runs a forward (pre-)hook. When recording, its inputs are leaves under autograd so the
+    /// backward can replay the hook's own computation.
+    /// Returns the hook's replacement, or `None` when it returned nothing (then the recorded
+    /// results are `identity(leaves)`).
+    fn forward_hook(
+        &self,
+        id: usize,
+        args: &[Buffer],
+        run: impl FnOnce(&[Tensor]) -> Option<Vec<Tensor>>,
+        identity: impl FnOnce(&[Tensor]) -> Vec<Tensor>,
+    ) -> Result<Option<Vec<Tensor>>, String> {
+        let record = self.state.is_some();
+        let leaves: Vec<Tensor> = args
+            .iter()
+            .map(|b| {
+                let t = Tensor::from_buffer(b.clone());
+                if record && b.dtype().is_float() {
+                    t.requires_grad_(true)
+                } else {
+                    t
+                }
+            })
+            .collect();
+        let out = if record { crate::enable_grad(|| run(&leaves)) } else { crate::no_grad(|| run(&leaves)) };
+        if let Some(st) = &self.state {
+            let results = out.clone().unwrap_or_else(|| identity(&leaves));
+            lock(&st.replays).insert(id, (leaves, results));
+        }
+        Ok(out)
+    }
+}
+
+impl CallbackRunner for Runner<'_> {
+    fn run(&self, id: usize, args: &[Buffer]) -> Result<Vec<Buffer>, String> {
+        let spec = &self.specs[id];
+        let path = spec.path().to_string();
+        match spec {
+            CallbackSpec::ForwardPre { hook, .. } => {
+                let module = self.module(&path)?;
+                let Some(new) = self.forward_hook(id, args, |ts| hook(&*module, ts), |ts| ts.to_vec())? else {
+                    return Ok(args.to_vec());
+                };
+                if new.len() != args.len() {
+                    return Err(format!(
+                        "the forward pre-hook of {path} returned {} inputs, expected {}",
+                        new.len(),
+                        args.len()
+                    ));
+                }
+                args.iter().zip(&new).map(|(a, n)| check_same(&path, "forward pre-hook", a, n)).collect()
+            }
+            CallbackSpec::Forward { hook, n_args, .. } => {
+                let module = self.module(&path)?;
+                let n = *n_args;
+                let new = self.forward_hook(
+                    id,
+                    args,
+                    |ts| hook(&*module, &ts[..n], &ts[n]).map(|t| vec![t]),
+                    |ts| vec![ts[n].clone()],
+                )?;
+                match new {
+                    None => Ok(vec![args[n].clone()]),
+                    Some(t) => Ok(vec![check_same(&path, "forward hook", &args[n], &t[0])?]),
+                }
+            }
+            CallbackSpec::ModuleInputs { .. } | CallbackSpec::ModuleOutput { .. } => Ok(args.to_vec()),
+            CallbackSpec::ReplayBackward { forward } => {
+                let st = self.state.as_ref().ok_or("a backward callback ran without its forward")?;
+                let (leaves, outs) =
+                    lock(&st.replays).remove(forward).ok_or("internal: the forward hook's replay is missing")?;
+                crate::enable_grad(|| -> Result<(), String> {
+                    for (o, g) in outs.iter().zip(args) {
+                        if o.requires_grad() {
+                            o.try_backward_with(&Tensor::from_buffer(g.clone())).map_err(|e| e.to_string())?;
+                        }
+                    }
+                    Ok(())
+                })?;
+                Ok(leaves
+                    .iter()
+                    .map(|l| l.grad().map(|g| g.buffer()).unwrap_or_else(|| zeros_like(&l.buffer())))
+                    .collect())
+            }
+            CallbackSpec::BackwardPre { output_callback } => {
+                let st = self.state.as_ref().ok_or("a backward callback ran without its forward")?;
+                let CallbackSpec::ModuleOutput { path, pre, hooks, n_inputs, inputs_wired } =
+                    &self.specs[*output_callback]
+                else {
+                    return Err("internal: BackwardPre without its ModuleOutput".into());
+                };
+                let mut g: Vec<Option<Tensor>> = to_tensors(args).into_iter().map(Some).collect();
+                for h in pre {
+                    if let Some(new) = h(&g) {
+                        check_grads(&format!("a full backward pre-hook of {path}"), &g, &new)?;
+                        g = new;
+                    }
+                }
+                lock(&st.grad_outputs).insert(*output_callback, g.clone());
+                if !inputs_wired {
+                    run_full_backward(path, hooks, vec![None; *n_inputs], &g)?;
+                }
+                Ok(g.iter()
+                    .zip(args)
+                    .map(|(t, a)| t.as_ref().map(|t| t.buffer()).unwrap_or_else(|| zeros_like(a)))
+                    .collect())
+            }
+            CallbackSpec::FullBackward { inputs_callback } => {
+                let st = self.state.as_ref().ok_or("a backward callback ran without its forward")?;
+                let CallbackSpec::ModuleInputs { path, hooks, requires, output_callback } =
+                    &self.specs[*inputs_callback]
+                else {
+                    return Err("internal: FullBackward without its ModuleInputs".into());
+                };
+                let go = lock(&st.grad_outputs).get(output_callback).cloned().unwrap_or_default();
+                let gi: Vec<Option<Tensor>> =
+                    args.iter().zip(requires).map(|(b, &r)| r.then(|| Tensor::from_buffer(b.clone()))).collect();
+                let gi = run_full_backward(path, hooks, gi, &go)?;
+                Ok(gi
+                    .iter()
+                    .zip(args)
+                    .map(|(t, a)| t.as_ref().map(|t| t.buffer()).unwrap_or_else(|| zeros_like(a)))
+                    .collect())
+            }
+            CallbackSpec::TensorHook { hook } => {
+                let g = Tensor::from_buffer(args[0].clone());
+                match hook(&g) {
+                    None => Ok(args.to_vec()),
+                    Some(new) => {
+                        crate::autograd::check_replacement("a tensor hook", &g, &new)?;
+                        Ok(vec![new.buffer()])
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn to_tensors(bufs: &[Buffer]) -> Vec<Tensor> {
@@ -140,37 +332,6 @@ fn check_same(path: &str, what: &str, old: &Buffer, new: &Tensor) -> Result<Buff
         ));
     }
     Ok(nb)
-}
-
-impl CallbackRunner for Runner<'_> {
-    fn run(&self, id: usize, args: &[Buffer]) -> Result<Vec<Buffer>, String> {
-        let spec = &self.specs[id];
-        let path = spec.path();
-        let module = self.root.get_submodule(path).map_err(|e| e.to_string())?;
-        crate::no_grad(|| match spec {
-            CallbackSpec::ForwardPre { hook, .. } => match hook(&*module, &to_tensors(args)) {
-                None => Ok(args.to_vec()),
-                Some(new) => {
-                    if new.len() != args.len() {
-                        return Err(format!(
-                            "the forward pre-hook of {path} returned {} inputs, expected {}",
-                            new.len(),
-                            args.len()
-                        ));
-                    }
-                    args.iter().zip(&new).map(|(a, n)| check_same(path, "forward pre-hook", a, n)).collect()
-                }
-            },
-            CallbackSpec::Forward { hook, n_args, .. } => {
-                let ts = to_tensors(args);
-                let out = &ts[*n_args];
-                match hook(&*module, &ts[..*n_args], out) {
-                    None => Ok(vec![args[*n_args].clone()]),
-                    Some(new) => Ok(vec![check_same(path, "forward hook", &args[*n_args], &new)?]),
-                }
-            }
-        })
-    }
 }
 
 pub(crate) fn op_error(e: tracegrad_compiler::OpError) -> CompileError {
@@ -206,22 +367,31 @@ fn build_plan(module: &dyn Module, sig: &Signature) -> Result<Plan, CompileError
             updates: traced.updates,
             pass_report,
             lifted: traced.lifted_inputs,
-            callbacks: traced.callbacks,
+            callbacks: Arc::new(traced.callbacks),
         });
     }
     let y = graph.outputs[0].1;
     let seed = graph.add_input("grad_out", InputRole::Grad, graph.g[y].ty.clone());
     let wrt_nodes: Vec<_> = wrt.iter().map(|&i| graph.inputs[i]).collect();
-    let grads = append_backward(&mut graph, &[(y, seed)], &wrt_nodes, &mut |g, group, _| {
-        let label = match &g.g[group[0]].kind {
-            tracegrad_compiler::graph::NodeKind::Callback { label, .. } => label.clone(),
-            _ => String::new(),
-        };
-        Err(tracegrad_compiler::OpError::new(
-            "autodiff",
-            format!("compiled backward through a {label} is not supported yet: run the compiled module under no_grad(), or train eagerly"),
-        ))
-    })
+    let callbacks = std::cell::RefCell::new(traced.callbacks);
+    let tensor_hooks = traced.tensor_hooks;
+    let grads = append_backward_hooked(
+        &mut graph,
+        &[(y, seed)],
+        &wrt_nodes,
+        &mut |g, group, grads| callback_vjp(g, &mut callbacks.borrow_mut(), group, grads),
+        &mut |g, n, grad| {
+            let mut grad = grad;
+            for (node, hook) in tensor_hooks.iter().filter(|(node, _)| *node == n) {
+                let _ = node;
+                let id = callbacks.borrow().len();
+                callbacks.borrow_mut().push(CallbackSpec::TensorHook { hook: hook.clone() });
+                let ty = g.g[grad].ty.clone();
+                grad = g.add_callback(id, "tensor hook", &[grad], &[ty])[0];
+            }
+            Ok(grad)
+        },
+    )
     .map_err(op_error)?;
     // Arguments that do not influence the output get no gradient, as in eager mode.
     let (wrt, grads): (Vec<usize>, Vec<_>) = wrt.into_iter().zip(grads).filter_map(|(w, g)| g.map(|g| (w, g))).unzip();
@@ -238,8 +408,49 @@ fn build_plan(module: &dyn Module, sig: &Signature) -> Result<Plan, CompileError
         updates: traced.updates,
         pass_report: report,
         lifted: traced.lifted_inputs,
-        callbacks: traced.callbacks,
+        callbacks: Arc::new(callbacks.into_inner()),
     })
+}
+
+/// The backward of a callback group: a backward-graph callback whose operands are the
+/// group's output gradients (zeros where none arrives) and whose results are the gradients
+/// of the forward callback's operands.
+fn callback_vjp(
+    g: &mut Graph,
+    callbacks: &mut Vec<CallbackSpec>,
+    group: &[petgraph::stable_graph::NodeIndex],
+    grads: &[Option<petgraph::stable_graph::NodeIndex>],
+) -> tracegrad_compiler::OpResult<Vec<Option<petgraph::stable_graph::NodeIndex>>> {
+    use tracegrad_compiler::graph::NodeKind;
+    let NodeKind::Callback { id, label, .. } = g.g[group[0]].kind.clone() else { unreachable!("callback group") };
+    let operands = g.operands(group[0]);
+    let grad_nodes: Vec<_> = group
+        .iter()
+        .zip(grads)
+        .map(|(&p, gr)| match gr {
+            Some(n) => Ok(*n),
+            None => g.zeros_like(&p),
+        })
+        .collect::<tracegrad_compiler::OpResult<_>>()?;
+    let (spec, what) = match &callbacks[id] {
+        CallbackSpec::ForwardPre { .. } | CallbackSpec::Forward { .. } => {
+            (CallbackSpec::ReplayBackward { forward: id }, format!("backward of the {label}"))
+        }
+        CallbackSpec::ModuleInputs { .. } => (CallbackSpec::FullBackward { inputs_callback: id }, label.clone()),
+        CallbackSpec::ModuleOutput { .. } => (CallbackSpec::BackwardPre { output_callback: id }, label.clone()),
+        _ => return Err(tracegrad_compiler::OpError::new("autodiff", format!("callback {label} has no derivative"))),
+    };
+    let out_types: Vec<TensorType> = match &callbacks[id] {
+        // Grads of a module's inputs/outputs have the types of those values.
+        CallbackSpec::ModuleInputs { .. } | CallbackSpec::ModuleOutput { .. } => {
+            group.iter().map(|&p| g.g[p].ty.clone()).collect()
+        }
+        _ => operands.iter().map(|&o| g.g[o].ty.clone()).collect(),
+    };
+    let new_id = callbacks.len();
+    callbacks.push(spec);
+    let outs = g.add_callback(new_id, &what, &grad_nodes, &out_types);
+    Ok(outs.into_iter().zip(&operands).map(|(n, &o)| g.g[o].ty.dtype.is_float().then_some(n)).collect())
 }
 
 /// The plan key for calling `module` on `inputs` now.
@@ -284,7 +495,8 @@ impl CompiledModule<'_> {
         let mut all: Vec<Tensor> = inputs.to_vec();
         all.extend(plan.lifted.iter().cloned());
         let args: Vec<Buffer> = all.iter().map(|t| t.buffer()).collect();
-        let runner = Runner { root: self.module, specs: &plan.callbacks };
+        let state = plan.backward.as_ref().map(|_| Arc::new(CallState::default()));
+        let runner = Runner { root: Some(self.module), specs: &plan.callbacks, state: state.clone() };
         let mut out = interpret(&plan.graph, &args, &runner).map_err(op_error)?;
         let y = out.remove(0);
         for (t, b) in plan.updates.iter().zip(out.drain(..plan.updates.len())) {
@@ -297,11 +509,13 @@ impl CompiledModule<'_> {
         // backward graph on the saved values.
         let saved = out;
         let wrt_tensors: Vec<Tensor> = plan.wrt.iter().map(|&i| all[i].clone()).collect();
+        let specs = plan.callbacks.clone();
         let f: crate::autograd::CustomBackward = Arc::new(move |grads: &[Option<Tensor>]| {
             let Some(g) = &grads[0] else { return Ok(vec![None; backward.outputs.len()]) };
             let mut bargs = saved.clone();
             bargs.push(g.buffer());
-            let gs = interpret(&backward, &bargs, &NoCallbacks).map_err(|e| e.to_string())?;
+            let runner = Runner { root: None, specs: &specs, state: state.clone() };
+            let gs = interpret(&backward, &bargs, &runner).map_err(|e| e.to_string())?;
             Ok(gs.into_iter().map(|b| Some(Tensor::from_buffer(b))).collect())
         });
         Ok(crate::autograd::custom_op("CompiledFunction", &wrt_tensors, vec![y], f).remove(0))

@@ -16,7 +16,8 @@ use petgraph::stable_graph::NodeIndex;
 use tracegrad_compiler::graph::{Graph, InputRole};
 use tracegrad_compiler::{Op, OpError, OpResult, TensorType};
 
-use crate::nn::{module_id, ForwardHook, ForwardPreHook, Module, ModuleExt};
+use crate::autograd::GradHook;
+use crate::nn::{module_id, BackwardHook, BackwardPreHook, ForwardHook, ForwardPreHook, Module, ModuleExt};
 use crate::tensor::Tensor;
 
 /// The graph node a symbolic tensor stands for.
@@ -30,14 +31,39 @@ pub struct Symbol {
 /// A hook captured as a callback node, with what the runtime needs to call it.
 #[derive(Clone)]
 pub(crate) enum CallbackSpec {
+    /// A forward pre-hook (forward graph).
     ForwardPre { path: String, hook: ForwardPreHook },
+    /// A forward hook over (args…, output) (forward graph).
     Forward { path: String, hook: ForwardHook, n_args: usize },
+    /// Identity over a module's inputs that carries its full backward hooks (forward graph);
+    /// `requires[i]`: whether input i takes a gradient.
+    ModuleInputs { path: String, hooks: Vec<BackwardHook>, requires: Vec<bool>, output_callback: usize },
+    /// Identity over a module's output that carries its backward pre-hooks (forward graph).
+    ModuleOutput {
+        path: String,
+        pre: Vec<BackwardPreHook>,
+        hooks: Vec<BackwardHook>,
+        n_inputs: usize,
+        inputs_wired: bool,
+    },
+    /// Backward of a forward (pre-)hook: replays the hook's eager tape (backward graph).
+    ReplayBackward { forward: usize },
+    /// Full backward hooks on grad_input (backward graph).
+    FullBackward { inputs_callback: usize },
+    /// Backward pre-hooks on grad_output (backward graph).
+    BackwardPre { output_callback: usize },
+    /// A tensor hook on a traced tensor's gradient (backward graph).
+    TensorHook { hook: GradHook },
 }
 
 impl CallbackSpec {
     pub(crate) fn path(&self) -> &str {
         match self {
-            CallbackSpec::ForwardPre { path, .. } | CallbackSpec::Forward { path, .. } => path,
+            CallbackSpec::ForwardPre { path, .. }
+            | CallbackSpec::Forward { path, .. }
+            | CallbackSpec::ModuleInputs { path, .. }
+            | CallbackSpec::ModuleOutput { path, .. } => path,
+            _ => "",
         }
     }
 }
@@ -58,6 +84,8 @@ pub(crate) struct TraceState {
     pub(crate) callbacks: Vec<CallbackSpec>,
     /// In-place buffer writes (`Tensor::assign`): the target and the node of its new value.
     pub(crate) updates: Vec<(Tensor, NodeIndex)>,
+    /// Tensor hooks registered on traced tensors, by node.
+    pub(crate) tensor_hooks: Vec<(NodeIndex, GradHook)>,
 }
 
 thread_local! {
@@ -143,9 +171,22 @@ pub(crate) fn trace_assign(target: &Tensor, value: &Tensor) -> Option<Result<(),
     })
 }
 
+/// Records a tensor hook on a traced tensor; `None` when `t` is not symbolic.
+pub(crate) fn trace_tensor_hook(t: &Tensor, hook: GradHook) -> Option<()> {
+    let node = t.symbol()?.node;
+    with_trace(|st| st.tensor_hooks.push((node, hook)))
+}
+
 /// `module(args)` during a trace: a scope for the module's nodes, and its forward hooks as
 /// callback nodes around `forward`.
-pub(crate) fn traced_call(m: &dyn Module, args: &[Tensor], pre: &[ForwardPreHook], post: &[ForwardHook]) -> Tensor {
+pub(crate) fn traced_call(
+    m: &dyn Module,
+    args: &[Tensor],
+    pre: &[ForwardPreHook],
+    post: &[ForwardHook],
+    bw_pre: &[BackwardPreHook],
+    bw: &[BackwardHook],
+) -> Tensor {
     let path =
         with_trace(|st| st.module_paths.get(&module_id(m)).cloned().unwrap_or_else(|| format!("<{}>", m.type_name())))
             .expect("tracing");
@@ -164,6 +205,31 @@ pub(crate) fn traced_call(m: &dyn Module, args: &[Tensor], pre: &[ForwardPreHook
         .expect("tracing")
         .unwrap_or_else(|e| panic!("{e}"));
     }
+    let wire = crate::is_grad_enabled() && (!bw.is_empty() || !bw_pre.is_empty());
+    // Backward-hook errors name the module as eager mode does: its path, or its type at the root.
+    let shown = if path.is_empty() { type_name.clone() } else { path.clone() };
+    let requires: Vec<bool> = args.iter().map(|a| a.requires_grad()).collect();
+    let inputs_wired = wire && requires.iter().any(|&r| r);
+    // The output callback's id is known in advance: the inputs callback (if any) comes first.
+    let output_callback = with_trace(|st| st.callbacks.len() + usize::from(inputs_wired)).expect("tracing");
+    if inputs_wired {
+        args = with_trace(|st| -> OpResult<Vec<Tensor>> {
+            let nodes: Vec<NodeIndex> = args.iter().map(|a| node_of(st, a)).collect::<OpResult<_>>()?;
+            let types: Vec<TensorType> = nodes.iter().map(|&n| st.graph.g[n].ty.clone()).collect();
+            let id = st.callbacks.len();
+            st.callbacks.push(CallbackSpec::ModuleInputs {
+                path: shown.clone(),
+                hooks: bw.to_vec(),
+                requires: requires.clone(),
+                output_callback,
+            });
+            let outs =
+                st.graph.add_callback(id, &format!("full backward hooks of {path} ({type_name})"), &nodes, &types);
+            Ok(outs.iter().zip(&args).map(|(&n, a)| symbolic_like(st, n, a.requires_grad())).collect())
+        })
+        .expect("tracing")
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
     let mut out = m.forward_many(&args);
     for hook in post {
         out = with_trace(|st| -> OpResult<Tensor> {
@@ -174,6 +240,25 @@ pub(crate) fn traced_call(m: &dyn Module, args: &[Tensor], pre: &[ForwardPreHook
             st.callbacks.push(CallbackSpec::Forward { path: path.clone(), hook: hook.clone(), n_args: args.len() });
             let n = st.graph.add_callback(id, &format!("forward hook of {path} ({type_name})"), &nodes, &[ty])[0];
             Ok(symbolic_like(st, n, out.requires_grad()))
+        })
+        .expect("tracing")
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    if wire && out.requires_grad() {
+        out = with_trace(|st| -> OpResult<Tensor> {
+            let n = node_of(st, &out)?;
+            let ty = st.graph.g[n].ty.clone();
+            let id = st.callbacks.len();
+            debug_assert!(!inputs_wired || id == output_callback);
+            st.callbacks.push(CallbackSpec::ModuleOutput {
+                path: shown.clone(),
+                pre: bw_pre.to_vec(),
+                hooks: bw.to_vec(),
+                n_inputs: args.len(),
+                inputs_wired,
+            });
+            let c = st.graph.add_callback(id, &format!("backward pre-hooks of {path} ({type_name})"), &[n], &[ty])[0];
+            Ok(symbolic_like(st, c, true))
         })
         .expect("tracing")
         .unwrap_or_else(|e| panic!("{e}"));
@@ -226,6 +311,8 @@ pub(crate) struct Traced {
     pub(crate) callbacks: Vec<CallbackSpec>,
     /// Buffers written by the forward; graph outputs `1..=updates.len()` hold their values.
     pub(crate) updates: Vec<Tensor>,
+    /// Tensor hooks on traced values, by node.
+    pub(crate) tensor_hooks: Vec<(NodeIndex, GradHook)>,
 }
 
 /// Traces `module(inputs)` for inputs of the given types.
@@ -266,6 +353,7 @@ pub(crate) fn trace_with(
         module_paths,
         callbacks: Vec::new(),
         updates: Vec::new(),
+        tensor_hooks: Vec::new(),
     };
     let args: Vec<Tensor> = inputs
         .iter()
@@ -306,5 +394,11 @@ pub(crate) fn trace_with(
         st.graph.add_output(&format!("update:{name}"), node);
         updates.push(t);
     }
-    Ok(Traced { graph: st.graph, lifted_inputs: st.lifted_inputs, callbacks: st.callbacks, updates })
+    Ok(Traced {
+        graph: st.graph,
+        lifted_inputs: st.lifted_inputs,
+        callbacks: st.callbacks,
+        updates,
+        tensor_hooks: st.tensor_hooks,
+    })
 }

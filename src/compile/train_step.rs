@@ -291,6 +291,18 @@ impl TrainStep<'_> {
 
     /// One training step on `(x, target)`; returns the loss (before the update).
     pub fn step(&mut self, x: &Tensor, target: &Tensor) -> Result<Tensor, CompileError> {
+        // Parameter gradients never leave the graph here, so hooks on them could not fire.
+        for (name, p) in self.module.named_parameters() {
+            if p.has_grad_hooks() {
+                return Err(CompileError {
+                    op: String::new(),
+                    module_path: name.clone(),
+                    message: format!(
+                        "compile_train_step: parameter {name} has gradient hooks, which a compiled train step cannot run yet; use compile() with an eager optimizer"
+                    ),
+                });
+            }
+        }
         let sig = signature_of(self.module, &[x.detach(), target.detach()]);
         let idx = match self.plans.iter().position(|(s, _)| *s == sig) {
             Some(i) => i,
@@ -317,7 +329,7 @@ impl TrainStep<'_> {
             let st = self.state.entry(p.id()).or_insert_with(|| vec![Buffer::zeros(p.dtype(), &p.shape()); slots]);
             args.extend(st.iter().cloned());
         }
-        let runner = Runner { root: self.module, specs: &plan.callbacks };
+        let runner = Runner { root: Some(self.module), specs: &plan.callbacks, state: None };
         let mut out = interpret(&plan.graph, &args, &runner).map_err(op_error)?.into_iter();
         let loss = out.next().expect("the loss");
         for t in &plan.updates {

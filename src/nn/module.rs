@@ -836,12 +836,11 @@ fn check_grads(what: &str, old: &[Option<Tensor>], new: &[Option<Tensor>]) -> Re
 fn call_module(m: &dyn Module, args: &[Tensor]) -> Tensor {
     let hooks = merged_hooks(m);
     if crate::compile::is_tracing() {
-        if !hooks.backward.is_empty() || !hooks.backward_pre.is_empty() {
-            panic!("compile: {} has full backward hooks, which compiled mode does not support yet", m.type_name());
-        }
         let pre: Vec<ForwardPreHook> = hooks.forward_pre.iter().map(|(_, h)| h.clone()).collect();
         let post: Vec<ForwardHook> = hooks.forward.iter().map(|(_, h)| h.clone()).collect();
-        return crate::compile::traced_call(m, args, &pre, &post);
+        let bw_pre: Vec<BackwardPreHook> = hooks.backward_pre.iter().map(|(_, h)| h.clone()).collect();
+        let bw: Vec<BackwardHook> = hooks.backward.iter().map(|(_, h)| h.clone()).collect();
+        return crate::compile::traced_call(m, args, &pre, &post, &bw_pre, &bw);
     }
     let mut args = args.to_vec();
     for (_, h) in &hooks.forward_pre {
