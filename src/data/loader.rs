@@ -5,7 +5,13 @@
 //! round-robin, keeping at most `prefetch_factor * num_workers` batches in flight; results come
 //! back on one channel and are re-ordered, so batches arrive exactly as with `num_workers = 0`.
 //! Workers are started per epoch (each [`DataLoader::iter`]) and stopped and joined when the
-//! iterator is dropped.
+//! iterator is dropped. Each worker first publishes its [`WorkerInfo`] (id and seed, see
+//! [`get_worker_info`]) and runs the loader's `worker_init_fn`, then fetches.
+//!
+//! With a [`timeout`](DataLoaderBuilder::timeout), waiting longer than that for the next batch
+//! yields [`DataError::Timeout`] and ends the epoch without waiting for the workers: a worker
+//! stuck inside `Dataset::get` cannot be interrupted, so it is told to stop and exits on its own
+//! as soon as that call returns.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -14,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracegrad_runtime::random::{self, Generator};
 
@@ -26,6 +32,10 @@ use crate::tensor::lock_poison;
 
 /// How often a waiting iterator checks that the worker it waits on is still alive.
 const LIVENESS_POLL: Duration = Duration::from_millis(100);
+
+/// A function run once on each worker thread before it fetches anything (PyTorch's
+/// `worker_init_fn`), given the worker's id; [`get_worker_info`] already works inside it.
+pub type WorkerInitFn = Arc<dyn Fn(usize) + Send + Sync>;
 
 /// What a worker thread knows about itself (`torch.utils.data.get_worker_info()`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +73,8 @@ pub struct DataLoaderBuilder<D, C = DefaultCollate> {
     batch_sampler: Option<Arc<dyn Sampler<Vec<usize>>>>,
     num_workers: usize,
     prefetch_factor: Option<usize>,
+    timeout: Option<Duration>,
+    worker_init_fn: Option<WorkerInitFn>,
 }
 
 impl<D: Dataset, C> DataLoaderBuilder<D, C> {
@@ -125,6 +137,26 @@ impl<D: Dataset, C> DataLoaderBuilder<D, C> {
         self
     }
 
+    /// Gives up on a batch that takes longer than `timeout` to arrive from the workers: the
+    /// iterator then yields [`DataError::Timeout`] ("DataLoader timed out after 0.2 seconds")
+    /// and ends the epoch (PyTorch's `timeout`). `Duration::ZERO` (the default) waits forever.
+    /// Needs `num_workers > 0`: without workers the calling thread runs `Dataset::get` itself
+    /// and cannot time out, so [`build`](Self::build) rejects the combination (PyTorch fails an
+    /// assertion when iterating).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = (!timeout.is_zero()).then_some(timeout);
+        self
+    }
+
+    /// Runs `f(worker_id)` once on each worker thread, before it fetches anything (PyTorch's
+    /// `worker_init_fn`); [`get_worker_info`] gives the worker's id and seed inside it. Not
+    /// called with `num_workers = 0`. A panic in `f` ends that worker: the epoch yields a
+    /// [`DataError::WorkerExited`] naming the panic where that worker's first batch was due.
+    pub fn worker_init_fn(mut self, f: impl Fn(usize) + Send + Sync + 'static) -> Self {
+        self.worker_init_fn = Some(Arc::new(f));
+        self
+    }
+
     /// Uses `collate` to assemble batches (any [`Collate`] implementation).
     pub fn collate<C2: Collate<D::Item>>(self, collate: C2) -> DataLoaderBuilder<D, C2> {
         DataLoaderBuilder {
@@ -138,6 +170,8 @@ impl<D: Dataset, C> DataLoaderBuilder<D, C> {
             batch_sampler: self.batch_sampler,
             num_workers: self.num_workers,
             prefetch_factor: self.prefetch_factor,
+            timeout: self.timeout,
+            worker_init_fn: self.worker_init_fn,
         }
     }
 
@@ -170,6 +204,8 @@ where
             batch_sampler,
             num_workers,
             prefetch_factor,
+            timeout,
+            worker_init_fn,
         } = self;
         let prefetch_factor =
             match (num_workers, prefetch_factor) {
@@ -185,6 +221,12 @@ where
                 }
                 (_, p) => Some(p.unwrap_or(2)),
             };
+        if timeout.is_some() && num_workers == 0 {
+            return Err(DataError::invalid(
+                "timeout option needs num_workers > 0: without workers, batches are fetched in the calling thread, \
+                 which cannot time out",
+            ));
+        }
         if sampler.is_some() && shuffle {
             return Err(DataError::invalid("sampler option is mutually exclusive with shuffle"));
         }
@@ -228,6 +270,8 @@ where
             num_workers,
             prefetch_factor,
             seeds,
+            timeout,
+            worker_init_fn,
         })
     }
 }
@@ -237,8 +281,8 @@ where
 /// Build one with [`DataLoader::builder`]; iterate with [`iter`](DataLoader::iter) or `for b in
 /// &loader`, once per epoch. Items are `Result<batch, DataError>`: an `Err` reports a panic in
 /// `Dataset::get` or in the collate function (the iteration goes on with the next batch, as
-/// PyTorch's does after re-raising a worker's exception) or a worker that died (the iteration
-/// then ends).
+/// PyTorch's does after re-raising a worker's exception), a worker that died, or a
+/// [`timeout`](DataLoaderBuilder::timeout) (in those two cases the iteration then ends).
 pub struct DataLoader<D, C = DefaultCollate> {
     fetcher: Arc<Fetcher<D, C>>,
     sampler: Arc<dyn Sampler>,
@@ -250,6 +294,8 @@ pub struct DataLoader<D, C = DefaultCollate> {
     num_workers: usize,
     prefetch_factor: Option<usize>,
     seeds: Option<Mutex<Generator>>,
+    timeout: Option<Duration>,
+    worker_init_fn: Option<WorkerInitFn>,
 }
 
 impl<D: Dataset> DataLoader<D, DefaultCollate> {
@@ -266,6 +312,8 @@ impl<D: Dataset> DataLoader<D, DefaultCollate> {
             batch_sampler: None,
             num_workers: 0,
             prefetch_factor: None,
+            timeout: None,
+            worker_init_fn: None,
         }
     }
 }
@@ -320,6 +368,11 @@ where
         self.prefetch_factor
     }
 
+    /// How long to wait for a batch before giving up (`None`: forever).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
     /// Starts an epoch: a new pass of the sampler (a new permutation when shuffling) and, with
     /// `num_workers > 0`, fresh worker threads that stop when the iterator is dropped.
     pub fn iter(&self) -> DataLoaderIter<D, C> {
@@ -332,7 +385,14 @@ where
                 None => random::with_default(|g| g.next_u64()),
             };
             let in_flight = self.num_workers * self.prefetch_factor.unwrap_or(2);
-            match WorkerPool::start(&self.fetcher, self.num_workers, in_flight, base_seed) {
+            let workers = Workers {
+                num_workers: self.num_workers,
+                in_flight,
+                base_seed,
+                timeout: self.timeout,
+                init: self.worker_init_fn.clone(),
+            };
+            match WorkerPool::start(&self.fetcher, workers) {
                 Ok(mut pool) => {
                     pool.dispatch(&mut it.tasks);
                     it.pool = Some(pool);
@@ -395,6 +455,17 @@ impl<D: Dataset, C: Collate<D::Item>> Fetcher<D, C> {
 
 type Outcome<O> = (usize, Result<O, DataError>);
 
+/// How one epoch's workers are set up.
+struct Workers {
+    num_workers: usize,
+    /// Upper bound on batches handed out but not yet yielded.
+    in_flight: usize,
+    /// Worker `id` gets seed `base_seed + id`.
+    base_seed: u64,
+    timeout: Option<Duration>,
+    init: Option<WorkerInitFn>,
+}
+
 /// The worker threads of one epoch and the bookkeeping that keeps their results in order.
 struct WorkerPool<O> {
     /// One index queue per worker; closing them tells the workers to finish.
@@ -411,21 +482,21 @@ struct WorkerPool<O> {
     /// Upper bound on `send_idx - rcvd_idx`.
     in_flight: usize,
     exhausted: bool,
+    timeout: Option<Duration>,
+    /// Per worker: the panic message of its `worker_init_fn`, if it panicked.
+    init_panics: Arc<Mutex<Vec<Option<String>>>>,
 }
 
 impl<O: Send + 'static> WorkerPool<O> {
-    fn start<D, C>(
-        fetcher: &Arc<Fetcher<D, C>>,
-        num_workers: usize,
-        in_flight: usize,
-        base_seed: u64,
-    ) -> Result<WorkerPool<O>, DataError>
+    fn start<D, C>(fetcher: &Arc<Fetcher<D, C>>, w: Workers) -> Result<WorkerPool<O>, DataError>
     where
         D: Dataset + 'static,
         C: Collate<D::Item, Output = O> + 'static,
     {
+        let Workers { num_workers, in_flight, base_seed, timeout, init } = w;
         let (result_tx, results) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
+        let init_panics = Arc::new(Mutex::new(vec![None; num_workers]));
         let mut pool = WorkerPool {
             index_txs: Vec::with_capacity(num_workers),
             results,
@@ -436,13 +507,22 @@ impl<O: Send + 'static> WorkerPool<O> {
             reorder: HashMap::new(),
             in_flight,
             exhausted: false,
+            timeout,
+            init_panics: init_panics.clone(),
         };
         for id in 0..num_workers {
             let (index_tx, index_rx) = mpsc::channel::<(usize, Vec<usize>)>();
             let info = WorkerInfo { id, num_workers, seed: base_seed.wrapping_add(id as u64) };
             let (fetcher, result_tx, stop) = (fetcher.clone(), result_tx.clone(), stop.clone());
+            let (init, init_panics) = (init.clone(), init_panics.clone());
             let spawned = thread::Builder::new().name(format!("tracegrad-dataloader-{id}")).spawn(move || {
                 WORKER_INFO.with(|w| w.set(Some(info)));
+                if let Some(f) = init {
+                    if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(id))) {
+                        lock_poison(init_panics.lock())[id] = Some(panic_message(&*p));
+                        return;
+                    }
+                }
                 while let Ok((seq, indices)) = index_rx.recv() {
                     if stop.load(Ordering::Relaxed) {
                         break;
@@ -482,6 +562,7 @@ impl<O: Send + 'static> WorkerPool<O> {
 
     /// The next batch in order; `None` at the end of the epoch.
     fn next(&mut self, tasks: &mut dyn Iterator<Item = Vec<usize>>) -> Option<Result<O, DataError>> {
+        let deadline = self.timeout.map(|t| Instant::now() + t);
         loop {
             if let Some(r) = self.reorder.remove(&self.rcvd_idx) {
                 self.rcvd_idx += 1;
@@ -492,13 +573,20 @@ impl<O: Send + 'static> WorkerPool<O> {
                 return None;
             }
             let worker = self.rcvd_idx % self.handles.len();
-            match self.results.recv_timeout(LIVENESS_POLL) {
+            let wait =
+                deadline.map_or(LIVENESS_POLL, |d| d.saturating_duration_since(Instant::now()).min(LIVENESS_POLL));
+            match self.results.recv_timeout(wait) {
                 Ok((seq, r)) => {
                     self.reorder.insert(seq, r);
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if self.handles[worker].is_finished() {
                         return Some(Err(self.exited(worker)));
+                    }
+                    if let (Some(d), Some(after)) = (deadline, self.timeout) {
+                        if Instant::now() >= d {
+                            return Some(Err(DataError::Timeout { after }));
+                        }
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => return Some(Err(self.exited(worker))),
@@ -507,7 +595,11 @@ impl<O: Send + 'static> WorkerPool<O> {
     }
 
     fn exited(&self, worker: usize) -> DataError {
-        DataError::WorkerExited { worker, reason: format!("batch {} was never delivered", self.rcvd_idx) }
+        let reason = match &lock_poison(self.init_panics.lock())[worker] {
+            Some(m) => format!("worker_init_fn panicked: {m}"),
+            None => format!("batch {} was never delivered", self.rcvd_idx),
+        };
+        DataError::WorkerExited { worker, reason }
     }
 }
 
@@ -522,6 +614,16 @@ impl<O> WorkerPool<O> {
             let _ = h.join();
         }
     }
+
+    /// Tells the workers to stop without waiting for them: after a timeout, a worker may be
+    /// stuck in `Dataset::get` for as long as that call takes. Each exits when its current
+    /// sample returns (the stop flag is checked between samples).
+    fn abandon(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.index_txs.clear();
+        // Dropping a `JoinHandle` detaches its thread; `Drop` then has nothing left to join.
+        self.handles.clear();
+    }
 }
 
 impl<O> Drop for WorkerPool<O> {
@@ -533,7 +635,9 @@ impl<O> Drop for WorkerPool<O> {
 /// One epoch of a [`DataLoader`]: yields `Result<batch, DataError>` in sampler order.
 ///
 /// Dropping it mid-epoch stops its worker threads and waits for them (each finishes at most
-/// the sample it is fetching), so no thread outlives it.
+/// the sample it is fetching), so no thread outlives it. The one exception is a
+/// [`DataError::Timeout`]: the epoch then ends without waiting for a worker stuck in
+/// `Dataset::get`, which exits when that call returns.
 pub struct DataLoaderIter<D, C: Collate<D::Item>>
 where
     D: Dataset,
@@ -568,6 +672,12 @@ where
         match &out {
             None => self.finish(),
             Some(Err(DataError::WorkerExited { .. })) => self.finish(),
+            Some(Err(DataError::Timeout { .. })) => {
+                self.finished = true;
+                if let Some(pool) = self.pool.take() {
+                    pool.abandon();
+                }
+            }
             Some(_) => {}
         }
         out

@@ -4,10 +4,12 @@
 //!   [`read_mnist_idx_dir`]) returning a [`Labeled`] set with a fixed split and simple batching.
 //! * Map-style data sets: the [`Dataset`] trait, [`TensorDataset`] and [`Subset`].
 //! * Samplers: the [`Sampler`] trait (one epoch of indices per [`Sampler::iter`] call),
-//!   [`SequentialSampler`], [`RandomSampler`], [`SubsetRandomSampler`] and [`BatchSampler`].
+//!   [`SequentialSampler`], [`RandomSampler`], [`SubsetRandomSampler`],
+//!   [`WeightedRandomSampler`], [`DistributedSampler`] and [`BatchSampler`].
 //! * [`DataLoader`]: batching through a [`Collate`] function ([`DefaultCollate`] stacks tensors),
 //!   shuffling, and `num_workers` worker threads that deliver batches in order with bounded
-//!   prefetch.
+//!   prefetch, a per-batch `timeout`, a `worker_init_fn` and per-worker seeds
+//!   ([`get_worker_info`]).
 //!
 //! ```
 //! use tracegrad::data::{DataLoader, TensorDataset};
@@ -27,7 +29,9 @@
 //!
 //! Errors in configuration are [`DataError`]s carrying PyTorch's message texts. A panic inside
 //! a data set's `get` (or in the collate function) is caught and turned into an `Err` item of
-//! the loader's iterator, in both the single-threaded and the worker-thread modes.
+//! the loader's iterator, in both the single-threaded and the worker-thread modes. Waiting for a
+//! batch longer than the loader's [`timeout`](DataLoaderBuilder::timeout) is an `Err` too,
+//! never a hang.
 
 use std::fmt;
 
@@ -39,9 +43,12 @@ mod sampler;
 
 pub use collate::{Collatable, Collate, DefaultCollate};
 pub use dataset::{Dataset, Subset, TensorDataset};
-pub use loader::{get_worker_info, DataLoader, DataLoaderBuilder, DataLoaderIter, WorkerInfo};
+pub use loader::{get_worker_info, DataLoader, DataLoaderBuilder, DataLoaderIter, WorkerInfo, WorkerInitFn};
 pub use readers::{digits, read_csv, read_idx_pair, read_mnist_idx_dir, Labeled};
-pub use sampler::{BatchSampler, RandomSampler, Sampler, SequentialSampler, SubsetRandomSampler};
+pub use sampler::{
+    BatchSampler, DistributedSampler, RandomSampler, Sampler, SequentialSampler, SubsetRandomSampler,
+    WeightedRandomSampler,
+};
 
 /// An error from building a data set, sampler or loader, or from fetching a batch.
 ///
@@ -67,7 +74,15 @@ pub enum DataError {
         /// The panic message.
         message: String,
     },
-    /// A worker thread could not be started, or stopped without delivering its batch.
+    /// No batch arrived from the workers within the loader's
+    /// [`timeout`](DataLoaderBuilder::timeout) (PyTorch's "DataLoader timed out after {timeout}
+    /// seconds").
+    Timeout {
+        /// The configured timeout.
+        after: std::time::Duration,
+    },
+    /// A worker thread could not be started, or stopped without delivering its batch (for
+    /// instance because its `worker_init_fn` panicked).
     WorkerExited {
         /// The worker's id (`0..num_workers`).
         worker: usize,
@@ -86,6 +101,9 @@ impl fmt::Display for DataError {
             }
             DataError::CollatePanicked { indices, message } => {
                 write!(f, "DataLoader worker: collate_fn panicked on batch {indices:?}: {message}")
+            }
+            DataError::Timeout { after } => {
+                write!(f, "DataLoader timed out after {} seconds", after.as_secs_f64())
             }
             DataError::WorkerExited { worker, reason } => {
                 write!(f, "DataLoader worker {worker} exited unexpectedly: {reason}")

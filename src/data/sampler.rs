@@ -1,6 +1,9 @@
 //! Samplers (`torch.utils.data.Sampler`): which indices an epoch visits, in which order, and
-//! how they group into batches.
+//! how they group into batches: [`SequentialSampler`], [`RandomSampler`],
+//! [`SubsetRandomSampler`], [`WeightedRandomSampler`], [`DistributedSampler`] and
+//! [`BatchSampler`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tracegrad_runtime::random::{self, Generator};
@@ -222,6 +225,275 @@ impl Sampler for SubsetRandomSampler {
         let perm = self.source.with(|g| g.randperm(self.indices.len()));
         let out: Vec<usize> = perm.into_iter().map(|p| self.indices[p as usize]).collect();
         Box::new(out.into_iter())
+    }
+}
+
+/// Indices `0..weights.len()` drawn with probabilities proportional to `weights`
+/// (`torch.utils.data.WeightedRandomSampler`, which calls `torch.multinomial`).
+///
+/// With replacement, every draw is independent (inverse CDF over the cumulative weights).
+/// Without replacement, an epoch is a weighted random ordering cut to `num_samples`, drawn as
+/// `multinomial` does (the Gumbel/exponential trick: the largest `wᵢ / Eᵢ` with `Eᵢ ~ Exp(1)`);
+/// zero-weight indices then come last, in index order.
+///
+/// ```
+/// use tracegrad::data::{Sampler, WeightedRandomSampler};
+///
+/// let s = WeightedRandomSampler::with_seed(vec![0.0, 1.0, 3.0], 8, true, 0).unwrap();
+/// let epoch: Vec<usize> = s.iter().collect();
+/// assert_eq!(epoch.len(), 8);
+/// assert!(epoch.iter().all(|&i| i != 0), "a zero weight is never drawn");
+/// ```
+#[derive(Debug)]
+pub struct WeightedRandomSampler {
+    weights: Vec<f64>,
+    num_samples: usize,
+    replacement: bool,
+    source: Source,
+}
+
+impl WeightedRandomSampler {
+    /// `num_samples` indices per epoch, seeding each epoch from the default generator (PyTorch's
+    /// behaviour without `generator=`). PyTorch checks the weights only when an epoch starts;
+    /// here they are checked up front, with `torch.multinomial`'s texts, in its order:
+    ///
+    /// * `num_samples == 0`: "num_samples should be a positive integer value, but got
+    ///   num_samples=0";
+    /// * without replacement and `num_samples > weights.len()`: "cannot sample n_sample >
+    ///   prob_dist.size(-1) samples without replacement";
+    /// * a negative, infinite or NaN weight: "probability tensor contains either `inf`, `nan` or
+    ///   element < 0";
+    /// * weights summing to 0 (or no weights): "invalid multinomial distribution (sum of
+    ///   probabilities <= 0)".
+    pub fn new(weights: Vec<f64>, num_samples: usize, replacement: bool) -> Result<WeightedRandomSampler, DataError> {
+        WeightedRandomSampler::build(weights, num_samples, replacement, Source::Default)
+    }
+
+    /// As [`new`](Self::new), drawing from a generator seeded with `seed`: the same seed replays
+    /// the same sequence of epochs.
+    pub fn with_seed(
+        weights: Vec<f64>,
+        num_samples: usize,
+        replacement: bool,
+        seed: u64,
+    ) -> Result<WeightedRandomSampler, DataError> {
+        WeightedRandomSampler::with_generator(weights, num_samples, replacement, Generator::new(seed))
+    }
+
+    /// As [`new`](Self::new), drawing from `generator` (PyTorch's `generator=`).
+    pub fn with_generator(
+        weights: Vec<f64>,
+        num_samples: usize,
+        replacement: bool,
+        generator: Generator,
+    ) -> Result<WeightedRandomSampler, DataError> {
+        WeightedRandomSampler::build(weights, num_samples, replacement, Source::Own(Box::new(Mutex::new(generator))))
+    }
+
+    fn build(
+        weights: Vec<f64>,
+        num_samples: usize,
+        replacement: bool,
+        source: Source,
+    ) -> Result<WeightedRandomSampler, DataError> {
+        check_num_samples(num_samples)?;
+        if !replacement && num_samples > weights.len() {
+            return Err(DataError::invalid("cannot sample n_sample > prob_dist.size(-1) samples without replacement"));
+        }
+        if weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
+            return Err(DataError::invalid("probability tensor contains either `inf`, `nan` or element < 0"));
+        }
+        if weights.iter().sum::<f64>() <= 0.0 {
+            return Err(DataError::invalid("invalid multinomial distribution (sum of probabilities <= 0)"));
+        }
+        Ok(WeightedRandomSampler { weights, num_samples, replacement, source })
+    }
+
+    /// The weights (not normalised).
+    pub fn weights(&self) -> &[f64] {
+        &self.weights
+    }
+
+    /// Whether indices are drawn with replacement.
+    pub fn replacement(&self) -> bool {
+        self.replacement
+    }
+}
+
+impl Sampler for WeightedRandomSampler {
+    fn len(&self) -> usize {
+        self.num_samples
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = usize> + Send> {
+        let (w, m) = (&self.weights, self.num_samples);
+        let idx: Vec<usize> = self.source.with(|g| {
+            if self.replacement {
+                let mut cdf = Vec::with_capacity(w.len());
+                let mut acc = 0.0;
+                for &wi in w {
+                    acc += wi;
+                    cdf.push(acc);
+                }
+                // Rounding can put `u·total` at `total`; the last positive weight takes it.
+                let last = w.iter().rposition(|&wi| wi > 0.0).unwrap_or(0);
+                g.uniform(m, 0.0, acc).into_iter().map(|x| cdf.partition_point(|&c| c <= x).min(last)).collect()
+            } else {
+                let e = g.uniform(w.len(), 0.0, 1.0);
+                let key = |i: usize| {
+                    let q = -(1.0 - e[i]).ln();
+                    match (w[i] > 0.0, q > 0.0) {
+                        (false, _) => 0.0,
+                        (true, false) => f64::INFINITY,
+                        (true, true) => w[i] / q,
+                    }
+                };
+                let keys: Vec<f64> = (0..w.len()).map(key).collect();
+                let mut order: Vec<usize> = (0..w.len()).collect();
+                order.sort_by(|&a, &b| keys[b].total_cmp(&keys[a]));
+                order.truncate(m);
+                order
+            }
+        });
+        Box::new(idx.into_iter())
+    }
+}
+
+/// The share of a data set that one of `num_replicas` processes visits
+/// (`torch.utils.data.distributed.DistributedSampler`), with PyTorch's layout:
+///
+/// 1. the epoch's order: `0..n`, or with `shuffle` a permutation drawn from a generator seeded
+///    with `seed + epoch` (tracegrad's ChaCha8 [`Generator`], so the order is not PyTorch's, but
+///    it is the same on every rank, and [`set_epoch`](Self::set_epoch) changes it);
+/// 2. without `drop_last`, indices repeated from the start until the length divides evenly;
+///    with `drop_last`, the tail cut off instead;
+/// 3. this rank's share: every `num_replicas`-th index starting at `rank`.
+///
+/// ```
+/// use tracegrad::data::{DistributedSampler, Sampler};
+///
+/// let ranks: Vec<Vec<usize>> = (0..3)
+///     .map(|r| DistributedSampler::new(10, 3, r).unwrap().shuffle(false).iter().collect())
+///     .collect();
+/// assert_eq!(ranks, vec![vec![0, 3, 6, 9], vec![1, 4, 7, 0], vec![2, 5, 8, 1]]);
+/// let err = DistributedSampler::new(10, 2, 2).unwrap_err();
+/// assert_eq!(err.to_string(), "Invalid rank 2, rank should be in the interval [0, 1]");
+/// ```
+#[derive(Debug)]
+pub struct DistributedSampler {
+    n: usize,
+    num_replicas: usize,
+    rank: usize,
+    shuffle: bool,
+    seed: u64,
+    drop_last: bool,
+    epoch: AtomicU64,
+}
+
+impl DistributedSampler {
+    /// Rank `rank`'s share of a data set of length `n` split over `num_replicas` processes,
+    /// with PyTorch's defaults: `shuffle = true`, `seed = 0`, no `drop_last`, epoch 0.
+    ///
+    /// `rank` is signed so that a negative rank is reported as PyTorch reports it: a rank
+    /// outside `0..num_replicas` is "Invalid rank {rank}, rank should be in the interval [0,
+    /// {num_replicas - 1}]" (so `num_replicas == 0` is an error for every rank).
+    pub fn new(n: usize, num_replicas: usize, rank: i64) -> Result<DistributedSampler, DataError> {
+        if rank < 0 || rank as u64 >= num_replicas as u64 {
+            return Err(DataError::invalid(format!(
+                "Invalid rank {rank}, rank should be in the interval [0, {}]",
+                num_replicas as i128 - 1
+            )));
+        }
+        Ok(DistributedSampler {
+            n,
+            num_replicas,
+            rank: rank as usize,
+            shuffle: true,
+            seed: 0,
+            drop_last: false,
+            epoch: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether each epoch is shuffled (default `true`).
+    pub fn shuffle(mut self, shuffle: bool) -> DistributedSampler {
+        self.shuffle = shuffle;
+        self
+    }
+
+    /// The shuffle seed, which must be the same on every rank (default 0).
+    pub fn seed(mut self, seed: u64) -> DistributedSampler {
+        self.seed = seed;
+        self
+    }
+
+    /// Cut the tail so that every rank gets the same number of distinct indices, instead of
+    /// padding with repeated ones (default `false`).
+    pub fn drop_last(mut self, drop_last: bool) -> DistributedSampler {
+        self.drop_last = drop_last;
+        self
+    }
+
+    /// Sets the epoch, which seeds the next shuffle with `seed + epoch` (PyTorch's `set_epoch`;
+    /// call it before each epoch, or every epoch sees the same order). Through `&self`, so that
+    /// it works on a sampler shared with a [`DataLoader`](super::DataLoader) via an `Arc`.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Relaxed);
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// Number of processes.
+    pub fn num_replicas(&self) -> usize {
+        self.num_replicas
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Indices per rank and epoch (PyTorch's `num_samples`): `⌈n / num_replicas⌉`, or
+    /// `⌊n / num_replicas⌋` with `drop_last`.
+    pub fn num_samples(&self) -> usize {
+        if self.drop_last {
+            self.n / self.num_replicas
+        } else {
+            self.n.div_ceil(self.num_replicas)
+        }
+    }
+
+    /// Indices over all ranks per epoch (PyTorch's `total_size`).
+    pub fn total_size(&self) -> usize {
+        self.num_samples() * self.num_replicas
+    }
+}
+
+impl Sampler for DistributedSampler {
+    fn len(&self) -> usize {
+        self.num_samples()
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = usize> + Send> {
+        let mut indices: Vec<usize> = if self.shuffle {
+            let mut g = Generator::new(self.seed.wrapping_add(self.epoch()));
+            g.randperm(self.n).into_iter().map(|i| i as usize).collect()
+        } else {
+            (0..self.n).collect()
+        };
+        let total = self.total_size();
+        if total > indices.len() {
+            // Only reached with n > 0 (n == 0 gives total == 0).
+            let base = indices.clone();
+            indices.extend(base.iter().copied().cycle().take(total - base.len()));
+        } else {
+            indices.truncate(total);
+        }
+        let mine: Vec<usize> = indices.into_iter().skip(self.rank).step_by(self.num_replicas).collect();
+        Box::new(mine.into_iter())
     }
 }
 
