@@ -128,7 +128,7 @@ struct Core {
 impl Core {
     fn new(params: Vec<Tensor>, h: Hyper) -> Result<Core, OptimError> {
         h.validate()?;
-        check_params(&params)?;
+        check_params(if h.decoupled { "AdamW" } else { "Adam" }, &params)?;
         let n = params.len();
         Ok(Core { params, h, state: vec![None; n] })
     }
@@ -264,7 +264,8 @@ impl Adam {
     }
 
     /// Adam over `params` with the given hyperparameters, validated as PyTorch does (same
-    /// checks, same order, same texts), then the parameter list (non-empty, leaves only).
+    /// checks, same order, same texts), then the parameter list (non-empty, leaves only, no
+    /// unmaterialized lazy parameters).
     pub fn with_options(params: Vec<Tensor>, o: AdamOptions) -> Result<Adam, OptimError> {
         let h = Hyper {
             lr: o.lr,
@@ -335,7 +336,8 @@ impl AdamW {
     }
 
     /// AdamW over `params` with the given hyperparameters, validated as PyTorch does (same
-    /// checks, same order, same texts), then the parameter list (non-empty, leaves only).
+    /// checks, same order, same texts), then the parameter list (non-empty, leaves only, no
+    /// unmaterialized lazy parameters).
     pub fn with_options(params: Vec<Tensor>, o: AdamWOptions) -> Result<AdamW, OptimError> {
         let h = Hyper {
             lr: o.lr,

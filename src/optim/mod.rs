@@ -75,6 +75,18 @@ pub enum OptimError {
         /// The rejected value.
         value: f64,
     },
+    /// A parameter of a lazy layer ([`LazyLinear`](crate::nn::LazyLinear),
+    /// [`LazyConv2d`](crate::nn::LazyConv2d)) that no forward call has materialized yet (see
+    /// [`is_uninitialized`](crate::nn::is_uninitialized)): "Attempted to use an uninitialized
+    /// parameter in {optimizer} (parameter {index}). This error happens when you are using a
+    /// `LazyModule` …" (PyTorch's `UninitializedParameter` text). Call the model once on a
+    /// dummy batch before building the optimizer.
+    UninitializedParameter {
+        /// The optimizer being built (`"Sgd"`, `"Adam"`, `"AdamW"`).
+        optimizer: &'static str,
+        /// The parameter's position in the list.
+        index: usize,
+    },
 }
 
 impl fmt::Display for OptimError {
@@ -90,6 +102,9 @@ impl fmt::Display for OptimError {
             OptimError::InvalidBeta { index, value } => {
                 write!(f, "Invalid beta parameter at index {index}: {}", py_float(*value))
             }
+            OptimError::UninitializedParameter { optimizer, index } => {
+                f.write_str(&crate::nn::uninitialized_message(&format!("{optimizer} (parameter {index})")))
+            }
         }
     }
 }
@@ -97,15 +112,25 @@ impl fmt::Display for OptimError {
 impl std::error::Error for OptimError {}
 
 /// The checks `torch.optim.Optimizer.__init__` makes on the parameter list (after the
-/// hyperparameter checks of the subclass, as in PyTorch).
-pub(crate) fn check_params(params: &[Tensor]) -> Result<(), OptimError> {
+/// hyperparameter checks of the subclass, as in PyTorch), then [`check_initialized`].
+pub(crate) fn check_params(optimizer: &'static str, params: &[Tensor]) -> Result<(), OptimError> {
     if params.is_empty() {
         return Err(OptimError::EmptyParams);
     }
     if params.iter().any(|p| !(p.is_leaf() || p.retains_grad())) {
         return Err(OptimError::NonLeaf);
     }
-    Ok(())
+    check_initialized(optimizer, params)
+}
+
+/// Refuses a lazy layer's parameters that are not materialized yet. PyTorch would accept them
+/// here; refusing is tracegrad's choice, so that an optimizer never holds a parameter whose
+/// shape it has not seen (a compiled train step sizes its state from it).
+pub(crate) fn check_initialized(optimizer: &'static str, params: &[Tensor]) -> Result<(), OptimError> {
+    match params.iter().position(crate::nn::is_uninitialized) {
+        Some(index) => Err(OptimError::UninitializedParameter { optimizer, index }),
+        None => Ok(()),
+    }
 }
 
 /// Formats `x` as Python's `repr(float)` does: the shortest round-tripping digits, `.0` on

@@ -2,7 +2,7 @@
 
 use tracegrad_runtime::{dispatch, Buffer};
 
-use super::{check_grad, check_params, slice_mut, with_fma, OptimError, Optimizer, Real};
+use super::{check_grad, check_initialized, check_params, slice_mut, with_fma, OptimError, Optimizer, Real};
 use crate::tensor::Tensor;
 
 /// Hyperparameters of [`Sgd`]. `Default` gives PyTorch's defaults (`lr = 1e-3`, everything
@@ -76,11 +76,12 @@ pub struct Sgd {
 
 impl Sgd {
     /// Plain SGD over `params` with learning rate `lr`. Panics on a negative learning rate,
-    /// with PyTorch's message. Unlike [`Sgd::with_options`], an empty parameter list is
-    /// accepted (the optimizer then does nothing).
+    /// with PyTorch's message, and on a lazy layer's parameter that is not materialized yet
+    /// ([`OptimError::UninitializedParameter`]'s text). Unlike [`Sgd::with_options`], an empty
+    /// parameter list is accepted (the optimizer then does nothing).
     #[track_caller]
     pub fn new(params: Vec<Tensor>, lr: f64) -> Sgd {
-        if let Err(e) = check_lr(lr) {
+        if let Err(e) = check_lr(lr).and_then(|()| check_initialized("Sgd", &params)) {
             panic!("{e}");
         }
         let n = params.len();
@@ -88,10 +89,11 @@ impl Sgd {
     }
 
     /// SGD over `params` with the given hyperparameters, validated as PyTorch does (same
-    /// checks, same order, same texts), then the parameter list (non-empty, leaves only).
+    /// checks, same order, same texts), then the parameter list (non-empty, leaves only, no
+    /// unmaterialized lazy parameters).
     pub fn with_options(params: Vec<Tensor>, opts: SgdOptions) -> Result<Sgd, OptimError> {
         opts.validate()?;
-        check_params(&params)?;
+        check_params("Sgd", &params)?;
         let n = params.len();
         Ok(Sgd { params, opts, momentum_buffers: vec![None; n] })
     }
