@@ -453,6 +453,13 @@ fn callback_vjp(
     Ok(outs.into_iter().zip(&operands).map(|(n, &o)| g.g[o].ty.dtype.is_float().then_some(n)).collect())
 }
 
+/// With `TRACEGRAD_LOG` set, says on stderr why a plan is being compiled.
+pub(crate) fn log_recompile(module: &dyn Module, reason: &str) {
+    if std::env::var_os("TRACEGRAD_LOG").is_some() {
+        eprintln!("tracegrad: compiling {} ({reason})", module.type_name());
+    }
+}
+
 /// The plan key for calling `module` on `inputs` now.
 pub(crate) fn signature_of(module: &dyn Module, inputs: &[Tensor]) -> Signature {
     Signature {
@@ -484,6 +491,7 @@ impl CompiledModule<'_> {
                     None => "first call".to_string(),
                     Some(old) => describe_change(old, &sig),
                 };
+                log_recompile(self.module, &reason);
                 let plan = build_plan(self.module, &sig)?;
                 self.reasons.push(reason);
                 self.plans.push((sig.clone(), plan));

@@ -311,6 +311,7 @@ impl TrainStep<'_> {
                     None => "first call".to_string(),
                     Some(old) => super::compiled::describe_change(old, &sig),
                 };
+                super::compiled::log_recompile(self.module, &reason);
                 let plan = self.build(&sig)?;
                 self.reasons.push(reason);
                 self.plans.push((sig.clone(), plan));
