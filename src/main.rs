@@ -35,7 +35,7 @@ struct DumpArgs {
     /// Model from the zoo (see `tracegrad models`).
     #[arg(long)]
     model: String,
-    /// traced, joint, forward, backward or optimized.
+    /// traced, joint, forward, backward, optimized or fused.
     #[arg(long, default_value = "optimized")]
     stage: String,
     /// text, dot, svg or json.
@@ -68,6 +68,19 @@ fn dump(args: DumpArgs) -> Result<(), String> {
     z.module.train(args.train);
     let input = tracegrad::TensorType::new(tracegrad::DType::F32, &z.input_shape);
     let (graph, report) = stage_graph(&*z.module, &[(input, false)], stage).map_err(|e| e.to_string())?;
+    if stage == Stage::Fused {
+        if format != Format::Text {
+            return Err("--stage fused has only a text form".into());
+        }
+        let text = tracegrad_compiler::fusion::fused_text(&graph);
+        return match args.output {
+            Some(path) => std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display())),
+            None => {
+                println!("{text}");
+                Ok(())
+            }
+        };
+    }
     let mut text = render(&graph, format)?;
     if format == Format::Text && !report.is_empty() {
         text.push_str("\n\npasses:\n");

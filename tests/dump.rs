@@ -83,6 +83,10 @@ fn cli_dump_writes_svg_and_json_and_lists_models() {
     for m in ["mlp", "cnn", "transformer", "seed"] {
         assert!(text.lines().any(|l| l.starts_with(m)), "{text}");
     }
+    let out = Command::new(exe).args(["dump", "--model", "mlp", "--stage", "fused", "--batch", "2"]).output().unwrap();
+    assert!(out.status.success());
+    let fused = String::from_utf8(out.stdout).unwrap();
+    assert!(fused.contains("(Epilogue,"), "{fused}");
     let out = Command::new(exe).args(["dump", "--model", "mlp", "--stage", "clif"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("JIT backend, which is not built yet"));

@@ -24,14 +24,20 @@ fn cnn_bn() -> Sequential {
 
 /// Builds two identical models, runs `calls` train-mode steps of `sum(out * w)` on each (one
 /// eager, one compiled) and compares everything observable.
+/// Tests run in parallel and share the default generator: seeding and drawing must not
+/// interleave, or the two "identical" models differ.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn check(name: &str, make: &dyn Fn() -> Box<dyn Module>, input: &[usize], calls: usize) {
+    let guard = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     tracegrad::manual_seed(11);
     let eager = make();
     tracegrad::manual_seed(11);
     let compiled_model = make();
+    let inputs: Vec<Tensor> = (0..calls).map(|_| Tensor::randn(input)).collect();
+    drop(guard);
     let mut compiled = tracegrad::compile::compile_dyn(&*compiled_model);
-    for call in 0..calls {
-        let x = Tensor::randn(input);
+    for (call, x) in inputs.iter().enumerate() {
         let run = |m: &dyn Module, compiled: Option<&mut tracegrad::CompiledModule>| {
             m.zero_grad();
             let xi = x.detach().requires_grad_(true);

@@ -120,6 +120,8 @@ proptest! {
         pm.run(&mut opt).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert!(opt.g.node_count() <= g.g.node_count());
         let out_opt = interpret(&opt, &args, &NoCallbacks).unwrap();
+        // Fusion places every node in one kernel, and the kernels can be scheduled.
+        tracegrad_compiler::fusion::check_kernels(&opt, &tracegrad_compiler::fusion::fuse(&opt)).map_err(TestCaseError::fail)?;
         for (a, b) in out_opt.iter().zip(&out) {
             close(&a.to_f64_vec(), &b.to_f64_vec(), "optimized")?;
         }

@@ -14,6 +14,7 @@ pub mod autodiff;
 pub mod composite;
 pub mod einsum;
 pub mod emitter;
+pub mod fusion;
 pub mod graph;
 pub mod interpret;
 pub mod ops;

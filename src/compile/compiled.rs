@@ -122,11 +122,14 @@ pub(crate) fn describe_change(old: &Signature, new: &Signature) -> String {
     why.join("; ")
 }
 
+/// A forward hook's replay: the leaves it ran on and its results, with their eager tape.
+type Replay = (Vec<Tensor>, Vec<Tensor>);
+
 /// What one call's callbacks share between its forward and backward graphs.
 #[derive(Default)]
 pub(crate) struct CallState {
     /// Forward (pre-)hooks run on leaves under autograd: (leaves, results) per callback id.
-    replays: std::sync::Mutex<std::collections::HashMap<usize, (Vec<Tensor>, Vec<Tensor>)>>,
+    replays: std::sync::Mutex<std::collections::HashMap<usize, Replay>>,
     /// grad_output per module-output callback id, for that module's full backward hooks.
     grad_outputs: std::sync::Mutex<std::collections::HashMap<usize, Vec<Option<Tensor>>>>,
 }

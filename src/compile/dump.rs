@@ -24,6 +24,8 @@ pub enum Stage {
     Backward,
     /// The forward half after the optimization passes.
     Optimized,
+    /// The optimized forward partitioned into fused kernels (text only).
+    Fused,
 }
 
 impl Stage {
@@ -35,10 +37,11 @@ impl Stage {
             "forward" => Stage::Forward,
             "backward" => Stage::Backward,
             "optimized" => Stage::Optimized,
-            "fused" | "plan" | "clif" => {
-                return Err(format!("stage {s:?} belongs to the JIT backend, which is not built yet; stages: traced, joint, forward, backward, optimized"))
+            "fused" => Stage::Fused,
+            "plan" | "clif" => {
+                return Err(format!("stage {s:?} belongs to the JIT backend, which is not built yet; stages: traced, joint, forward, backward, optimized, fused"))
             }
-            other => return Err(format!("unknown stage {other:?}; stages: traced, joint, forward, backward, optimized")),
+            other => return Err(format!("unknown stage {other:?}; stages: traced, joint, forward, backward, optimized, fused")),
         })
     }
 }

@@ -210,18 +210,20 @@ pub(crate) fn traced_call(
     let shown = if path.is_empty() { type_name.clone() } else { path.clone() };
     let requires: Vec<bool> = args.iter().map(|a| a.requires_grad()).collect();
     let inputs_wired = wire && requires.iter().any(|&r| r);
-    // The output callback's id is known in advance: the inputs callback (if any) comes first.
-    let output_callback = with_trace(|st| st.callbacks.len() + usize::from(inputs_wired)).expect("tracing");
+    // The inputs callback learns its output callback's id once that exists (children and
+    // forward hooks add callbacks in between).
+    let mut inputs_callback = None;
     if inputs_wired {
         args = with_trace(|st| -> OpResult<Vec<Tensor>> {
             let nodes: Vec<NodeIndex> = args.iter().map(|a| node_of(st, a)).collect::<OpResult<_>>()?;
             let types: Vec<TensorType> = nodes.iter().map(|&n| st.graph.g[n].ty.clone()).collect();
             let id = st.callbacks.len();
+            inputs_callback = Some(id);
             st.callbacks.push(CallbackSpec::ModuleInputs {
                 path: shown.clone(),
                 hooks: bw.to_vec(),
                 requires: requires.clone(),
-                output_callback,
+                output_callback: usize::MAX,
             });
             let outs =
                 st.graph.add_callback(id, &format!("full backward hooks of {path} ({type_name})"), &nodes, &types);
@@ -249,7 +251,11 @@ pub(crate) fn traced_call(
             let n = node_of(st, &out)?;
             let ty = st.graph.g[n].ty.clone();
             let id = st.callbacks.len();
-            debug_assert!(!inputs_wired || id == output_callback);
+            if let Some(CallbackSpec::ModuleInputs { output_callback, .. }) =
+                inputs_callback.map(|i| &mut st.callbacks[i])
+            {
+                *output_callback = id;
+            }
             st.callbacks.push(CallbackSpec::ModuleOutput {
                 path: shown.clone(),
                 pre: bw_pre.to_vec(),

@@ -68,10 +68,13 @@ struct StepPlan {
     callbacks: Vec<super::trace::CallbackSpec>,
 }
 
+/// A loss of (module output, target).
+type LossFn<'m> = Box<dyn Fn(&Tensor, &Tensor) -> Tensor + 'm>;
+
 /// A compiled training step (see [`compile_train_step`]).
 pub struct TrainStep<'m> {
     module: &'m dyn Module,
-    loss_fn: Box<dyn Fn(&Tensor, &Tensor) -> Tensor + 'm>,
+    loss_fn: LossFn<'m>,
     optimizer: StepOptimizer,
     lr: f64,
     step: f32,

@@ -1,0 +1,399 @@
+//! Fusion: partitions a graph's nodes into kernels.
+//!
+//! - **Pointwise**: maximal regions of elementwise ops over one iteration space. Operands of
+//!   a smaller (broadcast) shape are read with broadcast indexing rather than fused, so no
+//!   value is recomputed per element.
+//! - **Row**: reductions over the trailing dimensions together with their pointwise producers
+//!   and the pointwise consumers that run over the same rows (softmax, log_softmax,
+//!   logsumexp, layer_norm, cross_entropy, sum/mean): one sweep per row.
+//! - **Epilogue**: a matmul plus the pointwise ops that consume its output with its shape
+//!   (bias, activation): the epilogue runs in one pass over the product.
+//! - **Single**: everything else (gather, conv, layout copies), one node per kernel.
+//! - **Callback**: hooks are barriers; nothing fuses across them.
+//!
+//! Merging never creates a cycle between kernels: a node joins a kernel only if none of its
+//! other operands depends on that kernel.
+
+use std::collections::{HashMap, HashSet};
+
+use petgraph::stable_graph::NodeIndex;
+
+use crate::graph::{Graph, NodeKind};
+use crate::ops::{Op, ReduceKind};
+
+/// What a kernel does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupKind {
+    /// An elementwise region.
+    Pointwise,
+    /// Reductions over trailing dims with their row-wise producers and consumers.
+    Row,
+    /// A matmul and its pointwise epilogue.
+    Epilogue,
+    /// One node that is not fused.
+    Single,
+    /// A hook callback.
+    Callback,
+    /// A graph input or a constant: no kernel.
+    Source,
+}
+
+/// One kernel: its kind and its nodes in topological order.
+#[derive(Clone, Debug)]
+pub struct FusionGroup {
+    /// The kind.
+    pub kind: GroupKind,
+    /// Member nodes, operands first.
+    pub nodes: Vec<NodeIndex>,
+}
+
+fn is_pointwise(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Clamp { .. } | Op::Cast(_) | Op::StopGradient
+    )
+}
+
+/// A reduction over the trailing dims (a row reduction), with the row length.
+fn row_reduction(g: &Graph, n: NodeIndex) -> Option<usize> {
+    let NodeKind::Op(op) = &g.g[n].kind else { return None };
+    let input = g.operands(n).first().copied()?;
+    let shape = &g.g[input].ty.shape;
+    let rank = shape.len();
+    match op {
+        Op::Reduce { kind: ReduceKind::Sum | ReduceKind::Max | ReduceKind::Min, dims, .. } => {
+            let trailing = !dims.is_empty() && dims.iter().enumerate().all(|(i, &d)| d == rank - dims.len() + i);
+            trailing.then(|| dims.iter().map(|&d| shape[d]).product())
+        }
+        Op::Softmax { dim, .. } if *dim + 1 == rank => Some(shape[rank - 1]),
+        _ => None,
+    }
+}
+
+/// Whether the kernels assigned so far (nodes not yet assigned count as their own kernels)
+/// can be ordered: the graph of kernels is acyclic.
+fn kernels_acyclic(g: &Graph, group_of: &HashMap<NodeIndex, usize>) -> bool {
+    let key = |n: NodeIndex| group_of.get(&n).map_or(usize::MAX - n.index(), |&k| k);
+    let mut edges: HashMap<usize, HashSet<usize>> = HashMap::new();
+    let mut indeg: HashMap<usize, usize> = HashMap::new();
+    for n in g.g.node_indices() {
+        indeg.entry(key(n)).or_insert(0);
+    }
+    for e in g.g.edge_indices() {
+        let (a, b) = g.g.edge_endpoints(e).expect("edge");
+        let (ka, kb) = (key(a), key(b));
+        if ka != kb && edges.entry(ka).or_default().insert(kb) {
+            *indeg.entry(kb).or_insert(0) += 1;
+        }
+    }
+    let mut ready: Vec<usize> = indeg.iter().filter(|(_, &d)| d == 0).map(|(&k, _)| k).collect();
+    let mut done = 0;
+    while let Some(k) = ready.pop() {
+        done += 1;
+        for &t in edges.get(&k).into_iter().flatten() {
+            let d = indeg.get_mut(&t).expect("kernel");
+            *d -= 1;
+            if *d == 0 {
+                ready.push(t);
+            }
+        }
+    }
+    done == indeg.len()
+}
+
+/// The kernels of `g`, in topological order of their first node.
+pub fn fuse(g: &Graph) -> Vec<FusionGroup> {
+    let order = g.topo_order().expect("fusion needs an acyclic graph");
+    let mut group_of: HashMap<NodeIndex, usize> = HashMap::new();
+    let mut groups: Vec<FusionGroup> = Vec::new();
+    // Row space of a row group: (numel of the reduced input, row length).
+    let mut row_space: HashMap<usize, (usize, usize)> = HashMap::new();
+
+    for n in order {
+        let node = &g.g[n];
+        let numel = node.ty.numel();
+        let new_group = |groups: &mut Vec<FusionGroup>, kind: GroupKind| {
+            groups.push(FusionGroup { kind, nodes: vec![n] });
+            groups.len() - 1
+        };
+        let gid = match &node.kind {
+            NodeKind::Input { .. } => new_group(&mut groups, GroupKind::Source),
+            NodeKind::Callback { .. } => new_group(&mut groups, GroupKind::Callback),
+            NodeKind::Op(Op::Full { .. } | Op::Constant(_)) => new_group(&mut groups, GroupKind::Source),
+            NodeKind::Op(op) => {
+                let operands = g.operands(n);
+                // Candidate kernels to join: those of operands that are fusible producers.
+                let mut candidate = None;
+                if is_pointwise(op) || row_reduction(g, n).is_some() {
+                    for &o in &operands {
+                        let Some(&og) = group_of.get(&o) else { continue };
+                        let okind = &groups[og].kind;
+                        let fits = match okind {
+                            GroupKind::Pointwise | GroupKind::Epilogue => {
+                                // Same iteration space (a reduction may consume it whole).
+                                g.g[o].ty.numel()
+                                    == if row_reduction(g, n).is_some() { g.g[o].ty.numel() } else { numel }
+                                    && (is_pointwise(op) || okind == &GroupKind::Pointwise)
+                            }
+                            GroupKind::Row => {
+                                let (space, row) = row_space[&og];
+                                // Pointwise over the rows, or over one value per row, or
+                                // another reduction of the same rows.
+                                (is_pointwise(op) && (numel == space || numel * row == space))
+                                    || row_reduction(g, n).is_some_and(|r| r == row && g.g[o].ty.numel() == space)
+                            }
+                            _ => false,
+                        };
+                        if !fits {
+                            continue;
+                        }
+                        group_of.insert(n, og);
+                        let ok = kernels_acyclic(g, &group_of);
+                        group_of.remove(&n);
+                        if ok {
+                            candidate = Some(og);
+                            break;
+                        }
+                    }
+                }
+                match (candidate, row_reduction(g, n)) {
+                    (Some(og), Some(row)) => {
+                        if groups[og].kind != GroupKind::Row {
+                            let space = g.g[operands[0]].ty.numel();
+                            groups[og].kind = GroupKind::Row;
+                            row_space.insert(og, (space, row));
+                        }
+                        groups[og].nodes.push(n);
+                        og
+                    }
+                    (Some(og), None) => {
+                        groups[og].nodes.push(n);
+                        // Pull in sibling pointwise kernels over the same space that this node
+                        // also reads, when no outside node lies between them (no cycle).
+                        for &o in &operands {
+                            let Some(&ob) = group_of.get(&o) else { continue };
+                            if ob == og || groups[ob].kind != GroupKind::Pointwise || g.g[o].ty.numel() != numel {
+                                continue;
+                            }
+                            group_of.insert(n, og);
+                            for &m in &groups[ob].nodes {
+                                group_of.insert(m, og);
+                            }
+                            if kernels_acyclic(g, &group_of) {
+                                let moved = std::mem::take(&mut groups[ob].nodes);
+                                groups[og].nodes.extend(moved);
+                            } else {
+                                for &m in &groups[ob].nodes {
+                                    group_of.insert(m, ob);
+                                }
+                            }
+                            group_of.remove(&n);
+                        }
+                        og
+                    }
+                    (None, Some(row)) => {
+                        let id = new_group(&mut groups, GroupKind::Row);
+                        row_space.insert(id, (g.g[operands[0]].ty.numel(), row));
+                        id
+                    }
+                    (None, None) if is_pointwise(op) => {
+                        // A pointwise consumer of a matmul with its shape becomes its epilogue.
+                        let mm = operands.iter().copied().find(|o| {
+                            matches!(g.g[*o].kind, NodeKind::Op(Op::MatMul { .. }))
+                                && g.g[*o].ty.numel() == numel
+                                && groups[group_of[o]].kind == GroupKind::Single
+                                && g.users(*o).len() == 1
+                        });
+                        match mm {
+                            Some(o) => {
+                                let og = group_of[&o];
+                                group_of.insert(n, og);
+                                let others_ok = kernels_acyclic(g, &group_of);
+                                group_of.remove(&n);
+                                if others_ok {
+                                    groups[og].kind = GroupKind::Epilogue;
+                                    groups[og].nodes.push(n);
+                                    og
+                                } else {
+                                    new_group(&mut groups, GroupKind::Pointwise)
+                                }
+                            }
+                            None => new_group(&mut groups, GroupKind::Pointwise),
+                        }
+                    }
+                    (None, None) => new_group(&mut groups, GroupKind::Single),
+                }
+            }
+        };
+        group_of.insert(n, gid);
+    }
+    let position: HashMap<NodeIndex, usize> =
+        g.topo_order().expect("acyclic").into_iter().enumerate().map(|(i, n)| (n, i)).collect();
+    groups.retain(|k| !k.nodes.is_empty());
+    for k in &mut groups {
+        k.nodes.sort_by_key(|n| position[n]);
+    }
+    groups
+}
+
+/// The kernels that do work (not sources), as lists of nodes: the test API for asserting
+/// which nodes share a kernel.
+pub fn kernel_groups(g: &Graph) -> Vec<Vec<NodeIndex>> {
+    fuse(g).into_iter().filter(|k| k.kind != GroupKind::Source).map(|k| k.nodes).collect()
+}
+
+/// The text dump of the kernels: each group with its members in typed SSA.
+pub fn fused_text(g: &Graph) -> String {
+    let mut s = String::new();
+    for (i, k) in fuse(g).iter().enumerate().filter(|(_, k)| k.kind != GroupKind::Source) {
+        s.push_str(&format!("kernel {i} ({:?}, {} nodes):\n", k.kind, k.nodes.len()));
+        for &n in &k.nodes {
+            let node = &g.g[n];
+            let what = match &node.kind {
+                NodeKind::Op(op) => format!("{}{}", op.name(), crate::graph::op_attrs(op)),
+                NodeKind::Callback { label, .. } => format!("callback !! {label}"),
+                NodeKind::Input { name, .. } => format!("input {name}"),
+            };
+            let args: Vec<String> = g.operands(n).iter().map(|o| format!("%{}", o.index())).collect();
+            s.push_str(&format!("  %{}: {} = {} {}\n", n.index(), node.ty, what, args.join(", ")));
+        }
+    }
+    s
+}
+
+/// Checks that kernels can run in some order: the graph of kernels (an edge where a value
+/// crosses from one kernel to another) is acyclic, and every node is in exactly one kernel.
+pub fn check_kernels(g: &Graph, groups: &[FusionGroup]) -> Result<(), String> {
+    let mut owner: HashMap<NodeIndex, usize> = HashMap::new();
+    for (i, k) in groups.iter().enumerate() {
+        for &n in &k.nodes {
+            if owner.insert(n, i).is_some() {
+                return Err(format!("%{} is in two kernels", n.index()));
+            }
+        }
+    }
+    if owner.len() != g.g.node_count() {
+        return Err(format!("{} nodes but {} placed in kernels", g.g.node_count(), owner.len()));
+    }
+    let mut indeg = vec![0usize; groups.len()];
+    let mut edges: HashSet<(usize, usize)> = HashSet::new();
+    for e in g.g.edge_indices() {
+        let (a, b) = g.g.edge_endpoints(e).expect("edge");
+        let (ka, kb) = (owner[&a], owner[&b]);
+        if ka != kb && edges.insert((ka, kb)) {
+            indeg[kb] += 1;
+        }
+    }
+    let mut ready: Vec<usize> = (0..groups.len()).filter(|&k| indeg[k] == 0).collect();
+    let mut done = 0;
+    while let Some(k) = ready.pop() {
+        done += 1;
+        for &(a, b) in &edges {
+            if a == k {
+                indeg[b] -= 1;
+                if indeg[b] == 0 {
+                    ready.push(b);
+                }
+            }
+        }
+    }
+    if done != groups.len() {
+        return Err("kernels form a cycle".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::composite;
+    use crate::emitter::Build;
+    use crate::graph::InputRole;
+    use crate::ops::{TensorType, UnaryOp};
+    use tracegrad_runtime::DType;
+
+    fn input(g: &mut Graph, name: &str, shape: &[usize]) -> NodeIndex {
+        g.add_input(name, InputRole::Data, TensorType::new(DType::F32, shape))
+    }
+
+    fn group_of(groups: &[Vec<NodeIndex>], n: NodeIndex) -> usize {
+        groups.iter().position(|k| k.contains(&n)).expect("node in a kernel")
+    }
+
+    #[test]
+    fn the_pointwise_chain_is_one_kernel() {
+        // tanh(a*x + b) * sigmoid(x) + 0.5*x
+        let mut g = Graph::new();
+        let (x, a, b) = (input(&mut g, "x", &[1024]), input(&mut g, "a", &[1024]), input(&mut g, "b", &[1024]));
+        let ax = g.mul(&a, &x).unwrap();
+        let axb = g.add(&ax, &b).unwrap();
+        let t = g.unary(UnaryOp::Tanh, &axb).unwrap();
+        let s = g.unary(UnaryOp::Sigmoid, &x).unwrap();
+        let ts = g.mul(&t, &s).unwrap();
+        let hx = g.mul_scalar(&x, 0.5).unwrap();
+        let y = g.add(&ts, &hx).unwrap();
+        g.add_output("y", y);
+        let k = kernel_groups(&g);
+        assert_eq!(k.len(), 1, "{}", fused_text(&g));
+        assert_eq!(k[0].len(), 7);
+    }
+
+    #[test]
+    fn decomposed_softmax_is_one_row_sweep() {
+        // exp(x - max) / sum(exp(x - max)) over the last dim of [8, 16].
+        let mut g = Graph::new();
+        let x = input(&mut g, "x", &[8, 16]);
+        let m = g.reduce(ReduceKind::Max, &x, &[1], true).unwrap();
+        let c = g.sub(&x, &m).unwrap();
+        let e = g.unary(UnaryOp::Exp, &c).unwrap();
+        let s = g.sum(&e, &[1], true).unwrap();
+        let y = g.div(&e, &s).unwrap();
+        g.add_output("y", y);
+        let fused = fuse(&g);
+        let work: Vec<_> = fused.iter().filter(|k| k.kind != GroupKind::Source).collect();
+        assert_eq!(work.len(), 1, "{}", fused_text(&g));
+        assert_eq!(work[0].kind, GroupKind::Row);
+        // The primitive softmax and layer_norm are row kernels too.
+        let mut g = Graph::new();
+        let x = input(&mut g, "x", &[8, 16]);
+        let y = composite::softmax(&mut g, &x, -1).unwrap();
+        let z = composite::layer_norm(&mut g, &y, &[16], None, None, 1e-5).unwrap();
+        g.add_output("z", z);
+        let k = kernel_groups(&g);
+        assert!(k.len() <= 2, "{}", fused_text(&g));
+    }
+
+    #[test]
+    fn linear_bias_relu_is_a_gemm_plus_one_pass() {
+        let mut g = Graph::new();
+        let x = input(&mut g, "x", &[4, 8]);
+        let w = input(&mut g, "w", &[16, 8]);
+        let b = input(&mut g, "b", &[16]);
+        let y = composite::linear(&mut g, &x, &w, Some(&b)).unwrap();
+        let r = g.unary(UnaryOp::Relu, &y).unwrap();
+        g.add_output("r", r);
+        let fused = fuse(&g);
+        let work: Vec<_> = fused.iter().filter(|k| k.kind != GroupKind::Source).collect();
+        assert_eq!(work.len(), 1, "{}", fused_text(&g));
+        assert_eq!(work[0].kind, GroupKind::Epilogue);
+    }
+
+    #[test]
+    fn callbacks_are_barriers_and_groups_never_form_cycles() {
+        let mut g = Graph::new();
+        let x = input(&mut g, "x", &[32]);
+        let a = g.unary(UnaryOp::Exp, &x).unwrap();
+        let ty = g.g[a].ty.clone();
+        let c = g.add_callback(0, "hook", &[a], &[ty])[0];
+        let b = g.unary(UnaryOp::Tanh, &c).unwrap();
+        // d uses both the pre-callback and post-callback values: it must not join `a`'s
+        // kernel (that would need the callback inside it).
+        let d = g.add(&a, &b).unwrap();
+        g.add_output("d", d);
+        let k = kernel_groups(&g);
+        assert_ne!(group_of(&k, a), group_of(&k, c));
+        assert_ne!(group_of(&k, c), group_of(&k, b));
+        assert_ne!(group_of(&k, a), group_of(&k, d), "{}", fused_text(&g));
+        assert_eq!(group_of(&k, b), group_of(&k, d));
+    }
+}
