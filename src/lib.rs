@@ -29,11 +29,13 @@ pub mod compile;
 pub mod data;
 mod display;
 pub mod hooks;
+pub mod interop;
 pub mod nn;
 mod ops;
 pub mod optim;
 pub mod tensor;
 pub mod train;
+pub mod vision;
 pub mod zoo;
 
 pub use autograd::{enable_grad, is_grad_enabled, no_grad, Eager};
