@@ -30,6 +30,7 @@ pub mod data;
 mod display;
 pub mod hooks;
 pub mod interop;
+pub mod linalg;
 pub mod nn;
 mod ops;
 pub mod optim;

@@ -828,3 +828,151 @@ impl Tensor {
         }
     }
 }
+
+/// Scatter forms, `normal` with tensor parameters, and the matrix functions that PyTorch has
+/// as `Tensor` methods.
+impl Tensor {
+    /// `scatter(dim, index, src)`: `out[p with dim := index[p]] = src[p]` for each position `p`
+    /// of `index` (i64, this tensor's rank, at most `src`'s size and, apart from `dim`, this
+    /// tensor's). With duplicate indices the last write in `index`'s row-major order wins.
+    /// Gradients: to `self` where nothing was written, to `src` from where it was written.
+    #[track_caller]
+    pub fn scatter(&self, dim: isize, index: &Tensor, src: &Tensor) -> Tensor {
+        eager(|e| c::scatter(e, self, dim, index, src))
+    }
+
+    /// `scatter(dim, index, value)`: writes the number `value` (in this tensor's dtype).
+    #[track_caller]
+    pub fn scatter_value(&self, dim: isize, index: &Tensor, value: f64) -> Tensor {
+        eager(|e| c::scatter_value(e, self, dim, index, value))
+    }
+
+    /// `scatter(dim, index, src, reduce=...)` with `reduce` `"add"` or `"multiply"`: values
+    /// landing on a position are added to (multiplied into) this tensor's value there.
+    #[track_caller]
+    pub fn scatter_with_reduce(&self, dim: isize, index: &Tensor, src: &Tensor, reduce: &str) -> Tensor {
+        eager(|e| c::scatter_with_reduce(e, self, dim, index, src, reduce))
+    }
+
+    /// `scatter(dim, index, value, reduce=...)` with `reduce` `"add"` or `"multiply"`.
+    #[track_caller]
+    pub fn scatter_value_with_reduce(&self, dim: isize, index: &Tensor, value: f64, reduce: &str) -> Tensor {
+        eager(|e| c::scatter_value_with_reduce(e, self, dim, index, value, reduce))
+    }
+
+    /// `scatter_reduce(dim, index, src, reduce, include_self)`: the values of `src` landing on a
+    /// position are combined by `reduce` (`"sum"`, `"prod"`, `"mean"`, `"amax"`, `"amin"`),
+    /// together with this tensor's value there when `include_self`. Positions that receive
+    /// nothing keep this tensor's value.
+    #[track_caller]
+    pub fn scatter_reduce(&self, dim: isize, index: &Tensor, src: &Tensor, reduce: &str, include_self: bool) -> Tensor {
+        eager(|e| c::scatter_reduce(e, self, dim, index, src, reduce, include_self))
+    }
+
+    /// In place: [`scatter`](Self::scatter) (`tensor.scatter_`).
+    #[track_caller]
+    pub fn scatter_(&self, dim: isize, index: &Tensor, src: &Tensor) -> &Tensor {
+        self.write_in_place("scatter_", &[src], || self.scatter(dim, index, src))
+    }
+
+    /// In place: [`scatter_value`](Self::scatter_value).
+    #[track_caller]
+    pub fn scatter_value_(&self, dim: isize, index: &Tensor, value: f64) -> &Tensor {
+        self.write_in_place("scatter_", &[], || self.scatter_value(dim, index, value))
+    }
+
+    /// In place: [`scatter_with_reduce`](Self::scatter_with_reduce).
+    #[track_caller]
+    pub fn scatter_with_reduce_(&self, dim: isize, index: &Tensor, src: &Tensor, reduce: &str) -> &Tensor {
+        self.write_in_place("scatter_", &[src], || self.scatter_with_reduce(dim, index, src, reduce))
+    }
+
+    /// In place: [`scatter_value_with_reduce`](Self::scatter_value_with_reduce).
+    #[track_caller]
+    pub fn scatter_value_with_reduce_(&self, dim: isize, index: &Tensor, value: f64, reduce: &str) -> &Tensor {
+        self.write_in_place("scatter_", &[], || self.scatter_value_with_reduce(dim, index, value, reduce))
+    }
+
+    /// In place: [`scatter_reduce`](Self::scatter_reduce).
+    #[track_caller]
+    pub fn scatter_reduce_(
+        &self,
+        dim: isize,
+        index: &Tensor,
+        src: &Tensor,
+        reduce: &str,
+        include_self: bool,
+    ) -> &Tensor {
+        self.write_in_place("scatter_reduce_", &[src], || self.scatter_reduce(dim, index, src, reduce, include_self))
+    }
+
+    /// Writes `compute()` into this tensor. tracegrad has no in-place autograd, so with grad
+    /// mode on this refuses a tensor (or operand) that requires grad instead of dropping
+    /// history silently; PyTorch's text for a leaf.
+    #[track_caller]
+    fn write_in_place(&self, name: &str, operands: &[&Tensor], compute: impl FnOnce() -> Tensor) -> &Tensor {
+        if is_grad_enabled() {
+            if self.requires_grad() && self.is_leaf() {
+                panic!("a leaf Variable that requires grad is being used in an in-place operation.");
+            }
+            if self.requires_grad() || operands.iter().any(|t| t.requires_grad()) {
+                panic!(
+                    "{name}: in-place operations that would record autograd history are not supported (tracegrad has no in-place autograd); use the out-of-place {}",
+                    name.trim_end_matches('_')
+                );
+            }
+        }
+        let out = compute();
+        self.assign(&out);
+        self
+    }
+
+    /// `torch.normal(mean, std)` with tensor parameters: one sample of `N(mean[i], std[i]²)` per
+    /// element of the broadcast shape, from the default generator (see
+    /// [`normal_tensor_with`](Self::normal_tensor_with)).
+    #[track_caller]
+    pub fn normal_tensor(mean: &Tensor, std: &Tensor) -> Tensor {
+        tracegrad_runtime::random::with_default(|g| Tensor::normal_tensor_with(g, mean, std))
+    }
+
+    /// `torch.normal(mean, std, generator=g)`: `mean + std·z` with `z` standard normal draws
+    /// from `g` (ChaCha8, not PyTorch's stream). The result is float (the promoted dtype of the
+    /// parameters). It is differentiable by reparameterisation: `d/dmean = 1`, `d/dstd = z`
+    /// (PyTorch's `torch.normal` passes zero gradients instead; this is `rsample`'s rule).
+    #[track_caller]
+    pub fn normal_tensor_with(g: &mut Generator, mean: &Tensor, std: &Tensor) -> Tensor {
+        for (what, t) in [("mean", mean), ("std", std)] {
+            assert!(
+                t.dtype().is_float(),
+                "normal expects floating-point {what}, but got {} (shape {:?})",
+                t.dtype(),
+                t.shape()
+            );
+        }
+        if crate::compile::is_tracing() {
+            panic!("normal: random sampling cannot be compiled yet (its draws would be frozen into the graph)");
+        }
+        assert!(std.to_vec_f64().iter().all(|&s| s >= 0.0), "normal expects all elements of std >= 0.0");
+        let shape = eager_ok(
+            tracegrad_runtime::shape::broadcast_shapes("normal", &mean.shape(), &std.shape())
+                .map_err(|m| tracegrad_compiler::OpError::new("normal", m)),
+        );
+        let dtype = DType::promote(mean.dtype(), std.dtype());
+        let n = shape.iter().product();
+        let z = Tensor::from_buffer(Buffer::from_vec(g.normal(n, 0.0, 1.0), &shape).cast(dtype));
+        let (m, s) = (mean.to_dtype(dtype), std.to_dtype(dtype));
+        m.add(&s.mul(&z))
+    }
+
+    /// `torch.linalg.det` of `[..., n, n]` (`tensor.det()`); see [`crate::linalg::det`].
+    #[track_caller]
+    pub fn det(&self) -> Tensor {
+        crate::linalg::det(self)
+    }
+
+    /// `torch.linalg.inv` of `[..., n, n]` (`tensor.inverse()`); see [`crate::linalg::inv`].
+    #[track_caller]
+    pub fn inverse(&self) -> Tensor {
+        crate::linalg::inv(self)
+    }
+}

@@ -781,3 +781,212 @@ pub fn batch_norm<B: Build>(
     };
     Ok((y, stats))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Scatter forms and torch.linalg.
+
+/// `x.scatter(dim, index, src)`: `out[p with dim := index[p]] = src[p]` for every position `p`
+/// of `index` (i64, same rank; at most `src`'s and, apart from `dim`, `x`'s size).
+pub fn scatter<B: Build>(e: &mut B, x: &B::Value, dim: isize, index: &B::Value, src: &B::Value) -> OpResult<B::Value> {
+    let d = norm_dim("scatter", dim, e.shape(x).len())?;
+    e.emit(Op::Scatter { dim: d }, &[x, index, src])
+}
+
+/// `x.scatter(dim, index, value)`: writes the number `value` (in `x`'s dtype) at the positions
+/// `index` names.
+pub fn scatter_value<B: Build>(
+    e: &mut B,
+    x: &B::Value,
+    dim: isize,
+    index: &B::Value,
+    value: f64,
+) -> OpResult<B::Value> {
+    let v = e.full(value, e.dtype(x), &e.shape(index))?;
+    scatter(e, x, dim, index, &v)
+}
+
+/// The `reduce=` of `scatter(dim, index, src, reduce)`: `"add"` or `"multiply"`.
+fn scatter_mode(reduce: &str) -> OpResult<crate::ops::ScatterReduce> {
+    match reduce {
+        "add" => Ok(crate::ops::ScatterReduce::Sum),
+        "multiply" => Ok(crate::ops::ScatterReduce::Prod),
+        _ => Err(err("scatter", "reduce argument must be either add or multiply.".into())),
+    }
+}
+
+/// `x.scatter(dim, index, src, reduce=...)` with `reduce` `"add"` or `"multiply"`: the values
+/// landing on a position are added to (multiplied into) `x`'s value there. The same as
+/// `scatter_reduce` with `"sum"`/`"prod"` and `include_self`.
+pub fn scatter_with_reduce<B: Build>(
+    e: &mut B,
+    x: &B::Value,
+    dim: isize,
+    index: &B::Value,
+    src: &B::Value,
+    reduce: &str,
+) -> OpResult<B::Value> {
+    let r = scatter_mode(reduce)?;
+    let d = norm_dim("scatter", dim, e.shape(x).len())?;
+    e.emit(Op::ScatterReduce { dim: d, reduce: r, include_self: true }, &[x, index, src])
+}
+
+/// `x.scatter(dim, index, value, reduce=...)`: [`scatter_with_reduce`] with a number.
+pub fn scatter_value_with_reduce<B: Build>(
+    e: &mut B,
+    x: &B::Value,
+    dim: isize,
+    index: &B::Value,
+    value: f64,
+    reduce: &str,
+) -> OpResult<B::Value> {
+    let v = e.full(value, e.dtype(x), &e.shape(index))?;
+    scatter_with_reduce(e, x, dim, index, &v, reduce)
+}
+
+/// `x.scatter_reduce(dim, index, src, reduce, include_self)` with `reduce` one of `"sum"`,
+/// `"prod"`, `"mean"`, `"amax"`, `"amin"`.
+pub fn scatter_reduce<B: Build>(
+    e: &mut B,
+    x: &B::Value,
+    dim: isize,
+    index: &B::Value,
+    src: &B::Value,
+    reduce: &str,
+    include_self: bool,
+) -> OpResult<B::Value> {
+    let r = crate::ops::ScatterReduce::parse(reduce).map_err(|m| err("scatter_reduce", m))?;
+    let d = norm_dim("scatter_reduce", dim, e.shape(x).len())?;
+    e.emit(Op::ScatterReduce { dim: d, reduce: r, include_self }, &[x, index, src])
+}
+
+/// `torch.linalg.vector_norm(x, ord, dim=dims, keepdim)`; `dims` empty means all dims. `ord`
+/// is `f64::INFINITY` (max `|x|`), `f64::NEG_INFINITY` (min `|x|`), `0` (non-zero count) or
+/// any other `p`: `(Σ|x|^p)^(1/p)`.
+pub fn vector_norm<B: Build>(e: &mut B, x: &B::Value, ord: f64, dims: &[isize], keepdim: bool) -> OpResult<B::Value> {
+    const OP: &str = "linalg.vector_norm";
+    let rank = e.shape(x).len();
+    let dims: Vec<isize> = if dims.is_empty() { all_dims(rank) } else { dims.to_vec() };
+    let mut d: Vec<usize> = Vec::with_capacity(dims.len());
+    for &i in &dims {
+        let n = norm_dim(OP, i, rank)?;
+        if d.contains(&n) {
+            return Err(err(OP, format!("{OP}: dim {n} appears multiple times in the list of dims")));
+        }
+        d.push(n);
+    }
+    d.sort_unstable();
+    if rank == 0 {
+        d.clear();
+    }
+    e.emit(Op::VectorNorm { ord, dims: d.into_iter().collect(), keepdim }, &[x])
+}
+
+/// `torch.linalg.matrix_norm(x, ord, dim=dims, keepdim)` over the two `dims` (PyTorch's
+/// default is `(-2, -1)`). `ord`: `"fro"`, `"1"`, `"-1"`, `"inf"`, `"-inf"` (max/min absolute
+/// column sum for `1`, row sum for `inf`). `"nuc"`, `"2"` and `"-2"` need singular values,
+/// which tracegrad does not have yet: they are errors.
+pub fn matrix_norm<B: Build>(
+    e: &mut B,
+    x: &B::Value,
+    ord: &str,
+    dims: [isize; 2],
+    keepdim: bool,
+) -> OpResult<B::Value> {
+    const OP: &str = "linalg.matrix_norm";
+    let s = e.shape(x);
+    if s.len() < 2 {
+        return Err(err(OP, format!("{OP}: The input tensor A must have at least 2 dimensions.")));
+    }
+    let dt = e.dtype(x);
+    if !dt.is_float() {
+        let got = crate::ops::torch_type(dt);
+        return Err(err(OP, format!("{OP}: Expected a floating point or complex tensor as input. Got {got}")));
+    }
+    let (d0, d1) = (norm_dim(OP, dims[0], s.len())?, norm_dim(OP, dims[1], s.len())?);
+    if d0 == d1 {
+        return Err(err(OP, format!("{OP}: dims must be different. Got ({}, {})", dims[0], dims[1])));
+    }
+    match ord {
+        "fro" => vector_norm(e, x, 2.0, &[d0 as isize, d1 as isize], keepdim),
+        "1" | "-1" | "inf" | "-inf" => {
+            let ax = e.unary(UnaryOp::Abs, x)?;
+            let (sum_dim, ext_dim) = if ord.ends_with('1') { (d0, d1) } else { (d1, d0) };
+            let kind = if ord.starts_with('-') { ReduceKind::Min } else { ReduceKind::Max };
+            let sums = e.sum(&ax, &[sum_dim as isize], true)?;
+            let m = e.reduce(kind, &sums, &[ext_dim as isize], true)?;
+            if keepdim {
+                Ok(m)
+            } else {
+                let out: Vec<usize> =
+                    s.iter().enumerate().filter(|&(i, _)| i != d0 && i != d1).map(|(_, &n)| n).collect();
+                e.reshape(&m, &out)
+            }
+        }
+        "nuc" | "2" | "-2" => Err(err(
+            OP,
+            format!("{OP}: ord={ord} needs singular values (an SVD), which are not implemented in tracegrad yet"),
+        )),
+        other => Err(err(OP, format!("{OP}: Order {other} not supported."))),
+    }
+}
+
+/// `torch.linalg.det` of `[..., n, n]`.
+pub fn det<B: Build>(e: &mut B, a: &B::Value) -> OpResult<B::Value> {
+    e.emit(Op::Det, &[a])
+}
+
+/// `torch.linalg.inv` of `[..., n, n]`; a singular matrix is PyTorch's error.
+pub fn inv<B: Build>(e: &mut B, a: &B::Value) -> OpResult<B::Value> {
+    e.emit(Op::Inv, &[a])
+}
+
+/// `torch.linalg.solve(A, B)`: `X` with `A X = B`. `B` is `[..., n, k]`, or a vector `[n]` /
+/// `[..., n]` (when its shape is `A`'s without the last dim), as in PyTorch; batch dims
+/// broadcast.
+pub fn solve<B: Build>(e: &mut B, a: &B::Value, b: &B::Value) -> OpResult<B::Value> {
+    const OP: &str = "linalg.solve";
+    let (sa, sb) = (e.shape(a), e.shape(b));
+    if sa.len() < 2 {
+        return Err(err(OP, format!("{OP}: The input tensor A must have at least 2 dimensions.")));
+    }
+    let vector = sb.len() == 1 || (sb.len() + 1 == sa.len() && sb[..] == sa[..sa.len() - 1]);
+    let b2 = if vector { unsqueeze(e, b, -1)? } else { b.clone() };
+    let sb2 = e.shape(&b2);
+    if sb2.len() < 2 {
+        return Err(err(OP, format!("{OP}: The input tensor B must have at least 1 dimension.")));
+    }
+    let (ra, rb) = (sa.len(), sb2.len());
+    let incompatible = || {
+        err(
+            OP,
+            format!(
+                "{OP}: Incompatible shapes of A and B for the equation AX = B ({}x{} and {}x{}) (shapes {} and {})",
+                sa[ra - 2],
+                sa[ra - 1],
+                sb2[rb - 2],
+                sb2[rb - 1],
+                ShapeDisplay(&sa),
+                ShapeDisplay(&sb)
+            ),
+        )
+    };
+    if sa[ra - 1] == sa[ra - 2] && sb2[rb - 2] != sa[ra - 1] {
+        return Err(incompatible());
+    }
+    let batch =
+        tracegrad_runtime::shape::broadcast_shapes(OP, &sa[..ra - 2], &sb2[..rb - 2]).map_err(|_| incompatible())?;
+    let mut ta: Vec<usize> = batch.to_vec();
+    ta.extend_from_slice(&sa[ra - 2..]);
+    let mut tb: Vec<usize> = batch.to_vec();
+    tb.extend_from_slice(&sb2[rb - 2..]);
+    let a2 = e.expand(a, &ta)?;
+    let b2 = e.expand(&b2, &tb)?;
+    let x = e.emit(Op::Solve, &[&a2, &b2])?;
+    if vector {
+        let mut s = e.shape(&x).to_vec();
+        s.pop();
+        e.reshape(&x, &s)
+    } else {
+        Ok(x)
+    }
+}

@@ -295,8 +295,15 @@ pub fn op_attrs(op: &Op) -> String {
         | Op::IndexSelect { dim }
         | Op::IndexAdd { dim }
         | Op::Gather { dim }
-        | Op::ScatterAdd { dim } => {
+        | Op::ScatterAdd { dim }
+        | Op::Scatter { dim } => {
             format!("dim={dim}")
+        }
+        Op::ScatterReduce { dim, reduce, include_self } => {
+            format!("dim={dim}, reduce={}{}", reduce.name(), if *include_self { "" } else { ", exclude_self" })
+        }
+        Op::VectorNorm { ord, dims, keepdim } => {
+            format!("ord={ord}, dims={dims:?}{}", if *keepdim { ", keepdim" } else { "" })
         }
         Op::Conv2d { stride, padding } => format!("stride={stride:?}, padding={padding:?}"),
         Op::MaxPool2d { kernel, stride, .. } | Op::AvgPool2d { kernel, stride, .. } => {

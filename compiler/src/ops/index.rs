@@ -6,14 +6,14 @@ use crate::emitter::{Build, Emitter};
 use tracegrad_runtime::kernels::index;
 use tracegrad_runtime::{Buffer, DType, Dims};
 
-fn require_index(op: &str, t: &TensorType) -> Result<(), String> {
+pub(super) fn require_index(op: &str, t: &TensorType) -> Result<(), String> {
     if t.dtype != DType::I64 {
         return Err(format!("{op}(): Expected dtype int64 for index, got {} (shape {})", t.dtype, sh(&t.shape)));
     }
     Ok(())
 }
 
-fn check_dim(op: &str, dim: usize, x: &TensorType) -> Result<(), String> {
+pub(super) fn check_dim(op: &str, dim: usize, x: &TensorType) -> Result<(), String> {
     if dim >= x.rank().max(1) {
         return Err(format!("{op}: dim {dim} out of range for a tensor of shape {}", sh(&x.shape)));
     }
@@ -22,7 +22,7 @@ fn check_dim(op: &str, dim: usize, x: &TensorType) -> Result<(), String> {
 
 /// A shape as PyTorch's gather/scatter checks see it: a 0-d tensor counts as one element
 /// along one dimension (`ensure_nonempty_dim`).
-fn nonempty(shape: &[usize]) -> Dims {
+pub(super) fn nonempty(shape: &[usize]) -> Dims {
     if shape.is_empty() {
         Dims::from_slice(&[1])
     } else {
@@ -31,7 +31,7 @@ fn nonempty(shape: &[usize]) -> Dims {
 }
 
 /// A buffer viewed through [`nonempty`].
-fn nonempty_buf(b: &Buffer) -> Buffer {
+pub(super) fn nonempty_buf(b: &Buffer) -> Buffer {
     if b.rank() == 0 {
         b.reshaped(&[1])
     } else {
@@ -41,7 +41,7 @@ fn nonempty_buf(b: &Buffer) -> Buffer {
 
 /// PyTorch's gather/scatter rule: same rank, and `index.size(d) <= other.size(d)` for the
 /// dims it names (a 0-d operand counts as 1-d).
-fn check_scatter_shapes(
+pub(super) fn check_scatter_shapes(
     op: &str,
     dim: usize,
     x: &TensorType,

@@ -1,9 +1,12 @@
 //! Batched matmul with free transposes and NumPy batch broadcasting (the gemm crate does the
 //! work). `matmul`'s 1-D promotion, `addmm`, `linear`, `bmm` and `einsum` are composites.
+//! Also torch.linalg's vector_norm, det, inv and solve (LU through faer), below.
 
-use super::{require_same_dtype, sh, Op, OpResult, TensorType};
+use super::{require_same_dtype, sh, CompareOp, Op, OpError, OpResult, TensorType, UnaryOp};
 use crate::emitter::{Build, Emitter};
+use tracegrad_runtime::kernels::linalg as kernel;
 use tracegrad_runtime::shape::broadcast_shapes;
+use tracegrad_runtime::{Buffer, DType};
 
 pub(super) fn infer(op: &Op, t: &[TensorType]) -> Result<TensorType, String> {
     let Op::MatMul { trans_a, trans_b } = op else { unreachable!() };
@@ -46,4 +49,241 @@ pub(super) fn vjp<E: Emitter>(op: &Op, e: &mut E, x: &[&E::Value], g: &E::Value)
     let gb = if tb { e.matmul_t(g, a, true, ta)? } else { e.matmul_t(a, g, !ta, false)? };
     let (sa, sb) = (e.shape(a), e.shape(b));
     Ok(vec![Some(e.sum_to(&ga, &sa)?), Some(e.sum_to(&gb, &sb)?)])
+}
+
+// ---------------------------------------------------------------------------------------------
+// torch.linalg: vector_norm, det, inv and solve.
+//
+// The kernels (runtime `kernels::linalg`) factor with faer's partial-pivoting LU in f64. The
+// derivative rules are built from emitted ops (inv, solve, matmul, pointwise), so they trace:
+//
+// - det:   dA = (g·det) · A⁻ᵀ
+// - inv:   dA = -Xᵀ g Xᵀ with X = A⁻¹
+// - solve: X = A⁻¹B: dB = solve(Aᵀ, G), dA = -dB Xᵀ
+// - vector_norm: PyTorch's `norm_backward` (zero where the norm is zero; inf-norm ties share).
+
+/// PyTorch's scalar-type name in linalg messages (`Long`, `Float`, …).
+pub(crate) fn torch_type(d: DType) -> &'static str {
+    match d {
+        DType::Bool => "Bool",
+        DType::U8 => "Byte",
+        DType::I64 => "Long",
+        DType::F32 => "Float",
+        DType::F64 => "Double",
+    }
+}
+
+fn require_linalg_float(api: &str, t: &TensorType) -> Result<(), String> {
+    if t.dtype.is_float() {
+        Ok(())
+    } else {
+        Err(format!("{api}: Expected a floating point or complex tensor as input. Got {}", torch_type(t.dtype)))
+    }
+}
+
+fn require_square(api: &str, t: &TensorType) -> Result<usize, String> {
+    let r = t.rank();
+    if r < 2 {
+        return Err(format!("{api}: The input tensor A must have at least 2 dimensions."));
+    }
+    if t.shape[r - 1] != t.shape[r - 2] {
+        return Err(format!(
+            "{api}: A must be batches of square matrices, but they are {} by {} matrices",
+            t.shape[r - 2],
+            t.shape[r - 1]
+        ));
+    }
+    Ok(t.shape[r - 1])
+}
+
+/// Shape rule of the torch.linalg ops.
+pub(super) fn infer_ext(op: &Op, t: &[TensorType]) -> Result<TensorType, String> {
+    let name = op.name();
+    let a = &t[0];
+    require_linalg_float(name, a)?;
+    match op {
+        Op::VectorNorm { ord, dims, keepdim } => {
+            for &d in dims.iter() {
+                if d >= a.rank().max(1) {
+                    return Err(format!("{name}: dim {d} out of range for a tensor of shape {}", sh(&a.shape)));
+                }
+            }
+            let reduced: usize = if a.rank() == 0 { 1 } else { dims.iter().map(|&d| a.shape[d]).product() };
+            if ord.is_infinite() && reduced == 0 {
+                return Err(format!(
+                    "{name} cannot compute the {} norm on an empty tensor because the operation does not have an identity",
+                    if *ord > 0.0 { "inf" } else { "-inf" }
+                ));
+            }
+            let shape = (0..a.rank())
+                .filter_map(|d| match (dims.contains(&d), keepdim) {
+                    (false, _) => Some(a.shape[d]),
+                    (true, true) => Some(1),
+                    (true, false) => None,
+                })
+                .collect();
+            Ok(TensorType { dtype: a.dtype, shape })
+        }
+        Op::Det => {
+            require_square(name, a)?;
+            Ok(TensorType::new(a.dtype, &a.shape[..a.rank() - 2]))
+        }
+        Op::Inv => {
+            require_square(name, a)?;
+            Ok(a.clone())
+        }
+        Op::Solve => {
+            let n = require_square(name, a)?;
+            let b = &t[1];
+            if a.dtype != b.dtype {
+                return Err(format!(
+                    "{name}: Expected A and B to have the same dtype, but found A of type {} and B of type {} instead",
+                    torch_type(a.dtype),
+                    torch_type(b.dtype)
+                ));
+            }
+            let (ra, rb) = (a.rank(), b.rank());
+            if rb != ra || b.shape[..rb - 2] != a.shape[..ra - 2] || b.shape[rb - 2] != n {
+                let (p, q) = if rb >= 2 { (b.shape[rb - 2], b.shape[rb - 1]) } else { (b.numel(), 1) };
+                return Err(format!(
+                    "{name}: Incompatible shapes of A and B for the equation AX = B ({n}x{n} and {p}x{q}) (shapes {} and {})",
+                    sh(&a.shape),
+                    sh(&b.shape)
+                ));
+            }
+            Ok(b.clone())
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Reference kernels of the torch.linalg ops, with PyTorch's full singular-matrix messages.
+pub(super) fn eval_ext(op: &Op, x: &[&Buffer]) -> OpResult<Buffer> {
+    match op {
+        Op::VectorNorm { ord, dims, keepdim } => {
+            let v = if x[0].rank() == 0 { x[0].reshaped(&[1]) } else { x[0].clone() };
+            let dims: Vec<usize> = if x[0].rank() == 0 { vec![0] } else { dims.to_vec() };
+            let r = kernel::vector_norm(&v, &dims, *keepdim, *ord);
+            Ok(if x[0].rank() == 0 { r.reshaped(&[]) } else { r })
+        }
+        Op::Det => Ok(kernel::det(x[0])),
+        Op::Inv => kernel::inv(x[0]).map_err(|s| {
+            OpError::new(
+                op.name(),
+                format!(
+                    "linalg.inv{}: The diagonal element {} is zero, the inversion could not be completed because the input matrix is singular.",
+                    s.batch_str(),
+                    s.info
+                ),
+            )
+        }),
+        Op::Solve => kernel::solve(x[0], x[1]).map_err(|s| {
+            OpError::new(
+                op.name(),
+                format!("torch.linalg.solve{}: The solver failed because the input matrix is singular.", s.batch_str()),
+            )
+        }),
+        _ => unreachable!(),
+    }
+}
+
+/// Swaps the last two dims.
+fn mt<E: Emitter>(e: &mut E, v: &E::Value) -> OpResult<E::Value> {
+    let r = e.shape(v).len();
+    e.transpose(v, r - 2, r - 1)
+}
+
+/// `where(cond, 0, v)` with a 0-d zero of `v`'s dtype.
+fn zero_where<E: Emitter>(e: &mut E, cond: &E::Value, v: &E::Value) -> OpResult<E::Value> {
+    let z = e.scalar(0.0, e.dtype(v))?;
+    e.where_(cond, &z, v)
+}
+
+/// Derivative rules of the torch.linalg ops.
+pub(super) fn vjp_ext<E: Emitter>(
+    op: &Op,
+    e: &mut E,
+    x: &[&E::Value],
+    out: &E::Value,
+    g: &E::Value,
+) -> OpResult<Vec<Option<E::Value>>> {
+    let a = x[0];
+    Ok(match op {
+        Op::Det => {
+            let ai = e.emit(Op::Inv, &[a])?;
+            let ait = mt(e, &ai)?;
+            let gd = e.mul(g, out)?;
+            let mut s = e.shape(&gd).to_vec();
+            s.extend([1, 1]);
+            let gd = e.reshape(&gd, &s)?;
+            vec![Some(e.mul(&gd, &ait)?)]
+        }
+        Op::Inv => {
+            let t = e.matmul_t(out, g, true, false)?;
+            let t = e.matmul_t(&t, out, false, true)?;
+            vec![Some(e.neg(&t)?)]
+        }
+        Op::Solve => {
+            let at = mt(e, a)?;
+            let gb = e.emit(Op::Solve, &[&at, g])?;
+            let ga = e.matmul_t(&gb, out, false, true)?;
+            vec![Some(e.neg(&ga)?), Some(gb)]
+        }
+        Op::VectorNorm { ord, dims, keepdim } => {
+            let ord = *ord;
+            let xs = e.shape(a);
+            let dt = e.dtype(a);
+            let gb = e.unsqueeze_reduced(g, &xs, dims, *keepdim)?;
+            let nb = e.unsqueeze_reduced(out, &xs, dims, *keepdim)?;
+            let zero = e.scalar(0.0, dt)?;
+            let gx = if ord == 0.0 {
+                // A count of non-zeros: piecewise constant.
+                e.zeros_like(a)?
+            } else if ord == 1.0 {
+                let s = e.unary(UnaryOp::Sign, a)?;
+                e.mul(&s, &gb)?
+            } else if ord.is_infinite() {
+                // The extreme |x| take the gradient; ties share it evenly.
+                let ax = e.unary(UnaryOp::Abs, a)?;
+                let hit = e.compare(CompareOp::Eq, &ax, &nb)?;
+                let hit = e.cast(&hit, dt)?;
+                let rank = xs.len();
+                let all: Vec<isize> = if rank == 0 { vec![] } else { dims.iter().map(|&d| d as isize).collect() };
+                let count = if rank == 0 { hit.clone() } else { e.sum(&hit, &all, true)? };
+                let s = e.unary(UnaryOp::Sign, a)?;
+                let w = e.mul(&s, &hit)?;
+                let w = e.div(&w, &count)?;
+                e.mul(&w, &gb)?
+            } else if ord == 2.0 {
+                let norm_zero = e.compare(CompareOp::Eq, &nb, &zero)?;
+                let scale = e.div(&gb, &nb)?;
+                let scale = zero_where(e, &norm_zero, &scale)?;
+                e.mul(a, &scale)?
+            } else if ord < 1.0 {
+                // sgn(x)·|x|^(p-1)·g·‖x‖^(1-p), zero where x is zero.
+                let s = e.unary(UnaryOp::Sign, a)?;
+                let ax = e.unary(UnaryOp::Abs, a)?;
+                let p = e.unary(UnaryOp::PowScalar(ord - 1.0), &ax)?;
+                let sx = e.mul(&s, &p)?;
+                let x_zero = e.compare(CompareOp::Eq, a, &zero)?;
+                let sx = zero_where(e, &x_zero, &sx)?;
+                let np = e.unary(UnaryOp::PowScalar(1.0 - ord), &nb)?;
+                let t = e.mul(&gb, &np)?;
+                e.mul(&sx, &t)?
+            } else {
+                // sgn(x)·|x|^(p-1)·g / ‖x‖^(p-1), zero where the norm is zero.
+                let s = e.unary(UnaryOp::Sign, a)?;
+                let ax = e.unary(UnaryOp::Abs, a)?;
+                let p = e.unary(UnaryOp::PowScalar(ord - 1.0), &ax)?;
+                let sx = e.mul(&s, &p)?;
+                let np = e.unary(UnaryOp::PowScalar(ord - 1.0), &nb)?;
+                let scale = e.div(&gb, &np)?;
+                let norm_zero = e.compare(CompareOp::Eq, &nb, &zero)?;
+                let scale = zero_where(e, &norm_zero, &scale)?;
+                e.mul(&sx, &scale)?
+            };
+            vec![Some(gx)]
+        }
+        _ => unreachable!(),
+    })
 }

@@ -16,9 +16,12 @@ mod linalg;
 mod nn;
 mod pointwise;
 mod reduce;
+mod scatter;
 
+pub(crate) use linalg::torch_type;
 pub use pointwise::{BinaryOp, CompareOp, Real, UnaryOp};
 pub use reduce::{softmax_op, ReduceKind};
+pub use scatter::ScatterReduce;
 
 use crate::emitter::Emitter;
 use std::fmt;
@@ -206,6 +209,39 @@ pub enum Op {
         /// The dimension.
         dim: usize,
     },
+    /// `x.scatter(dim, idx, src)`: `out[p with dim := idx[p]] = src[p]`; with duplicate
+    /// indices the last write (in the index's row-major order) wins.
+    Scatter {
+        /// The dimension.
+        dim: usize,
+    },
+    /// `x.scatter_reduce(dim, idx, src, reduce, include_self)`.
+    ScatterReduce {
+        /// The dimension.
+        dim: usize,
+        /// How values landing on one position combine.
+        reduce: ScatterReduce,
+        /// Whether the destination's own value takes part.
+        include_self: bool,
+    },
+    /// `torch.linalg.vector_norm` over `dims` (sorted, unique, non-negative).
+    VectorNorm {
+        /// The order: `inf`, `-inf`, `0` or any other `p`.
+        #[serde(with = "tracegrad_runtime::buffer::json_f64")]
+        ord: f64,
+        /// Reduced dimensions.
+        dims: Dims,
+        /// Keep reduced dimensions with size 1.
+        keepdim: bool,
+    },
+    /// `torch.linalg.det` of a batch of square matrices `[..., n, n]` (LU with partial
+    /// pivoting).
+    Det,
+    /// `torch.linalg.inv` of a batch of square matrices; a singular one is an error.
+    Inv,
+    /// `torch.linalg.solve(A, B)`: `X` with `A X = B`, for `A: [..., n, n]` and `B: [..., n, k]`
+    /// with the same batch dimensions (the composite broadcasts and handles vector `B`).
+    Solve,
     /// 2-D convolution, NCHW, no bias (bias is a separate add).
     Conv2d {
         /// Stride.
@@ -313,6 +349,12 @@ impl Op {
             Op::IndexAdd { .. } => "index_add",
             Op::Gather { .. } => "gather",
             Op::ScatterAdd { .. } => "scatter_add",
+            Op::Scatter { .. } => "scatter",
+            Op::ScatterReduce { .. } => "scatter_reduce",
+            Op::VectorNorm { .. } => "linalg.vector_norm",
+            Op::Det => "linalg.det",
+            Op::Inv => "linalg.inv",
+            Op::Solve => "linalg.solve",
             Op::Conv2d { .. } => "conv2d",
             Op::Conv2dGradInput { .. } => "conv2d_grad_input",
             Op::Conv2dGradWeight { .. } => "conv2d_grad_weight",
@@ -335,6 +377,9 @@ impl Op {
             | Op::ArgReduce { .. } => 1,
             Op::Softmax { .. } | Op::Reshape(_) | Op::Permute(_) | Op::Expand(_) | Op::Narrow { .. } => 1,
             Op::MaxPool2d { .. } | Op::AvgPool2d { .. } | Op::AvgPool2dGrad { .. } => 1,
+            Op::VectorNorm { .. } | Op::Det | Op::Inv => 1,
+            Op::Solve => 2,
+            Op::Scatter { .. } | Op::ScatterReduce { .. } => 3,
             Op::Binary(_) | Op::Compare(_) | Op::MatMul { .. } | Op::IndexSelect { .. } | Op::Gather { .. } => 2,
             Op::Conv2d { .. } | Op::Conv2dGradInput { .. } | Op::Conv2dGradWeight { .. } => 2,
             Op::MaxPool2dGrad { .. } => 2,
@@ -367,6 +412,8 @@ impl Op {
             Op::IndexSelect { .. } | Op::IndexAdd { .. } | Op::Gather { .. } | Op::ScatterAdd { .. } => {
                 index::infer(self, inputs)
             }
+            Op::Scatter { .. } | Op::ScatterReduce { .. } => scatter::infer(self, inputs),
+            Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve => linalg::infer_ext(self, inputs),
             _ => nn::infer(self, inputs),
         };
         r.map_err(|m| self.error(m))
@@ -375,6 +422,10 @@ impl Op {
     /// The reference kernel: computes the output from operand buffers whose types passed
     /// `infer` (giving `out`). Data-dependent failures (an index out of range) are errors.
     pub fn eval(&self, inputs: &[&Buffer], out: &TensorType) -> OpResult<Buffer> {
+        if matches!(self, Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve) {
+            // Their messages are PyTorch's whole texts (`torch.linalg.solve: ...`).
+            return linalg::eval_ext(self, inputs);
+        }
         let r = match self {
             Op::Full { value, dtype, shape } => Ok(Buffer::full(*value, *dtype, shape)),
             Op::Constant(b) => Ok(b.clone()),
@@ -392,6 +443,7 @@ impl Op {
             Op::IndexSelect { .. } | Op::IndexAdd { .. } | Op::Gather { .. } | Op::ScatterAdd { .. } => {
                 index::eval(self, inputs)
             }
+            Op::Scatter { .. } | Op::ScatterReduce { .. } => scatter::eval(self, inputs),
             _ => Ok(nn::eval(self, inputs, out)),
         };
         r.map_err(|m| self.error(format!("{}: {m}", self.name())))
@@ -421,6 +473,8 @@ impl Op {
             Op::IndexSelect { .. } | Op::IndexAdd { .. } | Op::Gather { .. } | Op::ScatterAdd { .. } => {
                 index::vjp(self, e, inputs, grad)
             }
+            Op::Scatter { .. } | Op::ScatterReduce { .. } => scatter::vjp(self, e, inputs, output, grad),
+            Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve => linalg::vjp_ext(self, e, inputs, output, grad),
             _ => nn::vjp(self, e, inputs, grad),
         }
     }

@@ -57,7 +57,12 @@ pub fn index_add(x: &Buffer, dim: usize, idx: &[i64], src: &Buffer) -> Result<Bu
 
 /// For each position of `idx` (shape `ishape`), the offset into a tensor of `target` shape
 /// with dimension `dim` replaced by the index value.
-fn scatter_offsets(ishape: &[usize], idx: &[i64], target: &[usize], dim: usize) -> Result<Vec<usize>, String> {
+pub(crate) fn scatter_offsets(
+    ishape: &[usize],
+    idx: &[i64],
+    target: &[usize],
+    dim: usize,
+) -> Result<Vec<usize>, String> {
     let tstrides = contiguous_strides(target);
     let mut coords = vec![0usize; ishape.len()];
     let mut offs = Vec::with_capacity(idx.len());
@@ -81,7 +86,7 @@ fn scatter_offsets(ishape: &[usize], idx: &[i64], target: &[usize], dim: usize) 
 
 /// Offsets of each position of `ishape` inside a tensor of shape `full` (same rank, each
 /// dimension at least as large).
-fn sub_offsets(ishape: &[usize], full: &[usize]) -> Vec<usize> {
+pub(crate) fn sub_offsets(ishape: &[usize], full: &[usize]) -> Vec<usize> {
     let fstrides = contiguous_strides(full);
     let n = numel(ishape);
     let mut coords = vec![0usize; ishape.len()];

@@ -5,7 +5,9 @@
 pub mod conv;
 pub mod index;
 pub mod layout;
+pub mod linalg;
 pub mod matmul;
 pub mod pointwise;
 pub mod reduce;
+pub mod scatter;
 pub mod softmax;
