@@ -109,9 +109,15 @@ pub fn train_mlp(
     mut on_step: impl FnMut(usize, usize, usize),
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<(nn::Sequential, TrainSummary), String> {
-    crate::manual_seed(cfg.seed);
+    // Seeding and drawing the initial weights from the default generator must not interleave
+    // with another thread doing the same, or the run would not be reproducible.
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let d = train.x.shape()[1];
-    let model = mlp(d, cfg.hidden, train.classes.max(test.classes));
+    let model = {
+        let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+        crate::manual_seed(cfg.seed);
+        mlp(d, cfg.hidden, train.classes.max(test.classes))
+    };
     enum Stepper<'a> {
         Eager(Box<dyn Optimizer>),
         Compiled(Box<crate::compile::TrainStep<'a>>),

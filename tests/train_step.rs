@@ -7,7 +7,12 @@ use tracegrad::nn::{Linear, ModuleExt, ReLU, Sequential};
 use tracegrad::optim::{Adam, AdamOptions, AdamW, AdamWOptions, Optimizer, Sgd, SgdOptions};
 use tracegrad::Tensor;
 
+/// Tests run in parallel and share the default generator: seeding and building must not
+/// interleave, or two "identical" models differ.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn model() -> Sequential {
+    let _guard = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     tracegrad::manual_seed(7);
     Sequential::new().add(Linear::new(64, 32)).add(ReLU::new()).add(Linear::new(32, 10))
 }
