@@ -21,6 +21,8 @@
 //! assert!(model.parameters()[0].grad().is_some());
 //! ```
 
+#![warn(missing_docs)]
+
 // Lets `#[derive(Module)]`'s `::tracegrad::…` paths resolve inside this crate too.
 extern crate self as tracegrad;
 

@@ -10,6 +10,8 @@
 //!
 //! The passes and the Cranelift backend grow here next, on the same definitions.
 
+#![warn(missing_docs)]
+
 pub mod autodiff;
 pub mod composite;
 pub mod einsum;

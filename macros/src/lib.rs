@@ -10,6 +10,8 @@
 //! registered at run time). Fields are visited in declaration order, as PyTorch visits
 //! attributes in assignment order. The generated `type_name` is the struct's name.
 
+#![warn(missing_docs)]
+
 use proc_macro::TokenStream;
 use quote::quote;
 use syn::{parse_macro_input, Data, DeriveInput, Fields, Type};

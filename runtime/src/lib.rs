@@ -4,6 +4,8 @@
 //! This crate knows nothing of ops' meaning: op definitions in `tracegrad-compiler` pick a
 //! kernel and pass it the scalar function. That keeps each op defined once.
 
+#![warn(missing_docs)]
+
 pub mod buffer;
 pub mod dtype;
 pub mod kernels;
