@@ -27,6 +27,7 @@
 extern crate self as tracegrad;
 
 pub mod autograd;
+pub mod bench;
 pub mod compile;
 pub mod data;
 mod display;

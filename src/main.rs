@@ -9,6 +9,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tracegrad::data::{self, Labeled};
 use tracegrad::train::{train_mlp, TrainConfig};
 
+/// Counts heap bytes so `tracegrad bench` can report each workload's peak memory.
+#[global_allocator]
+static ALLOC: tracegrad::bench::CountingAlloc = tracegrad::bench::CountingAlloc::new();
+
 #[derive(Parser)]
 #[command(
     name = "tracegrad",
@@ -26,6 +30,8 @@ enum Command {
     Train(TrainArgs),
     /// Print a zoo model's graph at a pipeline stage.
     Dump(DumpArgs),
+    /// Time the standard workloads, eager vs compiled.
+    Bench(tracegrad::bench::BenchArgs),
     /// List the model zoo.
     Models,
 }
@@ -35,7 +41,7 @@ struct DumpArgs {
     /// Model from the zoo (see `tracegrad models`).
     #[arg(long)]
     model: String,
-    /// traced, joint, forward, backward, optimized or fused.
+    /// traced, joint, forward, backward, optimized, fused, plan or clif.
     #[arg(long, default_value = "optimized")]
     stage: String,
     /// text, dot, svg or json.
@@ -68,11 +74,11 @@ fn dump(args: DumpArgs) -> Result<(), String> {
     z.module.train(args.train);
     let input = tracegrad::TensorType::new(tracegrad::DType::F32, &z.input_shape);
     let (graph, report) = stage_graph(&*z.module, &[(input, false)], stage).map_err(|e| e.to_string())?;
-    if stage == Stage::Fused {
+    if stage.text_only() {
         if format != Format::Text {
-            return Err("--stage fused has only a text form".into());
+            return Err(format!("--stage {} has only a text form", args.stage));
         }
-        let text = tracegrad_compiler::fusion::fused_text(&graph);
+        let text = tracegrad::compile::dump::stage_text(&graph, stage)?;
         return match args.output {
             Some(path) => std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display())),
             None => {
@@ -120,8 +126,8 @@ struct TrainArgs {
     /// `digits` (embedded), `mnist-csv:PATH` or `mnist-idx:DIR`.
     #[arg(long, default_value = "digits")]
     dataset: String,
-    /// Execution mode.
-    #[arg(long, value_enum, default_value = "eager")]
+    /// Execution mode: `compiled` (the whole train step as one JIT-compiled plan) or `eager`.
+    #[arg(long, value_enum, default_value = "compiled")]
     mode: Mode,
     /// Passes over the training set.
     #[arg(long, default_value_t = 20)]
@@ -148,7 +154,7 @@ impl Default for TrainArgs {
         TrainArgs {
             model: Model::Mlp,
             dataset: "digits".into(),
-            mode: Mode::Eager,
+            mode: Mode::Compiled,
             epochs: 20,
             batch_size: 32,
             lr: 0.1,
@@ -207,7 +213,7 @@ fn train(args: TrainArgs) -> Result<(), String> {
         args.dataset,
         train_set.len(),
         test_set.len(),
-        if cfg.compiled { "compiled (reference interpreter)" } else { "eager" },
+        if cfg.compiled { "compiled train step (JIT)" } else { "eager" },
         cfg.optimizer,
         cfg.lr
     );
@@ -242,6 +248,18 @@ fn train(args: TrainArgs) -> Result<(), String> {
         "final test accuracy {:.4} after {} epochs ({:.2} s training, {:.0} steps/s)",
         summary.test_accuracy, summary.epochs, summary.train_seconds, summary.steps_per_second
     );
+    if cfg.compiled {
+        // The same run eagerly, for the speed-up (same data, seed and step count).
+        let eager_cfg = TrainConfig { compiled: false, ..cfg.clone() };
+        let (_, eager) = train_mlp(&train_set, &test_set, &eager_cfg, |_, _, _| {}, |_| {})?;
+        println!(
+            "speed-up over eager: {:.2}x ({:.0} vs {:.0} steps/s; eager test accuracy {:.4})",
+            summary.steps_per_second / eager.steps_per_second,
+            summary.steps_per_second,
+            eager.steps_per_second,
+            eager.test_accuracy
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string(&summary).map_err(|e| e.to_string())?);
     }
@@ -253,6 +271,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Train(args)) => train(args),
         Some(Command::Dump(args)) => dump(args),
+        Some(Command::Bench(args)) => tracegrad::bench::cli(args),
         Some(Command::Models) => {
             for (name, what) in tracegrad::zoo::MODELS {
                 println!("{name:<12} {what}");

@@ -1,6 +1,8 @@
-//! The compile API on the reference interpreter: compiled and eager runs agree, plans are
-//! cached per signature with reasons, hooks fire through callback nodes, trace errors are
-//! values naming the module path.
+//! The compile API, on the JIT (the default) and on the reference interpreter: compiled and
+//! eager runs agree, plans are cached per signature with reasons, hooks fire through callback
+//! nodes, trace errors are values naming the module path.
+
+mod common;
 
 use std::sync::{Arc, Mutex};
 
@@ -62,8 +64,10 @@ fn the_plan_is_a_typed_graph_with_module_paths() {
 fn seed_model_compiles_to_the_same_output() {
     let m = seed_model();
     let x = Tensor::vec1(&[1.0, 2.0, 3.0]);
-    let mut c = compile(&m);
-    no_grad(|| close(&c.call(&x).unwrap(), &m.call(&x)));
+    for backend in common::COMPILED {
+        let mut c = compile(&m).with_backend(backend);
+        no_grad(|| close(&c.call(&x).unwrap(), &m.call(&x)));
+    }
 }
 
 #[test]
@@ -127,10 +131,13 @@ fn a_shape_error_while_tracing_is_an_err_with_the_module_path() {
 }
 
 /// Gradients of `sum(out * w)` w.r.t. the input and every parameter, eager or compiled.
-fn grads_of(m: &dyn Module, x: &Tensor, compiled: bool) -> (Tensor, Vec<(String, Tensor)>) {
+fn grads_of(m: &dyn Module, x: &Tensor, mode: common::Mode) -> (Tensor, Vec<(String, Tensor)>) {
     m.zero_grad();
     let x = x.detach().requires_grad_(true);
-    let y = if compiled { compile_dyn(m).call(&x).unwrap() } else { m.call(&x) };
+    let y = match mode.backend() {
+        Some(b) => compile_dyn(m).with_backend(b).call(&x).unwrap(),
+        None => m.call(&x),
+    };
     let w =
         Tensor::arange(0.0, y.numel() as f64, 1.0).reshape(&y.shape().iter().map(|&d| d as isize).collect::<Vec<_>>());
     (&y * &w).sum_all().backward();
@@ -143,13 +150,15 @@ fn compile_dyn(m: &dyn Module) -> tracegrad::CompiledModule<'_> {
 }
 
 fn same_grads(m: &dyn Module, x: &Tensor) {
-    let (gx_e, gp_e) = grads_of(m, x, false);
-    let (gx_c, gp_c) = grads_of(m, x, true);
-    close(&gx_c, &gx_e);
-    assert_eq!(gp_e.len(), gp_c.len());
-    for ((n, a), (_, b)) in gp_c.iter().zip(&gp_e) {
-        assert_eq!(a.shape(), b.shape(), "{n}");
-        close(a, b);
+    let (gx_e, gp_e) = grads_of(m, x, common::Mode::Eager);
+    for mode in [common::Mode::Jit, common::Mode::Interpreter] {
+        let (gx_c, gp_c) = grads_of(m, x, mode);
+        close(&gx_c, &gx_e);
+        assert_eq!(gp_e.len(), gp_c.len());
+        for ((n, a), (_, b)) in gp_c.iter().zip(&gp_e) {
+            assert_eq!(a.shape(), b.shape(), "{mode:?} {n}");
+            close(a, b);
+        }
     }
 }
 
@@ -196,31 +205,34 @@ fn gradients_flow_through_forward_hooks_that_use_parameters() {
             });
         }
     });
-    let x = Tensor::from_vec(vec![1.0f32, 2.0], &[1, 2]).requires_grad_(true);
-    let y = compile(&m).call(&x).unwrap();
-    let want = |k: &str| r[k]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>();
-    assert_eq!(
-        y.to_vec_f64().iter().map(|v| (v * 1e4).round()).collect::<Vec<_>>(),
-        want("output").iter().map(|v| (v * 1e4).round()).collect::<Vec<_>>()
-    );
-    y.sum_all().backward();
-    for (a, b) in x.grad().unwrap().to_vec_f64().iter().zip(want("input_grad_of_sum")) {
-        assert!((a - b).abs() < 1e-6, "input grad {a} vs {b}");
-    }
-    let grads = r["param_grads_of_sum"].as_object().unwrap();
-    for (name, p) in m.named_parameters() {
-        match grads.get(&name) {
-            Some(w) => {
-                let w: Vec<f64> = w["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-                let g = p.grad().unwrap_or_else(|| panic!("{name} has no gradient")).to_vec_f64();
-                for (a, b) in g.iter().zip(&w) {
-                    assert!((a - b).abs() < 1e-5, "{name}: {a} vs {b}");
+    for backend in common::COMPILED {
+        m.zero_grad();
+        let x = Tensor::from_vec(vec![1.0f32, 2.0], &[1, 2]).requires_grad_(true);
+        let y = compile(&m).with_backend(backend).call(&x).unwrap();
+        let want = |k: &str| r[k]["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>();
+        assert_eq!(
+            y.to_vec_f64().iter().map(|v| (v * 1e4).round()).collect::<Vec<_>>(),
+            want("output").iter().map(|v| (v * 1e4).round()).collect::<Vec<_>>()
+        );
+        y.sum_all().backward();
+        for (a, b) in x.grad().unwrap().to_vec_f64().iter().zip(want("input_grad_of_sum")) {
+            assert!((a - b).abs() < 1e-6, "input grad {a} vs {b}");
+        }
+        let grads = r["param_grads_of_sum"].as_object().unwrap();
+        for (name, p) in m.named_parameters() {
+            match grads.get(&name) {
+                Some(w) => {
+                    let w: Vec<f64> = w["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+                    let g = p.grad().unwrap_or_else(|| panic!("{name} has no gradient")).to_vec_f64();
+                    for (a, b) in g.iter().zip(&w) {
+                        assert!((a - b).abs() < 1e-5, "{name}: {a} vs {b}");
+                    }
                 }
+                None => assert!(
+                    p.grad().is_none_or(|g| g.to_vec_f64().iter().all(|v| *v == 0.0)),
+                    "{name} should get no gradient"
+                ),
             }
-            None => assert!(
-                p.grad().is_none_or(|g| g.to_vec_f64().iter().all(|v| *v == 0.0)),
-                "{name} should get no gradient"
-            ),
         }
     }
 }

@@ -87,7 +87,23 @@ fn cli_dump_writes_svg_and_json_and_lists_models() {
     assert!(out.status.success());
     let fused = String::from_utf8(out.stdout).unwrap();
     assert!(fused.contains("(Epilogue,"), "{fused}");
-    let out = Command::new(exe).args(["dump", "--model", "mlp", "--stage", "clif"]).output().unwrap();
+    // The JIT's views: each kernel's Cranelift IR, and the executor's plan.
+    let out = Command::new(exe).args(["dump", "--model", "mlp", "--stage", "clif", "--batch", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let clif = String::from_utf8(out.stdout).unwrap();
+    assert!(clif.contains("function ") && clif.contains("f32x4") && clif.contains("store"), "{clif}");
+    let out =
+        Command::new(exe).args(["dump", "--model", "transformer", "--stage", "plan", "--batch", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan = String::from_utf8(out.stdout).unwrap();
+    assert!(plan.contains("peak") && plan.contains("kernel 0 (") && plan.contains("matmul"), "{plan}");
+    assert!(plan.contains("rows"), "layer norm and softmax are row kernels: {plan}");
+    let out =
+        Command::new(exe).args(["dump", "--model", "mlp", "--stage", "plan", "--format", "svg"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("JIT backend, which is not built yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only a text form"));
+    let out = Command::new(exe).args(["dump", "--model", "mlp", "--stage", "kernels"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("stages: traced, joint, forward, backward, optimized, fused, plan, clif"));
 }

@@ -1,5 +1,8 @@
-//! One suite, two modes: the same models run eagerly and compiled (interpreter) must give the
-//! same outputs, input and parameter gradients, and updated buffers (BatchNorm running stats).
+//! One suite, three modes: the same models run eagerly, compiled on the JIT and compiled on
+//! the reference interpreter must give the same outputs, input and parameter gradients, and
+//! updated buffers (BatchNorm running stats).
+
+mod common;
 
 use tracegrad::nn::{BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, Module, ModuleExt, ReLU, Sequential};
 use tracegrad::zoo::{mlp, TransformerBlock};
@@ -29,6 +32,18 @@ fn cnn_bn() -> Sequential {
 static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn check(name: &str, make: &dyn Fn() -> Box<dyn Module>, input: &[usize], calls: usize) {
+    for backend in common::COMPILED {
+        check_on(&format!("{name} ({backend:?})"), make, input, calls, backend);
+    }
+}
+
+fn check_on(
+    name: &str,
+    make: &dyn Fn() -> Box<dyn Module>,
+    input: &[usize],
+    calls: usize,
+    backend: tracegrad::compile::Backend,
+) {
     let guard = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     tracegrad::manual_seed(11);
     let eager = make();
@@ -36,7 +51,7 @@ fn check(name: &str, make: &dyn Fn() -> Box<dyn Module>, input: &[usize], calls:
     let compiled_model = make();
     let inputs: Vec<Tensor> = (0..calls).map(|_| Tensor::randn(input)).collect();
     drop(guard);
-    let mut compiled = tracegrad::compile::compile_dyn(&*compiled_model);
+    let mut compiled = tracegrad::compile::compile_dyn(&*compiled_model).with_backend(backend);
     for (call, x) in inputs.iter().enumerate() {
         let run = |m: &dyn Module, compiled: Option<&mut tracegrad::CompiledModule>| {
             m.zero_grad();
@@ -91,8 +106,10 @@ fn eval_mode_batchnorm_uses_running_stats_compiled_too() {
     m.call(&warm); // move the running stats off their initial values
     m.eval();
     let before: Vec<Vec<f32>> = m.buffers().iter().map(|b| b.to_vec_f32()).collect();
-    let y = tracegrad::no_grad(|| compile(&m).call(&x).unwrap());
-    close("eval output", &y, &tracegrad::no_grad(|| m.call(&x)));
+    for backend in common::COMPILED {
+        let y = tracegrad::no_grad(|| compile(&m).with_backend(backend).call(&x).unwrap());
+        close(&format!("eval output ({backend:?})"), &y, &tracegrad::no_grad(|| m.call(&x)));
+    }
     let after: Vec<Vec<f32>> = m.buffers().iter().map(|b| b.to_vec_f32()).collect();
     assert_eq!(before, after, "eval mode leaves running stats alone");
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{assert_close, reference, tensor};
+use common::{assert_close, reference, tensor, Mode, MODES};
 use serde_json::Value;
 use tracegrad::nn::{Linear, Module, ModuleCore, ModuleExt};
 use tracegrad::Tensor;
@@ -21,15 +21,15 @@ impl Module for Add {
     }
 }
 
-/// Every module case runs in both modes: the same test, eager and compiled.
-const MODES: [bool; 2] = [false, true];
-
-/// `m(args)`, eagerly or through `compile` (a fresh plan, traced on this call).
-fn call(m: &dyn Module, args: &[Tensor], compiled: bool) -> Tensor {
-    if compiled {
-        tracegrad::compile::compile_dyn(m).call_many(args).unwrap_or_else(|e| panic!("compiled: {e}"))
-    } else {
-        m.call_many(args)
+/// `m(args)`, eagerly or through `compile` on the mode's backend (a fresh plan, traced on
+/// this call). Every module case runs in all three modes: the same test.
+fn call(m: &dyn Module, args: &[Tensor], mode: Mode) -> Tensor {
+    match mode.backend() {
+        Some(b) => tracegrad::compile::compile_dyn(m)
+            .with_backend(b)
+            .call_many(args)
+            .unwrap_or_else(|e| panic!("{mode:?}: {e}")),
+        None => m.call_many(args),
     }
 }
 
@@ -48,12 +48,12 @@ fn fmt(t: &Tensor) -> String {
 
 #[test]
 fn pre_and_forward_hooks_see_inputs_and_output() {
-    for compiled in MODES {
-        pre_and_forward(compiled);
+    for mode in MODES {
+        pre_and_forward(mode);
     }
 }
 
-fn pre_and_forward(compiled: bool) {
+fn pre_and_forward(mode: Mode) {
     let r = case("pre_and_forward_hook_capture");
     let inputs: Vec<Tensor> = r["inputs"].as_array().unwrap().iter().map(tensor).collect();
     let m = Add::default();
@@ -68,7 +68,7 @@ fn pre_and_forward(compiled: bool) {
         l.lock().unwrap().push(format!("fwd {}", fmt(out)));
         None
     });
-    let out = call(&m, &inputs, compiled);
+    let out = call(&m, &inputs, mode);
     assert_close("output", &out, &r["output"], 0.0, 0.0);
     let want: Vec<String> = r["log"]
         .as_array()
@@ -87,17 +87,17 @@ fn pre_and_forward(compiled: bool) {
 
 #[test]
 fn hooks_replace_output_and_inputs_and_removal_restores() {
-    for compiled in MODES {
+    for mode in MODES {
         let inputs = [Tensor::vec1(&[1.0, 2.0]), Tensor::vec1(&[3.0, 4.0])];
         let m = Add::default();
         let h = m.register_forward_hook(|_, _, out| Some(out + 5.0));
-        assert_close("plus 5", &call(&m, &inputs, compiled), &case("forward_hook_plus_5"), 0.0, 0.0);
+        assert_close("plus 5", &call(&m, &inputs, mode), &case("forward_hook_plus_5"), 0.0, 0.0);
         h.remove();
         h.remove(); // removing twice is harmless
-        assert_close("removed", &call(&m, &inputs, compiled), &case("removed_hook_has_no_effect"), 0.0, 0.0);
+        assert_close("removed", &call(&m, &inputs, mode), &case("removed_hook_has_no_effect"), 0.0, 0.0);
         let p = m.register_forward_pre_hook(|_, args| Some(vec![&args[0] * 10.0, args[1].clone()]));
         let want = case("pre_hook_replaces_first_input_times_10");
-        assert_close("pre x10", &call(&m, &inputs, compiled), &want, 0.0, 0.0);
+        assert_close("pre x10", &call(&m, &inputs, mode), &want, 0.0, 0.0);
         p.remove();
     }
 }
@@ -117,7 +117,7 @@ impl Module for SquaresThenAdd {
 }
 
 /// `o = Add()(u1*u1, u2*3); loss = sum(o * [1, 2])`.
-fn run_full_backward(r: &Value, normalise: bool, compiled: bool) -> (Tensor, Tensor, Calls) {
+fn run_full_backward(r: &Value, normalise: bool, mode: Mode) -> (Tensor, Tensor, Calls) {
     let (u1, u2) = (tensor(&r["u1"]).requires_grad_(true), tensor(&r["u2"]).requires_grad_(true));
     let outer = SquaresThenAdd::default();
     let m = &outer.add;
@@ -134,7 +134,7 @@ fn run_full_backward(r: &Value, normalise: bool, compiled: bool) -> (Tensor, Ten
             None
         }
     });
-    let o = call(&outer, &[u1.clone(), u2.clone()], compiled);
+    let o = call(&outer, &[u1.clone(), u2.clone()], mode);
     (&o * &Tensor::vec1(&[1.0, 2.0])).sum_all().backward();
     let calls = calls.lock().unwrap().clone();
     (u1.grad().unwrap(), u2.grad().unwrap(), calls)
@@ -155,8 +155,8 @@ fn expected_calls(r: &Value) -> Calls {
 #[test]
 fn full_backward_hook_sees_module_input_gradients() {
     let r = case("full_backward_hook_capture");
-    for compiled in MODES {
-        let (g1, g2, calls) = run_full_backward(&r, false, compiled);
+    for mode in MODES {
+        let (g1, g2, calls) = run_full_backward(&r, false, mode);
         assert_eq!(calls, expected_calls(&r));
         assert_close("u1 grad", &g1, &r["u1_grad"], 1e-6, 0.0);
         assert_close("u2 grad", &g2, &r["u2_grad"], 1e-6, 0.0);
@@ -166,8 +166,8 @@ fn full_backward_hook_sees_module_input_gradients() {
 #[test]
 fn full_backward_hook_replaces_grad_input() {
     let r = case("full_backward_hook_normalise");
-    for compiled in MODES {
-        let (g1, g2, calls) = run_full_backward(&r, true, compiled);
+    for mode in MODES {
+        let (g1, g2, calls) = run_full_backward(&r, true, mode);
         assert_eq!(calls, expected_calls(&r));
         assert_close("u1 grad", &g1, &r["u1_grad"], 1e-6, 0.0);
         assert_close("u2 grad", &g2, &r["u2_grad"], 1e-6, 0.0);
@@ -179,11 +179,11 @@ fn backward_pre_hook_replaces_grad_output() {
     // Reconstructed forward (the transcript names only the result): o = Add()(u1, u2),
     // loss = sum(o), with a backward pre-hook multiplying grad_output by 3.
     let r = case("backward_pre_hook_times_3");
-    for compiled in MODES {
+    for mode in MODES {
         let (u1, u2) = (Tensor::vec1(&[1.0, 2.0]).requires_grad_(true), Tensor::vec1(&[3.0, 4.0]).requires_grad_(true));
         let m = Add::default();
         m.register_full_backward_pre_hook(|go| Some(go.iter().map(|g| g.as_ref().map(|g| g * 3.0)).collect()));
-        call(&m, &[u1.clone(), u2.clone()], compiled).sum_all().backward();
+        call(&m, &[u1.clone(), u2.clone()], mode).sum_all().backward();
         assert_close("u1 grad", &u1.grad().unwrap(), &r["u1_grad"], 0.0, 0.0);
         assert_close("u2 grad", &u2.grad().unwrap(), &r["u2_grad"], 0.0, 0.0);
     }
@@ -229,9 +229,9 @@ impl Module for HookedSquare {
 #[test]
 fn tensor_hook_on_an_intermediate() {
     let r = case("intermediate_tensor_hook_times_10");
-    for compiled in MODES {
+    for mode in MODES {
         let v = tensor(&r["v"]).requires_grad_(true);
-        call(&HookedSquare::default(), std::slice::from_ref(&v), compiled).backward();
+        call(&HookedSquare::default(), std::slice::from_ref(&v), mode).backward();
         assert_close("v grad", &v.grad().unwrap(), &r["v_grad"], 1e-6, 0.0);
     }
 }
@@ -299,12 +299,12 @@ impl Module for Outer {
 
 #[test]
 fn all_four_hook_kinds_fire_in_pytorchs_order() {
-    for compiled in MODES {
-        firing_order(compiled);
+    for mode in MODES {
+        firing_order(mode);
     }
 }
 
-fn firing_order(compiled: bool) {
+fn firing_order(mode: Mode) {
     let r = case("firing_order_nested");
     let inner = || Inner { l: Linear::new(3, 3), core: ModuleCore::new() };
     let model = Outer { i1: inner(), i2: inner(), core: ModuleCore::new() };
@@ -333,8 +333,8 @@ fn firing_order(compiled: bool) {
         });
     }
     let x = Tensor::randn(&[2, 3]).requires_grad_(true);
-    call(&model, std::slice::from_ref(&x), compiled).sum_all().backward();
-    assert_eq!(*events.lock().unwrap(), common::strings(&r["events"]), "compiled: {compiled}");
+    call(&model, std::slice::from_ref(&x), mode).sum_all().backward();
+    assert_eq!(*events.lock().unwrap(), common::strings(&r["events"]), "mode: {mode:?}");
 }
 
 #[test]

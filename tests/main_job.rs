@@ -28,9 +28,21 @@ fn cli_train_json_ends_stdout_with_the_contract_object() {
     for key in ["mode", "epochs", "final_loss", "test_accuracy", "train_seconds", "steps_per_second"] {
         assert!(v.get(key).is_some(), "missing {key} in {last}");
     }
-    assert_eq!(v["mode"], "eager");
+    assert_eq!(v["mode"], "compiled", "the default run trains with the compiled step");
     assert_eq!(v["epochs"], 3);
     assert!(stdout.contains("epoch   1/3  loss"), "per-epoch report missing:\n{stdout}");
+    assert!(stdout.contains("speed-up over eager: "), "no speed-up line:\n{stdout}");
+}
+
+#[test]
+fn the_default_run_trains_compiled_to_95_percent() {
+    // `cargo run --release` = `tracegrad train` with every default.
+    let out = Command::new(env!("CARGO_BIN_EXE_tracegrad")).args(["train", "--json"]).output().expect("run tracegrad");
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(v["mode"], "compiled");
+    assert!(v["test_accuracy"].as_f64().unwrap() >= 0.95, "{stdout}");
 }
 
 #[test]
@@ -65,7 +77,7 @@ fn cli_honours_mode_and_optimizer() {
     let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(v["mode"], "compiled");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("compiled (reference interpreter), Adam lr 0.001"), "{stderr}");
+    assert!(stderr.contains("compiled train step (JIT), Adam lr 0.001"), "{stderr}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! `compile_train_step` against eager training: 50 steps on the digits set track eager's
-//! losses within 1e-4 relative for SGD with momentum, Adam and AdamW(amsgrad).
+//! losses within 1e-4 relative for SGD with momentum, Adam and AdamW(amsgrad), on the JIT and
+//! on the interpreter.
 
-use tracegrad::compile::{compile_train_step, StepOptimizer};
+use tracegrad::compile::{compile_train_step, Backend, StepOptimizer};
 use tracegrad::data;
 use tracegrad::nn::{Linear, ModuleExt, ReLU, Sequential};
 use tracegrad::optim::{Adam, AdamOptions, AdamW, AdamWOptions, Optimizer, Sgd, SgdOptions};
@@ -23,11 +24,22 @@ fn batches() -> Vec<(Tensor, Tensor)> {
 }
 
 fn track(opt_eager: &mut dyn FnMut(Vec<Tensor>) -> Box<dyn Optimizer>, spec: StepOptimizer, what: &str) {
+    for backend in [Backend::Jit, Backend::Interpreter] {
+        track_on(opt_eager, spec.clone(), &format!("{what} ({backend:?})"), backend);
+    }
+}
+
+fn track_on(
+    opt_eager: &mut dyn FnMut(Vec<Tensor>) -> Box<dyn Optimizer>,
+    spec: StepOptimizer,
+    what: &str,
+    backend: Backend,
+) {
     let data = batches();
     let eager_model = model();
     let mut opt = opt_eager(eager_model.parameters());
     let compiled_model = model();
-    let mut step = compile_train_step(&compiled_model, |out, y| out.cross_entropy(y), spec);
+    let mut step = compile_train_step(&compiled_model, |out, y| out.cross_entropy(y), spec).with_backend(backend);
     for i in 0..50 {
         let (x, y) = &data[i % data.len()];
         let loss = eager_model.call(x).cross_entropy(y);

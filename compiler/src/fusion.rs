@@ -103,6 +103,12 @@ fn kernels_acyclic(g: &Graph, group_of: &HashMap<NodeIndex, usize>) -> bool {
 
 /// The kernels of `g`, in topological order of their first node.
 pub fn fuse(g: &Graph) -> Vec<FusionGroup> {
+    fuse_with(g, &|_, _| true)
+}
+
+/// [`fuse`], where only nodes for which `fusible` holds may join pointwise, row or epilogue
+/// kernels (a backend passes what its code generator covers); the others are `Single`.
+pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -> Vec<FusionGroup> {
     let order = g.topo_order().expect("fusion needs an acyclic graph");
     let mut group_of: HashMap<NodeIndex, usize> = HashMap::new();
     let mut groups: Vec<FusionGroup> = Vec::new();
@@ -122,25 +128,27 @@ pub fn fuse(g: &Graph) -> Vec<FusionGroup> {
             NodeKind::Op(Op::Full { .. } | Op::Constant(_)) => new_group(&mut groups, GroupKind::Source),
             NodeKind::Op(op) => {
                 let operands = g.operands(n);
+                let can = fusible(g, n);
+                let pointwise = can && is_pointwise(op);
+                let row_red = if can { row_reduction(g, n) } else { None };
                 // Candidate kernels to join: those of operands that are fusible producers.
                 let mut candidate = None;
-                if is_pointwise(op) || row_reduction(g, n).is_some() {
+                if pointwise || row_red.is_some() {
                     for &o in &operands {
                         let Some(&og) = group_of.get(&o) else { continue };
                         let okind = &groups[og].kind;
                         let fits = match okind {
                             GroupKind::Pointwise | GroupKind::Epilogue => {
                                 // Same iteration space (a reduction may consume it whole).
-                                g.g[o].ty.numel()
-                                    == if row_reduction(g, n).is_some() { g.g[o].ty.numel() } else { numel }
-                                    && (is_pointwise(op) || okind == &GroupKind::Pointwise)
+                                g.g[o].ty.numel() == if row_red.is_some() { g.g[o].ty.numel() } else { numel }
+                                    && (pointwise || okind == &GroupKind::Pointwise)
                             }
                             GroupKind::Row => {
                                 let (space, row) = row_space[&og];
                                 // Pointwise over the rows, or over one value per row, or
                                 // another reduction of the same rows.
-                                (is_pointwise(op) && (numel == space || numel * row == space))
-                                    || row_reduction(g, n).is_some_and(|r| r == row && g.g[o].ty.numel() == space)
+                                (pointwise && (numel == space || numel * row == space))
+                                    || row_red.is_some_and(|r| r == row && g.g[o].ty.numel() == space)
                             }
                             _ => false,
                         };
@@ -156,7 +164,7 @@ pub fn fuse(g: &Graph) -> Vec<FusionGroup> {
                         }
                     }
                 }
-                match (candidate, row_reduction(g, n)) {
+                match (candidate, row_red) {
                     (Some(og), Some(row)) => {
                         if groups[og].kind != GroupKind::Row {
                             let space = g.g[operands[0]].ty.numel();
@@ -196,7 +204,7 @@ pub fn fuse(g: &Graph) -> Vec<FusionGroup> {
                         row_space.insert(id, (g.g[operands[0]].ty.numel(), row));
                         id
                     }
-                    (None, None) if is_pointwise(op) => {
+                    (None, None) if pointwise => {
                         // A pointwise consumer of a matmul with its shape becomes its epilogue.
                         let mm = operands.iter().copied().find(|o| {
                             matches!(g.g[*o].kind, NodeKind::Op(Op::MatMul { .. }))
@@ -244,8 +252,13 @@ pub fn kernel_groups(g: &Graph) -> Vec<Vec<NodeIndex>> {
 
 /// The text dump of the kernels: each group with its members in typed SSA.
 pub fn fused_text(g: &Graph) -> String {
+    fused_text_with(g, &|_, _| true)
+}
+
+/// [`fused_text`] for the groups of [`fuse_with`].
+pub fn fused_text_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -> String {
     let mut s = String::new();
-    for (i, k) in fuse(g).iter().enumerate().filter(|(_, k)| k.kind != GroupKind::Source) {
+    for (i, k) in fuse_with(g, fusible).iter().enumerate().filter(|(_, k)| k.kind != GroupKind::Source) {
         s.push_str(&format!("kernel {i} ({:?}, {} nodes):\n", k.kind, k.nodes.len()));
         for &n in &k.nodes {
             let node = &g.g[n];

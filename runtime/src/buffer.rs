@@ -51,6 +51,46 @@ impl Data {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Zero-filled storage of `n` elements of `dtype` (fresh pages from the allocator are
+    /// zeroed lazily, so this is cheap until written).
+    pub fn zeroed(dtype: DType, n: usize) -> Data {
+        match dtype {
+            DType::Bool => Data::Bool(vec![false; n]),
+            DType::U8 => Data::U8(vec![0; n]),
+            DType::I64 => Data::I64(vec![0; n]),
+            DType::F32 => Data::F32(vec![0.0; n]),
+            DType::F64 => Data::F64(vec![0.0; n]),
+        }
+    }
+
+    /// Address of the first element (for generated code; bools are one byte, 0 or 1).
+    pub fn as_ptr(&self) -> *const u8 {
+        match self {
+            Data::Bool(v) => v.as_ptr().cast(),
+            Data::U8(v) => v.as_ptr(),
+            Data::I64(v) => v.as_ptr().cast(),
+            Data::F32(v) => v.as_ptr().cast(),
+            Data::F64(v) => v.as_ptr().cast(),
+        }
+    }
+
+    /// Mutable address of the first element (for generated code, which must store only
+    /// valid values: bools as 0 or 1).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        match self {
+            Data::Bool(v) => v.as_mut_ptr().cast(),
+            Data::U8(v) => v.as_mut_ptr(),
+            Data::I64(v) => v.as_mut_ptr().cast(),
+            Data::F32(v) => v.as_mut_ptr().cast(),
+            Data::F64(v) => v.as_mut_ptr().cast(),
+        }
+    }
+
+    /// Bytes of storage.
+    pub fn nbytes(&self) -> usize {
+        self.len() * self.dtype().size()
+    }
 }
 
 /// A Rust scalar type that can live in a [`Buffer`].
@@ -236,6 +276,12 @@ impl Buffer {
     /// The storage, copied first if shared.
     pub fn make_mut(&mut self) -> &mut Data {
         Arc::make_mut(&mut self.data)
+    }
+
+    /// The storage, if this buffer is its only owner (so it can be reused or written in place).
+    pub fn into_data(self) -> Result<Data, Buffer> {
+        let shape = self.shape;
+        Arc::try_unwrap(self.data).map_err(|data| Buffer { data, shape })
     }
 
     /// Whether two buffers share storage.

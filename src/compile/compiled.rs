@@ -1,16 +1,18 @@
 //! `compile(&module)`: a [`CompiledModule`] that traces `forward` per input signature, optimizes
-//! the graph, caches the plan and runs it on the reference interpreter. Hooks run at run time
-//! as callback nodes, with real tensors.
+//! the graph, caches the plan and runs it on the JIT executor (fused Cranelift kernels) or,
+//! when asked, on the reference interpreter. Hooks run at run time as callback nodes, with
+//! real tensors.
 
 use std::sync::Arc;
 
 use tracegrad_compiler::autodiff::append_backward_hooked;
 use tracegrad_compiler::graph::{Graph, InputRole};
-use tracegrad_compiler::interpret::{interpret, CallbackRunner};
+use tracegrad_compiler::interpret::CallbackRunner;
 use tracegrad_compiler::partition::partition;
 use tracegrad_compiler::passes::PassManager;
 use tracegrad_compiler::Build;
 use tracegrad_compiler::TensorType;
+use tracegrad_jit::{Backend, Executable};
 use tracegrad_runtime::{Buffer, ShapeDisplay};
 
 use super::trace::{trace_module, CallbackSpec, CompileError};
@@ -37,6 +39,12 @@ pub struct Plan {
     /// The optimized backward graph (saved values and the output gradient in, one gradient
     /// per `wrt` entry out), when the call needs gradients.
     pub backward: Option<Arc<tracegrad_compiler::graph::Graph>>,
+    /// The forward graph compiled for the module's backend.
+    pub exec: Executable,
+    /// The backward graph compiled for the module's backend.
+    pub backward_exec: Option<Arc<Executable>>,
+    /// Wall time of tracing, autodiff, passes and code generation for this plan.
+    pub compile_time: std::time::Duration,
     /// Which call arguments get gradients: indices into (data inputs ++ lifted tensors).
     wrt: Vec<usize>,
     /// Buffers the forward writes (BatchNorm running statistics); forward outputs
@@ -51,20 +59,23 @@ pub struct Plan {
 /// A module compiled into static-graph plans (see [`compile`]).
 pub struct CompiledModule<'m> {
     module: &'m dyn Module,
+    backend: Backend,
     plans: Vec<(Signature, Plan)>,
     reasons: Vec<String>,
     last: Option<Signature>,
 }
 
 /// Compiles `module`: each call looks up the plan for its input signature (shapes, dtypes,
-/// requires_grad, train/eval, grad mode and the hook set), tracing and optimizing on a miss.
+/// requires_grad, train/eval, grad mode and the hook set), tracing, optimizing and generating
+/// code on a miss. Plans run on the JIT; [`CompiledModule::with_backend`] selects the
+/// interpreter.
 pub fn compile<M: Module>(module: &M) -> CompiledModule<'_> {
     compile_dyn(module)
 }
 
 /// [`compile`] for a `&dyn Module`.
 pub fn compile_dyn(module: &dyn Module) -> CompiledModule<'_> {
-    CompiledModule { module, plans: Vec::new(), reasons: Vec::new(), last: None }
+    CompiledModule { module, backend: Backend::default(), plans: Vec::new(), reasons: Vec::new(), last: None }
 }
 
 fn hook_states(m: &dyn Module) -> Vec<(String, u64, usize)> {
@@ -348,8 +359,19 @@ pub(crate) fn optimize(g: &mut Graph) -> Result<String, CompileError> {
     Ok(pm.report())
 }
 
-/// Traces, differentiates (when the signature needs gradients), partitions and optimizes.
-fn build_plan(module: &dyn Module, sig: &Signature) -> Result<Plan, CompileError> {
+/// Compiles a graph for `backend`.
+pub(crate) fn executable(g: &Graph, backend: Backend) -> Result<Executable, CompileError> {
+    Executable::new(g, backend).map_err(|message| CompileError {
+        op: "codegen".into(),
+        module_path: String::new(),
+        message,
+    })
+}
+
+/// Traces, differentiates (when the signature needs gradients), partitions, optimizes and
+/// compiles for `backend`.
+fn build_plan(module: &dyn Module, sig: &Signature, backend: Backend) -> Result<Plan, CompileError> {
+    let t0 = std::time::Instant::now();
     let traced = trace_module(module, &sig.inputs)?;
     let mut graph = traced.graph;
     let n_data = sig.inputs.len();
@@ -363,9 +385,13 @@ fn build_plan(module: &dyn Module, sig: &Signature) -> Result<Plan, CompileError
     };
     if wrt.is_empty() {
         let pass_report = optimize(&mut graph)?;
+        let exec = executable(&graph, backend)?;
         return Ok(Plan {
             graph,
             backward: None,
+            exec,
+            backward_exec: None,
+            compile_time: t0.elapsed(),
             wrt,
             updates: traced.updates,
             pass_report,
@@ -404,9 +430,14 @@ fn build_plan(module: &dyn Module, sig: &Signature) -> Result<Plan, CompileError
     let mut report = optimize(&mut forward)?;
     report.push_str("\n-- backward --\n");
     report.push_str(&optimize(&mut backward)?);
+    let exec = executable(&forward, backend)?;
+    let backward_exec = Arc::new(executable(&backward, backend)?);
     Ok(Plan {
         graph: forward,
         backward: Some(Arc::new(backward)),
+        exec,
+        backward_exec: Some(backward_exec),
+        compile_time: t0.elapsed(),
         wrt,
         updates: traced.updates,
         pass_report: report,
@@ -475,6 +506,22 @@ pub(crate) fn signature_of(module: &dyn Module, inputs: &[Tensor]) -> Signature 
 }
 
 impl CompiledModule<'_> {
+    /// Selects the backend for plans compiled from now on (cached plans are dropped, so every
+    /// later call runs on `backend`).
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        if backend != self.backend {
+            self.plans.clear();
+            self.last = None;
+        }
+        self.backend = backend;
+        self
+    }
+
+    /// The backend plans run on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
     fn signature(&self, inputs: &[Tensor]) -> Signature {
         signature_of(self.module, inputs)
     }
@@ -495,7 +542,7 @@ impl CompiledModule<'_> {
                     Some(old) => describe_change(old, &sig),
                 };
                 log_recompile(self.module, &reason);
-                let plan = build_plan(self.module, &sig)?;
+                let plan = build_plan(self.module, &sig, self.backend)?;
                 self.reasons.push(reason);
                 self.plans.push((sig.clone(), plan));
                 self.plans.len() - 1
@@ -508,12 +555,12 @@ impl CompiledModule<'_> {
         let args: Vec<Buffer> = all.iter().map(|t| t.buffer()).collect();
         let state = plan.backward.as_ref().map(|_| Arc::new(CallState::default()));
         let runner = Runner { root: Some(self.module), specs: &plan.callbacks, state: state.clone() };
-        let mut out = interpret(&plan.graph, &args, &runner).map_err(op_error)?;
+        let mut out = plan.exec.run(&args, &runner).map_err(op_error)?;
         let y = out.remove(0);
         for (t, b) in plan.updates.iter().zip(out.drain(..plan.updates.len())) {
             t.set_buffer(b);
         }
-        let Some(backward) = plan.backward.clone() else {
+        let Some(backward) = plan.backward_exec.clone() else {
             return Ok(Tensor::from_buffer(y));
         };
         // The compiled output joins eager autograd: one node whose backward runs the
@@ -522,11 +569,11 @@ impl CompiledModule<'_> {
         let wrt_tensors: Vec<Tensor> = plan.wrt.iter().map(|&i| all[i].clone()).collect();
         let specs = plan.callbacks.clone();
         let f: crate::autograd::CustomBackward = Arc::new(move |grads: &[Option<Tensor>]| {
-            let Some(g) = &grads[0] else { return Ok(vec![None; backward.outputs.len()]) };
+            let Some(g) = &grads[0] else { return Ok(vec![None; backward.graph().outputs.len()]) };
             let mut bargs = saved.clone();
             bargs.push(g.buffer());
             let runner = Runner { root: None, specs: &specs, state: state.clone() };
-            let gs = interpret(&backward, &bargs, &runner).map_err(|e| e.to_string())?;
+            let gs = backward.run(&bargs, &runner).map_err(|e| e.to_string())?;
             Ok(gs.into_iter().map(|b| Some(Tensor::from_buffer(b))).collect())
         });
         Ok(crate::autograd::custom_op("CompiledFunction", &wrt_tensors, vec![y], f).remove(0))

@@ -24,12 +24,17 @@ pub enum Stage {
     Backward,
     /// The forward half after the optimization passes.
     Optimized,
-    /// The optimized forward partitioned into fused kernels (text only).
+    /// The optimized forward partitioned into the JIT's fused kernels (text only).
     Fused,
+    /// The JIT executor's plan for the optimized forward: steps, buffer assignments, in-place
+    /// reuse and peak bytes (text only).
+    Plan,
+    /// The Cranelift IR of each JIT kernel of the optimized forward (text only).
+    Clif,
 }
 
 impl Stage {
-    /// Parses `traced|joint|forward|backward|optimized`.
+    /// Parses `traced|joint|forward|backward|optimized|fused|plan|clif`.
     pub fn parse(s: &str) -> Result<Stage, String> {
         Ok(match s {
             "traced" => Stage::Traced,
@@ -38,11 +43,31 @@ impl Stage {
             "backward" => Stage::Backward,
             "optimized" => Stage::Optimized,
             "fused" => Stage::Fused,
-            "plan" | "clif" => {
-                return Err(format!("stage {s:?} belongs to the JIT backend, which is not built yet; stages: traced, joint, forward, backward, optimized, fused"))
+            "plan" => Stage::Plan,
+            "clif" => Stage::Clif,
+            other => {
+                return Err(format!(
+                    "unknown stage {other:?}; stages: traced, joint, forward, backward, optimized, fused, plan, clif"
+                ))
             }
-            other => return Err(format!("unknown stage {other:?}; stages: traced, joint, forward, backward, optimized, fused")),
         })
+    }
+}
+
+impl Stage {
+    /// Whether the stage is a text-only view of the JIT backend rather than a graph.
+    pub fn text_only(self) -> bool {
+        matches!(self, Stage::Fused | Stage::Plan | Stage::Clif)
+    }
+}
+
+/// The text of a text-only stage (see [`Stage::text_only`]) for the optimized forward `g`.
+pub fn stage_text(g: &Graph, stage: Stage) -> Result<String, String> {
+    match stage {
+        Stage::Fused => Ok(tracegrad_compiler::fusion::fused_text_with(g, &tracegrad_jit::kernel::supported)),
+        Stage::Plan => Ok(tracegrad_jit::Executable::new(g, tracegrad_jit::Backend::Jit)?.plan_text()),
+        Stage::Clif => Ok(tracegrad_jit::Executable::new(g, tracegrad_jit::Backend::Jit)?.clif_text()),
+        other => Err(format!("stage {other:?} is a graph; render it")),
     }
 }
 

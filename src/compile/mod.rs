@@ -9,4 +9,5 @@ mod train_step;
 pub use compiled::{compile, compile_dyn, CompiledModule, Plan};
 pub use trace::{is_tracing, CompileError, Symbol};
 pub(crate) use trace::{trace_assign, trace_emit, trace_tensor_hook, traced_call};
+pub use tracegrad_jit::{Backend, Executable};
 pub use train_step::{compile_train_step, StepOptimizer, TrainStep};

@@ -7,12 +7,12 @@
 
 use tracegrad_compiler::autodiff::append_backward;
 use tracegrad_compiler::graph::{Graph, InputRole};
-use tracegrad_compiler::interpret::interpret;
 use tracegrad_compiler::ops::{BinaryOp, CompareOp, UnaryOp};
 use tracegrad_compiler::{Build, OpResult, TensorType};
+use tracegrad_jit::{Backend, Executable};
 use tracegrad_runtime::{Buffer, DType};
 
-use super::compiled::{op_error, optimize, signature_of, Runner, Signature};
+use super::compiled::{executable, op_error, optimize, signature_of, Runner, Signature};
 use super::trace::{trace_with, CompileError};
 use crate::nn::{Module, ModuleExt};
 use crate::optim::{AdamOptions, AdamWOptions, SgdOptions};
@@ -61,6 +61,8 @@ impl StepOptimizer {
 
 struct StepPlan {
     graph: Graph,
+    exec: Executable,
+    compile_time: std::time::Duration,
     lifted: Vec<Tensor>,
     updates: Vec<Tensor>,
     /// Indices into `lifted` of the parameters this plan updates, in output order.
@@ -76,6 +78,7 @@ pub struct TrainStep<'m> {
     module: &'m dyn Module,
     loss_fn: LossFn<'m>,
     optimizer: StepOptimizer,
+    backend: Backend,
     lr: f64,
     step: f32,
     /// Per parameter (by tensor id): its state slots.
@@ -98,6 +101,7 @@ pub fn compile_train_step<'m>(
         module,
         loss_fn: Box::new(loss_fn),
         optimizer,
+        backend: Backend::default(),
         lr,
         step: 0.0,
         state: Default::default(),
@@ -225,11 +229,41 @@ impl TrainStep<'_> {
 
     /// The graph of the last step's plan.
     pub fn last_graph(&self) -> Option<&Graph> {
+        self.last_plan().map(|p| &p.graph)
+    }
+
+    fn last_plan(&self) -> Option<&StepPlan> {
         let last = self.last.as_ref()?;
-        self.plans.iter().find(|(s, _)| s == last).map(|(_, p)| &p.graph)
+        self.plans.iter().find(|(s, _)| s == last).map(|(_, p)| p)
+    }
+
+    /// The compiled form of the last step's plan (its plan dump, kernels and peak bytes).
+    pub fn last_executable(&self) -> Option<&Executable> {
+        self.last_plan().map(|p| &p.exec)
+    }
+
+    /// How long the last step's plan took to build (trace, autodiff, passes, codegen).
+    pub fn last_compile_time(&self) -> Option<std::time::Duration> {
+        self.last_plan().map(|p| p.compile_time)
+    }
+
+    /// Selects the backend for plans compiled from now on (cached plans are dropped).
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        if backend != self.backend {
+            self.plans.clear();
+            self.last = None;
+        }
+        self.backend = backend;
+        self
+    }
+
+    /// The backend plans run on.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     fn build(&self, sig: &Signature) -> Result<StepPlan, CompileError> {
+        let t0 = std::time::Instant::now();
         let m = self.module;
         let loss_fn = &self.loss_fn;
         let traced = crate::enable_grad(|| trace_with(m, &sig.inputs, &|a| loss_fn(&m.call(&a[0]), &a[1])))?;
@@ -283,8 +317,11 @@ impl TrainStep<'_> {
             updated.push(j);
         }
         optimize(&mut g)?;
+        let exec = executable(&g, self.backend)?;
         Ok(StepPlan {
             graph: g,
+            exec,
+            compile_time: t0.elapsed(),
             lifted: traced.lifted_inputs,
             updates: traced.updates,
             updated,
@@ -334,7 +371,7 @@ impl TrainStep<'_> {
             args.extend(st.iter().cloned());
         }
         let runner = Runner { root: Some(self.module), specs: &plan.callbacks, state: None };
-        let mut out = interpret(&plan.graph, &args, &runner).map_err(op_error)?.into_iter();
+        let mut out = plan.exec.run(&args, &runner).map_err(op_error)?.into_iter();
         let loss = out.next().expect("the loss");
         for t in &plan.updates {
             t.set_buffer(out.next().expect("a buffer update"));

@@ -34,3 +34,33 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Value, rtol: f64, atol: f64
 pub fn strings(v: &Value) -> Vec<String> {
     v.as_array().expect("array").iter().map(|s| s.as_str().expect("string").to_string()).collect()
 }
+
+/// How the shared eager/compiled tests run a module: eagerly, compiled on the JIT, or compiled
+/// on the reference interpreter. One set of tests, three modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Eager autograd.
+    Eager,
+    /// `compile` with the default (JIT) backend.
+    Jit,
+    /// `compile` on the reference interpreter.
+    Interpreter,
+}
+
+/// Every mode.
+pub const MODES: [Mode; 3] = [Mode::Eager, Mode::Jit, Mode::Interpreter];
+
+/// The compiled modes.
+pub const COMPILED: [tracegrad::compile::Backend; 2] =
+    [tracegrad::compile::Backend::Jit, tracegrad::compile::Backend::Interpreter];
+
+impl Mode {
+    /// The backend of a compiled mode.
+    pub fn backend(self) -> Option<tracegrad::compile::Backend> {
+        match self {
+            Mode::Eager => None,
+            Mode::Jit => Some(tracegrad::compile::Backend::Jit),
+            Mode::Interpreter => Some(tracegrad::compile::Backend::Interpreter),
+        }
+    }
+}

@@ -221,9 +221,16 @@ impl BinaryOp {
             BinaryOp::Sub => a - b,
             BinaryOp::Mul => a * b,
             BinaryOp::Div => a / b,
+            // NaN propagates; -0 < +0 (IEEE 754-2019 maximum/minimum, as the JIT's kernels).
             BinaryOp::Maximum => {
                 if a.is_nan() || b.is_nan() {
                     T::nan()
+                } else if a == b {
+                    if a.is_sign_negative() {
+                        b
+                    } else {
+                        a
+                    }
                 } else {
                     a.max(b)
                 }
@@ -231,6 +238,12 @@ impl BinaryOp {
             BinaryOp::Minimum => {
                 if a.is_nan() || b.is_nan() {
                     T::nan()
+                } else if a == b {
+                    if a.is_sign_negative() {
+                        a
+                    } else {
+                        b
+                    }
                 } else {
                     a.min(b)
                 }

@@ -1,0 +1,864 @@
+//! Cranelift code generation: one function per [`KernelSpec`].
+//!
+//! Every kernel has the signature `fn(args: *const *const u8, outs: *const *mut u8, start: i64,
+//! end: i64)`: input and output base pointers, and the range of work items (elements for a
+//! pointwise kernel, rows for a row kernel) this call covers, so the executor can split a
+//! kernel across threads.
+//!
+//! Loops run 128-bit vectors (F32X4 or F64X2; x64 Cranelift lowers no wider vectors), unrolled
+//! twice and rotated (the exit test sits at the bottom, behind one guard), then one-vector
+//! steps, then a scalar tail. Loads and stores never assume alignment. Row-constant values
+//! (broadcast operands, per-row reduction results, constants) are computed once per row and
+//! splatted. Transcendentals come from [`crate::math`], inline, never as calls.
+
+use std::collections::HashMap;
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::{
+    types, AbiParam, Endianness, Function, InstBuilder, MemFlagsData, Signature, StackSlot, StackSlotData,
+    StackSlotKind, Type, Value,
+};
+use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use tracegrad_compiler::ops::{BinaryOp, CompareOp, UnaryOp};
+
+use crate::kernel::{Float, KOp, KernelSpec, Reduction, Space, VType};
+use crate::math::{self, MathCtx};
+
+/// One loop step: `(generator, builder, column, vector?, accumulators)`.
+type StepFn<'a> = dyn FnMut(&mut Gen, &mut FunctionBuilder, Value, bool, &mut [Value]) + 'a;
+
+/// Vectors per unrolled loop iteration.
+const UNROLL: i64 = 2;
+
+/// The kernel signature.
+pub fn signature(call_conv: CallConv) -> Signature {
+    let mut sig = Signature::new(call_conv);
+    for _ in 0..4 {
+        sig.params.push(AbiParam::new(types::I64));
+    }
+    sig
+}
+
+fn flags() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+struct Gen<'s> {
+    spec: &'s KernelSpec,
+    m: MathCtx,
+    /// Scalar float type, vector float type, vector mask type.
+    ft: Type,
+    vt: Type,
+    mt: Type,
+    lanes: i64,
+    shift: i64,
+    in_ptr: Vec<Value>,
+    out_ptr: Vec<Value>,
+    /// Per-row state: base element index of each input.
+    base: Vec<Value>,
+    /// Per-row state: scalar values of `Row` nodes.
+    row_val: HashMap<usize, Value>,
+    /// Per-row state: vector splats of `Row` nodes.
+    splat: HashMap<usize, Value>,
+    /// Row kernels: the sweep being emitted.
+    sweep: usize,
+    /// Row kernels: `Elem` values kept in a per-row scratch row (a stack slot) by the sweep
+    /// that first computes them, and reloaded by later sweeps instead of recomputed.
+    scratch: HashMap<usize, (StackSlot, usize)>,
+    /// The scratch rows' addresses in the current row.
+    scratch_addr: HashMap<usize, Value>,
+}
+
+/// Emits the body of `spec` into `func` (whose signature must be [`signature`]).
+pub fn emit(
+    spec: &KernelSpec,
+    func: &mut Function,
+    fctx: &mut FunctionBuilderContext,
+    m: MathCtx,
+    config: TargetFrontendConfig,
+) {
+    let mut b = FunctionBuilder::new(func, fctx);
+    let entry = b.create_block();
+    b.append_block_params_for_function_params(entry);
+    b.switch_to_block(entry);
+    b.seal_block(entry);
+    let p = b.block_params(entry).to_vec();
+    let (args, outs, start, end) = (p[0], p[1], p[2], p[3]);
+    let (ft, vt, mt, lanes) = match spec.float {
+        Float::F32 => (types::F32, types::F32X4, types::I32X4, 4),
+        Float::F64 => (types::F64, types::F64X2, types::I64X2, 2),
+    };
+    let in_ptr = (0..spec.inputs.len()).map(|i| b.ins().load(types::I64, flags(), args, (i * 8) as i32)).collect();
+    let out_ptr = (0..spec.outputs.len()).map(|i| b.ins().load(types::I64, flags(), outs, (i * 8) as i32)).collect();
+    let mut g = Gen {
+        spec,
+        m,
+        ft,
+        vt,
+        mt,
+        lanes,
+        shift: spec.float.size().trailing_zeros() as i64,
+        in_ptr,
+        out_ptr,
+        base: Vec::new(),
+        row_val: HashMap::new(),
+        splat: HashMap::new(),
+        sweep: 0,
+        scratch: HashMap::new(),
+        scratch_addr: HashMap::new(),
+    };
+    if spec.row_kernel {
+        g.row_kernel(&mut b, start, end);
+    } else {
+        g.pointwise_kernel(&mut b, start, end);
+    }
+    b.ins().return_(&[]);
+    b.finalize(config);
+}
+
+impl Gen<'_> {
+    fn iconst(&self, b: &mut FunctionBuilder, v: i64) -> Value {
+        b.ins().iconst(types::I64, v)
+    }
+
+    fn fconst(&self, b: &mut FunctionBuilder, vec: bool, v: f64) -> Value {
+        math::constant(b, if vec { self.vt } else { self.ft }, v)
+    }
+
+    /// Starts a row: computes the base index of every input for row `r`.
+    fn start_row(&mut self, b: &mut FunctionBuilder, r: Value) {
+        self.row_val.clear();
+        self.splat.clear();
+        let rows = self.spec.rows;
+        self.base = Vec::with_capacity(self.spec.inputs.len());
+        for i in 0..self.spec.inputs.len() {
+            let mut acc: Option<Value> = None;
+            for &(div, modulo, stride) in &self.spec.inputs[i].outer {
+                let mut t = if div == 1 { r } else { b.ins().udiv_imm_s(r, div as i64) };
+                if div * modulo < rows {
+                    t = b.ins().urem_imm_s(t, modulo as i64);
+                }
+                if stride != 1 {
+                    t = b.ins().imul_imm_s(t, stride as i64);
+                }
+                acc = Some(match acc {
+                    Some(a) => b.ins().iadd(a, t),
+                    None => t,
+                });
+            }
+            let v = acc.unwrap_or_else(|| self.iconst(b, 0));
+            self.base.push(v);
+        }
+    }
+
+    fn addr(&self, b: &mut FunctionBuilder, ptr: Value, index: Value, shift: i64) -> Value {
+        let off = if shift == 0 { index } else { b.ins().ishl_imm_s(index, shift) };
+        b.ins().iadd(ptr, off)
+    }
+
+    /// The scalar value of `Row` node `n` in the current row (computed where first asked:
+    /// callers ask before entering loops, so the value dominates its uses).
+    fn row(&mut self, b: &mut FunctionBuilder, n: usize) -> Value {
+        if let Some(&v) = self.row_val.get(&n) {
+            return v;
+        }
+        let node = &self.spec.nodes[n];
+        let v = match &node.op {
+            KOp::Input(i) => {
+                let i = *i;
+                match node.ty {
+                    VType::Float => {
+                        let a = self.addr(b, self.in_ptr[i], self.base[i], self.shift);
+                        b.ins().load(self.ft, flags(), a, 0)
+                    }
+                    VType::Bool => {
+                        let a = self.addr(b, self.in_ptr[i], self.base[i], 0);
+                        let byte = b.ins().uload8(types::I32, flags(), a, 0);
+                        b.ins().icmp_imm_s(IntCC::NotEqual, byte, 0)
+                    }
+                }
+            }
+            KOp::Const(c) => match node.ty {
+                VType::Float => self.fconst(b, false, *c),
+                VType::Bool => b.ins().iconst(types::I8, i64::from(*c != 0.0)),
+            },
+            KOp::Reduce(..) => panic!("reduction v{n} read before its sweep"),
+            op => {
+                let args: Vec<Value> = operands(op).into_iter().map(|o| self.row(b, o)).collect();
+                self.apply(b, op, &args, false)
+            }
+        };
+        self.row_val.insert(n, v);
+        v
+    }
+
+    /// `Row` node `n` at vector width (a splat, cached per row).
+    fn row_splat(&mut self, b: &mut FunctionBuilder, n: usize) -> Value {
+        if let Some(&v) = self.splat.get(&n) {
+            return v;
+        }
+        let s = self.row(b, n);
+        let v = match self.spec.nodes[n].ty {
+            VType::Float => b.ins().splat(self.vt, s),
+            VType::Bool => {
+                let lane = self.mt.lane_type();
+                let t = b.ins().iconst(lane, -1);
+                let f = b.ins().iconst(lane, 0);
+                let x = b.ins().select(s, t, f);
+                b.ins().splat(self.mt, x)
+            }
+        };
+        self.splat.insert(n, v);
+        v
+    }
+
+    /// Computes, before a loop, every `Row` value the loop's `Elem` computations of `roots`
+    /// read, so the loop body only reads them.
+    fn hoist(&mut self, b: &mut FunctionBuilder, roots: &[usize], vec: bool) {
+        let mut seen = vec![false; self.spec.nodes.len()];
+        let mut stack: Vec<usize> = roots.to_vec();
+        while let Some(n) = stack.pop() {
+            if std::mem::replace(&mut seen[n], true) {
+                continue;
+            }
+            let node = &self.spec.nodes[n];
+            if node.space == Space::Row {
+                self.row(b, n);
+                if vec {
+                    self.row_splat(b, n);
+                }
+            } else {
+                stack.extend(operands(&node.op));
+            }
+        }
+    }
+
+    /// The value of `Elem` node `n` at column `j` (vector of lanes starting there, or scalar).
+    fn elem(
+        &mut self,
+        b: &mut FunctionBuilder,
+        n: usize,
+        rc: Value,
+        vec: bool,
+        memo: &mut HashMap<usize, Value>,
+    ) -> Value {
+        if let Some(&v) = memo.get(&n) {
+            return v;
+        }
+        if let Some(&(_, home)) = self.scratch.get(&n) {
+            if self.sweep > home {
+                let a = self.addr(b, self.scratch_addr[&n], rc, self.shift);
+                let v = b.ins().load(if vec { self.vt } else { self.ft }, flags(), a, 0);
+                memo.insert(n, v);
+                return v;
+            }
+        }
+        let node = &self.spec.nodes[n];
+        let v = if node.space == Space::Row {
+            if vec {
+                self.row_splat(b, n)
+            } else {
+                self.row(b, n)
+            }
+        } else {
+            match &node.op {
+                KOp::Input(i) => {
+                    let i = *i;
+                    let j = b.ins().iadd(self.base[i], rc);
+                    self.load(b, i, j, node.ty, vec)
+                }
+                op => {
+                    let args: Vec<Value> = operands(op).into_iter().map(|o| self.elem(b, o, rc, vec, memo)).collect();
+                    self.apply(b, op, &args, vec)
+                }
+            }
+        };
+        if let Some(&(_, home)) = self.scratch.get(&n) {
+            if self.sweep == home {
+                let a = self.addr(b, self.scratch_addr[&n], rc, self.shift);
+                b.ins().store(flags(), v, a, 0);
+            }
+        }
+        memo.insert(n, v);
+        v
+    }
+
+    fn load(&mut self, b: &mut FunctionBuilder, i: usize, index: Value, ty: VType, vec: bool) -> Value {
+        match (ty, vec) {
+            (VType::Float, false) => {
+                let a = self.addr(b, self.in_ptr[i], index, self.shift);
+                b.ins().load(self.ft, flags(), a, 0)
+            }
+            (VType::Float, true) => {
+                let a = self.addr(b, self.in_ptr[i], index, self.shift);
+                b.ins().load(self.vt, flags(), a, 0)
+            }
+            (VType::Bool, false) => {
+                let a = self.addr(b, self.in_ptr[i], index, 0);
+                let byte = b.ins().uload8(types::I32, flags(), a, 0);
+                b.ins().icmp_imm_s(IntCC::NotEqual, byte, 0)
+            }
+            (VType::Bool, true) => {
+                let a = self.addr(b, self.in_ptr[i], index, 0);
+                let lane = self.mt.lane_type();
+                let zero = b.ins().iconst(lane, 0);
+                let mut v = b.ins().splat(self.mt, zero);
+                for k in 0..self.lanes {
+                    let byte = b.ins().uload8(lane, flags(), a, k as i32);
+                    let mask = b.ins().ineg(byte);
+                    v = b.ins().insertlane(v, mask, k as u8);
+                }
+                v
+            }
+        }
+    }
+
+    fn store(&mut self, b: &mut FunctionBuilder, out: usize, index: Value, v: Value, ty: VType, vec: bool) {
+        match (ty, vec) {
+            (VType::Float, _) => {
+                let a = self.addr(b, self.out_ptr[out], index, self.shift);
+                b.ins().store(flags(), v, a, 0);
+            }
+            (VType::Bool, false) => {
+                let a = self.addr(b, self.out_ptr[out], index, 0);
+                b.ins().store(flags(), v, a, 0);
+            }
+            (VType::Bool, true) => {
+                let a = self.addr(b, self.out_ptr[out], index, 0);
+                for k in 0..self.lanes {
+                    let lane = b.ins().extractlane(v, k as u8);
+                    let bit = b.ins().band_imm_s(lane, 1);
+                    b.ins().istore8(flags(), bit, a, k as i32);
+                }
+            }
+        }
+    }
+
+    /// Applies a pointwise op to already computed operands.
+    fn apply(&mut self, b: &mut FunctionBuilder, op: &KOp, a: &[Value], vec: bool) -> Value {
+        let m = self.m;
+        let ft = if vec { self.vt } else { self.ft };
+        match op {
+            KOp::Unary(u, _) => {
+                let x = a[0];
+                match u {
+                    UnaryOp::Neg => b.ins().fneg(x),
+                    UnaryOp::Abs => b.ins().fabs(x),
+                    UnaryOp::Sign => {
+                        let zero = self.fconst(b, vec, 0.0);
+                        let one = self.fconst(b, vec, 1.0);
+                        let mone = self.fconst(b, vec, -1.0);
+                        let pos = b.ins().fcmp(FloatCC::GreaterThan, x, zero);
+                        let neg = b.ins().fcmp(FloatCC::LessThan, x, zero);
+                        let z = b.ins().fmul(x, zero);
+                        let r = self.select(b, neg, mone, z, vec);
+                        self.select(b, pos, one, r, vec)
+                    }
+                    UnaryOp::Exp => math::exp(b, &m, x),
+                    UnaryOp::Log => math::log(b, &m, x),
+                    UnaryOp::Sqrt => b.ins().sqrt(x),
+                    UnaryOp::Rsqrt => {
+                        let one = self.fconst(b, vec, 1.0);
+                        let s = b.ins().sqrt(x);
+                        b.ins().fdiv(one, s)
+                    }
+                    UnaryOp::Tanh => math::tanh(b, &m, x),
+                    UnaryOp::Sigmoid => math::sigmoid(b, &m, x),
+                    UnaryOp::Relu => {
+                        let zero = self.fconst(b, vec, 0.0);
+                        b.ins().fmax(x, zero)
+                    }
+                    UnaryOp::Gelu => math::gelu(b, &m, x),
+                    UnaryOp::GeluTanh => math::gelu_tanh(b, &m, x),
+                    UnaryOp::Silu => math::silu(b, &m, x),
+                    UnaryOp::Erf => math::erf(b, &m, x),
+                    UnaryOp::Square => b.ins().fmul(x, x),
+                    UnaryOp::Reciprocal => {
+                        let one = self.fconst(b, vec, 1.0);
+                        b.ins().fdiv(one, x)
+                    }
+                    UnaryOp::PowScalar(p) => self.pow_scalar(b, x, *p, vec),
+                    UnaryOp::Sin | UnaryOp::Cos => unreachable!("not a kernel op (see kernel::supported)"),
+                }
+            }
+            KOp::Binary(op, ..) => {
+                let (x, y) = (a[0], a[1]);
+                match op {
+                    BinaryOp::Add => b.ins().fadd(x, y),
+                    BinaryOp::Sub => b.ins().fsub(x, y),
+                    BinaryOp::Mul => b.ins().fmul(x, y),
+                    BinaryOp::Div => b.ins().fdiv(x, y),
+                    // Cranelift's fmax/fmin return NaN if either operand is NaN, as PyTorch's
+                    // maximum/minimum do.
+                    BinaryOp::Maximum => b.ins().fmax(x, y),
+                    BinaryOp::Minimum => b.ins().fmin(x, y),
+                    BinaryOp::Pow => unreachable!("not a kernel op (see kernel::supported)"),
+                }
+            }
+            KOp::Compare(c, ..) => {
+                let cc = match c {
+                    CompareOp::Eq => FloatCC::Equal,
+                    CompareOp::Ne => FloatCC::NotEqual,
+                    CompareOp::Lt => FloatCC::LessThan,
+                    CompareOp::Le => FloatCC::LessThanOrEqual,
+                    CompareOp::Gt => FloatCC::GreaterThan,
+                    CompareOp::Ge => FloatCC::GreaterThanOrEqual,
+                };
+                b.ins().fcmp(cc, a[0], a[1])
+            }
+            KOp::Where(..) => self.select(b, a[0], a[1], a[2], vec),
+            KOp::Clamp(lo, hi, _) => {
+                let mut x = a[0];
+                if let Some(lo) = lo {
+                    let c = self.fconst(b, vec, *lo);
+                    x = b.ins().fmax(x, c);
+                }
+                if let Some(hi) = hi {
+                    let c = self.fconst(b, vec, *hi);
+                    x = b.ins().fmin(x, c);
+                }
+                x
+            }
+            KOp::ToBool(_) => {
+                let zero = self.fconst(b, vec, 0.0);
+                b.ins().fcmp(FloatCC::NotEqual, a[0], zero)
+            }
+            KOp::ToFloat(_) => {
+                let one = self.fconst(b, vec, 1.0);
+                if vec {
+                    let mf = b.ins().bitcast(ft, MemFlagsData::new().with_endianness(Endianness::Little), a[0]);
+                    b.ins().band(mf, one)
+                } else {
+                    let zero = self.fconst(b, vec, 0.0);
+                    b.ins().select(a[0], one, zero)
+                }
+            }
+            KOp::Input(_) | KOp::Const(_) | KOp::Reduce(..) => unreachable!("not pointwise"),
+        }
+    }
+
+    /// `cond ? x : y` on a scalar bool (`i8`) or a vector mask.
+    fn select(&mut self, b: &mut FunctionBuilder, cond: Value, x: Value, y: Value, vec: bool) -> Value {
+        if vec {
+            let mf = b.ins().bitcast(self.vt, MemFlagsData::new().with_endianness(Endianness::Little), cond);
+            b.ins().bitselect(mf, x, y)
+        } else {
+            b.ins().select(cond, x, y)
+        }
+    }
+
+    /// `x^p` for a constant `p`: exact products for small integer powers (as PyTorch's
+    /// kernels do), sqrt forms for halves, `exp(p·log x)` otherwise (NaN for negative `x`, as
+    /// `powf` gives for a non-integer power).
+    fn pow_scalar(&mut self, b: &mut FunctionBuilder, x: Value, p: f64, vec: bool) -> Value {
+        let one = self.fconst(b, vec, 1.0);
+        if p == 0.0 {
+            return one;
+        }
+        if p == 0.5 {
+            return b.ins().sqrt(x);
+        }
+        if p == -0.5 {
+            let s = b.ins().sqrt(x);
+            return b.ins().fdiv(one, s);
+        }
+        if p.fract() == 0.0 && p.abs() <= 64.0 {
+            let mut e = p.abs() as u32;
+            let mut base = x;
+            let mut acc: Option<Value> = None;
+            while e > 0 {
+                if e & 1 == 1 {
+                    acc = Some(match acc {
+                        Some(a) => b.ins().fmul(a, base),
+                        None => base,
+                    });
+                }
+                e >>= 1;
+                if e > 0 {
+                    base = b.ins().fmul(base, base);
+                }
+            }
+            let r = acc.expect("nonzero power");
+            return if p < 0.0 { b.ins().fdiv(one, r) } else { r };
+        }
+        let m = self.m;
+        let l = math::log(b, &m, x);
+        let c = self.fconst(b, vec, p);
+        let t = b.ins().fmul(l, c);
+        math::exp(b, &m, t)
+    }
+
+    /// Elementwise kernel over the flat range `[start, end)` of `rows × cols`.
+    fn pointwise_kernel(&mut self, b: &mut FunctionBuilder, start: Value, end: Value) {
+        let cols = self.spec.cols as i64;
+        let i_var = b.declare_var(types::I64);
+        b.def_var(i_var, start);
+        let head = b.create_block();
+        let body = b.create_block();
+        let exit = b.create_block();
+        b.ins().jump(head, &[]);
+        b.switch_to_block(head);
+        let i = b.use_var(i_var);
+        let done = b.ins().icmp(IntCC::SignedGreaterThanOrEqual, i, end);
+        b.ins().brif(done, exit, &[], body, &[]);
+        b.switch_to_block(body);
+        b.seal_block(body);
+        let i = b.use_var(i_var);
+        let r = if self.spec.rows == 1 { self.iconst(b, 0) } else { b.ins().udiv_imm_s(i, cols) };
+        let row_start = b.ins().imul_imm_s(r, cols);
+        let j0 = b.ins().isub(i, row_start);
+        let rem = b.ins().isub(end, row_start);
+        let c = self.iconst(b, cols);
+        let jend = b.ins().smin(rem, c);
+        self.start_row(b, r);
+        let roots = self.spec.outputs.clone();
+        self.hoist(b, &roots, true);
+        let outputs = self.spec.outputs.clone();
+        let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, _acc: &mut [Value]| {
+            let mut memo = HashMap::new();
+            let flat = b.ins().iadd(row_start, j);
+            // All values first, then the stores: an output may overwrite an input in place.
+            let vals: Vec<Value> = outputs.iter().map(|&n| g.elem(b, n, j, vec, &mut memo)).collect();
+            for (o, (&n, v)) in outputs.iter().zip(vals).enumerate() {
+                let ty = g.spec.nodes[n].ty;
+                g.store(b, o, flat, v, ty, vec);
+            }
+        };
+        self.columns(b, j0, jend, &[], &mut step);
+        let next = b.ins().iadd(row_start, jend);
+        b.def_var(i_var, next);
+        b.ins().jump(head, &[]);
+        b.seal_block(head);
+        b.switch_to_block(exit);
+        b.seal_block(exit);
+    }
+
+    /// Runs `step` over columns `[j0, jend)`: an unrolled, rotated vector loop, single-vector
+    /// steps, then scalar steps. `accs` are loop-carried accumulators as (vector, scalar)
+    /// initial values; `step` updates them in place. Returns each accumulator's final unrolled
+    /// vector parts and scalar part.
+    fn columns(
+        &mut self,
+        b: &mut FunctionBuilder,
+        j0: Value,
+        jend: Value,
+        accs: &[(Value, Value)],
+        step: &mut StepFn,
+    ) -> Vec<(Vec<Value>, Value)> {
+        // Accumulators: (vector, scalar) pairs; the vector one is carried UNROLL times.
+        let vec_vars: Vec<Vec<Variable>> = accs
+            .iter()
+            .map(|&(v, _)| {
+                (0..UNROLL)
+                    .map(|_| {
+                        let var = b.declare_var(self.vt);
+                        b.def_var(var, v);
+                        var
+                    })
+                    .collect()
+            })
+            .collect();
+        let sc_vars: Vec<Variable> = accs
+            .iter()
+            .map(|&(_, s)| {
+                let var = b.declare_var(self.ft);
+                b.def_var(var, s);
+                var
+            })
+            .collect();
+        let j_var = b.declare_var(types::I64);
+        b.def_var(j_var, j0);
+        let w = self.lanes;
+        let big = w * UNROLL;
+
+        // Unrolled vector loop, rotated.
+        let ubody = b.create_block();
+        let single_head = b.create_block();
+        let fits = b.ins().iadd_imm_s(j0, big);
+        let c = b.ins().icmp(IntCC::SignedLessThanOrEqual, fits, jend);
+        b.ins().brif(c, ubody, &[], single_head, &[]);
+        b.switch_to_block(ubody);
+        let j = b.use_var(j_var);
+        for u in 0..UNROLL {
+            let ju = b.ins().iadd_imm_s(j, u * w);
+            let mut vals: Vec<Value> = vec_vars.iter().map(|vs| b.use_var(vs[u as usize])).collect();
+            step(self, b, ju, true, &mut vals);
+            for (vs, v) in vec_vars.iter().zip(vals) {
+                b.def_var(vs[u as usize], v);
+            }
+        }
+        let jn = b.ins().iadd_imm_s(j, big);
+        b.def_var(j_var, jn);
+        let fits = b.ins().iadd_imm_s(jn, big);
+        let c = b.ins().icmp(IntCC::SignedLessThanOrEqual, fits, jend);
+        b.ins().brif(c, ubody, &[], single_head, &[]);
+        b.seal_block(ubody);
+
+        // Single vectors.
+        b.switch_to_block(single_head);
+        let sbody = b.create_block();
+        let tail_head = b.create_block();
+        let j = b.use_var(j_var);
+        let fits = b.ins().iadd_imm_s(j, w);
+        let c = b.ins().icmp(IntCC::SignedLessThanOrEqual, fits, jend);
+        b.ins().brif(c, sbody, &[], tail_head, &[]);
+        b.switch_to_block(sbody);
+        b.seal_block(sbody);
+        let j = b.use_var(j_var);
+        let mut vals: Vec<Value> = vec_vars.iter().map(|vs| b.use_var(vs[0])).collect();
+        step(self, b, j, true, &mut vals);
+        for (vs, v) in vec_vars.iter().zip(vals) {
+            b.def_var(vs[0], v);
+        }
+        let jn = b.ins().iadd_imm_s(j, w);
+        b.def_var(j_var, jn);
+        b.ins().jump(single_head, &[]);
+        b.seal_block(single_head);
+
+        // Scalar tail.
+        b.switch_to_block(tail_head);
+        let tbody = b.create_block();
+        let done = b.create_block();
+        let j = b.use_var(j_var);
+        let c = b.ins().icmp(IntCC::SignedLessThan, j, jend);
+        b.ins().brif(c, tbody, &[], done, &[]);
+        b.switch_to_block(tbody);
+        b.seal_block(tbody);
+        let j = b.use_var(j_var);
+        let mut vals: Vec<Value> = sc_vars.iter().map(|&v| b.use_var(v)).collect();
+        step(self, b, j, false, &mut vals);
+        for (&var, v) in sc_vars.iter().zip(vals) {
+            b.def_var(var, v);
+        }
+        let jn = b.ins().iadd_imm_s(j, 1);
+        b.def_var(j_var, jn);
+        b.ins().jump(tail_head, &[]);
+        b.seal_block(tail_head);
+        b.switch_to_block(done);
+        b.seal_block(done);
+
+        // The final accumulators: each vector one's unrolled parts, and the scalar one.
+        vec_vars
+            .iter()
+            .zip(&sc_vars)
+            .map(|(vs, &s)| (vs.iter().map(|&v| b.use_var(v)).collect(), b.use_var(s)))
+            .collect()
+    }
+
+    /// Row kernel over rows `[start, end)`: sweeps over each row, reductions between sweeps.
+    fn row_kernel(&mut self, b: &mut FunctionBuilder, start: Value, end: Value) {
+        let spec = self.spec;
+        let cols = spec.cols as i64;
+        // Levels: the sweep in which each Elem value can be computed; the sweep after which
+        // each Row value is known.
+        let mut level = vec![0usize; spec.nodes.len()];
+        for (n, node) in spec.nodes.iter().enumerate() {
+            level[n] = match &node.op {
+                KOp::Reduce(_, x) => level[*x] + 1,
+                op => operands(op).into_iter().map(|o| level[o]).max().unwrap_or(0),
+            };
+        }
+        let reductions: Vec<usize> =
+            (0..spec.nodes.len()).filter(|&n| matches!(spec.nodes[n].op, KOp::Reduce(..))).collect();
+        let elem_outputs: Vec<(usize, usize)> = spec
+            .outputs
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| spec.nodes[n].space == Space::Elem)
+            .map(|(o, &n)| (o, n))
+            .collect();
+        let sweep_of_red = |n: usize| match spec.nodes[n].op {
+            KOp::Reduce(_, x) => level[x],
+            _ => unreachable!(),
+        };
+        let sweeps = reductions
+            .iter()
+            .map(|&r| sweep_of_red(r) + 1)
+            .chain(elem_outputs.iter().map(|&(_, n)| level[n] + 1))
+            .max()
+            .unwrap_or(1);
+
+        // Which expensive Elem values a later sweep needs again: keep them in scratch rows.
+        let mut first_use: HashMap<usize, usize> = HashMap::new();
+        let mut cached: HashMap<usize, usize> = HashMap::new();
+        for s in 0..sweeps {
+            let mut stack: Vec<usize> = elem_outputs.iter().filter(|&&(_, n)| level[n] == s).map(|&(_, n)| n).collect();
+            for &rn in reductions.iter().filter(|&&rn| sweep_of_red(rn) == s) {
+                stack.extend(operands(&spec.nodes[rn].op));
+            }
+            let mut seen = std::collections::HashSet::new();
+            while let Some(n) = stack.pop() {
+                let node = &spec.nodes[n];
+                if node.space != Space::Elem || matches!(node.op, KOp::Input(_)) || !seen.insert(n) {
+                    continue;
+                }
+                match first_use.get(&n) {
+                    Some(&home) if home < s => {
+                        if node.ty == VType::Float && expensive(spec, n) {
+                            cached.insert(n, home);
+                            continue;
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        first_use.insert(n, s);
+                    }
+                }
+                if !cached.contains_key(&n) {
+                    stack.extend(operands(&node.op));
+                }
+            }
+        }
+        let row_bytes = spec.cols * spec.float.size();
+        if !cached.is_empty() && row_bytes * cached.len() <= 64 << 10 {
+            for (n, home) in cached {
+                let slot =
+                    b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, row_bytes as u32, 4));
+                self.scratch.insert(n, (slot, home));
+            }
+        }
+
+        let r_var = b.declare_var(types::I64);
+        b.def_var(r_var, start);
+        let head = b.create_block();
+        let body = b.create_block();
+        let exit = b.create_block();
+        b.ins().jump(head, &[]);
+        b.switch_to_block(head);
+        let r = b.use_var(r_var);
+        let done = b.ins().icmp(IntCC::SignedGreaterThanOrEqual, r, end);
+        b.ins().brif(done, exit, &[], body, &[]);
+        b.switch_to_block(body);
+        b.seal_block(body);
+        let r = b.use_var(r_var);
+        self.start_row(b, r);
+        let slots: Vec<(usize, StackSlot)> = self.scratch.iter().map(|(&n, &(slot, _))| (n, slot)).collect();
+        for (n, slot) in slots {
+            let a = b.ins().stack_addr(types::I64, slot, 0);
+            self.scratch_addr.insert(n, a);
+        }
+        let row_start = b.ins().imul_imm_s(r, cols);
+        let zero = self.iconst(b, 0);
+        let c = self.iconst(b, cols);
+        for s in 0..sweeps {
+            self.sweep = s;
+            let reds: Vec<usize> = reductions.iter().copied().filter(|&n| sweep_of_red(n) == s).collect();
+            let outs: Vec<(usize, usize)> = elem_outputs.iter().copied().filter(|&(_, n)| level[n] == s).collect();
+            if reds.is_empty() && outs.is_empty() {
+                continue;
+            }
+            let mut roots: Vec<usize> = outs.iter().map(|&(_, n)| n).collect();
+            for &rn in &reds {
+                if let KOp::Reduce(_, x) = spec.nodes[rn].op {
+                    roots.push(x);
+                }
+            }
+            self.hoist(b, &roots, true);
+            let kinds: Vec<(Reduction, usize)> = reds
+                .iter()
+                .map(|&rn| match spec.nodes[rn].op {
+                    KOp::Reduce(k, x) => (k, x),
+                    _ => unreachable!(),
+                })
+                .collect();
+            let inits: Vec<(Value, Value)> = kinds
+                .iter()
+                .map(|&(k, _)| {
+                    let v = match k {
+                        Reduction::Sum => 0.0,
+                        Reduction::Max => f64::NEG_INFINITY,
+                        Reduction::Min => f64::INFINITY,
+                    };
+                    (self.fconst(b, true, v), self.fconst(b, false, v))
+                })
+                .collect();
+            let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, acc: &mut [Value]| {
+                let mut memo = HashMap::new();
+                for (a, &(k, x)) in acc.iter_mut().zip(&kinds) {
+                    let v = g.elem(b, x, j, vec, &mut memo);
+                    *a = combine(b, k, *a, v);
+                }
+                if !outs.is_empty() {
+                    let flat = b.ins().iadd(row_start, j);
+                    for &(o, n) in &outs {
+                        let v = g.elem(b, n, j, vec, &mut memo);
+                        let ty = g.spec.nodes[n].ty;
+                        g.store(b, o, flat, v, ty, vec);
+                    }
+                }
+            };
+            let finals = self.columns(b, zero, c, &inits, &mut step);
+            for ((&rn, &(k, _)), (parts, sacc)) in reds.iter().zip(&kinds).zip(finals) {
+                let vacc = parts[1..].iter().fold(parts[0], |a, &p| combine(b, k, a, p));
+                let mut t = sacc;
+                for lane in 0..self.lanes {
+                    let x = b.ins().extractlane(vacc, lane as u8);
+                    t = combine(b, k, t, x);
+                }
+                self.row_val.insert(rn, t);
+            }
+        }
+        // Per-row outputs.
+        for (o, &n) in spec.outputs.iter().enumerate() {
+            if spec.nodes[n].space == Space::Row {
+                let v = self.row(b, n);
+                self.store(b, o, r, v, spec.nodes[n].ty, false);
+            }
+        }
+        let next = b.ins().iadd_imm_s(r, 1);
+        b.def_var(r_var, next);
+        b.ins().jump(head, &[]);
+        b.seal_block(head);
+        b.switch_to_block(exit);
+        b.seal_block(exit);
+    }
+}
+
+/// Whether recomputing `Elem` node `n` costs more than reloading it: it involves a
+/// transcendental or a division.
+fn expensive(spec: &KernelSpec, n: usize) -> bool {
+    let mut stack = vec![n];
+    while let Some(k) = stack.pop() {
+        let node = &spec.nodes[k];
+        if node.space != Space::Elem {
+            continue;
+        }
+        match &node.op {
+            KOp::Unary(u, _)
+                if !matches!(
+                    u,
+                    UnaryOp::Neg
+                        | UnaryOp::Abs
+                        | UnaryOp::Sign
+                        | UnaryOp::Relu
+                        | UnaryOp::Square
+                        | UnaryOp::PowScalar(_)
+                ) =>
+            {
+                return true
+            }
+            KOp::Binary(BinaryOp::Div, ..) => return true,
+            op => stack.extend(operands(op)),
+        }
+    }
+    false
+}
+
+fn combine(b: &mut FunctionBuilder, k: Reduction, acc: Value, v: Value) -> Value {
+    match k {
+        Reduction::Sum => b.ins().fadd(acc, v),
+        Reduction::Max => b.ins().fmax(acc, v),
+        Reduction::Min => b.ins().fmin(acc, v),
+    }
+}
+
+/// The operands of a kernel op.
+pub fn operands(op: &KOp) -> Vec<usize> {
+    match *op {
+        KOp::Input(_) | KOp::Const(_) => vec![],
+        KOp::Unary(_, x) | KOp::Clamp(_, _, x) | KOp::ToBool(x) | KOp::ToFloat(x) | KOp::Reduce(_, x) => vec![x],
+        KOp::Binary(_, x, y) | KOp::Compare(_, x, y) => vec![x, y],
+        KOp::Where(c, x, y) => vec![c, x, y],
+    }
+}

@@ -1,0 +1,16 @@
+//! tracegrad's JIT backend: fused groups become Cranelift functions, run by an executor.
+//!
+//! - [`kernel`]: a fused group lowered to a kernel program over a `rows × cols` space.
+//! - [`codegen`]: the program as a Cranelift function (vector loops, inline math).
+//! - [`math`]: polynomial exp/log/tanh/sigmoid/erf/GELU with stated error bounds.
+//! - [`module`]: one JIT module per artifact, kernels cached by signature.
+//! - [`exec`]: the plan, the memory planner and the parallel executor.
+#![warn(missing_docs)]
+
+pub mod codegen;
+pub mod exec;
+pub mod kernel;
+pub mod math;
+pub mod module;
+
+pub use exec::{Backend, Executable};
