@@ -273,6 +273,21 @@ impl Tensor {
         f(&mut write(&self.0.data))
     }
 
+    /// Moves the storage out (so its new owner may be its only owner), leaving an empty
+    /// placeholder until [`Tensor::restore_storage`] puts a buffer back. Crate-internal: a
+    /// compiled training step donates parameters this way, with no hook able to run between.
+    pub(crate) fn take_storage(&self) -> Buffer {
+        self.update_buffer(|b| {
+            let empty = Buffer::new(tracegrad_runtime::Data::zeroed(b.dtype(), 0), &[0]);
+            std::mem::replace(b, empty)
+        })
+    }
+
+    /// Ends [`Tensor::take_storage`].
+    pub(crate) fn restore_storage(&self, b: Buffer) {
+        self.update_buffer(|d| *d = b);
+    }
+
     /// Shape.
     pub fn shape(&self) -> Vec<usize> {
         if let Some(s) = &self.0.symbol {

@@ -120,3 +120,29 @@ fn parameter_hooks_are_refused_not_skipped() {
     let e = step.step(&data[0].0, &data[0].1).unwrap_err();
     assert!(e.to_string().contains("parameter 0.weight has gradient hooks"), "{e}");
 }
+
+#[test]
+fn a_failing_step_leaves_the_parameters_untouched() {
+    // The compiled step donates the parameters it replaces (their new values are written
+    // over the old storage); a step that fails — here a class index out of range in the
+    // loss — must hand them back unchanged, and the step must stay usable.
+    for backend in [Backend::Jit, Backend::Interpreter] {
+        let m = model();
+        let before: Vec<Vec<f32>> = m.parameters().iter().map(|p| p.to_vec_f32()).collect();
+        let o = SgdOptions { lr: 0.1, ..Default::default() };
+        let mut step =
+            compile_train_step(&m, |out, y| out.cross_entropy(y), StepOptimizer::Sgd(o)).with_backend(backend);
+        let x = Tensor::randn(&[4, 64]);
+        let bad = Tensor::from_vec(vec![0i64, 1, 99, 2], &[4]);
+        let e = step.step(&x, &bad).unwrap_err();
+        assert!(e.to_string().contains("99") || e.to_string().contains("index"), "{backend:?}: {e}");
+        let after: Vec<Vec<f32>> = m.parameters().iter().map(|p| p.to_vec_f32()).collect();
+        assert_eq!(before, after, "{backend:?}: a failed step changed the parameters");
+        let good = Tensor::from_vec(vec![0i64, 1, 9, 2], &[4]);
+        let loss = step.step(&x, &good).unwrap().item();
+        assert!(loss.is_finite());
+        let moved: Vec<Vec<f32>> = m.parameters().iter().map(|p| p.to_vec_f32()).collect();
+        assert_ne!(before, moved, "{backend:?}: the next step trains");
+        assert_eq!(m.parameters()[0].shape(), vec![32, 64]);
+    }
+}

@@ -68,6 +68,10 @@ pub struct Executable {
     constants: Vec<(usize, Buffer)>,
     /// Values to drop after each step.
     free_after: Vec<Vec<usize>>,
+    /// Freed values whose storage a later kernel output takes (the rest is released at once).
+    recycle: Vec<bool>,
+    /// Live bytes during each step (the memory plan).
+    live_at: Vec<usize>,
     kernels: Vec<CompiledKernel>,
     /// Groups that could not be lowered, with the reason (they run node by node).
     fallbacks: Vec<String>,
@@ -128,9 +132,60 @@ fn order_groups(g: &Graph, groups: &[Vec<NodeIndex>]) -> Vec<usize> {
     order
 }
 
+/// Whether evaluating `op` on well-typed operands can fail at run time (an index out of
+/// range, a singular matrix): such a step must not follow an in-place write over a donated
+/// input, so that an error leaves every donated input intact.
+fn fallible(op: &Op) -> bool {
+    !matches!(
+        op,
+        Op::Full { .. }
+            | Op::Constant(_)
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Compare(_)
+            | Op::Where
+            | Op::Clamp { .. }
+            | Op::Cast(_)
+            | Op::StopGradient
+            | Op::Reduce { .. }
+            | Op::ArgReduce { .. }
+            | Op::Softmax { .. }
+            | Op::MatMul { .. }
+            | Op::Reshape(_)
+            | Op::Permute(_)
+            | Op::Expand(_)
+            | Op::Narrow { .. }
+            | Op::Cat { .. }
+            | Op::Conv2d { .. }
+            | Op::Conv2dGradInput { .. }
+            | Op::Conv2dGradWeight { .. }
+            | Op::MaxPool2d { .. }
+            | Op::MaxPool2dGrad { .. }
+            | Op::AvgPool2d { .. }
+            | Op::AvgPool2dGrad { .. }
+            | Op::VectorNorm { .. }
+    )
+}
+
+/// A failed [`Executable::run_donated`]: the error and every input, intact.
+pub struct DonatedError {
+    /// What failed.
+    pub error: OpError,
+    /// The inputs, in order, unchanged.
+    pub inputs: Vec<Buffer>,
+}
+
 impl Executable {
     /// Compiles `g` for `backend`.
     pub fn new(g: &Graph, backend: Backend) -> Result<Executable, String> {
+        Executable::with_donation(g, backend, &[])
+    }
+
+    /// Compiles `g` for `backend`; the inputs marked in `donated` may be overwritten in place
+    /// when they are passed to [`Executable::run_donated`] as sole owners (a training step
+    /// donates the parameters it replaces, as `jax.jit(donate_argnums=...)` does). An
+    /// overwrite happens only after the last step that can fail.
+    pub fn with_donation(g: &Graph, backend: Backend, donated: &[bool]) -> Result<Executable, String> {
         let t0 = Instant::now();
         let order = g.topo_order()?;
         let mut value: HashMap<NodeIndex, usize> = HashMap::new();
@@ -233,6 +288,16 @@ impl Executable {
             }
         }
 
+        // Constants folded into kernels as immediates need no buffer.
+        let read: HashSet<usize> = steps
+            .iter()
+            .flat_map(|s| match s {
+                Step::Kernel { args, .. } | Step::Eval { args, .. } | Step::Callback { args, .. } => args.clone(),
+            })
+            .chain(outputs.iter().copied())
+            .collect();
+        constants.retain(|(v, _)| read.contains(v));
+
         // Liveness: the last step reading each value; outputs live to the end.
         let n_values = types.len();
         let mut last_use = vec![None::<usize>; n_values];
@@ -244,7 +309,9 @@ impl Executable {
                 last_use[a] = Some(si);
             }
         }
-        let keep: HashSet<usize> = outputs.iter().copied().collect();
+        // Outputs live to the end; so do inputs (the caller's, or donated and handed back on
+        // an error), unless a kernel takes one over in place.
+        let keep: HashSet<usize> = outputs.iter().chain(&inputs).copied().collect();
         let mut free_after = vec![Vec::new(); steps.len()];
         for (v, lu) in last_use.iter().enumerate() {
             if let Some(si) = lu {
@@ -254,7 +321,22 @@ impl Executable {
             }
         }
         // In place: a pointwise kernel's output may take the storage of an argument that dies
-        // there, has the same type and is read elementwise (same element count).
+        // there, has the same type and is read elementwise (same element count); a donated
+        // input only after the last step that can fail.
+        let last_fallible = steps
+            .iter()
+            .rposition(|s| match s {
+                Step::Callback { .. } => true,
+                Step::Eval { node, .. } => matches!(&g.g[*node].kind, NodeKind::Op(op) if fallible(op)),
+                Step::Kernel { .. } => false,
+            })
+            .map_or(0, |i| i + 1);
+        let donated_vals: HashSet<usize> = inputs
+            .iter()
+            .zip(donated.iter().chain(std::iter::repeat(&false)))
+            .filter(|(_, &d)| d)
+            .map(|(&v, _)| v)
+            .collect();
         let graph_inputs: HashSet<usize> = inputs.iter().copied().collect();
         let const_vals: HashSet<usize> = constants.iter().map(|(v, _)| *v).collect();
         for (si, s) in steps.iter_mut().enumerate() {
@@ -268,35 +350,86 @@ impl Executable {
                         if spec.row_kernel || spec.nodes[spec.outputs[o]].space != Space::Elem {
                             return None;
                         }
-                        let cand = args.iter().copied().find(|&a| {
-                            types[a] == types[out]
-                                && free_after[si].contains(&a)
-                                && !graph_inputs.contains(&a)
-                                && !const_vals.contains(&a)
-                                && !taken.contains(&a)
-                        })?;
+                        // Prefer a donated input: the intermediate is then freed instead.
+                        let ok = |a: usize| {
+                            let owned = if graph_inputs.contains(&a) {
+                                donated_vals.contains(&a) && si >= last_fallible && last_use[a] == Some(si)
+                            } else {
+                                free_after[si].contains(&a)
+                            };
+                            types[a] == types[out] && owned && !const_vals.contains(&a) && !taken.contains(&a)
+                        };
+                        let cand = args
+                            .iter()
+                            .copied()
+                            .filter(|a| graph_inputs.contains(a))
+                            .chain(args.iter().copied().filter(|a| !graph_inputs.contains(a)))
+                            .find(|&a| ok(a))?;
                         taken.insert(cand);
                         Some(cand)
                     })
                     .collect();
             }
         }
-        // Peak bytes: live values (graph inputs are the caller's; reshapes share storage).
+        // Storage recycling and peak bytes, by simulating a run. Freed storage is kept for a
+        // later kernel output of the same type and length (the pool) only if one will take
+        // it; otherwise it goes back to the allocator at once. Graph inputs are the caller's
+        // and reshapes share their operand's storage, so neither counts.
         let aliasing = |n: NodeIndex| matches!(g.g[n].kind, NodeKind::Op(Op::Reshape(_)));
-        let mut live: usize = constants.iter().map(|(_, b)| b.data().nbytes()).sum();
-        let mut peak = live;
+        let node_of: HashMap<usize, NodeIndex> = value.iter().map(|(&n, &v)| (v, n)).collect();
+        // First pass: which freed values a later kernel output takes from the pool.
         let mut counted = vec![false; n_values];
+        let mut recycle = vec![false; n_values];
+        let mut pool: HashMap<(DType, usize), Vec<usize>> = HashMap::new();
         for (si, s) in steps.iter().enumerate() {
             match s {
                 Step::Kernel { outs, reuse, .. } => {
                     for (o, r) in outs.iter().zip(reuse) {
-                        if r.is_none() {
-                            live += nbytes(&types[*o]);
-                            counted[*o] = true;
-                        } else if let Some(r) = r {
-                            // The output takes over the argument's bytes.
-                            counted[*o] = counted[*r];
-                            counted[*r] = false;
+                        match r {
+                            Some(r) => counted[*o] = std::mem::take(&mut counted[*r]),
+                            None => {
+                                if let Some(v) =
+                                    pool.get_mut(&(types[*o].dtype, types[*o].numel())).and_then(|p| p.pop())
+                                {
+                                    recycle[v] = true;
+                                }
+                                counted[*o] = true;
+                            }
+                        }
+                    }
+                }
+                Step::Eval { node, out, .. } => counted[*out] = !aliasing(*node),
+                Step::Callback { out, .. } => counted[*out] = true,
+            }
+            for &v in &free_after[si] {
+                if std::mem::take(&mut counted[v]) && !aliasing(node_of[&v]) {
+                    pool.entry((types[v].dtype, types[v].numel())).or_default().push(v);
+                }
+            }
+        }
+        // Second pass: now that `recycle` is known, recompute the peak with unrecycled
+        // storage released at its last use.
+        let mut live: usize = constants.iter().map(|(_, b)| b.data().nbytes()).sum();
+        let mut peak_bytes = live;
+        let mut counted = vec![false; n_values];
+        let mut pooled: HashMap<(DType, usize), Vec<usize>> = HashMap::new();
+        let mut live_at = vec![0; steps.len()];
+        for (si, s) in steps.iter().enumerate() {
+            match s {
+                Step::Kernel { outs, reuse, .. } => {
+                    for (o, r) in outs.iter().zip(reuse) {
+                        match r {
+                            Some(r) => {
+                                counted[*o] = counted[*r];
+                                counted[*r] = false;
+                            }
+                            None => {
+                                let key = (types[*o].dtype, types[*o].numel());
+                                if pooled.get_mut(&key).and_then(|p| p.pop()).is_none() {
+                                    live += nbytes(&types[*o]);
+                                }
+                                counted[*o] = true;
+                            }
                         }
                     }
                 }
@@ -311,13 +444,19 @@ impl Executable {
                     counted[*out] = true;
                 }
             }
-            peak = peak.max(live);
+            peak_bytes = peak_bytes.max(live);
+            live_at[si] = live;
             for &v in &free_after[si] {
                 if std::mem::take(&mut counted[v]) {
-                    live -= nbytes(&types[v]);
+                    if recycle[v] {
+                        pooled.entry((types[v].dtype, types[v].numel())).or_default().push(v);
+                    } else {
+                        live -= nbytes(&types[v]);
+                    }
                 }
             }
         }
+        let peak = peak_bytes;
 
         let (code, kernels) = if specs.is_empty() {
             (None, Vec::new())
@@ -336,6 +475,8 @@ impl Executable {
             outputs,
             constants,
             free_after,
+            recycle,
+            live_at,
             kernels,
             fallbacks,
             peak_bytes: peak,
@@ -459,9 +600,11 @@ impl Executable {
                     let _ = writeln!(s, "  {i:3}: callback !! {label} v{out} <- {}", list(args));
                 }
             }
+            let _ = write!(s, "       live {} bytes", self.live_at[i]);
             if !self.free_after[i].is_empty() {
-                let _ = writeln!(s, "       free {}", list(&self.free_after[i]));
+                let _ = write!(s, "; free {}", list(&self.free_after[i]));
             }
+            let _ = writeln!(s);
         }
         let _ = writeln!(s, "  outputs {}", list(&self.outputs));
         for f in &self.fallbacks {
@@ -472,26 +615,51 @@ impl Executable {
 
     /// Runs the plan on `inputs` (one per graph input, in order); returns the outputs.
     pub fn run(&self, inputs: &[Buffer], callbacks: &dyn CallbackRunner) -> OpResult<Vec<Buffer>> {
+        self.run_donated(inputs.to_vec(), callbacks).map_err(|e| e.error)
+    }
+
+    /// [`Executable::run`], taking the inputs by value: a donated input (see
+    /// [`Executable::with_donation`]) that is passed as its storage's only owner may be
+    /// overwritten by an output. On an error every input comes back unchanged.
+    pub fn run_donated(
+        &self,
+        inputs: Vec<Buffer>,
+        callbacks: &dyn CallbackRunner,
+    ) -> Result<Vec<Buffer>, DonatedError> {
         if self.backend == Backend::Interpreter {
-            return interpret(&self.graph, inputs, &CatchingRunner(callbacks));
+            return interpret(&self.graph, &inputs, &CatchingRunner(callbacks))
+                .map_err(|error| DonatedError { error, inputs });
         }
-        let g = &self.graph;
         if inputs.len() != self.inputs.len() {
-            return Err(OpError::new(
-                "run",
-                format!("the graph takes {} inputs, got {}", self.inputs.len(), inputs.len()),
-            ));
+            let error =
+                OpError::new("run", format!("the graph takes {} inputs, got {}", self.inputs.len(), inputs.len()));
+            return Err(DonatedError { error, inputs });
+        }
+        for (&v, b) in self.inputs.iter().zip(&inputs) {
+            if TensorType::of(b) != self.types[v] {
+                let error = OpError::new(
+                    "run",
+                    format!("input v{v} should be {} but got {}", self.types[v], TensorType::of(b)),
+                );
+                return Err(DonatedError { error, inputs });
+            }
         }
         let mut vals: Vec<Option<Buffer>> = vec![None; self.n_values];
         for (&v, b) in self.inputs.iter().zip(inputs) {
-            if TensorType::of(b) != self.types[v] {
-                return Err(OpError::new(
-                    "run",
-                    format!("input v{v} should be {} but got {}", self.types[v], TensorType::of(b)),
-                ));
-            }
-            vals[v] = Some(b.clone());
+            vals[v] = Some(b);
         }
+        match self.execute(&mut vals, callbacks) {
+            Ok(()) => Ok(self.outputs.iter().map(|&v| vals[v].clone().expect("output computed")).collect()),
+            Err(error) => {
+                let inputs =
+                    self.inputs.iter().map(|&v| vals[v].take().expect("inputs are kept until the end")).collect();
+                Err(DonatedError { error, inputs })
+            }
+        }
+    }
+
+    fn execute(&self, vals: &mut [Option<Buffer>], callbacks: &dyn CallbackRunner) -> OpResult<()> {
+        let g = &self.graph;
         for (v, b) in &self.constants {
             vals[*v] = Some(b.clone());
         }
@@ -500,7 +668,7 @@ impl Executable {
         for (si, step) in self.steps.iter().enumerate() {
             match step {
                 Step::Kernel { kernel, args, outs, reuse, .. } => {
-                    self.run_kernel(*kernel, args, outs, reuse, &mut vals, &mut pool);
+                    self.run_kernel(*kernel, args, outs, reuse, vals, &mut pool);
                 }
                 Step::Eval { node, args, out } => {
                     let NodeKind::Op(op) = &g.g[*node].kind else { unreachable!("eval of a non-op") };
@@ -537,13 +705,15 @@ impl Executable {
             }
             for &v in &self.free_after[si] {
                 if let Some(b) = vals[v].take() {
-                    if let Ok(d) = b.into_data() {
-                        pool.entry((d.dtype(), d.len())).or_default().push(d);
+                    if self.recycle[v] {
+                        if let Ok(d) = b.into_data() {
+                            pool.entry((d.dtype(), d.len())).or_default().push(d);
+                        }
                     }
                 }
             }
         }
-        Ok(self.outputs.iter().map(|&v| vals[v].clone().expect("output computed")).collect())
+        Ok(())
     }
 
     fn run_kernel(

@@ -361,7 +361,12 @@ pub(crate) fn optimize(g: &mut Graph) -> Result<String, CompileError> {
 
 /// Compiles a graph for `backend`.
 pub(crate) fn executable(g: &Graph, backend: Backend) -> Result<Executable, CompileError> {
-    Executable::new(g, backend).map_err(|message| CompileError {
+    executable_donating(g, backend, &[])
+}
+
+/// Compiles a graph for `backend`, with the inputs marked in `donated` writable in place.
+pub(crate) fn executable_donating(g: &Graph, backend: Backend, donated: &[bool]) -> Result<Executable, CompileError> {
+    Executable::with_donation(g, backend, donated).map_err(|message| CompileError {
         op: "codegen".into(),
         module_path: String::new(),
         message,

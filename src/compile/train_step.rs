@@ -12,7 +12,7 @@ use tracegrad_compiler::{Build, OpResult, TensorType};
 use tracegrad_jit::{Backend, Executable};
 use tracegrad_runtime::{Buffer, DType};
 
-use super::compiled::{executable, op_error, optimize, signature_of, Runner, Signature};
+use super::compiled::{op_error, optimize, signature_of, Runner, Signature};
 use super::trace::{trace_with, CompileError};
 use crate::nn::{Module, ModuleExt};
 use crate::optim::{AdamOptions, AdamWOptions, SgdOptions};
@@ -67,6 +67,8 @@ struct StepPlan {
     updates: Vec<Tensor>,
     /// Indices into `lifted` of the parameters this plan updates, in output order.
     updated: Vec<usize>,
+    /// Whether the updated parameters' storage is handed to the executor (no hooks).
+    donate: bool,
     callbacks: Vec<super::trace::CallbackSpec>,
 }
 
@@ -317,7 +319,16 @@ impl TrainStep<'_> {
             updated.push(j);
         }
         optimize(&mut g)?;
-        let exec = executable(&g, self.backend)?;
+        // The parameters being replaced are donated: their new values may be written over the
+        // old storage (only when no hook could observe a parameter mid-step).
+        let donate = traced.callbacks.is_empty();
+        let mut donated = vec![false; g.inputs.len()];
+        if donate {
+            for &j in &updated {
+                donated[n_data + j] = true;
+            }
+        }
+        let exec = super::compiled::executable_donating(&g, self.backend, &donated)?;
         Ok(StepPlan {
             graph: g,
             exec,
@@ -326,6 +337,7 @@ impl TrainStep<'_> {
             updates: traced.updates,
             updated,
             callbacks: traced.callbacks,
+            donate,
         })
     }
 
@@ -361,24 +373,46 @@ impl TrainStep<'_> {
         self.last = Some(sig);
         let plan = &self.plans[idx].1;
         let slots = self.optimizer.slots().len();
+        // Optimizer state starts at zero (made before any parameter storage is donated).
+        for &j in &plan.updated {
+            let p = &plan.lifted[j];
+            self.state.entry(p.id()).or_insert_with(|| vec![Buffer::zeros(p.dtype(), &p.shape()); slots]);
+        }
         let mut args: Vec<Buffer> = vec![x.buffer(), target.buffer()];
-        args.extend(plan.lifted.iter().map(|t| t.buffer()));
+        let donated: Vec<bool> = (0..plan.lifted.len()).map(|j| plan.donate && plan.updated.contains(&j)).collect();
+        args.extend(plan.lifted.iter().zip(&donated).map(|(t, &d)| if d { t.take_storage() } else { t.buffer() }));
         args.push(Buffer::scalar(self.lr, DType::F32));
         args.push(Buffer::scalar(self.step as f64, DType::F32));
         for &j in &plan.updated {
             let p = &plan.lifted[j];
-            let st = self.state.entry(p.id()).or_insert_with(|| vec![Buffer::zeros(p.dtype(), &p.shape()); slots]);
-            args.extend(st.iter().cloned());
+            args.extend(self.state[&p.id()].iter().cloned());
         }
         let runner = Runner { root: Some(self.module), specs: &plan.callbacks, state: None };
-        let mut out = plan.exec.run(&args, &runner).map_err(op_error)?.into_iter();
+        let out = match plan.exec.run_donated(args, &runner) {
+            Ok(out) => out,
+            Err(e) => {
+                // Hand the donated parameters back untouched.
+                for (j, b) in e.inputs.into_iter().skip(2).take(plan.lifted.len()).enumerate() {
+                    if donated[j] {
+                        plan.lifted[j].restore_storage(b);
+                    }
+                }
+                return Err(op_error(e.error));
+            }
+        };
+        let mut out = out.into_iter();
         let loss = out.next().expect("the loss");
         for t in &plan.updates {
             t.set_buffer(out.next().expect("a buffer update"));
         }
         for &j in &plan.updated {
             let p = &plan.lifted[j];
-            p.set_buffer(out.next().expect("a new parameter"));
+            let new = out.next().expect("a new parameter");
+            if donated[j] {
+                p.restore_storage(new);
+            } else {
+                p.set_buffer(new);
+            }
             let st = self.state.get_mut(&p.id()).expect("state");
             for s in st.iter_mut() {
                 *s = out.next().expect("new state");
