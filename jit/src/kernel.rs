@@ -508,7 +508,9 @@ pub fn lower(
                     let ls = push(&mut spec, KOp::Unary(UnaryOp::Log, s), VType::Float, Space::Row);
                     push(&mut spec, KOp::Binary(BinaryOp::Sub, d, ls), VType::Float, Space::Elem)
                 } else {
-                    push(&mut spec, KOp::Binary(BinaryOp::Div, e, s), VType::Float, Space::Elem)
+                    // e · (1/s), as PyTorch's (and the reference) kernel: one division per row.
+                    let inv = push(&mut spec, KOp::Unary(UnaryOp::Reciprocal, s), VType::Float, Space::Row);
+                    push(&mut spec, KOp::Binary(BinaryOp::Mul, e, inv), VType::Float, Space::Elem)
                 }
             }
             other => return Err(format!("{} is not a kernel op", other.name())),
