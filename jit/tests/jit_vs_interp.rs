@@ -92,6 +92,7 @@ fn random_case(seed: u64) -> Case {
         full.push(add_input(&mut g, &mut rng, &shape));
     }
     // Broadcast operands: along the last dim, per row, a scalar.
+    let n_inputs = full.len();
     let mut bcast = Vec::new();
     bcast.push(add_input(&mut g, &mut rng, &shape[rank - 1..]));
     let mut col = shape.clone();
@@ -142,7 +143,16 @@ fn random_case(seed: u64) -> Case {
             6 => {
                 let c = [CompareOp::Lt, CompareOp::Le, CompareOp::Gt, CompareOp::Ge, CompareOp::Eq, CompareOp::Ne]
                     [rng.random_range(0..6)];
-                let m = g.compare(c, &x, &other).unwrap();
+                // Compare inputs, not computed values: a last-bit difference between two
+                // nearly equal computed values would flip the mask (the comparison itself is
+                // exact either way).
+                let a = full[rng.random_range(0..n_inputs)];
+                let b = if rng.random_bool(0.5) {
+                    full[rng.random_range(0..n_inputs)]
+                } else {
+                    bcast[rng.random_range(0..bcast.len())]
+                };
+                let m = g.compare(c, &a, &b).unwrap();
                 let y = full[rng.random_range(0..full.len())];
                 g.where_(&m, &x, &y).unwrap()
             }
