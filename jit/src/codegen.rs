@@ -492,42 +492,56 @@ impl Gen<'_> {
     /// Elementwise kernel over the flat range `[start, end)` of `rows × cols`.
     fn pointwise_kernel(&mut self, b: &mut FunctionBuilder, start: Value, end: Value) {
         let cols = self.spec.cols as i64;
-        let i_var = b.declare_var(types::I64);
-        b.def_var(i_var, start);
+        self.outer_loop(b, start, end, |g, b, i| {
+            let r = if g.spec.rows == 1 { g.iconst(b, 0) } else { b.ins().udiv_imm_s(i, cols) };
+            let row_start = b.ins().imul_imm_s(r, cols);
+            let j0 = b.ins().isub(i, row_start);
+            let rem = b.ins().isub(end, row_start);
+            let c = g.iconst(b, cols);
+            let jend = b.ins().smin(rem, c);
+            g.start_row(b, r);
+            let roots = g.spec.outputs.clone();
+            g.hoist(b, &roots, true);
+            let outputs = g.spec.outputs.clone();
+            let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, _acc: &mut [Value]| {
+                let mut memo = HashMap::new();
+                let flat = b.ins().iadd(row_start, j);
+                // All values first, then the stores: an output may overwrite an input in place.
+                let vals: Vec<Value> = outputs.iter().map(|&n| g.elem(b, n, j, vec, &mut memo)).collect();
+                for (o, (&n, v)) in outputs.iter().zip(vals).enumerate() {
+                    let ty = g.spec.nodes[n].ty;
+                    g.store(b, o, flat, v, ty, vec);
+                }
+            };
+            g.columns(b, j0, jend, &[], &mut step);
+            b.ins().iadd(row_start, jend)
+        });
+    }
+
+    /// `for (i = start; i < end; i = body(i))`: the outer loop of both kernel forms (over
+    /// elements, a row at a time, or over rows).
+    fn outer_loop(
+        &mut self,
+        b: &mut FunctionBuilder,
+        start: Value,
+        end: Value,
+        body: impl FnOnce(&mut Self, &mut FunctionBuilder, Value) -> Value,
+    ) {
+        let var = b.declare_var(types::I64);
+        b.def_var(var, start);
         let head = b.create_block();
-        let body = b.create_block();
+        let block = b.create_block();
         let exit = b.create_block();
         b.ins().jump(head, &[]);
         b.switch_to_block(head);
-        let i = b.use_var(i_var);
+        let i = b.use_var(var);
         let done = b.ins().icmp(IntCC::SignedGreaterThanOrEqual, i, end);
-        b.ins().brif(done, exit, &[], body, &[]);
-        b.switch_to_block(body);
-        b.seal_block(body);
-        let i = b.use_var(i_var);
-        let r = if self.spec.rows == 1 { self.iconst(b, 0) } else { b.ins().udiv_imm_s(i, cols) };
-        let row_start = b.ins().imul_imm_s(r, cols);
-        let j0 = b.ins().isub(i, row_start);
-        let rem = b.ins().isub(end, row_start);
-        let c = self.iconst(b, cols);
-        let jend = b.ins().smin(rem, c);
-        self.start_row(b, r);
-        let roots = self.spec.outputs.clone();
-        self.hoist(b, &roots, true);
-        let outputs = self.spec.outputs.clone();
-        let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, _acc: &mut [Value]| {
-            let mut memo = HashMap::new();
-            let flat = b.ins().iadd(row_start, j);
-            // All values first, then the stores: an output may overwrite an input in place.
-            let vals: Vec<Value> = outputs.iter().map(|&n| g.elem(b, n, j, vec, &mut memo)).collect();
-            for (o, (&n, v)) in outputs.iter().zip(vals).enumerate() {
-                let ty = g.spec.nodes[n].ty;
-                g.store(b, o, flat, v, ty, vec);
-            }
-        };
-        self.columns(b, j0, jend, &[], &mut step);
-        let next = b.ins().iadd(row_start, jend);
-        b.def_var(i_var, next);
+        b.ins().brif(done, exit, &[], block, &[]);
+        b.switch_to_block(block);
+        b.seal_block(block);
+        let i = b.use_var(var);
+        let next = body(self, b, i);
+        b.def_var(var, next);
         b.ins().jump(head, &[]);
         b.seal_block(head);
         b.switch_to_block(exit);
@@ -719,99 +733,83 @@ impl Gen<'_> {
             }
         }
 
-        let r_var = b.declare_var(types::I64);
-        b.def_var(r_var, start);
-        let head = b.create_block();
-        let body = b.create_block();
-        let exit = b.create_block();
-        b.ins().jump(head, &[]);
-        b.switch_to_block(head);
-        let r = b.use_var(r_var);
-        let done = b.ins().icmp(IntCC::SignedGreaterThanOrEqual, r, end);
-        b.ins().brif(done, exit, &[], body, &[]);
-        b.switch_to_block(body);
-        b.seal_block(body);
-        let r = b.use_var(r_var);
-        self.start_row(b, r);
-        let slots: Vec<(usize, StackSlot)> = self.scratch.iter().map(|(&n, &(slot, _))| (n, slot)).collect();
-        for (n, slot) in slots {
-            let a = b.ins().stack_addr(types::I64, slot, 0);
-            self.scratch_addr.insert(n, a);
-        }
-        let row_start = b.ins().imul_imm_s(r, cols);
-        let zero = self.iconst(b, 0);
-        let c = self.iconst(b, cols);
-        for s in 0..sweeps {
-            self.sweep = s;
-            let reds: Vec<usize> = reductions.iter().copied().filter(|&n| sweep_of_red(n) == s).collect();
-            let outs: Vec<(usize, usize)> = elem_outputs.iter().copied().filter(|&(_, n)| level[n] == s).collect();
-            if reds.is_empty() && outs.is_empty() {
-                continue;
+        self.outer_loop(b, start, end, |g, b, r| {
+            g.start_row(b, r);
+            let slots: Vec<(usize, StackSlot)> = g.scratch.iter().map(|(&n, &(slot, _))| (n, slot)).collect();
+            for (n, slot) in slots {
+                let a = b.ins().stack_addr(types::I64, slot, 0);
+                g.scratch_addr.insert(n, a);
             }
-            let mut roots: Vec<usize> = outs.iter().map(|&(_, n)| n).collect();
-            for &rn in &reds {
-                if let KOp::Reduce(_, x) = spec.nodes[rn].op {
-                    roots.push(x);
+            let row_start = b.ins().imul_imm_s(r, cols);
+            let zero = g.iconst(b, 0);
+            let c = g.iconst(b, cols);
+            for s in 0..sweeps {
+                g.sweep = s;
+                let reds: Vec<usize> = reductions.iter().copied().filter(|&n| sweep_of_red(n) == s).collect();
+                let outs: Vec<(usize, usize)> = elem_outputs.iter().copied().filter(|&(_, n)| level[n] == s).collect();
+                if reds.is_empty() && outs.is_empty() {
+                    continue;
                 }
-            }
-            self.hoist(b, &roots, true);
-            let kinds: Vec<(Reduction, usize)> = reds
-                .iter()
-                .map(|&rn| match spec.nodes[rn].op {
-                    KOp::Reduce(k, x) => (k, x),
-                    _ => unreachable!(),
-                })
-                .collect();
-            let inits: Vec<(Value, Value)> = kinds
-                .iter()
-                .map(|&(k, _)| {
-                    let v = match k {
-                        Reduction::Sum => 0.0,
-                        Reduction::Max => f64::NEG_INFINITY,
-                        Reduction::Min => f64::INFINITY,
-                    };
-                    (self.fconst(b, true, v), self.fconst(b, false, v))
-                })
-                .collect();
-            let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, acc: &mut [Value]| {
-                let mut memo = HashMap::new();
-                for (a, &(k, x)) in acc.iter_mut().zip(&kinds) {
-                    let v = g.elem(b, x, j, vec, &mut memo);
-                    *a = combine(b, k, *a, v);
-                }
-                if !outs.is_empty() {
-                    let flat = b.ins().iadd(row_start, j);
-                    for &(o, n) in &outs {
-                        let v = g.elem(b, n, j, vec, &mut memo);
-                        let ty = g.spec.nodes[n].ty;
-                        g.store(b, o, flat, v, ty, vec);
+                let mut roots: Vec<usize> = outs.iter().map(|&(_, n)| n).collect();
+                for &rn in &reds {
+                    if let KOp::Reduce(_, x) = spec.nodes[rn].op {
+                        roots.push(x);
                     }
                 }
-            };
-            let finals = self.columns(b, zero, c, &inits, &mut step);
-            for ((&rn, &(k, _)), (parts, sacc)) in reds.iter().zip(&kinds).zip(finals) {
-                let vacc = parts[1..].iter().fold(parts[0], |a, &p| combine(b, k, a, p));
-                let mut t = sacc;
-                for lane in 0..self.lanes {
-                    let x = b.ins().extractlane(vacc, lane as u8);
-                    t = combine(b, k, t, x);
+                g.hoist(b, &roots, true);
+                let kinds: Vec<(Reduction, usize)> = reds
+                    .iter()
+                    .map(|&rn| match spec.nodes[rn].op {
+                        KOp::Reduce(k, x) => (k, x),
+                        _ => unreachable!(),
+                    })
+                    .collect();
+                let inits: Vec<(Value, Value)> = kinds
+                    .iter()
+                    .map(|&(k, _)| {
+                        let v = match k {
+                            Reduction::Sum => 0.0,
+                            Reduction::Max => f64::NEG_INFINITY,
+                            Reduction::Min => f64::INFINITY,
+                        };
+                        (g.fconst(b, true, v), g.fconst(b, false, v))
+                    })
+                    .collect();
+                let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, acc: &mut [Value]| {
+                    let mut memo = HashMap::new();
+                    for (a, &(k, x)) in acc.iter_mut().zip(&kinds) {
+                        let v = g.elem(b, x, j, vec, &mut memo);
+                        *a = combine(b, k, *a, v);
+                    }
+                    if !outs.is_empty() {
+                        let flat = b.ins().iadd(row_start, j);
+                        for &(o, n) in &outs {
+                            let v = g.elem(b, n, j, vec, &mut memo);
+                            let ty = g.spec.nodes[n].ty;
+                            g.store(b, o, flat, v, ty, vec);
+                        }
+                    }
+                };
+                let finals = g.columns(b, zero, c, &inits, &mut step);
+                for ((&rn, &(k, _)), (parts, sacc)) in reds.iter().zip(&kinds).zip(finals) {
+                    let vacc = parts[1..].iter().fold(parts[0], |a, &p| combine(b, k, a, p));
+                    let mut t = sacc;
+                    for lane in 0..g.lanes {
+                        let x = b.ins().extractlane(vacc, lane as u8);
+                        t = combine(b, k, t, x);
+                    }
+                    g.row_val.insert(rn, t);
                 }
-                self.row_val.insert(rn, t);
             }
-        }
-        // Per-row outputs.
-        for (o, &n) in spec.outputs.iter().enumerate() {
-            if spec.nodes[n].space == Space::Row {
-                let v = self.row(b, n);
-                self.store(b, o, r, v, spec.nodes[n].ty, false);
+            // Per-row outputs.
+            for (o, &n) in spec.outputs.iter().enumerate() {
+                if spec.nodes[n].space == Space::Row {
+                    let v = g.row(b, n);
+                    g.store(b, o, r, v, spec.nodes[n].ty, false);
+                }
             }
-        }
-        let next = b.ins().iadd_imm_s(r, 1);
-        b.def_var(r_var, next);
-        b.ins().jump(head, &[]);
-        b.seal_block(head);
-        b.switch_to_block(exit);
-        b.seal_block(exit);
+            b.ins().iadd_imm_s(r, 1)
+        });
     }
 }
 

@@ -60,9 +60,71 @@ pub struct Plan {
 pub struct CompiledModule<'m> {
     module: &'m dyn Module,
     backend: Backend,
-    plans: Vec<(Signature, Plan)>,
+    plans: PlanCache<Plan>,
+}
+
+/// Plans keyed by signature, with why each was compiled and which one the last call used
+/// (shared by [`CompiledModule`] and the compiled train step).
+pub(crate) struct PlanCache<P> {
+    plans: Vec<(Signature, P)>,
     reasons: Vec<String>,
     last: Option<Signature>,
+}
+
+impl<P> Default for PlanCache<P> {
+    fn default() -> Self {
+        PlanCache { plans: Vec::new(), reasons: Vec::new(), last: None }
+    }
+}
+
+impl<P> PlanCache<P> {
+    /// The plan for `sig`; on a miss, `build` makes it and the reason is recorded (and logged
+    /// with `TRACEGRAD_LOG`).
+    pub(crate) fn get_or_build(
+        &mut self,
+        module: &dyn Module,
+        sig: Signature,
+        build: impl FnOnce(&Signature) -> Result<P, CompileError>,
+    ) -> Result<&P, CompileError> {
+        let idx = match self.plans.iter().position(|(s, _)| *s == sig) {
+            Some(i) => i,
+            None => {
+                let reason = match &self.last {
+                    None => "first call".to_string(),
+                    Some(old) => describe_change(old, &sig),
+                };
+                log_recompile(module, &reason);
+                let plan = build(&sig)?;
+                self.reasons.push(reason);
+                self.plans.push((sig.clone(), plan));
+                self.plans.len() - 1
+            }
+        };
+        self.last = Some(sig);
+        Ok(&self.plans[idx].1)
+    }
+
+    /// Drops every plan (the next call compiles afresh).
+    pub(crate) fn clear(&mut self) {
+        self.plans.clear();
+        self.last = None;
+    }
+
+    /// Why each plan was compiled, oldest first.
+    pub(crate) fn reasons(&self) -> &[String] {
+        &self.reasons
+    }
+
+    /// The plan the last call used.
+    pub(crate) fn last(&self) -> Option<&P> {
+        let last = self.last.as_ref()?;
+        self.plans.iter().find(|(s, _)| s == last).map(|(_, p)| p)
+    }
+
+    /// Number of cached plans.
+    pub(crate) fn len(&self) -> usize {
+        self.plans.len()
+    }
 }
 
 /// Compiles `module`: each call looks up the plan for its input signature (shapes, dtypes,
@@ -75,7 +137,7 @@ pub fn compile<M: Module>(module: &M) -> CompiledModule<'_> {
 
 /// [`compile`] for a `&dyn Module`.
 pub fn compile_dyn(module: &dyn Module) -> CompiledModule<'_> {
-    CompiledModule { module, backend: Backend::default(), plans: Vec::new(), reasons: Vec::new(), last: None }
+    CompiledModule { module, backend: Backend::default(), plans: PlanCache::default() }
 }
 
 fn hook_states(m: &dyn Module) -> Vec<(String, u64, usize)> {
@@ -516,7 +578,6 @@ impl CompiledModule<'_> {
     pub fn with_backend(mut self, backend: Backend) -> Self {
         if backend != self.backend {
             self.plans.clear();
-            self.last = None;
         }
         self.backend = backend;
         self
@@ -539,22 +600,8 @@ impl CompiledModule<'_> {
     /// Runs the module on several inputs.
     pub fn call_many(&mut self, inputs: &[Tensor]) -> Result<Tensor, CompileError> {
         let sig = self.signature(inputs);
-        let idx = match self.plans.iter().position(|(s, _)| *s == sig) {
-            Some(i) => i,
-            None => {
-                let reason = match &self.last {
-                    None => "first call".to_string(),
-                    Some(old) => describe_change(old, &sig),
-                };
-                log_recompile(self.module, &reason);
-                let plan = build_plan(self.module, &sig, self.backend)?;
-                self.reasons.push(reason);
-                self.plans.push((sig.clone(), plan));
-                self.plans.len() - 1
-            }
-        };
-        self.last = Some(sig);
-        let plan = &self.plans[idx].1;
+        let (module, backend) = (self.module, self.backend);
+        let plan = self.plans.get_or_build(module, sig, |sig| build_plan(module, sig, backend))?;
         let mut all: Vec<Tensor> = inputs.to_vec();
         all.extend(plan.lifted.iter().cloned());
         let args: Vec<Buffer> = all.iter().map(|t| t.buffer()).collect();
@@ -587,13 +634,12 @@ impl CompiledModule<'_> {
     /// Why each plan was compiled, oldest first (`first call`, `input 0 shape [64, 784] -> [32, 784]`,
     /// `hook added on fc1`).
     pub fn recompile_reasons(&self) -> &[String] {
-        &self.reasons
+        self.plans.reasons()
     }
 
     /// The plan the last call used.
     pub fn last_plan(&self) -> Option<&Plan> {
-        let last = self.last.as_ref()?;
-        self.plans.iter().find(|(s, _)| s == last).map(|(_, p)| p)
+        self.plans.last()
     }
 
     /// Number of cached plans.

@@ -12,7 +12,7 @@ use tracegrad_compiler::{Build, OpResult, TensorType};
 use tracegrad_jit::{Backend, Executable};
 use tracegrad_runtime::{Buffer, DType};
 
-use super::compiled::{op_error, optimize, signature_of, Runner, Signature};
+use super::compiled::{op_error, optimize, signature_of, PlanCache, Runner, Signature};
 use super::trace::{trace_with, CompileError};
 use crate::nn::{Module, ModuleExt};
 use crate::optim::{AdamOptions, AdamWOptions, SgdOptions};
@@ -85,9 +85,7 @@ pub struct TrainStep<'m> {
     step: f32,
     /// Per parameter (by tensor id): its state slots.
     state: std::collections::HashMap<usize, Vec<Buffer>>,
-    plans: Vec<(Signature, StepPlan)>,
-    reasons: Vec<String>,
-    last: Option<Signature>,
+    plans: PlanCache<StepPlan>,
 }
 
 /// Compiles one training step of `module` under `loss_fn(output, target)` with `optimizer`.
@@ -107,9 +105,7 @@ pub fn compile_train_step<'m>(
         lr,
         step: 0.0,
         state: Default::default(),
-        plans: Vec::new(),
-        reasons: Vec::new(),
-        last: None,
+        plans: PlanCache::default(),
     }
 }
 
@@ -226,7 +222,7 @@ impl TrainStep<'_> {
 
     /// Why each plan was compiled.
     pub fn recompile_reasons(&self) -> &[String] {
-        &self.reasons
+        self.plans.reasons()
     }
 
     /// The graph of the last step's plan.
@@ -235,8 +231,7 @@ impl TrainStep<'_> {
     }
 
     fn last_plan(&self) -> Option<&StepPlan> {
-        let last = self.last.as_ref()?;
-        self.plans.iter().find(|(s, _)| s == last).map(|(_, p)| p)
+        self.plans.last()
     }
 
     /// The compiled form of the last step's plan (its plan dump, kernels and peak bytes).
@@ -253,7 +248,6 @@ impl TrainStep<'_> {
     pub fn with_backend(mut self, backend: Backend) -> Self {
         if backend != self.backend {
             self.plans.clear();
-            self.last = None;
         }
         self.backend = backend;
         self
@@ -262,83 +256,6 @@ impl TrainStep<'_> {
     /// The backend plans run on.
     pub fn backend(&self) -> Backend {
         self.backend
-    }
-
-    fn build(&self, sig: &Signature) -> Result<StepPlan, CompileError> {
-        let t0 = std::time::Instant::now();
-        let m = self.module;
-        let loss_fn = &self.loss_fn;
-        let traced = crate::enable_grad(|| trace_with(m, &sig.inputs, &|a| loss_fn(&m.call(&a[0]), &a[1])))?;
-        let mut g = traced.graph;
-        let loss = g.outputs[0].1;
-        if g.g[loss].ty.numel() != 1 || !g.g[loss].ty.dtype.is_float() {
-            return Err(CompileError {
-                op: String::new(),
-                module_path: String::new(),
-                message: format!("compile_train_step: the loss must be a float scalar, got {}", g.g[loss].ty),
-            });
-        }
-        let n_data = sig.inputs.len();
-        let candidates: Vec<usize> =
-            traced.lifted_inputs.iter().enumerate().filter(|(_, t)| t.requires_grad()).map(|(j, _)| j).collect();
-        let wrt: Vec<_> = candidates.iter().map(|&j| g.inputs[n_data + j]).collect();
-        let loss_ty = g.g[loss].ty.clone();
-        let seed = g.full(1.0, loss_ty.dtype, &loss_ty.shape).map_err(op_error)?;
-        let grads = append_backward(&mut g, &[(loss, seed)], &wrt, &mut |g, group, _| {
-            let label = match &g.g[group[0]].kind {
-                tracegrad_compiler::graph::NodeKind::Callback { label, .. } => label.clone(),
-                _ => String::new(),
-            };
-            Err(tracegrad_compiler::OpError::new(
-                "autodiff",
-                format!("compiled backward through a {label} is not supported yet"),
-            ))
-        })
-        .map_err(op_error)?;
-        let lr = g.add_input("lr", InputRole::State, TensorType::new(DType::F32, &[]));
-        let step = g.add_input("step", InputRole::State, TensorType::new(DType::F32, &[]));
-        let new_step = g.add_scalar(&step, 1.0).map_err(op_error)?;
-        let slots = self.optimizer.slots();
-        let mut updated = Vec::new();
-        for (&j, grad) in candidates.iter().zip(grads) {
-            let Some(grad) = grad else { continue };
-            let p = g.inputs[n_data + j];
-            let ty = g.g[p].ty.clone();
-            let name = match &g.g[p].kind {
-                tracegrad_compiler::graph::NodeKind::Input { name, .. } => name.clone(),
-                _ => String::new(),
-            };
-            let state: Vec<_> =
-                slots.iter().map(|s| g.add_input(&format!("{name}.{s}"), InputRole::State, ty.clone())).collect();
-            let (np, ns) =
-                emit_update(&mut g, &self.optimizer, p, grad, &state, lr, step, new_step).map_err(op_error)?;
-            g.add_output(&format!("param:{name}"), np);
-            for (s, n) in slots.iter().zip(ns) {
-                g.add_output(&format!("state:{name}.{s}"), n);
-            }
-            updated.push(j);
-        }
-        optimize(&mut g)?;
-        // The parameters being replaced are donated: their new values may be written over the
-        // old storage (only when no hook could observe a parameter mid-step).
-        let donate = traced.callbacks.is_empty();
-        let mut donated = vec![false; g.inputs.len()];
-        if donate {
-            for &j in &updated {
-                donated[n_data + j] = true;
-            }
-        }
-        let exec = super::compiled::executable_donating(&g, self.backend, &donated)?;
-        Ok(StepPlan {
-            graph: g,
-            exec,
-            compile_time: t0.elapsed(),
-            lifted: traced.lifted_inputs,
-            updates: traced.updates,
-            updated,
-            callbacks: traced.callbacks,
-            donate,
-        })
     }
 
     /// One training step on `(x, target)`; returns the loss (before the update).
@@ -356,22 +273,9 @@ impl TrainStep<'_> {
             }
         }
         let sig = signature_of(self.module, &[x.detach(), target.detach()]);
-        let idx = match self.plans.iter().position(|(s, _)| *s == sig) {
-            Some(i) => i,
-            None => {
-                let reason = match &self.last {
-                    None => "first call".to_string(),
-                    Some(old) => super::compiled::describe_change(old, &sig),
-                };
-                super::compiled::log_recompile(self.module, &reason);
-                let plan = self.build(&sig)?;
-                self.reasons.push(reason);
-                self.plans.push((sig.clone(), plan));
-                self.plans.len() - 1
-            }
-        };
-        self.last = Some(sig);
-        let plan = &self.plans[idx].1;
+        let (module, backend) = (self.module, self.backend);
+        let (loss_fn, optimizer) = (&self.loss_fn, &self.optimizer);
+        let plan = self.plans.get_or_build(module, sig, |sig| build_step(module, loss_fn, optimizer, backend, sig))?;
         let slots = self.optimizer.slots().len();
         // Optimizer state starts at zero (made before any parameter storage is donated).
         for &j in &plan.updated {
@@ -421,4 +325,86 @@ impl TrainStep<'_> {
         self.step += 1.0;
         Ok(Tensor::from_buffer(loss))
     }
+}
+
+/// Traces `loss_fn(module(x), y)`, differentiates w.r.t. the parameters, emits the
+/// optimizer's update, optimizes and compiles the plan for `backend`.
+fn build_step(
+    module: &dyn Module,
+    loss_fn: &LossFn<'_>,
+    optimizer: &StepOptimizer,
+    backend: Backend,
+    sig: &Signature,
+) -> Result<StepPlan, CompileError> {
+    let t0 = std::time::Instant::now();
+    let traced = crate::enable_grad(|| trace_with(module, &sig.inputs, &|a| loss_fn(&module.call(&a[0]), &a[1])))?;
+    let mut g = traced.graph;
+    let loss = g.outputs[0].1;
+    if g.g[loss].ty.numel() != 1 || !g.g[loss].ty.dtype.is_float() {
+        return Err(CompileError {
+            op: String::new(),
+            module_path: String::new(),
+            message: format!("compile_train_step: the loss must be a float scalar, got {}", g.g[loss].ty),
+        });
+    }
+    let n_data = sig.inputs.len();
+    let candidates: Vec<usize> =
+        traced.lifted_inputs.iter().enumerate().filter(|(_, t)| t.requires_grad()).map(|(j, _)| j).collect();
+    let wrt: Vec<_> = candidates.iter().map(|&j| g.inputs[n_data + j]).collect();
+    let loss_ty = g.g[loss].ty.clone();
+    let seed = g.full(1.0, loss_ty.dtype, &loss_ty.shape).map_err(op_error)?;
+    let grads = append_backward(&mut g, &[(loss, seed)], &wrt, &mut |g, group, _| {
+        let label = match &g.g[group[0]].kind {
+            tracegrad_compiler::graph::NodeKind::Callback { label, .. } => label.clone(),
+            _ => String::new(),
+        };
+        Err(tracegrad_compiler::OpError::new(
+            "autodiff",
+            format!("compiled backward through a {label} is not supported yet"),
+        ))
+    })
+    .map_err(op_error)?;
+    let lr = g.add_input("lr", InputRole::State, TensorType::new(DType::F32, &[]));
+    let step = g.add_input("step", InputRole::State, TensorType::new(DType::F32, &[]));
+    let new_step = g.add_scalar(&step, 1.0).map_err(op_error)?;
+    let slots = optimizer.slots();
+    let mut updated = Vec::new();
+    for (&j, grad) in candidates.iter().zip(grads) {
+        let Some(grad) = grad else { continue };
+        let p = g.inputs[n_data + j];
+        let ty = g.g[p].ty.clone();
+        let name = match &g.g[p].kind {
+            tracegrad_compiler::graph::NodeKind::Input { name, .. } => name.clone(),
+            _ => String::new(),
+        };
+        let state: Vec<_> =
+            slots.iter().map(|s| g.add_input(&format!("{name}.{s}"), InputRole::State, ty.clone())).collect();
+        let (np, ns) = emit_update(&mut g, optimizer, p, grad, &state, lr, step, new_step).map_err(op_error)?;
+        g.add_output(&format!("param:{name}"), np);
+        for (s, n) in slots.iter().zip(ns) {
+            g.add_output(&format!("state:{name}.{s}"), n);
+        }
+        updated.push(j);
+    }
+    optimize(&mut g)?;
+    // The parameters being replaced are donated: their new values may be written over the
+    // old storage (only when no hook could observe a parameter mid-step).
+    let donate = traced.callbacks.is_empty();
+    let mut donated = vec![false; g.inputs.len()];
+    if donate {
+        for &j in &updated {
+            donated[n_data + j] = true;
+        }
+    }
+    let exec = super::compiled::executable_donating(&g, backend, &donated)?;
+    Ok(StepPlan {
+        graph: g,
+        exec,
+        compile_time: t0.elapsed(),
+        lifted: traced.lifted_inputs,
+        updates: traced.updates,
+        updated,
+        callbacks: traced.callbacks,
+        donate,
+    })
 }
