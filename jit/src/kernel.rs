@@ -69,6 +69,10 @@ pub enum Reduction {
     Max,
     /// Minimum (NaN propagates).
     Min,
+    /// Maximum of the non-NaN values (−inf if there are none), with −0 and +0 unordered:
+    /// softmax's shift, where neither a NaN (whose own exp makes the row NaN anyway) nor the
+    /// sign of a zero shift can change the result. Much cheaper on the loop-carried chain.
+    MaxSkipNan,
 }
 
 /// One operation of a kernel program; operands are earlier node indices.
@@ -493,7 +497,7 @@ pub fn lower(
                     return Err(format!("%{} softmax is not over the kernel's rows", n.index()));
                 }
                 let x = refs[0];
-                let max = push(&mut spec, KOp::Reduce(Reduction::Max, x), VType::Float, Space::Row);
+                let max = push(&mut spec, KOp::Reduce(Reduction::MaxSkipNan, x), VType::Float, Space::Row);
                 // The shift is the row max when finite, else 0 (PyTorch's results for rows
                 // holding +inf, or all -inf).
                 let abs = push(&mut spec, KOp::Unary(UnaryOp::Abs, max), VType::Float, Space::Row);

@@ -31,10 +31,10 @@
 //! | `log`       | 0.840 / 0.840     | 0.783 / 0.783     | 0.85              |
 //! | `tanh`      | 1.389 / 1.389     | 1.240 / 1.240     | 1.4               |
 //! | `sigmoid`   | 1.810 / 1.790     | 1.491 / 1.491     | 2.0               |
-//! | `silu`      | 1.867 / 1.944     | 1.443 / 1.443     | 2.0               |
+//! | `silu`      | 1.867 / 1.944     | 1.443 / 1.721     | 2.0               |
 //! | `erf`       | 1.178 / 1.263     | 1.042 / 1.042     | 1.2 / 1.3         |
 //! | `gelu`      | 2.041 / 2.375     | 1.795 / 1.724     | 2.1 / 2.4         |
-//! | `gelu_tanh` | 2.022 / 2.038     | 1.577 / 1.612     | 2.1               |
+//! | `gelu_tanh` | 2.022 / 2.108     | 1.705 / 1.612     | 2.1 / 2.2         |
 //!
 //! f32 was checked on all 2^32 inputs (the `exhaustive_f32` test, `--ignored`) against std's and
 //! libm's f64 functions, whose own error is far below an f32 ulp; the regular tests sweep every
@@ -122,7 +122,7 @@ pub fn mul_add(b: &mut FunctionBuilder, m: &MathCtx, x: Value, y: Value, z: Valu
 /// `exp(NaN) = NaN`.
 pub fn exp(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
     let mut e = Em::new(b, m, x);
-    let ep = e.exp_parts(x, None, true);
+    let ep = e.exp_parts(x, None, true, Clamp::BOTH);
     let p1 = e.mul(ep.p, ep.s1);
     e.mul(p1, ep.s2.unwrap())
 }
@@ -237,10 +237,11 @@ pub fn tanh(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
     let pt = e.poly(t, coeffs);
     let ax3 = e.mul(ax, t);
     let small = e.fma(ax3, pt, ax);
-    // tanh is ±1 to the last bit beyond 9.01 (f32) / 19.06 (f64); the clamp keeps e^{2|x|} finite.
+    // tanh is ±1 to the last bit beyond 9.01 (f32) / 19.06 (f64); the clamp keeps e^{2|x|} finite
+    // (so exp's own clamps are not needed: 0 ≤ 2|x| ≤ 40).
     let axc = e.min_const(ax, if e.wide { 20.0 } else { 10.0 });
     let two_ax = e.add(axc, axc);
-    let ep = e.exp_parts(two_ax, None, false);
+    let ep = e.exp_parts(two_ax, None, false, Clamp::NONE);
     // e^{2|x|} + 1 = (1 + q)·s1 + 1 = q·s1 + (s1 + 1), one rounding (s1 + 1 is exact while it
     // matters).
     let one = e.c(1.0);
@@ -293,7 +294,8 @@ pub fn erf(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
     let axc = e.min_const(ax, if e.wide { 26.0 } else { 9.0 });
     let t2 = e.mul(axc, axc);
     let nt2 = e.b.ins().fneg(t2);
-    let ep = e.exp_parts(nt2, None, false);
+    // −x² ≥ −81 (f32) / −676 (f64): inside exp's range, no clamp.
+    let ep = e.exp_parts(nt2, None, false, Clamp::NONE);
     let cen = e.c(if e.wide { ERFC_CEN_F64 } else { ERFC_CEN_F32 });
     let d = e.sub(axc, cen);
     let one = e.c(1.0);
@@ -338,7 +340,8 @@ pub fn gelu(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
     let mhalf = e.c(-0.5);
     let arg_hi = e.mul(h, mhalf);
     let arg_lo = e.mul(l, mhalf);
-    let ep = e.exp_parts(arg_hi, Some(arg_lo), true);
+    // −x²/2 ≥ −106.2 (f32) / −745.4 (f64): inside exp's range, no clamp.
+    let ep = e.exp_parts(arg_hi, Some(arg_lo), true, Clamp::NONE);
     let xmax_c = e.c(xmax);
     let beyond = e.cmp(FloatCC::GreaterThan, ax, xmax_c);
     let zero = e.c(0.0);
@@ -382,8 +385,8 @@ pub fn gelu(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
 ///
 /// Computed as the identical `x·sigmoid(w)`, `w = 2√(2/π)·(x + 0.044715·x³)`, with w in
 /// double-word arithmetic (its rounding error would otherwise be amplified |w|-fold by e^w).
-/// Error ≤ 2.1 ulp over the whole domain, relative also for x ≪ 0 (rounded once, down into
-/// the subnormals). `gelu_tanh(±0) = ±0`, `gelu_tanh(+inf) = +inf`, `gelu_tanh(NaN) = NaN`
+/// Error ≤ 2.1 ulp with FMA, ≤ 2.2 ulp without, over the whole domain, relative also for
+/// x ≪ 0 (rounded once, down into the subnormals). `gelu_tanh(±0) = ±0`, `gelu_tanh(+inf) = +inf`, `gelu_tanh(NaN) = NaN`
 /// and `gelu_tanh(−inf) = NaN` (IEEE `−inf·0`, as tracegrad's reference kernel gives).
 pub fn gelu_tanh(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
     let mut e = Em::new(b, m, x);
@@ -645,6 +648,19 @@ struct ExpParts {
     s2: Option<Value>,
 }
 
+/// Which of exp's argument clamps [`Em::exp_parts`] applies.
+#[derive(Clone, Copy)]
+struct Clamp {
+    lo: bool,
+    hi: bool,
+}
+
+impl Clamp {
+    const BOTH: Clamp = Clamp { lo: true, hi: true };
+    const LO: Clamp = Clamp { lo: true, hi: false };
+    const NONE: Clamp = Clamp { lo: false, hi: false };
+}
+
 impl<'a, 'b> Em<'a, 'b> {
     fn new(b: &'a mut FunctionBuilder<'b>, m: &MathCtx, x: Value) -> Self {
         let ty = b.func.dfg.value_type(x);
@@ -809,13 +825,14 @@ impl<'a, 'b> Em<'a, 'b> {
     ///
     /// x is clamped to [−110, 89] (f32) / [−760, 710] (f64), where the product already
     /// over/underflows (callers that multiply e^x by a large factor zero `s2` below the clamp);
-    /// NaN passes through into `p`. With two scales `2^k` is split as
+    /// NaN passes through into `p`. A caller whose argument is known to lie on one side of a
+    /// bound (every caller but `exp` itself) turns that clamp off with `clamp`. With two scales `2^k` is split as
     /// `2^⌊k/2⌉·2^(k−⌊k/2⌉)`, so that `p·s1` is normal and the final product rounds once, even
     /// into the subnormals. With one scale the caller guarantees x ≥ −87 (f32) / −708 (f64).
-    fn exp_parts(&mut self, x: Value, lo: Option<Value>, two_scales: bool) -> ExpParts {
+    fn exp_parts(&mut self, x: Value, lo: Option<Value>, two_scales: bool, clamp: Clamp) -> ExpParts {
         let (xlo, xhi) = if self.wide { (EXP_MIN_F64, 710.0) } else { (EXP_MIN_F32, 89.0) };
-        let xc = self.min_const(x, xhi);
-        let xc = self.max_const(xc, xlo);
+        let xc = if clamp.hi { self.min_const(x, xhi) } else { x };
+        let xc = if clamp.lo { self.max_const(xc, xlo) } else { xc };
         let log2e = self.c(LOG2E);
         let y = self.mul(xc, log2e);
         let k = self.round_int(y);
@@ -850,57 +867,52 @@ impl<'a, 'b> Em<'a, 'b> {
         }
     }
 
-    /// `pref·sigmoid(w + w_lo)` (`pref` = 1 when `None`), relative-accurate for all w. With
-    /// E = e^{−|w|} and T = 15.9 (f32) / 36 (f64), the largest |w| for which 1 + 2^k is exact:
-    /// - |w| ≤ T: `pref/(1 + e^{−w})`, the denominator `q·S + (1 + S)` rounded once
-    ///   (e^{−w} = (1 + q)·S, S = 2^k);
-    /// - w > T: `pref·(1 − E)` (the next term, E², is below 2^−46);
-    /// - w < −T: `pref·E·(1 − E)`, with E kept as `(1 + q)·s1·s2` so that the result is rounded
-    ///   once even when it is subnormal.
+    /// `pref·sigmoid(w + w_lo)` (`pref` = 1 when `None`), relative-accurate for all w.
+    ///
+    /// With T = 15.9 (f32) / 36 (f64), the largest |w| for which 1 + 2^k is exact, and
+    /// E = e^{arg} = (1 + q)·S, S = s1·s2, where arg = −w for w ≥ −T and arg = w below:
+    /// - w ≥ −T: `pref/(1 + E)`;
+    /// - w < −T: `pref·E/(1 + E)`.
+    ///
+    /// The denominator `q·S + (1 + S)` is rounded once (1 + S is exact while it matters). Below
+    /// −T the numerator `pref·E` is `fma(pref·s1, q, pref·s1)`, rounded once, and its last,
+    /// possibly subnormal, scaling by s2 comes after the division, so the result rounds once
+    /// there too. Using E = e^{−|w|} for all w < 0 would be cheaper but costs an ulp where E
+    /// and the result lie in different binades.
     fn scaled_sigmoid(&mut self, pref: Option<Value>, w: Value, w_lo: Option<Value>) -> Value {
-        let t = self.c(if self.wide { 36.0 } else { 15.9 });
         let nt = self.c(if self.wide { -36.0 } else { -15.9 });
         let lower = self.cmp(FloatCC::LessThan, w, nt);
-        let upper = self.cmp(FloatCC::GreaterThan, w, t);
-        // e^{arg}: arg = w below −T, −w elsewhere
         let nw = self.b.ins().fneg(w);
         let arg = self.sel(lower, w, nw);
         let arg_lo = w_lo.map(|l| {
             let nl = self.b.ins().fneg(l);
             self.sel(lower, l, nl)
         });
-        let ep = self.exp_parts(arg, arg_lo, true);
+        // arg ≤ T: only the lower clamp matters.
+        let ep = self.exp_parts(arg, arg_lo, true, Clamp::LO);
         let s2 = ep.s2.unwrap();
         let one = self.c(1.0);
         let sc = self.mul(ep.s1, s2);
-        // middle: 1 + e^{−w} with one rounding (1 + S is exact here)
         let sp1 = self.add(sc, one);
-        let den_mid = self.fma(ep.q, sc, sp1);
-        // the tails' correction factor 1 − E (E < 2^−22 there)
-        let ew = self.fma(ep.q, sc, sc);
-        let om = self.sub(one, ew);
-        let pref_v = pref.unwrap_or(one);
-        let num_upper = match pref {
-            None => om,
-            Some(x) => self.mul(x, om),
-        };
-        // lower: pref·e^{w} = (pref·s1)·(1 + q)·s2, one rounding before the exact ·s2
+        let den = self.fma(ep.q, sc, sp1);
         let ps = match pref {
             None => ep.s1,
             Some(x) => self.mul(x, ep.s1),
         };
         let pe = self.fma(ps, ep.q, ps);
-        let num_lower = self.mul(pe, om);
-        // Below exp's clamp e^{w} must be exactly 0, even when multiplied by a huge |pref|.
-        let zero = self.c(0.0);
-        let xlo = self.c(if self.wide { EXP_MIN_F64 } else { EXP_MIN_F32 });
-        let under = self.cmp(FloatCC::LessThan, w, xlo);
-        let s2z = self.sel(under, zero, s2);
-        let num = self.sel(upper, num_upper, pref_v);
-        let num = self.sel(lower, num_lower, num);
-        let tails = self.b.ins().bor(lower, upper);
-        let den = self.sel(tails, one, den_mid);
-        let f2 = self.sel(lower, s2z, one);
+        let num = self.sel(lower, pe, pref.unwrap_or(one));
+        // Below exp's clamp e^{w} must be exactly 0, even when multiplied by a huge |pref| (with
+        // no prefactor the clamped product already rounds to 0).
+        let s2 = match pref {
+            None => s2,
+            Some(_) => {
+                let zero = self.c(0.0);
+                let xlo = self.c(if self.wide { EXP_MIN_F64 } else { EXP_MIN_F32 });
+                let under = self.cmp(FloatCC::LessThan, w, xlo);
+                self.sel(under, zero, s2)
+            }
+        };
+        let f2 = self.sel(lower, s2, one);
         let q = self.div(num, den);
         self.mul(q, f2)
     }

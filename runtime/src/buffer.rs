@@ -64,6 +64,36 @@ impl Data {
         }
     }
 
+    /// Empty storage with room for `n` elements of `dtype`, for a kernel that writes every
+    /// element before [`Data::set_len`] declares them: unlike [`Data::zeroed`], no memset.
+    pub fn with_capacity(dtype: DType, n: usize) -> Data {
+        match dtype {
+            DType::Bool => Data::Bool(Vec::with_capacity(n)),
+            DType::U8 => Data::U8(Vec::with_capacity(n)),
+            DType::I64 => Data::I64(Vec::with_capacity(n)),
+            DType::F32 => Data::F32(Vec::with_capacity(n)),
+            DType::F64 => Data::F64(Vec::with_capacity(n)),
+        }
+    }
+
+    /// Sets the number of elements, as `Vec::set_len`.
+    ///
+    /// # Safety
+    /// `n` must not exceed the capacity, and the first `n` elements must have been written
+    /// with valid values of the type (bools as 0 or 1).
+    pub unsafe fn set_len(&mut self, n: usize) {
+        // SAFETY: forwarded to the caller.
+        unsafe {
+            match self {
+                Data::Bool(v) => v.set_len(n),
+                Data::U8(v) => v.set_len(n),
+                Data::I64(v) => v.set_len(n),
+                Data::F32(v) => v.set_len(n),
+                Data::F64(v) => v.set_len(n),
+            }
+        }
+    }
+
     /// Address of the first element (for generated code; bools are one byte, 0 or 1).
     pub fn as_ptr(&self) -> *const u8 {
         match self {
