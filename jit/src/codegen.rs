@@ -414,6 +414,7 @@ impl Gen<'_> {
                 b.ins().fcmp(cc, a[0], a[1])
             }
             KOp::Where(..) => self.select(b, a[0], a[1], a[2], vec),
+            KOp::ExpScaled(..) => math::exp_scaled(b, &m, a[0], a[1]),
             KOp::Clamp(lo, hi, _) => {
                 let mut x = a[0];
                 if let Some(lo) = lo {
@@ -843,7 +844,7 @@ fn expensive(spec: &KernelSpec, n: usize) -> bool {
             {
                 return true
             }
-            KOp::Binary(BinaryOp::Div, ..) => return true,
+            KOp::Binary(BinaryOp::Div, ..) | KOp::ExpScaled(..) => return true,
             op => stack.extend(operands(op)),
         }
     }
@@ -876,7 +877,7 @@ pub fn operands(op: &KOp) -> Vec<usize> {
     match *op {
         KOp::Input(_) | KOp::Const(_) => vec![],
         KOp::Unary(_, x) | KOp::Clamp(_, _, x) | KOp::ToBool(x) | KOp::ToFloat(x) | KOp::Reduce(_, x) => vec![x],
-        KOp::Binary(_, x, y) | KOp::Compare(_, x, y) => vec![x, y],
+        KOp::Binary(_, x, y) | KOp::Compare(_, x, y) | KOp::ExpScaled(x, y) => vec![x, y],
         KOp::Where(c, x, y) => vec![c, x, y],
     }
 }

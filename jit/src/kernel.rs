@@ -98,6 +98,8 @@ pub enum KOp {
     ToFloat(usize),
     /// A reduction of an `Elem` value over its row, giving a `Row` value.
     Reduce(Reduction, usize),
+    /// `e^x·2^shift` (x, shift), with [`crate::math::exp_scaled`]'s domain: softmax's exp.
+    ExpScaled(usize, usize),
 }
 
 /// A node of the kernel program.
@@ -506,7 +508,18 @@ pub fn lower(
                 let zero = push(&mut spec, KOp::Const(0.0), VType::Float, Space::Row);
                 let m = push(&mut spec, KOp::Where(finite, max, zero), VType::Float, Space::Row);
                 let d = push(&mut spec, KOp::Binary(BinaryOp::Sub, x, m), VType::Float, Space::Elem);
-                let e = push(&mut spec, KOp::Unary(UnaryOp::Exp, d), VType::Float, Space::Elem);
+                // exp(d)·2^shift, d ≤ 0 (or anything, where the max is not finite: shift 0
+                // there). Softmax scales by 2^64, which keeps every term that can round to a
+                // nonzero (even subnormal) output normal, so one scale suffices and e·(1/s)
+                // rounds once, as with the exact exp; log_softmax needs only the sum, where the
+                // terms below 2^−126 that `exp_scaled` drops vanish against its 1.
+                let shift = if *log {
+                    zero
+                } else {
+                    let s64 = push(&mut spec, KOp::Const(64.0), VType::Float, Space::Row);
+                    push(&mut spec, KOp::Where(finite, s64, zero), VType::Float, Space::Row)
+                };
+                let e = push(&mut spec, KOp::ExpScaled(d, shift), VType::Float, Space::Elem);
                 let s = push(&mut spec, KOp::Reduce(Reduction::Sum, e), VType::Float, Space::Row);
                 if *log {
                     let ls = push(&mut spec, KOp::Unary(UnaryOp::Log, s), VType::Float, Space::Row);

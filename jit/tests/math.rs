@@ -972,6 +972,50 @@ fn exp_f64() {
     check("exp f64", math::exp, &xs, ref64::exp, EXP);
 }
 
+/// `exp_scaled` with a constant shift (0 or 64).
+fn exp_scaled_by<const SHIFT: i32>(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
+    let ty = b.func.dfg.value_type(x);
+    let s = math::constant(b, ty, f64::from(SHIFT));
+    math::exp_scaled(b, m, x, s)
+}
+
+/// `exp_scaled`'s lower threshold: below it the result is exactly 0.
+fn exp_scaled_lo(wide: bool, shift: i32) -> f64 {
+    (if wide { -706.0 } else { -86.0 }) - f64::from(shift) * std::f64::consts::LN_2
+}
+
+#[test]
+fn exp_scaled_f32() {
+    let xs = samples32((0.25, 131.0), (1e-10, 131.0), true, &[88.72284, 88.37, -86.0, -130.36]);
+    // Shift 0: any x (above the threshold: exp's accuracy; overflow at the same point).
+    let lo = exp_scaled_lo(false, 0);
+    let (inside, below): (Vec<f32>, Vec<f32>) = xs.iter().partition(|&&x| f64::from(x) >= lo || x.is_nan());
+    check("exp_scaled(·, 0) f32", exp_scaled_by::<0>, &inside, ref32::exp, EXP);
+    assert!(eval(exp_scaled_by::<0>, &below).iter().all(|&y| y.to_bits() == 0), "not +0 below the threshold");
+    // Shift 64: x ≤ 0.
+    let lo = exp_scaled_lo(false, 64);
+    let (inside, below): (Vec<f32>, Vec<f32>) = xs.iter().filter(|&&x| x <= 0.0).partition(|&&x| f64::from(x) >= lo);
+    check("exp_scaled(·, 64) f32", exp_scaled_by::<64>, &inside, |x| Ref::f(x.exp() * 2f64.powi(64)), EXP);
+    assert!(eval(exp_scaled_by::<64>, &below).iter().all(|&y| y.to_bits() == 0), "not +0 below the threshold");
+}
+
+#[test]
+fn exp_scaled_f64() {
+    let xs = samples64(1e-20, 760.0, true, &[709.782712893384, 709.5, -706.0, -750.36]);
+    let lo = exp_scaled_lo(true, 0);
+    let (inside, below): (Vec<f64>, Vec<f64>) = xs.iter().partition(|&&x| x >= lo || x.is_nan());
+    check("exp_scaled(·, 0) f64", exp_scaled_by::<0>, &inside, ref64::exp, EXP);
+    assert!(eval(exp_scaled_by::<0>, &below).iter().all(|&y| y.to_bits() == 0), "not +0 below the threshold");
+    let lo = exp_scaled_lo(true, 64);
+    let (inside, below): (Vec<f64>, Vec<f64>) = xs.iter().filter(|&&x| x <= 0.0).partition(|&&x| x >= lo);
+    let shifted = |x: f64| {
+        let r = ref64::exp(x);
+        Ref { m: r.m, k: r.k + 64 }
+    };
+    check("exp_scaled(·, 64) f64", exp_scaled_by::<64>, &inside, shifted, EXP);
+    assert!(eval(exp_scaled_by::<64>, &below).iter().all(|&y| y.to_bits() == 0), "not +0 below the threshold");
+}
+
 #[test]
 fn log_f32() {
     let xs = samples32(
@@ -1067,6 +1111,14 @@ fn gelu_tanh_f64() {
 fn special_values() {
     let min32 = f32::MIN_POSITIVE as f64;
     specials(math::exp, &[(NAN, NAN), (-INF, 0.0), (INF, INF), (0.0, 1.0), (-0.0, 1.0), (3e38, INF), (-3e38, 0.0)]);
+    specials(
+        exp_scaled_by::<0>,
+        &[(NAN, NAN), (-INF, 0.0), (INF, INF), (0.0, 1.0), (-0.0, 1.0), (3e38, INF), (-1e30, 0.0)],
+    );
+    specials(
+        exp_scaled_by::<64>,
+        &[(NAN, NAN), (-INF, 0.0), (0.0, 2f64.powi(64)), (-0.0, 2f64.powi(64)), (-1e30, 0.0)],
+    );
     specials(
         math::log,
         &[(0.0, -INF), (-0.0, -INF), (-1.0, NAN), (-INF, NAN), (INF, INF), (NAN, NAN), (1.0, 0.0), (-min32, NAN)],
