@@ -65,14 +65,45 @@ impl Data {
     }
 
     /// Empty storage with room for `n` elements of `dtype`, for a kernel that writes every
-    /// element before [`Data::set_len`] declares them: unlike [`Data::zeroed`], no memset.
+    /// element before [`Data::set_len`] declares them: unlike [`Data::zeroed`], no memset. A
+    /// large block comes from the [`crate::pool`] cache when it holds one of that size.
     pub fn with_capacity(dtype: DType, n: usize) -> Data {
+        if let Some(d) = crate::pool::take(dtype, n) {
+            return d;
+        }
         match dtype {
             DType::Bool => Data::Bool(Vec::with_capacity(n)),
             DType::U8 => Data::U8(Vec::with_capacity(n)),
             DType::I64 => Data::I64(Vec::with_capacity(n)),
             DType::F32 => Data::F32(Vec::with_capacity(n)),
             DType::F64 => Data::F64(Vec::with_capacity(n)),
+        }
+    }
+
+    /// Capacity in elements.
+    pub fn capacity(&self) -> usize {
+        match self {
+            Data::Bool(v) => v.capacity(),
+            Data::U8(v) => v.capacity(),
+            Data::I64(v) => v.capacity(),
+            Data::F32(v) => v.capacity(),
+            Data::F64(v) => v.capacity(),
+        }
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity_bytes(&self) -> usize {
+        self.capacity() * self.dtype().size()
+    }
+
+    /// Removes every element, keeping the allocation.
+    pub fn clear(&mut self) {
+        match self {
+            Data::Bool(v) => v.clear(),
+            Data::U8(v) => v.clear(),
+            Data::I64(v) => v.clear(),
+            Data::F32(v) => v.clear(),
+            Data::F64(v) => v.clear(),
         }
     }
 
@@ -257,6 +288,17 @@ pub struct Buffer {
     shape: Dims,
 }
 
+impl Drop for Buffer {
+    /// The last owner of a large block hands it to the [`crate::pool`] cache.
+    fn drop(&mut self) {
+        if let Some(d) = Arc::get_mut(&mut self.data) {
+            if d.capacity_bytes() >= crate::pool::MIN_BYTES {
+                crate::pool::give(std::mem::replace(d, Data::F32(Vec::new())));
+            }
+        }
+    }
+}
+
 impl Buffer {
     /// Wraps storage with a shape. Panics if the element count does not match the shape.
     pub fn new(data: Data, shape: &[usize]) -> Buffer {
@@ -309,9 +351,12 @@ impl Buffer {
     }
 
     /// The storage, if this buffer is its only owner (so it can be reused or written in place).
-    pub fn into_data(self) -> Result<Data, Buffer> {
-        let shape = self.shape;
-        Arc::try_unwrap(self.data).map_err(|data| Buffer { data, shape })
+    pub fn into_data(mut self) -> Result<Data, Buffer> {
+        match Arc::get_mut(&mut self.data) {
+            // The empty placeholder left behind is dropped with `self`.
+            Some(d) => Ok(std::mem::replace(d, Data::F32(Vec::new()))),
+            None => Err(self),
+        }
     }
 
     /// Whether two buffers share storage.

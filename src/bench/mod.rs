@@ -8,7 +8,9 @@
 //!    time the compile API reports for building that plan (trace, autodiff, passes, codegen);
 //! 2. warms up (at least one call, then up to 0.2 s or `iters` calls);
 //! 3. runs one step under [`CountingAlloc::measure`]: `peak_bytes` is the most heap the step
-//!    held at once on top of what was live before it (`null` without the counting allocator);
+//!    held at once on top of what was live before it (`null` without the counting allocator),
+//!    with the runtime's storage cache ([`tracegrad_runtime::pool`]) off for that step so that
+//!    reused blocks count too;
 //! 4. times `iters` calls one by one and reports their median, min and max.
 //!
 //! With both modes, the compiled run's first result (output or loss) is checked against the
@@ -233,7 +235,12 @@ pub fn measure(runner: &mut dyn Runner, iters: usize) -> Result<Measurement, Str
         runner.step()?;
         calls += 1;
     }
+    // The peak is the step's own footprint: with the storage cache off and empty, every block
+    // it needs is a fresh allocation, as on a first call.
+    tracegrad_runtime::pool::empty_cache();
+    let limit = tracegrad_runtime::pool::set_limit(0);
     let (r, peak_bytes) = CountingAlloc::measure(|| runner.step());
+    tracegrad_runtime::pool::set_limit(limit);
     r?;
     let times = Times::of(&time_calls(iters, || runner.step().map(drop))?);
     Ok(Measurement { times, first_ms, compile_ms, peak_bytes, first })

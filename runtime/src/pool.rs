@@ -1,0 +1,169 @@
+//! A cache of large freed storage blocks, reused by outputs of the same size.
+//!
+//! A fresh multi-megabyte allocation comes from `mmap` and costs a page fault per page (or per
+//! huge page) on first write, plus the kernel's zeroing of each page: for a 64 MiB output,
+//! milliseconds on every call. Like PyTorch's caching allocator, the runtime keeps the storage
+//! of dropped [`Buffer`](crate::Buffer)s of [`MIN_BYTES`] or more (up to a limit, oldest
+//! evicted first) and hands it to the next [`Data::with_capacity`] of that size, so a compiled
+//! function called in a loop writes into warm memory. Only storage that no buffer references
+//! any more enters the cache, and a block leaves it before it is written, so no two owners
+//! ever see one block. [`empty_cache`] returns everything to the system allocator.
+
+use crate::buffer::Data;
+use crate::dtype::DType;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Blocks smaller than this are left to the system allocator (which reuses them well).
+pub const MIN_BYTES: usize = 8 << 20;
+
+/// Default bound on the bytes kept.
+pub const DEFAULT_LIMIT: usize = 512 << 20;
+
+static LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_LIMIT);
+
+struct Cache {
+    /// Empty storage (length 0) with its capacity, oldest first.
+    blocks: Vec<Data>,
+    bytes: usize,
+}
+
+static CACHE: Mutex<Cache> = Mutex::new(Cache { blocks: Vec::new(), bytes: 0 });
+
+fn cache() -> std::sync::MutexGuard<'static, Cache> {
+    // The cache holds no invariant a panic elsewhere could break.
+    CACHE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes a cached block of `dtype` with room for `n` elements (and at most a quarter more),
+/// as empty storage.
+pub(crate) fn take(dtype: DType, n: usize) -> Option<Data> {
+    if n * dtype.size() < MIN_BYTES {
+        return None;
+    }
+    let mut c = cache();
+    let i = c.blocks.iter().position(|d| d.dtype() == dtype && (n..=n + n / 4).contains(&d.capacity()))?;
+    let d = c.blocks.remove(i);
+    c.bytes -= d.capacity_bytes();
+    Some(d)
+}
+
+/// Keeps `d`'s allocation for reuse if it is large enough; otherwise frees it.
+pub(crate) fn give(mut d: Data) {
+    let bytes = d.capacity_bytes();
+    let limit = LIMIT.load(Ordering::Relaxed);
+    if bytes < MIN_BYTES || bytes > limit {
+        return;
+    }
+    d.clear();
+    let mut evicted = Vec::new();
+    {
+        let mut c = cache();
+        while c.bytes + bytes > limit && !c.blocks.is_empty() {
+            let old = c.blocks.remove(0);
+            c.bytes -= old.capacity_bytes();
+            evicted.push(old);
+        }
+        c.bytes += bytes;
+        c.blocks.push(d);
+    }
+    // Freed outside the lock.
+    drop(evicted);
+}
+
+/// Bytes held by the cache.
+pub fn cached_bytes() -> usize {
+    cache().bytes
+}
+
+/// Frees every cached block.
+pub fn empty_cache() {
+    let blocks = std::mem::take(&mut cache().blocks);
+    cache().bytes = 0;
+    drop(blocks);
+}
+
+/// Sets the bound on cached bytes (0 turns caching off), evicting as needed; returns the
+/// previous bound.
+pub fn set_limit(bytes: usize) -> usize {
+    let previous = LIMIT.swap(bytes, Ordering::Relaxed);
+    let mut evicted = Vec::new();
+    {
+        let mut c = cache();
+        while c.bytes > bytes && !c.blocks.is_empty() {
+            let old = c.blocks.remove(0);
+            c.bytes -= old.capacity_bytes();
+            evicted.push(old);
+        }
+    }
+    drop(evicted);
+    previous
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::Buffer;
+
+    /// Element counts no other test uses (the cache is process-wide and tests run in
+    /// parallel).
+    const N: usize = (MIN_BYTES / 4) + 1234;
+
+    /// Serializes these tests: one of them turns the cache off for a moment.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn filled(n: usize) -> Buffer {
+        Buffer::from_vec(vec![1.5f32; n], &[n])
+    }
+
+    #[test]
+    fn the_last_owner_hands_its_block_to_the_next_allocation_of_that_size() {
+        let _serial = serial();
+        let a = filled(N);
+        let b = a.clone();
+        let addr = a.data().as_ptr();
+        drop(a);
+        // Still referenced by `b`: nothing is cached, a new block is allocated.
+        let fresh = Data::with_capacity(DType::F32, N);
+        assert_ne!(fresh.as_ptr(), addr);
+        drop(fresh);
+        drop(b);
+        let reused = Data::with_capacity(DType::F32, N);
+        assert_eq!(reused.as_ptr(), addr, "the dropped block is reused");
+        assert_eq!(reused.len(), 0, "and comes back empty");
+        // Another dtype or size does not take it.
+        assert!(take(DType::F64, N / 2).is_none_or(|d| d.as_ptr() != addr));
+    }
+
+    #[test]
+    fn small_blocks_are_not_cached_and_into_data_keeps_its_storage() {
+        let _serial = serial();
+        let small = Buffer::from_vec(vec![0u8; 1000], &[1000]);
+        drop(small);
+        assert!(take(DType::U8, 1000).is_none());
+        let big = filled(N + 1);
+        let addr = big.data().as_ptr();
+        let d = big.into_data().expect("sole owner");
+        assert_eq!(d.as_ptr(), addr);
+        assert_eq!(d.len(), N + 1);
+    }
+
+    #[test]
+    fn a_zero_limit_caches_nothing() {
+        let _serial = serial();
+        // A block given while the limit is 0 is freed.
+        let d = Data::F64(vec![0.0; (MIN_BYTES / 8) + 77]);
+        let previous = set_limit(0);
+        give(d);
+        let none = take(DType::F64, (MIN_BYTES / 8) + 77);
+        set_limit(previous);
+        assert!(none.is_none());
+        give(Data::F64(vec![0.0; (MIN_BYTES / 8) + 77]));
+        assert!(cached_bytes() >= MIN_BYTES);
+        assert!(take(DType::F64, (MIN_BYTES / 8) + 77).is_some());
+    }
+}
