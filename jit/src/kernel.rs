@@ -500,19 +500,25 @@ pub fn lower(
                 }
                 let x = refs[0];
                 let max = push(&mut spec, KOp::Reduce(Reduction::MaxSkipNan, x), VType::Float, Space::Row);
-                // The shift is the row max when finite, else 0 (PyTorch's results for rows
-                // holding +inf, or all -inf).
+                // The shift is the row max when finite, 0 when it is +inf (PyTorch's results
+                // for rows holding +inf), and NaN when no element is above -inf (all -inf or
+                // NaN: every output is NaN, as PyTorch's; `exp_scaled` needs no exact zero
+                // for -inf then).
                 let abs = push(&mut spec, KOp::Unary(UnaryOp::Abs, max), VType::Float, Space::Row);
                 let inf = push(&mut spec, KOp::Const(f64::INFINITY), VType::Float, Space::Row);
                 let finite = push(&mut spec, KOp::Compare(CompareOp::Lt, abs, inf), VType::Bool, Space::Row);
                 let zero = push(&mut spec, KOp::Const(0.0), VType::Float, Space::Row);
-                let m = push(&mut spec, KOp::Where(finite, max, zero), VType::Float, Space::Row);
+                let nan = push(&mut spec, KOp::Const(f64::NAN), VType::Float, Space::Row);
+                let above = push(&mut spec, KOp::Compare(CompareOp::Gt, max, zero), VType::Bool, Space::Row);
+                let other = push(&mut spec, KOp::Where(above, zero, nan), VType::Float, Space::Row);
+                let m = push(&mut spec, KOp::Where(finite, max, other), VType::Float, Space::Row);
                 let d = push(&mut spec, KOp::Binary(BinaryOp::Sub, x, m), VType::Float, Space::Elem);
                 // exp(d)·2^shift, d ≤ 0 (or anything, where the max is not finite: shift 0
                 // there). Softmax scales by 2^64, which keeps every term that can round to a
                 // nonzero (even subnormal) output normal, so one scale suffices and e·(1/s)
                 // rounds once, as with the exact exp; log_softmax needs only the sum, where the
-                // terms below 2^−126 that `exp_scaled` drops vanish against its 1.
+                // terms below 2^−124 that `exp_scaled` raises to about 2^−124 vanish against its
+                // 1 (and in softmax, times 1/s ≤ 2^−64, round to zero).
                 let shift = if *log {
                     zero
                 } else {

@@ -133,9 +133,11 @@ pub fn exp(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
 /// [`exp`]'s polynomial and reduction) wherever the result is normal.
 ///
 /// Domain: x ≤ 0 for any `shift`, any x with `shift` = 0. Below x = −(86 + shift·ln 2)
-/// (where one scale would stop being normal) the result is exactly +0: a softmax shifted by 2^64 rounds such terms to zero anyway, and they
-/// are below the rounding of any sum that holds a 1. `+inf` gives `+inf` (shift 0), NaN gives
-/// NaN, `−inf` gives `+0`.
+/// (where one scale would stop being normal) x is clamped there: the result is about 2^−124
+/// (f64: 2^−1018.5) instead of smaller, `−inf` included. Softmax's sum holds a term 2^shift
+/// (its max), against which such terms vanish, and its outputs `e·(1/s)` with 1/s ≤ 2^−64
+/// round them to zero; rows with no finite max get a NaN shift instead. `+inf` gives `+inf`
+/// (shift 0), NaN gives NaN.
 pub fn exp_scaled(b: &mut FunctionBuilder, m: &MathCtx, x: Value, shift: Value) -> Value {
     let mut e = Em::new(b, m, x);
     // The upper clamp keeps k ≤ 128 (1024); e^x = (2·e^r)·2^(k−1) keeps the scale finite up
@@ -143,6 +145,12 @@ pub fn exp_scaled(b: &mut FunctionBuilder, m: &MathCtx, x: Value, shift: Value) 
     // threshold keeps 2^(k−1) normal.
     let (lo0, hi) = if e.wide { (-706.0, 710.0) } else { (-86.0, 89.0) };
     let xc = e.min_const(x, hi);
+    let nln2 = e.c(-std::f64::consts::LN_2);
+    let lo0 = e.c(lo0);
+    let lo = e.fma(shift, nln2, lo0);
+    // max(xc, lo) that keeps a NaN xc: one `maxps`.
+    let below = e.cmp(FloatCC::LessThan, xc, lo);
+    let xc = e.sel(below, lo, xc);
     let log2e = e.c(LOG2E);
     let y = e.mul(xc, log2e);
     let k = e.round_int(y);
@@ -166,14 +174,7 @@ pub fn exp_scaled(b: &mut FunctionBuilder, m: &MathCtx, x: Value, shift: Value) 
     let t = e.bits(t);
     let t = e.b.ins().ishl_imm_u(t, sh);
     let s1 = e.float(t);
-    let v = e.mul(p, s1);
-    // Below the threshold: exactly 0.
-    let nln2 = e.c(-std::f64::consts::LN_2);
-    let lo0 = e.c(lo0);
-    let lo = e.fma(shift, nln2, lo0);
-    let under = e.cmp(FloatCC::LessThan, x, lo);
-    let zero = e.c(0.0);
-    e.sel(under, zero, v)
+    e.mul(p, s1)
 }
 
 /// Natural logarithm `ln x`.

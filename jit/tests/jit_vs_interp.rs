@@ -353,3 +353,44 @@ fn kernels_run_on_unaligned_pointers_and_sub_ranges() {
         .unwrap();
     }
 }
+
+#[test]
+fn softmax_rows_with_infinities_nans_and_wide_spreads_match_the_interpreter() {
+    // Rows that take every branch of the JIT's softmax: all -inf (NaN out), a -inf element in
+    // a finite row (0 out), +inf elements (shift 0), NaN, and spreads wide enough that some
+    // outputs are subnormal or round to zero.
+    let inf = f64::INFINITY;
+    let rows: [[f64; 5]; 8] = [
+        [-inf, -inf, -inf, -inf, -inf],
+        [-inf, 1.0, 2.0, -inf, 0.5],
+        [inf, 1.0, -inf, 3.0, 88.5],
+        [inf, inf, 0.0, -1.0, -inf],
+        [f64::NAN, 1.0, 2.0, 3.0, 4.0],
+        [f64::NAN, -inf, -inf, -inf, -inf],
+        [0.0, -90.0, -100.0, -104.0, -200.0],
+        [0.0, -700.0, -740.0, -745.0, -800.0],
+    ];
+    for dtype in [DType::F32, DType::F64] {
+        for log in [false, true] {
+            let mut g = Graph::new();
+            let x = g.add_input("x", InputRole::Data, TensorType::new(dtype, &[8, 5]));
+            let y = if log { composite::log_softmax(&mut g, &x, -1) } else { composite::softmax(&mut g, &x, -1) };
+            g.add_output("y", y.unwrap());
+            let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+            let input = match dtype {
+                DType::F32 => Buffer::from_vec(flat.iter().map(|&v| v as f32).collect::<Vec<f32>>(), &[8, 5]),
+                _ => Buffer::from_vec(flat, &[8, 5]),
+            };
+            let want = interpret(&g, std::slice::from_ref(&input), &NoCallbacks).unwrap()[0].to_f64_vec();
+            let exe = Executable::new(&g, Backend::Jit).unwrap();
+            assert!(exe.kernel_steps() >= 1, "softmax is a JIT kernel:\n{}", exe.plan_text());
+            let got = exe.run(&[input], &NoCallbacks).unwrap()[0].to_f64_vec();
+            let eps = if dtype == DType::F32 { f32::EPSILON as f64 } else { f64::EPSILON };
+            for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
+                let ok =
+                    if b.is_nan() { a.is_nan() } else { a == b || (a - b).abs() <= 4.0 * eps * b.abs().max(1e-300) };
+                assert!(ok, "{dtype:?} log={log} row {} col {}: jit {a:e} vs interpreter {b:e}", i / 5, i % 5);
+            }
+        }
+    }
+}
