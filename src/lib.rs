@@ -48,4 +48,4 @@ pub use ops::linear;
 pub use tensor::{manual_seed, Tensor};
 pub use tracegrad_compiler::composite::Reduction;
 pub use tracegrad_compiler::{Op, OpError, TensorType};
-pub use tracegrad_runtime::{Buffer, DType, Generator};
+pub use tracegrad_runtime::{pool, Buffer, DType, Generator};

@@ -4,12 +4,13 @@
 //! huge page) on first write, plus the kernel's zeroing of each page: for a 64 MiB output,
 //! milliseconds on every call. Like PyTorch's caching allocator, the runtime keeps the storage
 //! of dropped [`Buffer`](crate::Buffer)s of [`MIN_BYTES`] or more (up to a limit, oldest
-//! evicted first) and hands it to the next [`Data::with_capacity`] of that size, so a compiled
-//! function called in a loop writes into warm memory. Only storage that no buffer references
+//! evicted first) and hands it to the next [`Data::with_capacity`] of that size (the JIT
+//! executor's outputs) or [`take_vec`] (the eager elementwise loops), so a function called in
+//! a loop writes into warm memory. Only storage that no buffer references
 //! any more enters the cache, and a block leaves it before it is written, so no two owners
 //! ever see one block. [`empty_cache`] returns everything to the system allocator.
 
-use crate::buffer::Data;
+use crate::buffer::{Data, Element};
 use crate::dtype::DType;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -46,6 +47,15 @@ pub(crate) fn take(dtype: DType, n: usize) -> Option<Data> {
     let d = c.blocks.remove(i);
     c.bytes -= d.capacity_bytes();
     Some(d)
+}
+
+/// An empty vector with room for `n` elements: a cached block when there is one of that size
+/// (at most a quarter larger), else a fresh `Vec::new()` (which the caller's collect allocates).
+pub fn take_vec<T: Element>(n: usize) -> Vec<T> {
+    match take(T::DTYPE, n) {
+        Some(mut d) => T::slice_mut(&mut d).map(std::mem::take).unwrap_or_default(),
+        None => Vec::new(),
+    }
 }
 
 /// Keeps `d`'s allocation for reuse if it is large enough; otherwise frees it.
@@ -137,6 +147,19 @@ mod tests {
         assert_eq!(reused.len(), 0, "and comes back empty");
         // Another dtype or size does not take it.
         assert!(take(DType::F64, N / 2).is_none_or(|d| d.as_ptr() != addr));
+    }
+
+    #[test]
+    fn eager_maps_write_into_cached_blocks() {
+        let _serial = serial();
+        let n = N + 99;
+        let a = filled(n);
+        let addr = a.data().as_ptr();
+        drop(a);
+        let x = vec![2.0f32; n];
+        let y = crate::kernels::pointwise::map(&x, |v| v * 3.0);
+        assert_eq!(y.as_ptr() as *const u8, addr, "the map's output is the cached block");
+        assert!(y.len() == n && y.iter().all(|&v| v == 6.0));
     }
 
     #[test]

@@ -18,7 +18,10 @@ pub fn map<T: Element, U: Element>(x: &[T], f: impl Fn(T) -> U + Sync + Send) ->
     if x.len() < PAR_THRESHOLD {
         x.iter().map(|&v| f(v)).collect()
     } else {
-        x.par_iter().with_min_len(MIN_CHUNK).map(|&v| f(v)).collect()
+        // A large output reuses a cached block of its size (`crate::pool`) when there is one.
+        let mut out = crate::pool::take_vec(x.len());
+        x.par_iter().with_min_len(MIN_CHUNK).map(|&v| f(v)).collect_into_vec(&mut out);
+        out
     }
 }
 
@@ -36,7 +39,9 @@ pub fn zip<A: Element, B: Element, U: Element>(
         if n < PAR_THRESHOLD {
             return a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect();
         }
-        return a.par_iter().with_min_len(MIN_CHUNK).zip(b.par_iter()).map(|(&x, &y)| f(x, y)).collect();
+        let mut out = crate::pool::take_vec(n);
+        a.par_iter().with_min_len(MIN_CHUNK).zip(b.par_iter()).map(|(&x, &y)| f(x, y)).collect_into_vec(&mut out);
+        return out;
     }
     if b.len() == 1 && a.len() == n {
         let y = b[0];
