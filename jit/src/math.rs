@@ -152,14 +152,7 @@ pub fn exp_scaled(b: &mut FunctionBuilder, m: &MathCtx, x: Value, shift: Value) 
     // max(xc, lo) that keeps a NaN xc: one `maxps`.
     let below = e.cmp(FloatCC::LessThan, xc, lo);
     let xc = e.sel(below, lo, xc);
-    let log2e = e.c(LOG2E);
-    let y = e.mul(xc, log2e);
-    let k = e.round_int(y);
-    let (hi_c, lo_c) = if e.wide { (LN2_HI_F64, LN2_LO_F64) } else { (EXP_LN2_HI_F32, EXP_LN2_LO_F32) };
-    let nhi = e.c(-hi_c);
-    let nlo = e.c(-lo_c);
-    let r = e.fma(k, nhi, xc);
-    let r = e.fma(k, nlo, r);
+    let (k, r) = e.reduce_ln2(xc);
     let c = if e.wide { &EXP_F64[..] } else { &EXP_F32[..] };
     // 2·e^r = 2 + r·2H(r), H = 1 + r·P(r): the doubled coefficients give exactly twice exp's
     // values.
@@ -872,6 +865,19 @@ impl<'a, 'b> Em<'a, 'b> {
         }
     }
 
+    /// exp's argument reduction: `k = round(x/ln 2)` and `r = x − k·ln 2` (Cody–Waite, two
+    /// FMAs), |r| ≤ ln 2 / 2.
+    fn reduce_ln2(&mut self, x: Value) -> (Value, Value) {
+        let log2e = self.c(LOG2E);
+        let y = self.mul(x, log2e);
+        let k = self.round_int(y);
+        let (hi_c, lo_c) = if self.wide { (LN2_HI_F64, LN2_LO_F64) } else { (EXP_LN2_HI_F32, EXP_LN2_LO_F32) };
+        let nhi = self.c(-hi_c);
+        let nlo = self.c(-lo_c);
+        let r = self.fma(k, nhi, x);
+        (k, self.fma(k, nlo, r))
+    }
+
     /// `e^(x + lo)` as `p·s1·s2` (`two_scales`) or `p·s1`.
     ///
     /// x is clamped to [−110, 89] (f32) / [−760, 710] (f64), where the product already
@@ -884,14 +890,7 @@ impl<'a, 'b> Em<'a, 'b> {
         let (xlo, xhi) = if self.wide { (EXP_MIN_F64, 710.0) } else { (EXP_MIN_F32, 89.0) };
         let xc = if clamp.hi { self.min_const(x, xhi) } else { x };
         let xc = if clamp.lo { self.max_const(xc, xlo) } else { xc };
-        let log2e = self.c(LOG2E);
-        let y = self.mul(xc, log2e);
-        let k = self.round_int(y);
-        let (hi_c, lo_c) = if self.wide { (LN2_HI_F64, LN2_LO_F64) } else { (EXP_LN2_HI_F32, EXP_LN2_LO_F32) };
-        let nhi = self.c(-hi_c);
-        let nlo = self.c(-lo_c);
-        let r = self.fma(k, nhi, xc);
-        let mut r = self.fma(k, nlo, r);
+        let (k, mut r) = self.reduce_ln2(xc);
         if let Some(l) = lo {
             r = self.add(r, l);
         }

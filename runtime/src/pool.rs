@@ -66,19 +66,28 @@ pub(crate) fn give(mut d: Data) {
         return;
     }
     d.clear();
-    let mut evicted = Vec::new();
-    {
+    let evicted = {
         let mut c = cache();
-        while c.bytes + bytes > limit && !c.blocks.is_empty() {
-            let old = c.blocks.remove(0);
-            c.bytes -= old.capacity_bytes();
-            evicted.push(old);
-        }
+        let evicted = c.evict_to(limit - bytes);
         c.bytes += bytes;
         c.blocks.push(d);
-    }
+        evicted
+    };
     // Freed outside the lock.
     drop(evicted);
+}
+
+impl Cache {
+    /// Removes the oldest blocks until at most `bytes` are kept; returns them.
+    fn evict_to(&mut self, bytes: usize) -> Vec<Data> {
+        let mut evicted = Vec::new();
+        while self.bytes > bytes && !self.blocks.is_empty() {
+            let old = self.blocks.remove(0);
+            self.bytes -= old.capacity_bytes();
+            evicted.push(old);
+        }
+        evicted
+    }
 }
 
 /// Bytes held by the cache.
@@ -88,24 +97,15 @@ pub fn cached_bytes() -> usize {
 
 /// Frees every cached block.
 pub fn empty_cache() {
-    let blocks = std::mem::take(&mut cache().blocks);
-    cache().bytes = 0;
-    drop(blocks);
+    let evicted = cache().evict_to(0);
+    drop(evicted);
 }
 
 /// Sets the bound on cached bytes (0 turns caching off), evicting as needed; returns the
 /// previous bound.
 pub fn set_limit(bytes: usize) -> usize {
     let previous = LIMIT.swap(bytes, Ordering::Relaxed);
-    let mut evicted = Vec::new();
-    {
-        let mut c = cache();
-        while c.bytes > bytes && !c.blocks.is_empty() {
-            let old = c.blocks.remove(0);
-            c.bytes -= old.capacity_bytes();
-            evicted.push(old);
-        }
-    }
+    let evicted = cache().evict_to(bytes);
     drop(evicted);
     previous
 }
