@@ -291,10 +291,12 @@ pub struct Buffer {
 impl Drop for Buffer {
     /// The last owner of a large block hands it to the [`crate::pool`] cache.
     fn drop(&mut self) {
+        // Size first: small buffers (nearly all) skip the uniqueness check's atomics.
+        if self.data.capacity_bytes() < crate::pool::MIN_BYTES {
+            return;
+        }
         if let Some(d) = Arc::get_mut(&mut self.data) {
-            if d.capacity_bytes() >= crate::pool::MIN_BYTES {
-                crate::pool::give(std::mem::replace(d, Data::F32(Vec::new())));
-            }
+            crate::pool::give(std::mem::replace(d, Data::F32(Vec::new())));
         }
     }
 }
