@@ -274,7 +274,7 @@ impl Tensor {
     }
 
     /// Moves the storage out (so its new owner may be its only owner), leaving an empty
-    /// placeholder until [`Tensor::restore_storage`] puts a buffer back. Crate-internal: a
+    /// buffer of shape `[0]` until [`Tensor::restore_storage`] puts one back. Crate-internal: a
     /// compiled training step donates parameters this way, with no hook able to run between.
     pub(crate) fn take_storage(&self) -> Buffer {
         self.update_buffer(|b| {

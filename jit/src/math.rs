@@ -430,8 +430,9 @@ pub fn gelu(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
 /// Computed as the identical `x·sigmoid(w)`, `w = 2√(2/π)·(x + 0.044715·x³)`, with w in
 /// double-word arithmetic (its rounding error would otherwise be amplified |w|-fold by e^w).
 /// Error ≤ 2.1 ulp with FMA, ≤ 2.2 ulp without, over the whole domain, relative also for
-/// x ≪ 0 (rounded once, down into the subnormals). `gelu_tanh(±0) = ±0`, `gelu_tanh(+inf) = +inf`, `gelu_tanh(NaN) = NaN`
-/// and `gelu_tanh(−inf) = NaN` (IEEE `−inf·0`, as tracegrad's reference kernel gives).
+/// x ≪ 0 (rounded once, down into the subnormals). `gelu_tanh(±0) = ±0`,
+/// `gelu_tanh(+inf) = +inf`, `gelu_tanh(NaN) = NaN` and `gelu_tanh(−inf) = NaN` (IEEE
+/// `−inf·0`, as tracegrad's reference kernel gives).
 pub fn gelu_tanh(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
     let mut e = Em::new(b, m, x);
     // Beyond ±GELU_TANH_XMAX sigmoid(w) is exactly 0 or 1; the clamp keeps the splits finite.

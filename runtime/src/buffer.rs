@@ -24,6 +24,13 @@ pub enum Data {
     F64(Vec<f64>),
 }
 
+/// Empty, unallocated storage (f32).
+impl Default for Data {
+    fn default() -> Self {
+        Data::F32(Vec::new())
+    }
+}
+
 impl Data {
     /// The element type.
     pub fn dtype(&self) -> DType {
@@ -296,7 +303,7 @@ impl Drop for Buffer {
             return;
         }
         if let Some(d) = Arc::get_mut(&mut self.data) {
-            crate::pool::give(std::mem::replace(d, Data::F32(Vec::new())));
+            crate::pool::give(std::mem::take(d));
         }
     }
 }
@@ -355,8 +362,8 @@ impl Buffer {
     /// The storage, if this buffer is its only owner (so it can be reused or written in place).
     pub fn into_data(mut self) -> Result<Data, Buffer> {
         match Arc::get_mut(&mut self.data) {
-            // The empty placeholder left behind is dropped with `self`.
-            Some(d) => Ok(std::mem::replace(d, Data::F32(Vec::new()))),
+            // The storage moves out; the Arc keeps an empty, unallocated Vec, freed with `self`.
+            Some(d) => Ok(std::mem::take(d)),
             None => Err(self),
         }
     }

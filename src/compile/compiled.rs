@@ -59,7 +59,6 @@ pub struct Plan {
 /// A module compiled into static-graph plans (see [`compile`]).
 pub struct CompiledModule<'m> {
     module: &'m dyn Module,
-    backend: Backend,
     plans: PlanCache<Plan>,
 }
 
@@ -69,11 +68,13 @@ pub(crate) struct PlanCache<P> {
     plans: Vec<(Signature, P)>,
     reasons: Vec<String>,
     last: Option<Signature>,
+    /// The backend every cached plan runs on.
+    backend: Backend,
 }
 
 impl<P> Default for PlanCache<P> {
     fn default() -> Self {
-        PlanCache { plans: Vec::new(), reasons: Vec::new(), last: None }
+        PlanCache { plans: Vec::new(), reasons: Vec::new(), last: None, backend: Backend::default() }
     }
 }
 
@@ -110,6 +111,20 @@ impl<P> PlanCache<P> {
         self.last = None;
     }
 
+    /// Selects the backend for plans built from now on; cached plans of another backend are
+    /// dropped, so every later call runs on `backend`.
+    pub(crate) fn set_backend(&mut self, backend: Backend) {
+        if backend != self.backend {
+            self.clear();
+        }
+        self.backend = backend;
+    }
+
+    /// The backend plans run on.
+    pub(crate) fn backend(&self) -> Backend {
+        self.backend
+    }
+
     /// Why each plan was compiled, oldest first.
     pub(crate) fn reasons(&self) -> &[String] {
         &self.reasons
@@ -137,7 +152,7 @@ pub fn compile<M: Module>(module: &M) -> CompiledModule<'_> {
 
 /// [`compile`] for a `&dyn Module`.
 pub fn compile_dyn(module: &dyn Module) -> CompiledModule<'_> {
-    CompiledModule { module, backend: Backend::default(), plans: PlanCache::default() }
+    CompiledModule { module, plans: PlanCache::default() }
 }
 
 fn hook_states(m: &dyn Module) -> Vec<(String, u64, usize)> {
@@ -576,16 +591,13 @@ impl CompiledModule<'_> {
     /// Selects the backend for plans compiled from now on (cached plans are dropped, so every
     /// later call runs on `backend`).
     pub fn with_backend(mut self, backend: Backend) -> Self {
-        if backend != self.backend {
-            self.plans.clear();
-        }
-        self.backend = backend;
+        self.plans.set_backend(backend);
         self
     }
 
     /// The backend plans run on.
     pub fn backend(&self) -> Backend {
-        self.backend
+        self.plans.backend()
     }
 
     fn signature(&self, inputs: &[Tensor]) -> Signature {
@@ -600,7 +612,7 @@ impl CompiledModule<'_> {
     /// Runs the module on several inputs.
     pub fn call_many(&mut self, inputs: &[Tensor]) -> Result<Tensor, CompileError> {
         let sig = self.signature(inputs);
-        let (module, backend) = (self.module, self.backend);
+        let (module, backend) = (self.module, self.plans.backend());
         let plan = self.plans.get_or_build(module, sig, |sig| build_plan(module, sig, backend))?;
         let mut all: Vec<Tensor> = inputs.to_vec();
         all.extend(plan.lifted.iter().cloned());

@@ -80,7 +80,6 @@ pub struct TrainStep<'m> {
     module: &'m dyn Module,
     loss_fn: LossFn<'m>,
     optimizer: StepOptimizer,
-    backend: Backend,
     lr: f64,
     step: f32,
     /// Per parameter (by tensor id): its state slots.
@@ -101,7 +100,6 @@ pub fn compile_train_step<'m>(
         module,
         loss_fn: Box::new(loss_fn),
         optimizer,
-        backend: Backend::default(),
         lr,
         step: 0.0,
         state: Default::default(),
@@ -246,16 +244,13 @@ impl TrainStep<'_> {
 
     /// Selects the backend for plans compiled from now on (cached plans are dropped).
     pub fn with_backend(mut self, backend: Backend) -> Self {
-        if backend != self.backend {
-            self.plans.clear();
-        }
-        self.backend = backend;
+        self.plans.set_backend(backend);
         self
     }
 
     /// The backend plans run on.
     pub fn backend(&self) -> Backend {
-        self.backend
+        self.plans.backend()
     }
 
     /// One training step on `(x, target)`; returns the loss (before the update).
@@ -273,7 +268,7 @@ impl TrainStep<'_> {
             }
         }
         let sig = signature_of(self.module, &[x.detach(), target.detach()]);
-        let (module, backend) = (self.module, self.backend);
+        let (module, backend) = (self.module, self.plans.backend());
         let (loss_fn, optimizer) = (&self.loss_fn, &self.optimizer);
         let plan = self.plans.get_or_build(module, sig, |sig| build_step(module, loss_fn, optimizer, backend, sig))?;
         let slots = self.optimizer.slots().len();
