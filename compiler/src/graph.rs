@@ -14,11 +14,14 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use petgraph::stable_graph::{NodeIndex, StableGraph};
-use petgraph::visit::EdgeRef;
+use petgraph::visit::{EdgeRef, IntoEdgeReferences};
 use petgraph::Direction;
 
 use crate::emitter::Emitter;
 use crate::ops::{Op, OpError, OpResult, TensorType};
+
+/// A node's identity in a [`Graph`]. Ids are stable: removing a node never renumbers others.
+pub type NodeId = NodeIndex;
 
 /// Why a graph input exists.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -138,6 +141,102 @@ impl Graph {
                 n
             })
             .collect()
+    }
+
+    /// The node `n`. Panics if `n` was removed (an invariant violation of the caller).
+    pub fn node(&self, n: NodeId) -> &GNode {
+        &self.g[n]
+    }
+
+    /// The node `n`, mutably (its kind, type or attribution; operand edges stay).
+    pub fn node_mut(&mut self, n: NodeId) -> &mut GNode {
+        &mut self.g[n]
+    }
+
+    /// The node `n`, or `None` if there is no such node.
+    pub fn try_node(&self, n: NodeId) -> Option<&GNode> {
+        self.g.node_weight(n)
+    }
+
+    /// What `n` computes.
+    pub fn kind(&self, n: NodeId) -> &NodeKind {
+        &self.g[n].kind
+    }
+
+    /// `n`'s op, if it is an op node.
+    pub fn op(&self, n: NodeId) -> Option<&Op> {
+        match &self.g[n].kind {
+            NodeKind::Op(op) => Some(op),
+            _ => None,
+        }
+    }
+
+    /// `n`'s output type.
+    pub fn ty(&self, n: NodeId) -> &TensorType {
+        &self.g[n].ty
+    }
+
+    /// Whether `n` is a callback node.
+    pub fn is_callback(&self, n: NodeId) -> bool {
+        matches!(self.g[n].kind, NodeKind::Callback { .. })
+    }
+
+    /// Whether `n` is a node of this graph.
+    pub fn contains(&self, n: NodeId) -> bool {
+        self.g.contains_node(n)
+    }
+
+    /// How many nodes the graph has.
+    pub fn node_count(&self) -> usize {
+        self.g.node_count()
+    }
+
+    /// Every node id, in creation order.
+    pub fn node_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.g.node_indices()
+    }
+
+    /// Every operand edge as `(operand, user, position)`.
+    pub fn edges(&self) -> impl Iterator<Item = (NodeId, NodeId, usize)> + '_ {
+        self.g.edge_references().map(|e| (e.source(), e.target(), *e.weight()))
+    }
+
+    /// How many operand slots read `n` (a node reading it twice counts twice).
+    pub fn use_count(&self, n: NodeId) -> usize {
+        self.g.edges_directed(n, Direction::Outgoing).count()
+    }
+
+    /// Adds a copy of `node` reading `operands` in order, without checking its shape rule (for
+    /// passes that copy nodes between graphs; [`Graph::validate`] checks the result).
+    pub fn add_node_unchecked(&mut self, node: GNode, operands: &[NodeId]) -> NodeId {
+        let n = self.g.add_node(node);
+        for (i, &o) in operands.iter().enumerate() {
+            self.g.add_edge(o, n, i);
+        }
+        n
+    }
+
+    /// Removes `n` and its edges. The caller keeps `inputs` and `outputs` consistent.
+    pub fn remove_node(&mut self, n: NodeId) -> Option<GNode> {
+        self.g.remove_node(n)
+    }
+
+    /// Points every use of `old` (operand edges and graph outputs) at `new`.
+    pub fn replace_all_uses(&mut self, old: NodeId, new: NodeId) {
+        let uses: Vec<(NodeId, usize)> =
+            self.g.edges_directed(old, Direction::Outgoing).map(|e| (e.target(), *e.weight())).collect();
+        let ids: Vec<_> = self.g.edges_directed(old, Direction::Outgoing).map(|e| e.id()).collect();
+        for id in ids {
+            self.g.remove_edge(id);
+        }
+        for (t, w) in uses {
+            self.g.add_edge(new, t, w);
+        }
+        for (_, o) in self.outputs.iter_mut() {
+            if *o == old {
+                *o = new;
+            }
+        }
     }
 
     /// Marks `n` as an output called `name`.

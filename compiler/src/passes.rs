@@ -7,7 +7,6 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use petgraph::stable_graph::NodeIndex;
-use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use tracegrad_runtime::Buffer;
 
@@ -102,24 +101,6 @@ impl PassManager {
     }
 }
 
-/// Points every use of `old` (operand edges and graph outputs) at `new`.
-pub fn replace_all_uses(g: &mut Graph, old: NodeIndex, new: NodeIndex) {
-    let uses: Vec<(NodeIndex, usize)> =
-        g.g.edges_directed(old, Direction::Outgoing).map(|e| (e.target(), *e.weight())).collect();
-    let ids: Vec<_> = g.g.edges_directed(old, Direction::Outgoing).map(|e| e.id()).collect();
-    for id in ids {
-        g.g.remove_edge(id);
-    }
-    for (t, w) in uses {
-        g.g.add_edge(new, t, w);
-    }
-    for (_, o) in g.outputs.iter_mut() {
-        if *o == old {
-            *o = new;
-        }
-    }
-}
-
 fn is_callback(g: &Graph, n: NodeIndex) -> bool {
     matches!(g.g[n].kind, NodeKind::Callback { .. })
 }
@@ -174,7 +155,7 @@ impl Pass for Cse {
             };
             match seen.get(&key) {
                 Some(&first) => {
-                    replace_all_uses(g, n, first);
+                    g.replace_all_uses(n, first);
                     changed = true;
                 }
                 None => {
@@ -274,7 +255,7 @@ impl Pass for ConstantFold {
                 g.scope.push((path, mt));
                 let c = g.add_op(new_op, &[]);
                 g.scope.pop();
-                replace_all_uses(g, n, c?);
+                g.replace_all_uses(n, c?);
                 changed = true;
             }
         }
@@ -321,7 +302,7 @@ impl Pass for AlgebraicSimplify {
                 _ => None,
             };
             if let Some(x) = identity {
-                replace_all_uses(g, n, x);
+                g.replace_all_uses(n, x);
                 changed = true;
                 continue;
             }
@@ -343,7 +324,7 @@ impl Pass for AlgebraicSimplify {
                 g.scope.push((path, mt));
                 let r = g.add_op(new_op, &[src]);
                 g.scope.pop();
-                replace_all_uses(g, n, r?);
+                g.replace_all_uses(n, r?);
                 changed = true;
             }
         }
