@@ -2,6 +2,8 @@
 //! comparing tensors with PyTorch's values.
 #![allow(dead_code)]
 
+pub mod gradcheck;
+
 use serde_json::Value;
 use tracegrad::Tensor;
 
