@@ -166,6 +166,22 @@ impl Default for TrainArgs {
 }
 
 fn load(spec: &str, seed: u64) -> Result<(Labeled, Labeled), String> {
+    let (train, test) = load_split(spec, seed)?;
+    if train.is_empty() || test.is_empty() {
+        return Err(format!(
+            "{spec}: the split has {} training and {} test samples; both must be non-empty",
+            train.len(),
+            test.len()
+        ));
+    }
+    let (dt, de) = (train.x.shape()[1], test.x.shape()[1]);
+    if dt != de {
+        return Err(format!("{spec}: training samples have {dt} features but test samples have {de}"));
+    }
+    Ok((train, test))
+}
+
+fn load_split(spec: &str, seed: u64) -> Result<(Labeled, Labeled), String> {
     if spec == "digits" {
         return Ok(data::digits().split(0.8, seed));
     }
@@ -175,10 +191,9 @@ fn load(spec: &str, seed: u64) -> Result<(Labeled, Labeled), String> {
     if let Some(dir) = spec.strip_prefix("mnist-idx:") {
         let dir = Path::new(dir);
         let train = data::read_mnist_idx_dir(dir, "train")?;
-        return match data::read_mnist_idx_dir(dir, "t10k") {
-            Ok(test) => Ok((train, test)),
-            Err(_) => Ok(train.split(0.8, seed)),
-        };
+        // The test files are optional; when present they must read, never a silent fallback.
+        let has_test = ["t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz"].iter().any(|f| dir.join(f).exists());
+        return if has_test { Ok((train, data::read_mnist_idx_dir(dir, "t10k")?)) } else { Ok(train.split(0.8, seed)) };
     }
     Err(format!("unknown dataset {spec:?}: expected digits, mnist-csv:PATH or mnist-idx:DIR"))
 }
@@ -186,6 +201,15 @@ fn load(spec: &str, seed: u64) -> Result<(Labeled, Labeled), String> {
 fn train(args: TrainArgs) -> Result<(), String> {
     if args.model == Model::Cnn {
         return Err("--model cnn is not available yet: it needs the Conv2d/MaxPool2d modules; use --model mlp".into());
+    }
+    if args.epochs == 0 {
+        return Err("--epochs must be at least 1".into());
+    }
+    if args.batch_size == 0 {
+        return Err("--batch-size must be positive".into());
+    }
+    if !args.lr.is_finite() {
+        return Err(format!("--lr must be a finite number, got {}", args.lr));
     }
     let (train_set, test_set) = load(&args.dataset, args.seed)?;
     let optimizer = match args.optimizer {
@@ -202,9 +226,6 @@ fn train(args: TrainArgs) -> Result<(), String> {
         compiled: args.mode == Mode::Compiled,
         ..Default::default()
     };
-    if cfg.batch_size == 0 {
-        return Err("--batch-size must be positive".into());
-    }
     eprintln!(
         "training MLP {}→{}→{} on {} ({} train / {} test), {}, {:?} lr {}",
         train_set.x.shape()[1],

@@ -122,6 +122,16 @@ pub fn train_mlp(
         Eager(Box<dyn Optimizer>),
         Compiled(Box<crate::compile::TrainStep<'a>>),
     }
+    // The optimizer's own validation runs first in both modes, so a bad hyperparameter is the
+    // same error eager or compiled, before any work.
+    let eager_opt: Box<dyn Optimizer> = match cfg.optimizer {
+        OptimizerKind::Sgd => Box::new(
+            Sgd::with_options(model.parameters(), crate::optim::SgdOptions { lr: cfg.lr, ..Default::default() })
+                .map_err(|e| e.to_string())?,
+        ),
+        OptimizerKind::Adam => Box::new(Adam::new(model.parameters(), cfg.lr).map_err(|e| e.to_string())?),
+        OptimizerKind::AdamW => Box::new(AdamW::new(model.parameters(), cfg.lr).map_err(|e| e.to_string())?),
+    };
     let mut stepper = if cfg.compiled {
         use crate::compile::StepOptimizer as S;
         let spec = match cfg.optimizer {
@@ -131,11 +141,7 @@ pub fn train_mlp(
         };
         Stepper::Compiled(Box::new(crate::compile::compile_train_step(&model, |out, y| out.cross_entropy(y), spec)))
     } else {
-        Stepper::Eager(match cfg.optimizer {
-            OptimizerKind::Sgd => Box::new(Sgd::new(model.parameters(), cfg.lr)),
-            OptimizerKind::Adam => Box::new(Adam::new(model.parameters(), cfg.lr).map_err(|e| e.to_string())?),
-            OptimizerKind::AdamW => Box::new(AdamW::new(model.parameters(), cfg.lr).map_err(|e| e.to_string())?),
-        })
+        Stepper::Eager(eager_opt)
     };
     let mut g = Generator::new(cfg.seed.wrapping_add(1));
     let mut train_seconds = 0.0;

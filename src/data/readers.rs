@@ -85,15 +85,61 @@ pub fn read_csv(path: &Path, d: usize, pixel_max: f32) -> Result<Labeled, String
     }
 }
 
+/// Most classes a reader accepts: a label of `MAX_CLASSES` or more is an error, never a
+/// silently huge classifier.
+pub const MAX_CLASSES: usize = 10_000;
+
+/// Longest CSV line a reader accepts (a file with no newline is not buffered without bound).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Default for [`max_read_bytes`]: 4 GiB.
+const DEFAULT_MAX_READ_BYTES: u64 = 4 << 30;
+
+/// The most bytes a reader decodes from one file: `TRACEGRAD_MAX_ALLOC` (bytes) when set,
+/// else 4 GiB. A file (or a gzip stream) that decodes to more is an error before it is held
+/// in memory.
+pub fn max_read_bytes() -> u64 {
+    std::env::var("TRACEGRAD_MAX_ALLOC").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(DEFAULT_MAX_READ_BYTES)
+}
+
+/// One label, checked against [`MAX_CLASSES`].
+fn check_label(name: &str, line: usize, y: i64) -> Result<i64, String> {
+    if y < 0 || y as u64 >= MAX_CLASSES as u64 {
+        return Err(format!(
+            "{name}: line {line}: label {y} is outside 0..{MAX_CLASSES} (at most {MAX_CLASSES} classes)"
+        ));
+    }
+    Ok(y)
+}
+
 fn read_csv_from(r: impl Read, name: &str, d: usize, pixel_max: f32) -> Result<Labeled, String> {
     let mut xs = Vec::new();
     let mut ys = Vec::new();
-    for (i, line) in BufReader::new(r).lines().enumerate() {
-        let line = line.map_err(|e| format!("{name}: line {}: {e}", i + 1))?;
+    let mut reader = BufReader::new(r);
+    let mut buf = Vec::new();
+    let mut total = 0u64;
+    let limit = max_read_bytes();
+    for i in 0.. {
+        buf.clear();
+        let got = (&mut reader)
+            .take(MAX_LINE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| format!("{name}: line {}: {e}", i + 1))?;
+        if got == 0 {
+            break;
+        }
+        if buf.len() > MAX_LINE_BYTES {
+            return Err(format!("{name}: line {} is longer than {MAX_LINE_BYTES} bytes", i + 1));
+        }
+        total += got as u64;
+        if total > limit {
+            return Err(format!("{name}: more than {limit} bytes (TRACEGRAD_MAX_ALLOC)"));
+        }
+        let line = std::str::from_utf8(&buf).map_err(|_| format!("{name}: line {}: not UTF-8 text", i + 1))?;
         if line.trim().is_empty() {
             continue;
         }
-        let fields: Vec<&str> = line.split(',').collect();
+        let fields: Vec<&str> = line.trim_end_matches(['\n', '\r']).split(',').collect();
         if fields.len() != d + 1 {
             return Err(format!(
                 "{name}: line {}: expected {} comma-separated values, found {}",
@@ -104,14 +150,14 @@ fn read_csv_from(r: impl Read, name: &str, d: usize, pixel_max: f32) -> Result<L
         }
         for f in &fields[..d] {
             let v: f32 = f.trim().parse().map_err(|_| format!("{name}: line {}: bad pixel value {f:?}", i + 1))?;
+            if !v.is_finite() {
+                return Err(format!("{name}: line {}: pixel value {f:?} is not finite", i + 1));
+            }
             xs.push(v / pixel_max);
         }
         let y: i64 =
             fields[d].trim().parse().map_err(|_| format!("{name}: line {}: bad label {:?}", i + 1, fields[d]))?;
-        if y < 0 {
-            return Err(format!("{name}: line {}: negative label {y}", i + 1));
-        }
-        ys.push(y);
+        ys.push(check_label(name, i + 1, y)?);
     }
     if ys.is_empty() {
         return Err(format!("{name}: no samples"));
@@ -125,12 +171,16 @@ fn read_idx(path: &Path, expect_magic: u32) -> Result<(Vec<usize>, Vec<u8>), Str
     let name = path.display().to_string();
     let mut bytes = Vec::new();
     let f = File::open(path).map_err(|e| format!("{name}: {e}"))?;
+    let limit = max_read_bytes();
     if name.ends_with(".gz") {
-        GzDecoder::new(f).read_to_end(&mut bytes)
+        GzDecoder::new(f).take(limit + 1).read_to_end(&mut bytes)
     } else {
-        BufReader::new(f).read_to_end(&mut bytes)
+        BufReader::new(f).take(limit + 1).read_to_end(&mut bytes)
     }
     .map_err(|e| format!("{name}: {e}"))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("{name}: more than {limit} bytes (TRACEGRAD_MAX_ALLOC)"));
+    }
     if bytes.len() < 4 {
         return Err(format!("{name}: truncated IDX header"));
     }
@@ -148,11 +198,14 @@ fn read_idx(path: &Path, expect_magic: u32) -> Result<(Vec<usize>, Vec<u8>), Str
     }
     let dims: Vec<usize> =
         (0..rank).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
-    let n: usize = dims.iter().product();
-    if bytes.len() != header + n {
-        return Err(format!("{name}: IDX payload has {} bytes, the header promises {n}", bytes.len() - header));
+    let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match n {
+        Some(n) if bytes.len() - header == n => Ok((dims, bytes[header..].to_vec())),
+        Some(n) => {
+            Err(format!("{name}: IDX payload has {} bytes, the header {dims:?} promises {n}", bytes.len() - header))
+        }
+        None => Err(format!("{name}: IDX dims {dims:?} overflow")),
     }
-    Ok((dims, bytes[header..].to_vec()))
 }
 
 /// Reads a pair of MNIST IDX files (images `[n, rows, cols]` u8, labels `[n]` u8), optionally
@@ -171,6 +224,12 @@ pub fn read_idx_pair(images: &Path, labels: &Path) -> Result<Labeled, String> {
     }
     let n = idims[0];
     let d = idims[1] * idims[2];
+    if n == 0 {
+        return Err(format!("{}: no images", images.display()));
+    }
+    if d == 0 {
+        return Err(format!("{}: images of {}x{} pixels", images.display(), idims[1], idims[2]));
+    }
     let xs: Vec<f32> = pixels.iter().map(|&p| p as f32 / 255.0).collect();
     let ys: Vec<i64> = lbl.iter().map(|&l| l as i64).collect();
     let classes = ys.iter().copied().max().unwrap_or(0) as usize + 1;
@@ -231,6 +290,47 @@ mod tests {
         assert_eq!(d.y.to_vec::<i64>(), vec![7, 3]);
         std::fs::write(dir.join("train-images-idx3-ubyte"), &img[..18]).unwrap();
         assert!(read_mnist_idx_dir(&dir, "train").unwrap_err().contains("payload"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn hostile_csv_is_an_error() {
+        let e = read_csv_from("0.5,1000000000\n".as_bytes(), "t.csv", 1, 1.0).unwrap_err();
+        assert_eq!(e, "t.csv: line 1: label 1000000000 is outside 0..10000 (at most 10000 classes)");
+        let e = read_csv_from("0.5,9223372036854775807\n".as_bytes(), "t.csv", 1, 1.0).unwrap_err();
+        assert!(e.contains("outside 0..10000"), "{e}");
+        assert!(read_csv_from("0.5,-1\n".as_bytes(), "t.csv", 1, 1.0).unwrap_err().contains("label -1"));
+        let e = read_csv_from("NaN,1\n".as_bytes(), "t.csv", 1, 1.0).unwrap_err();
+        assert_eq!(e, "t.csv: line 1: pixel value \"NaN\" is not finite");
+        assert!(read_csv_from("inf,1\n".as_bytes(), "t.csv", 1, 1.0).unwrap_err().contains("not finite"));
+        // A line with no end is refused at the bound, not buffered.
+        let zeros = std::io::repeat(b'0').take(3 * MAX_LINE_BYTES as u64);
+        let e = read_csv_from(zeros, "z.csv", 1, 1.0).unwrap_err();
+        assert_eq!(e, format!("z.csv: line 1 is longer than {MAX_LINE_BYTES} bytes"));
+        assert_eq!(read_csv_from("\n\n".as_bytes(), "e.csv", 1, 1.0).unwrap_err(), "e.csv: no samples");
+        // CRLF line ends are accepted.
+        let d = read_csv_from("0.5,1\r\n0.25,0\r\n".as_bytes(), "t.csv", 1, 1.0).unwrap();
+        assert_eq!(d.y.to_vec::<i64>(), vec![1, 0]);
+    }
+
+    #[test]
+    fn hostile_idx_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("tracegrad-idx-hostile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |img: &[u8], lbl: &[u8]| {
+            std::fs::write(dir.join("train-images-idx3-ubyte"), img).unwrap();
+            std::fs::write(dir.join("train-labels-idx1-ubyte"), lbl).unwrap();
+        };
+        // [4, 2^31, 2^31]: the dims product wraps to 0 in 64 bits.
+        write(&[0, 0, 8, 3, 0, 0, 0, 4, 0x80, 0, 0, 0, 0x80, 0, 0, 0], &[0, 0, 8, 1, 0, 0, 0, 4, 1, 2, 3, 4]);
+        let e = read_mnist_idx_dir(&dir, "train").unwrap_err();
+        assert!(e.contains("overflow"), "{e}");
+        // No images.
+        write(&[0, 0, 8, 3, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 2], &[0, 0, 8, 1, 0, 0, 0, 0]);
+        assert!(read_mnist_idx_dir(&dir, "train").unwrap_err().contains("no images"));
+        // 0×0 images.
+        write(&[0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0], &[0, 0, 8, 1, 0, 0, 0, 1, 5]);
+        assert!(read_mnist_idx_dir(&dir, "train").unwrap_err().contains("0x0 pixels"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }
