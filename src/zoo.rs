@@ -9,6 +9,10 @@
 use crate::nn::{Module, ModuleCore, ModuleExt};
 use crate::Tensor;
 
+/// The largest example batch [`build`] accepts: far above any dump or bench, and small enough
+/// that no model's sizes approach overflow.
+pub const MAX_BATCH: usize = 1 << 20;
+
 /// A one-element parameter.
 fn scalar_param(v: f32) -> Tensor {
     Tensor::from_vec(vec![v], &[1]).requires_grad_(true)
@@ -274,6 +278,9 @@ pub const MODELS: [(&str, &str); 4] = [
 
 /// Builds a zoo model by name, for inputs with batch size `batch`.
 pub fn build(name: &str, batch: usize) -> Result<ZooModel, String> {
+    if !(1..=MAX_BATCH).contains(&batch) {
+        return Err(format!("batch size {batch} is outside 1..={MAX_BATCH}"));
+    }
     let (module, input_shape): (Box<dyn Module>, Vec<usize>) = match name {
         "mlp" => (Box::new(mlp()), vec![batch, 784]),
         "cnn" => (Box::new(cnn()), vec![batch, 1, 28, 28]),

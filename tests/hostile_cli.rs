@@ -172,3 +172,28 @@ fn a_small_valid_idx_set_trains_with_real_numbers() {
     assert!(v["test_accuracy"].as_f64().unwrap().is_finite());
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// Asserts a clean usage error from clap (exit 2, `error: invalid value …`).
+#[track_caller]
+fn usage_error(args: &[&str], want: &str) {
+    let (code, err) = run(args, Duration::from_secs(30));
+    assert_eq!(code, 2, "tracegrad {args:?}:\n{err}");
+    assert!(err.lines().next().unwrap_or_default().starts_with("error: ") && err.contains(want), "{err}");
+}
+
+#[test]
+fn bench_and_dump_bounds_fail_before_any_work() {
+    usage_error(&["bench", "--iters", "18446744073709551615"], "is not in 1..=100000");
+    usage_error(&["bench", "--iters", "0"], "is not in 1..=100000");
+    usage_error(&["bench", "--threads", "100000"], "is not in 1..=1024");
+    usage_error(&["bench", "--workload", "nope"], "invalid value 'nope'");
+    let t0 = Instant::now();
+    fails_with(&["bench", "--plot", "/nonexistent/dir/x.svg"], "--plot /nonexistent/dir/x.svg");
+    assert!(t0.elapsed() < Duration::from_secs(10), "the plot path was checked only after measuring");
+    fails_with(&["dump", "--model", "mlp", "--batch", "4611686018427387905", "--stage", "plan"], "outside 1..=");
+    fails_with(&["dump", "--model", "mlp", "--batch", "0"], "batch size 0 is outside");
+    fails_with(&["dump", "--model", "resnet"], "unknown model");
+    fails_with(&["dump", "--model", "mlp", "--stage", "nope"], "nope");
+    fails_with(&["dump", "--model", "mlp", "--format", "pdf"], "unknown format");
+    fails_with(&["dump", "--model", "mlp", "-o", "/nonexistent/dir/g.txt"], "/nonexistent/dir/g.txt");
+}

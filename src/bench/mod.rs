@@ -63,6 +63,11 @@ impl ModeChoice {
     }
 }
 
+/// The most timed iterations `--iters` accepts.
+pub const MAX_ITERS: u64 = 100_000;
+/// The most threads `--threads` accepts.
+pub const MAX_THREADS: u64 = 1024;
+
 /// The `tracegrad bench` command line (DESIGN.md, "Command-line contract").
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -72,12 +77,12 @@ pub struct BenchArgs {
     /// Which execution modes to time.
     #[arg(long, value_enum, default_value = "both")]
     pub mode: ModeChoice,
-    /// Timed iterations per (workload, mode) and reference row (default: per workload, so the
-    /// whole bench takes about a minute on two cores).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Timed iterations per (workload, mode) and reference row, 1 to 100000 (default: per
+    /// workload, so the whole bench takes about a minute on two cores).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_ITERS))]
     pub iters: Option<u64>,
-    /// Run everything on a rayon pool of N threads (default: rayon's default).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    /// Run everything on a rayon pool of N threads, 1 to 1024 (default: rayon's default).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_THREADS))]
     pub threads: Option<u64>,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
@@ -326,6 +331,11 @@ pub fn run(cfg: &Config, bar: &ProgressBar, on_row: &mut dyn FnMut(&Row)) -> Vec
 /// `tracegrad bench`: parses nothing (clap did), runs, prints, plots. Fails when the
 /// arguments are unusable or when any run failed (after printing everything else).
 pub fn cli(args: BenchArgs) -> Result<(), String> {
+    // The chart's file is opened before anything is measured, so a bad path fails at once.
+    let plot_file = match &args.plot {
+        Some(path) => Some(std::fs::File::create(path).map_err(|e| format!("--plot {}: {e}", path.display()))?),
+        None => None,
+    };
     let mut names: Vec<&str> = args.workloads.iter().map(String::as_str).collect();
     if names.is_empty() {
         names = WORKLOADS.to_vec();
@@ -380,8 +390,8 @@ pub fn cli(args: BenchArgs) -> Result<(), String> {
         print!("{}", table(&rows));
         println!("({} rows in {:.1} s)", rows.len(), started.elapsed().as_secs_f64());
     }
-    if let Some(path) = &args.plot {
-        std::fs::write(path, svg_chart(&rows)).map_err(|e| format!("{}: {e}", path.display()))?;
+    if let (Some(path), Some(mut file)) = (&args.plot, plot_file) {
+        file.write_all(svg_chart(&rows).as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let failed: Vec<String> =
         rows.iter().filter_map(|r| r.error.as_ref().map(|e| format!("{} ({}): {e}", r.workload, r.mode))).collect();
