@@ -49,3 +49,8 @@ pub use tensor::{manual_seed, Tensor};
 pub use tracegrad_compiler::composite::Reduction;
 pub use tracegrad_compiler::{Op, OpError, TensorType};
 pub use tracegrad_runtime::{pool, Buffer, DType, Generator};
+
+/// The README's Rust blocks run as doctests, so its API example stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
