@@ -9,6 +9,7 @@
 pub mod buffer;
 pub mod dtype;
 pub mod kernels;
+pub mod philox;
 pub mod pool;
 pub mod random;
 pub mod shape;
