@@ -5,14 +5,14 @@
 //! each call. So an optimizer step, a learning-rate change or a scheduler needs no recompile.
 //! The update formulas follow PyTorch's single-tensor (foreach=False) implementations.
 
-use tracegrad_compiler::autodiff::append_backward;
-use tracegrad_compiler::graph::{Graph, InputRole};
+use tracegrad_compiler::graph::{Graph, InputRole, NodeId, NodeKind};
 use tracegrad_compiler::ops::{BinaryOp, CompareOp, UnaryOp};
 use tracegrad_compiler::{Build, OpResult, TensorType};
 use tracegrad_jit::{Backend, Executable};
 use tracegrad_runtime::{Buffer, DType};
 
-use super::compiled::{op_error, optimize, signature_of, PlanCache, Runner, Signature};
+use super::compiled::{signature_of, PlanCache, Runner, Signature};
+use super::pipeline::{self, grad_inputs, op_error, Goal, Options};
 use super::trace::{trace_with, CompileError};
 use crate::nn::{Module, ModuleExt};
 use crate::optim::{AdamOptions, AdamWOptions, SgdOptions};
@@ -117,13 +117,13 @@ fn scalar<B: Build>(e: &mut B, v: f64, like: &B::Value) -> OpResult<B::Value> {
 fn emit_update(
     g: &mut Graph,
     opt: &StepOptimizer,
-    p: petgraph::stable_graph::NodeIndex,
-    grad: petgraph::stable_graph::NodeIndex,
-    state: &[petgraph::stable_graph::NodeIndex],
-    lr: petgraph::stable_graph::NodeIndex,
-    step: petgraph::stable_graph::NodeIndex,
-    new_step: petgraph::stable_graph::NodeIndex,
-) -> OpResult<(petgraph::stable_graph::NodeIndex, Vec<petgraph::stable_graph::NodeIndex>)> {
+    p: NodeId,
+    grad: NodeId,
+    state: &[NodeId],
+    lr: NodeId,
+    step: NodeId,
+    new_step: NodeId,
+) -> OpResult<(NodeId, Vec<NodeId>)> {
     let lr = g.cast(&lr, g.dtype(&p))?;
     match opt {
         StepOptimizer::Sgd(o) => {
@@ -322,8 +322,8 @@ impl TrainStep<'_> {
     }
 }
 
-/// Traces `loss_fn(module(x), y)`, differentiates w.r.t. the parameters, emits the
-/// optimizer's update, optimizes and compiles the plan for `backend`.
+/// Traces `loss_fn(module(x), y)` and runs the pipeline: differentiates w.r.t. the
+/// parameters, emits the optimizer's update, optimizes and compiles the plan for `backend`.
 fn build_step(
     module: &dyn Module,
     loss_fn: &LossFn<'_>,
@@ -333,73 +333,61 @@ fn build_step(
 ) -> Result<StepPlan, CompileError> {
     let t0 = std::time::Instant::now();
     let traced = crate::enable_grad(|| trace_with(module, &sig.inputs, &|a| loss_fn(&module.call(&a[0]), &a[1])))?;
-    let mut g = traced.graph;
-    let loss = g.outputs[0].1;
-    if g.g[loss].ty.numel() != 1 || !g.g[loss].ty.dtype.is_float() {
+    let g = &traced.graph;
+    let loss = g.ty(g.outputs[0].1);
+    if loss.numel() != 1 || !loss.dtype.is_float() {
         return Err(CompileError {
             op: String::new(),
             module_path: String::new(),
-            message: format!("compile_train_step: the loss must be a float scalar, got {}", g.g[loss].ty),
+            message: format!("compile_train_step: the loss must be a float scalar, got {loss}"),
         });
     }
     let n_data = sig.inputs.len();
-    let candidates: Vec<usize> =
-        traced.lifted_inputs.iter().enumerate().filter(|(_, t)| t.requires_grad()).map(|(j, _)| j).collect();
-    let wrt: Vec<_> = candidates.iter().map(|&j| g.inputs[n_data + j]).collect();
-    let loss_ty = g.g[loss].ty.clone();
-    let seed = g.full(1.0, loss_ty.dtype, &loss_ty.shape).map_err(op_error)?;
-    let grads = append_backward(&mut g, &[(loss, seed)], &wrt, &mut |g, group, _| {
-        let label = match &g.g[group[0]].kind {
-            tracegrad_compiler::graph::NodeKind::Callback { label, .. } => label.clone(),
-            _ => String::new(),
-        };
-        Err(tracegrad_compiler::OpError::new(
-            "autodiff",
-            format!("compiled backward through a {label} is not supported yet"),
-        ))
+    // Only parameters (lifted tensors) are updated, never the data inputs.
+    let wrt: Vec<usize> = grad_inputs(&[], &traced.lifted_inputs, true).into_iter().map(|j| n_data + j).collect();
+    // The parameters being replaced are donated: their new values may be written over the
+    // old storage (only when no hook could observe a parameter mid-step).
+    let donate = traced.callbacks.is_empty();
+    let opts = Options { goal: Goal::TrainStep(optimizer), wrt, hooked: false, donate, backend, dump: false };
+    let mut built = pipeline::run(traced, &opts)?;
+    Ok(StepPlan {
+        exec: built.take_exec()?,
+        graph: built.forward,
+        compile_time: t0.elapsed(),
+        lifted: built.lifted,
+        updates: built.updates,
+        updated: built.wrt.iter().map(|&i| i - n_data).collect(),
+        callbacks: built.callbacks,
+        donate,
     })
-    .map_err(op_error)?;
+}
+
+/// Appends the update of each parameter in `params` from its gradient in `grads`: the
+/// learning rate, the step count and each parameter's state slots become graph inputs; the
+/// new parameter (`param:NAME`) and state (`state:NAME.SLOT`) become outputs.
+pub(crate) fn append_update(
+    g: &mut Graph,
+    optimizer: &StepOptimizer,
+    params: &[NodeId],
+    grads: &[NodeId],
+) -> OpResult<()> {
     let lr = g.add_input("lr", InputRole::State, TensorType::new(DType::F32, &[]));
     let step = g.add_input("step", InputRole::State, TensorType::new(DType::F32, &[]));
-    let new_step = g.add_scalar(&step, 1.0).map_err(op_error)?;
+    let new_step = g.add_scalar(&step, 1.0)?;
     let slots = optimizer.slots();
-    let mut updated = Vec::new();
-    for (&j, grad) in candidates.iter().zip(grads) {
-        let Some(grad) = grad else { continue };
-        let p = g.inputs[n_data + j];
-        let ty = g.g[p].ty.clone();
-        let name = match &g.g[p].kind {
-            tracegrad_compiler::graph::NodeKind::Input { name, .. } => name.clone(),
+    for (&p, &grad) in params.iter().zip(grads) {
+        let ty = g.ty(p).clone();
+        let name = match g.kind(p) {
+            NodeKind::Input { name, .. } => name.clone(),
             _ => String::new(),
         };
         let state: Vec<_> =
             slots.iter().map(|s| g.add_input(&format!("{name}.{s}"), InputRole::State, ty.clone())).collect();
-        let (np, ns) = emit_update(&mut g, optimizer, p, grad, &state, lr, step, new_step).map_err(op_error)?;
+        let (np, ns) = emit_update(g, optimizer, p, grad, &state, lr, step, new_step)?;
         g.add_output(&format!("param:{name}"), np);
         for (s, n) in slots.iter().zip(ns) {
             g.add_output(&format!("state:{name}.{s}"), n);
         }
-        updated.push(j);
     }
-    optimize(&mut g)?;
-    // The parameters being replaced are donated: their new values may be written over the
-    // old storage (only when no hook could observe a parameter mid-step).
-    let donate = traced.callbacks.is_empty();
-    let mut donated = vec![false; g.inputs.len()];
-    if donate {
-        for &j in &updated {
-            donated[n_data + j] = true;
-        }
-    }
-    let exec = super::compiled::executable_donating(&g, backend, &donated)?;
-    Ok(StepPlan {
-        graph: g,
-        exec,
-        compile_time: t0.elapsed(),
-        lifted: traced.lifted_inputs,
-        updates: traced.updates,
-        updated,
-        callbacks: traced.callbacks,
-        donate,
-    })
+    Ok(())
 }
