@@ -3,7 +3,9 @@
 //! Parameters, buffers, optimizer state (momentum buffers, Adam moments, the step count) and
 //! the learning rate are graph inputs; their new values are graph outputs written back after
 //! each call. So an optimizer step, a learning-rate change or a scheduler needs no recompile.
-//! The update formulas follow PyTorch's single-tensor (foreach=False) implementations.
+//! The update formulas follow PyTorch's single-tensor (foreach=False) implementations; their
+//! scalar part (bias corrections, step size, the weight decay's form) is the eager optimizers'
+//! own, from `crate::optim::rules`.
 
 use tracegrad_compiler::graph::{Graph, InputRole, NodeId, NodeKind};
 use tracegrad_compiler::ops::{BinaryOp, CompareOp, UnaryOp};
@@ -15,6 +17,7 @@ use super::compiled::{signature_of, PlanCache, Runner, Signature};
 use super::pipeline::{self, grad_inputs, op_error, Goal, Options};
 use super::trace::{trace_with, CompileError};
 use crate::nn::{Module, ModuleExt};
+use crate::optim::rules::{adam_scalars, WeightDecay};
 use crate::optim::{AdamOptions, AdamWOptions, SgdOptions};
 use crate::tensor::Tensor;
 
@@ -107,11 +110,6 @@ pub fn compile_train_step<'m>(
     }
 }
 
-fn scalar<B: Build>(e: &mut B, v: f64, like: &B::Value) -> OpResult<B::Value> {
-    let d = e.dtype(like);
-    e.scalar(v, d)
-}
-
 /// Emits one parameter's update; returns (new parameter, new state slots).
 #[allow(clippy::too_many_arguments)]
 fn emit_update(
@@ -128,8 +126,8 @@ fn emit_update(
     match opt {
         StepOptimizer::Sgd(o) => {
             let mut d = if o.maximize { g.neg(&grad)? } else { grad };
-            if o.weight_decay != 0.0 {
-                let wd = g.mul_scalar(&p, o.weight_decay)?;
+            if let Some(wd) = WeightDecay::new(o.weight_decay, false).l2() {
+                let wd = g.mul_scalar(&p, wd)?;
                 d = g.add(&d, &wd)?;
             }
             let mut new_state = Vec::new();
@@ -154,21 +152,18 @@ fn emit_update(
         }
         StepOptimizer::Adam(AdamOptions { betas, eps, weight_decay, amsgrad, maximize, .. })
         | StepOptimizer::AdamW(AdamWOptions { betas, eps, weight_decay, amsgrad, maximize, .. }) => {
-            let decoupled = matches!(opt, StepOptimizer::AdamW(_));
+            let decay = WeightDecay::new(*weight_decay, matches!(opt, StepOptimizer::AdamW(_)));
             let (b1, b2) = *betas;
+            let t = g.cast(&new_step, g.dtype(&p))?;
+            let sc = adam_scalars(g, *betas, decay, &lr, &t)?;
             let mut d = if *maximize { g.neg(&grad)? } else { grad };
             let mut p = p;
-            if *weight_decay != 0.0 {
-                if decoupled {
-                    // p ← p·(1 − lr·wd)
-                    let lwd = g.mul_scalar(&lr, *weight_decay)?;
-                    let one = scalar(g, 1.0, &p)?;
-                    let keep = g.sub(&one, &lwd)?;
-                    p = g.mul(&p, &keep)?;
-                } else {
-                    let wd = g.mul_scalar(&p, *weight_decay)?;
-                    d = g.add(&d, &wd)?;
-                }
+            if let Some(keep) = &sc.decay {
+                p = g.mul(&p, keep)?;
+            }
+            if let Some(wd) = decay.l2() {
+                let wd = g.mul_scalar(&p, wd)?;
+                d = g.add(&d, &wd)?;
             }
             // m ← m + (1 − β1)(g − m)   (PyTorch's lerp);  v ← β2·v + (1 − β2)·g²
             let diff = g.sub(&d, &state[0])?;
@@ -178,17 +173,6 @@ fn emit_update(
             let g2 = g.mul(&d, &d)?;
             let g2 = g.mul_scalar(&g2, 1.0 - b2)?;
             let v = g.add(&v, &g2)?;
-            let t = g.cast(&new_step, g.dtype(&p))?;
-            let bias = |g: &mut Graph, beta: f64| -> OpResult<_> {
-                let b = scalar(g, beta, &p)?;
-                let pw = g.binary(BinaryOp::Pow, &b, &t)?;
-                let one = scalar(g, 1.0, &p)?;
-                g.sub(&one, &pw)
-            };
-            let bc1 = bias(g, b1)?;
-            let bc2 = bias(g, b2)?;
-            let step_size = g.div(&lr, &bc1)?;
-            let bc2_sqrt = g.unary(UnaryOp::Sqrt, &bc2)?;
             let mut new_state = vec![m, v];
             let vv = if *amsgrad {
                 let vmax = g.binary(BinaryOp::Maximum, &state[2], &v)?;
@@ -198,10 +182,10 @@ fn emit_update(
                 v
             };
             let denom = g.unary(UnaryOp::Sqrt, &vv)?;
-            let denom = g.div(&denom, &bc2_sqrt)?;
+            let denom = g.div(&denom, &sc.bias_correction2_sqrt)?;
             let denom = g.add_scalar(&denom, *eps)?;
             let ratio = g.div(&m, &denom)?;
-            let upd = g.mul(&ratio, &step_size)?;
+            let upd = g.mul(&ratio, &sc.step_size)?;
             Ok((g.sub(&p, &upd)?, new_state))
         }
     }
