@@ -84,9 +84,7 @@ pub fn stage_graph(
         return Ok((traced.graph, String::new()));
     }
     let wrt = grad_inputs(inputs, &traced.lifted_inputs, true);
-    // Only the stages before the passes need the pipeline's snapshots.
-    let dump = matches!(stage, Stage::Joint | Stage::Forward | Stage::Backward);
-    let opts = Options { goal: Goal::Call, wrt, hooked: true, donate: false, backend: Backend::Jit, dump };
+    let opts = Options { goal: Goal::Call, wrt, hooked: true, donate: false, backend: Backend::Jit, dump: true };
     let built = pipeline::run(traced, &opts)?;
     let snapshot = match stage {
         Stage::Joint => built.snapshots.joint,
