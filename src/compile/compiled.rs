@@ -31,12 +31,13 @@ pub(crate) struct Signature {
 
 /// One compiled specialisation.
 pub struct Plan {
-    /// The optimized forward graph. With a backward, its outputs are the result then the
-    /// values saved for the backward.
-    pub graph: tracegrad_compiler::graph::Graph,
+    /// The optimized forward graph (what `tracegrad dump --stage optimized` shows). With a
+    /// backward, its outputs are the result, the buffer updates, then the values saved for the
+    /// backward.
+    pub graph: Graph,
     /// The optimized backward graph (saved values and the output gradient in, one gradient
     /// per `wrt` entry out), when the call needs gradients.
-    pub backward: Option<Arc<tracegrad_compiler::graph::Graph>>,
+    pub backward: Option<Arc<Graph>>,
     /// The forward graph compiled for the module's backend.
     pub exec: Executable,
     /// The backward graph compiled for the module's backend.

@@ -1,4 +1,5 @@
-//! Graph dumps for `tracegrad dump`: every stage of the pipeline, as text, DOT, SVG or JSON.
+//! Graph dumps for `tracegrad dump`: every stage of the pipeline (src/compile/pipeline.rs, the
+//! one `compile` runs), as text, DOT, SVG or JSON.
 
 use std::process::{Command, Stdio};
 
@@ -21,7 +22,7 @@ pub enum Stage {
     Forward,
     /// The backward half (saved values and the output gradient in).
     Backward,
-    /// The forward half after the optimization passes.
+    /// The forward half after the optimization passes: the forward graph `compile` runs.
     Optimized,
     /// The optimized forward partitioned into the JIT's fused kernels (text only).
     Fused,
