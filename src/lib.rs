@@ -1,7 +1,8 @@
 //! # tracegrad
 //!
-//! PyTorch-style tensors, autograd and modules in Rust, growing into a static-graph compiler
-//! (trace → petgraph IR → AOT autodiff → fusion → Cranelift JIT).
+//! PyTorch-style tensors, autograd and modules in Rust, run eagerly or compiled:
+//! [`compile::compile`] traces a module into a static graph (petgraph IR), differentiates it
+//! ahead of time, optimizes and fuses it, and runs it on a Cranelift JIT.
 //!
 //! ```
 //! use tracegrad::{nn, nn::{Module, ModuleExt}, optim::{Optimizer, Sgd}, Tensor};

@@ -3,6 +3,7 @@
 
 use std::process::Command;
 
+use tracegrad::compile::compile_dyn;
 use tracegrad::compile::dump::{render, stage_graph, Format, Stage};
 use tracegrad::nn::ModuleExt;
 use tracegrad::zoo;
@@ -34,7 +35,7 @@ fn every_model_dumps_every_stage_and_json_round_trips() {
                     .inputs
                     .iter()
                     .map(|&i| {
-                        let ty = &g.g[i].ty;
+                        let ty = g.ty(i);
                         let n: usize = ty.shape.iter().product();
                         Buffer::from_vec((0..n).map(|k| ((k % 7) as f32 - 3.0) * 0.1).collect::<Vec<f32>>(), &ty.shape)
                             .cast(ty.dtype)
@@ -44,6 +45,48 @@ fn every_model_dumps_every_stage_and_json_round_trips() {
             }
         }
     }
+}
+
+/// `dump --stage optimized` is a snapshot of what `compile` runs: for every zoo model, in eval
+/// and in training mode, the dumped graph is the compiled plan's forward graph, node for node.
+#[test]
+fn optimized_stage_is_the_graph_compile_runs() {
+    for (model, _) in zoo::MODELS {
+        for train in [false, true] {
+            tracegrad::manual_seed(0);
+            let z = zoo::build(model, 2).unwrap();
+            z.module.train(train);
+            let (dumped, ran) = dumped_and_compiled(&*z.module, &z.input_shape);
+            assert_eq!(dumped, ran, "{model} (train: {train})");
+        }
+    }
+}
+
+/// The optimized stage and the compiled plan's forward graph, as JSON.
+fn dumped_and_compiled(m: &dyn tracegrad::nn::Module, shape: &[usize]) -> (String, String) {
+    let ty = tracegrad::TensorType::new(DType::F32, shape);
+    let dumped = stage_graph(m, &[(ty, false)], Stage::Optimized).unwrap().0;
+    let mut compiled = compile_dyn(m);
+    compiled.call(&tracegrad::Tensor::zeros(shape)).unwrap();
+    (dumped.to_json(), compiled.last_plan().unwrap().graph.to_json())
+}
+
+/// Where the dump used to take its own path: a module that writes buffers (BatchNorm's running
+/// statistics are forward outputs in training mode) and a module with hooks (callback nodes
+/// that the backward must differentiate).
+#[test]
+fn optimized_stage_is_the_graph_compile_runs_with_buffers_and_hooks() {
+    use tracegrad::nn::{BatchNorm1d, Linear, ReLU, Sequential};
+    tracegrad::manual_seed(0);
+    let bn = Sequential::new().add(Linear::new(8, 4)).add(BatchNorm1d::new(4)).add(ReLU::new());
+    bn.train(true);
+    let (dumped, ran) = dumped_and_compiled(&bn, &[3, 8]);
+    assert_eq!(dumped, ran, "BatchNorm in training mode");
+    let hooked = Sequential::new().add(Linear::new(8, 4)).add(ReLU::new());
+    hooked.get_submodule("0").unwrap().register_forward_hook(|_, _, out| Some(out * 2.0));
+    let (dumped, ran) = dumped_and_compiled(&hooked, &[3, 8]);
+    assert!(ran.contains("forward hook of 0"), "{ran}");
+    assert_eq!(dumped, ran, "a module with a forward hook");
 }
 
 #[test]

@@ -5,16 +5,14 @@
 
 use std::sync::Arc;
 
-use tracegrad_compiler::autodiff::append_backward_hooked;
-use tracegrad_compiler::graph::{Graph, InputRole};
+use tracegrad_compiler::graph::Graph;
 use tracegrad_compiler::interpret::CallbackRunner;
-use tracegrad_compiler::partition::partition;
-use tracegrad_compiler::passes::PassManager;
 use tracegrad_compiler::Build;
 use tracegrad_compiler::TensorType;
 use tracegrad_jit::{Backend, Executable};
 use tracegrad_runtime::{Buffer, ShapeDisplay};
 
+use super::pipeline::{self, grad_inputs, op_error, Goal, Options};
 use super::trace::{trace_module, CallbackSpec, CompileError};
 use crate::nn::{Module, ModuleExt};
 use crate::tensor::Tensor;
@@ -33,12 +31,13 @@ pub(crate) struct Signature {
 
 /// One compiled specialisation.
 pub struct Plan {
-    /// The optimized forward graph. With a backward, its outputs are the result then the
-    /// values saved for the backward.
-    pub graph: tracegrad_compiler::graph::Graph,
+    /// The optimized forward graph (what `tracegrad dump --stage optimized` shows). With a
+    /// backward, its outputs are the result, the buffer updates, then the values saved for the
+    /// backward.
+    pub graph: Graph,
     /// The optimized backward graph (saved values and the output gradient in, one gradient
     /// per `wrt` entry out), when the call needs gradients.
-    pub backward: Option<Arc<tracegrad_compiler::graph::Graph>>,
+    pub backward: Option<Arc<Graph>>,
     /// The forward graph compiled for the module's backend.
     pub exec: Executable,
     /// The backward graph compiled for the module's backend.
@@ -425,113 +424,33 @@ fn check_same(path: &str, what: &str, old: &Buffer, new: &Tensor) -> Result<Buff
     Ok(nb)
 }
 
-pub(crate) fn op_error(e: tracegrad_compiler::OpError) -> CompileError {
-    CompileError { op: e.op, module_path: String::new(), message: e.message }
-}
-
-pub(crate) fn optimize(g: &mut Graph) -> Result<String, CompileError> {
-    let mut pm = PassManager::standard();
-    pm.validate = cfg!(debug_assertions);
-    pm.run(g).map_err(op_error)?;
-    Ok(pm.report())
-}
-
-/// Compiles a graph for `backend`.
-pub(crate) fn executable(g: &Graph, backend: Backend) -> Result<Executable, CompileError> {
-    executable_donating(g, backend, &[])
-}
-
-/// Compiles a graph for `backend`, with the inputs marked in `donated` writable in place.
-pub(crate) fn executable_donating(g: &Graph, backend: Backend, donated: &[bool]) -> Result<Executable, CompileError> {
-    Executable::with_donation(g, backend, donated).map_err(|message| CompileError {
-        op: "codegen".into(),
-        module_path: String::new(),
-        message,
-    })
-}
-
-/// Traces, differentiates (when the signature needs gradients), partitions, optimizes and
-/// compiles for `backend`.
+/// Traces, then runs the pipeline: differentiates when the signature needs gradients,
+/// partitions, optimizes and compiles for `backend`.
 fn build_plan(module: &dyn Module, sig: &Signature, backend: Backend) -> Result<Plan, CompileError> {
     let t0 = std::time::Instant::now();
     let traced = trace_module(module, &sig.inputs)?;
-    let mut graph = traced.graph;
-    let n_data = sig.inputs.len();
-    let wrt: Vec<usize> = if sig.grad_enabled {
-        (0..n_data)
-            .filter(|&i| sig.inputs[i].1 && sig.inputs[i].0.dtype.is_float())
-            .chain(traced.lifted_inputs.iter().enumerate().filter(|(_, t)| t.requires_grad()).map(|(j, _)| n_data + j))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    if wrt.is_empty() {
-        let pass_report = optimize(&mut graph)?;
-        let exec = executable(&graph, backend)?;
-        return Ok(Plan {
-            graph,
-            backward: None,
-            exec,
-            backward_exec: None,
-            compile_time: t0.elapsed(),
-            wrt,
-            updates: traced.updates,
-            pass_report,
-            lifted: traced.lifted_inputs,
-            callbacks: Arc::new(traced.callbacks),
-        });
-    }
-    let y = graph.outputs[0].1;
-    let seed = graph.add_input("grad_out", InputRole::Grad, graph.g[y].ty.clone());
-    let wrt_nodes: Vec<_> = wrt.iter().map(|&i| graph.inputs[i]).collect();
-    let callbacks = std::cell::RefCell::new(traced.callbacks);
-    let tensor_hooks = traced.tensor_hooks;
-    let grads = append_backward_hooked(
-        &mut graph,
-        &[(y, seed)],
-        &wrt_nodes,
-        &mut |g, group, grads| callback_vjp(g, &mut callbacks.borrow_mut(), group, grads),
-        &mut |g, n, grad| {
-            let mut grad = grad;
-            for (node, hook) in tensor_hooks.iter().filter(|(node, _)| *node == n) {
-                let _ = node;
-                let id = callbacks.borrow().len();
-                callbacks.borrow_mut().push(CallbackSpec::TensorHook { hook: hook.clone() });
-                let ty = g.g[grad].ty.clone();
-                grad = g.add_callback(id, "tensor hook", &[grad], &[ty])[0];
-            }
-            Ok(grad)
-        },
-    )
-    .map_err(op_error)?;
-    // Arguments that do not influence the output get no gradient, as in eager mode.
-    let (wrt, grads): (Vec<usize>, Vec<_>) = wrt.into_iter().zip(grads).filter_map(|(w, g)| g.map(|g| (w, g))).unzip();
-    let fwd_outputs: Vec<_> = graph.outputs.iter().map(|(_, n)| *n).collect();
-    let p = partition(&graph, &fwd_outputs, &[seed], &grads, true).map_err(op_error)?;
-    let (mut forward, mut backward) = (p.forward, p.backward);
-    let mut report = optimize(&mut forward)?;
-    report.push_str("\n-- backward --\n");
-    report.push_str(&optimize(&mut backward)?);
-    let exec = executable(&forward, backend)?;
-    let backward_exec = Arc::new(executable(&backward, backend)?);
+    let wrt = grad_inputs(&sig.inputs, &traced.lifted_inputs, sig.grad_enabled);
+    let opts = Options { goal: Goal::Call, wrt, hooked: true, donate: false, backend, dump: false };
+    let mut built = pipeline::run(traced, &opts)?;
+    let exec = built.take_exec()?;
     Ok(Plan {
-        graph: forward,
-        backward: Some(Arc::new(backward)),
+        graph: built.forward,
+        backward: built.backward.map(Arc::new),
         exec,
-        backward_exec: Some(backward_exec),
+        backward_exec: built.backward_exec.map(Arc::new),
         compile_time: t0.elapsed(),
-        wrt,
-        updates: traced.updates,
-        pass_report: report,
-        lifted: traced.lifted_inputs,
-        callbacks: Arc::new(callbacks.into_inner()),
+        wrt: built.wrt,
+        updates: built.updates,
+        pass_report: built.report,
+        lifted: built.lifted,
+        callbacks: Arc::new(built.callbacks),
     })
 }
 
 /// The backward of a callback group: a backward-graph callback whose operands are the
 /// group's output gradients (zeros where none arrives) and whose results are the gradients
 /// of the forward callback's operands.
-fn callback_vjp(
+pub(crate) fn callback_vjp(
     g: &mut Graph,
     callbacks: &mut Vec<CallbackSpec>,
     group: &[petgraph::stable_graph::NodeIndex],

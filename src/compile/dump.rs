@@ -1,13 +1,13 @@
-//! Graph dumps for `tracegrad dump`: every stage of the pipeline, as text, DOT, SVG or JSON.
+//! Graph dumps for `tracegrad dump`: every stage of the pipeline (src/compile/pipeline.rs, the
+//! one `compile` runs), as text, DOT, SVG or JSON.
 
 use std::process::{Command, Stdio};
 
-use tracegrad_compiler::autodiff::append_backward_plain;
-use tracegrad_compiler::graph::{Graph, InputRole};
-use tracegrad_compiler::partition::partition;
-use tracegrad_compiler::passes::PassManager;
+use tracegrad_compiler::graph::Graph;
 use tracegrad_compiler::TensorType;
+use tracegrad_jit::Backend;
 
+use super::pipeline::{self, grad_inputs, Goal, Options};
 use super::trace::{trace_module, CompileError};
 use crate::nn::Module;
 
@@ -22,7 +22,7 @@ pub enum Stage {
     Forward,
     /// The backward half (saved values and the output gradient in).
     Backward,
-    /// The forward half after the optimization passes.
+    /// The forward half after the optimization passes: the forward graph `compile` runs.
     Optimized,
     /// The optimized forward partitioned into the JIT's fused kernels (text only).
     Fused,
@@ -71,49 +71,33 @@ pub fn stage_text(g: &Graph, stage: Stage) -> Result<String, String> {
     }
 }
 
-fn op_error(e: tracegrad_compiler::OpError) -> CompileError {
-    CompileError { op: e.op, module_path: String::new(), message: e.message }
-}
-
-/// The graph of `stage` for `module` called on inputs of these types. Gradients are taken
-/// w.r.t. every parameter that requires grad and every input marked `true`.
+/// The graph of `stage` for `module` called on inputs of these types (the `bool`: whether
+/// the input requires grad), with grad mode on: a snapshot of the pipeline run that `compile`
+/// makes for that call, so `Stage::Optimized` is exactly the forward graph `compile` runs. The
+/// string is the optimization passes' report for `Stage::Optimized`.
 pub fn stage_graph(
     module: &dyn Module,
     inputs: &[(TensorType, bool)],
     stage: Stage,
 ) -> Result<(Graph, String), CompileError> {
     let traced = crate::enable_grad(|| trace_module(module, inputs))?;
-    let mut g = traced.graph;
     if stage == Stage::Traced {
-        return Ok((g, String::new()));
+        return Ok((traced.graph, String::new()));
     }
-    let n_data = inputs.len();
-    let wrt: Vec<_> = (0..g.inputs.len())
-        .filter(|&i| if i < n_data { inputs[i].1 } else { traced.lifted_inputs[i - n_data].requires_grad() })
-        .map(|i| g.inputs[i])
-        .collect();
-    let y = g.outputs[0].1;
-    let seed = g.add_input("grad_out", InputRole::Grad, g.g[y].ty.clone());
-    let grads = append_backward_plain(&mut g, &[(y, seed)], &wrt).map_err(op_error)?;
-    let grads: Vec<_> = grads.into_iter().flatten().collect();
-    if stage == Stage::Joint {
-        for (k, gr) in grads.iter().enumerate() {
-            g.add_output(&format!("grad{k}"), *gr);
-        }
-        return Ok((g, String::new()));
-    }
-    let p = partition(&g, &[y], &[seed], &grads, true).map_err(op_error)?;
-    match stage {
-        Stage::Forward => Ok((p.forward, String::new())),
-        Stage::Backward => Ok((p.backward, String::new())),
-        _ => {
-            let mut f = p.forward;
-            let mut pm = PassManager::standard();
-            pm.validate = true;
-            pm.run(&mut f).map_err(op_error)?;
-            Ok((f, pm.report()))
-        }
-    }
+    let wrt = grad_inputs(inputs, &traced.lifted_inputs, true);
+    let opts = Options { goal: Goal::Call, wrt, hooked: true, donate: false, backend: Backend::Jit, dump: true };
+    let built = pipeline::run(traced, &opts)?;
+    let snapshot = match stage {
+        Stage::Joint => built.snapshots.joint,
+        Stage::Forward => built.snapshots.forward,
+        Stage::Backward => built.snapshots.backward,
+        _ => return Ok((built.forward, built.report)),
+    };
+    snapshot.map(|g| (g, String::new())).ok_or_else(|| CompileError {
+        op: String::new(),
+        module_path: String::new(),
+        message: format!("stage {stage:?}: nothing in this call takes a gradient"),
+    })
 }
 
 /// An output format.

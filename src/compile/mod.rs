@@ -3,6 +3,7 @@
 
 mod compiled;
 pub mod dump;
+mod pipeline;
 mod trace;
 mod train_step;
 

@@ -3,18 +3,21 @@
 //! Parameters, buffers, optimizer state (momentum buffers, Adam moments, the step count) and
 //! the learning rate are graph inputs; their new values are graph outputs written back after
 //! each call. So an optimizer step, a learning-rate change or a scheduler needs no recompile.
-//! The update formulas follow PyTorch's single-tensor (foreach=False) implementations.
+//! The update formulas follow PyTorch's single-tensor (foreach=False) implementations; their
+//! scalar part (bias corrections, step size, the weight decay's form) is the eager optimizers'
+//! own, from `crate::optim::rules`.
 
-use tracegrad_compiler::autodiff::append_backward;
-use tracegrad_compiler::graph::{Graph, InputRole};
+use tracegrad_compiler::graph::{Graph, InputRole, NodeId, NodeKind};
 use tracegrad_compiler::ops::{BinaryOp, CompareOp, UnaryOp};
 use tracegrad_compiler::{Build, OpResult, TensorType};
 use tracegrad_jit::{Backend, Executable};
 use tracegrad_runtime::{Buffer, DType};
 
-use super::compiled::{op_error, optimize, signature_of, PlanCache, Runner, Signature};
+use super::compiled::{signature_of, PlanCache, Runner, Signature};
+use super::pipeline::{self, grad_inputs, op_error, Goal, Options};
 use super::trace::{trace_with, CompileError};
 use crate::nn::{Module, ModuleExt};
+use crate::optim::rules::{adam_scalars, WeightDecay};
 use crate::optim::{AdamOptions, AdamWOptions, SgdOptions};
 use crate::tensor::Tensor;
 
@@ -107,29 +110,24 @@ pub fn compile_train_step<'m>(
     }
 }
 
-fn scalar<B: Build>(e: &mut B, v: f64, like: &B::Value) -> OpResult<B::Value> {
-    let d = e.dtype(like);
-    e.scalar(v, d)
-}
-
 /// Emits one parameter's update; returns (new parameter, new state slots).
 #[allow(clippy::too_many_arguments)]
 fn emit_update(
     g: &mut Graph,
     opt: &StepOptimizer,
-    p: petgraph::stable_graph::NodeIndex,
-    grad: petgraph::stable_graph::NodeIndex,
-    state: &[petgraph::stable_graph::NodeIndex],
-    lr: petgraph::stable_graph::NodeIndex,
-    step: petgraph::stable_graph::NodeIndex,
-    new_step: petgraph::stable_graph::NodeIndex,
-) -> OpResult<(petgraph::stable_graph::NodeIndex, Vec<petgraph::stable_graph::NodeIndex>)> {
+    p: NodeId,
+    grad: NodeId,
+    state: &[NodeId],
+    lr: NodeId,
+    step: NodeId,
+    new_step: NodeId,
+) -> OpResult<(NodeId, Vec<NodeId>)> {
     let lr = g.cast(&lr, g.dtype(&p))?;
     match opt {
         StepOptimizer::Sgd(o) => {
             let mut d = if o.maximize { g.neg(&grad)? } else { grad };
-            if o.weight_decay != 0.0 {
-                let wd = g.mul_scalar(&p, o.weight_decay)?;
+            if let Some(wd) = WeightDecay::new(o.weight_decay, false).l2() {
+                let wd = g.mul_scalar(&p, wd)?;
                 d = g.add(&d, &wd)?;
             }
             let mut new_state = Vec::new();
@@ -154,21 +152,18 @@ fn emit_update(
         }
         StepOptimizer::Adam(AdamOptions { betas, eps, weight_decay, amsgrad, maximize, .. })
         | StepOptimizer::AdamW(AdamWOptions { betas, eps, weight_decay, amsgrad, maximize, .. }) => {
-            let decoupled = matches!(opt, StepOptimizer::AdamW(_));
+            let decay = WeightDecay::new(*weight_decay, matches!(opt, StepOptimizer::AdamW(_)));
             let (b1, b2) = *betas;
+            let t = g.cast(&new_step, g.dtype(&p))?;
+            let sc = adam_scalars(g, *betas, decay, &lr, &t)?;
             let mut d = if *maximize { g.neg(&grad)? } else { grad };
             let mut p = p;
-            if *weight_decay != 0.0 {
-                if decoupled {
-                    // p ← p·(1 − lr·wd)
-                    let lwd = g.mul_scalar(&lr, *weight_decay)?;
-                    let one = scalar(g, 1.0, &p)?;
-                    let keep = g.sub(&one, &lwd)?;
-                    p = g.mul(&p, &keep)?;
-                } else {
-                    let wd = g.mul_scalar(&p, *weight_decay)?;
-                    d = g.add(&d, &wd)?;
-                }
+            if let Some(keep) = &sc.decay {
+                p = g.mul(&p, keep)?;
+            }
+            if let Some(wd) = decay.l2() {
+                let wd = g.mul_scalar(&p, wd)?;
+                d = g.add(&d, &wd)?;
             }
             // m ← m + (1 − β1)(g − m)   (PyTorch's lerp);  v ← β2·v + (1 − β2)·g²
             let diff = g.sub(&d, &state[0])?;
@@ -178,17 +173,6 @@ fn emit_update(
             let g2 = g.mul(&d, &d)?;
             let g2 = g.mul_scalar(&g2, 1.0 - b2)?;
             let v = g.add(&v, &g2)?;
-            let t = g.cast(&new_step, g.dtype(&p))?;
-            let bias = |g: &mut Graph, beta: f64| -> OpResult<_> {
-                let b = scalar(g, beta, &p)?;
-                let pw = g.binary(BinaryOp::Pow, &b, &t)?;
-                let one = scalar(g, 1.0, &p)?;
-                g.sub(&one, &pw)
-            };
-            let bc1 = bias(g, b1)?;
-            let bc2 = bias(g, b2)?;
-            let step_size = g.div(&lr, &bc1)?;
-            let bc2_sqrt = g.unary(UnaryOp::Sqrt, &bc2)?;
             let mut new_state = vec![m, v];
             let vv = if *amsgrad {
                 let vmax = g.binary(BinaryOp::Maximum, &state[2], &v)?;
@@ -198,10 +182,10 @@ fn emit_update(
                 v
             };
             let denom = g.unary(UnaryOp::Sqrt, &vv)?;
-            let denom = g.div(&denom, &bc2_sqrt)?;
+            let denom = g.div(&denom, &sc.bias_correction2_sqrt)?;
             let denom = g.add_scalar(&denom, *eps)?;
             let ratio = g.div(&m, &denom)?;
-            let upd = g.mul(&ratio, &step_size)?;
+            let upd = g.mul(&ratio, &sc.step_size)?;
             Ok((g.sub(&p, &upd)?, new_state))
         }
     }
@@ -322,8 +306,8 @@ impl TrainStep<'_> {
     }
 }
 
-/// Traces `loss_fn(module(x), y)`, differentiates w.r.t. the parameters, emits the
-/// optimizer's update, optimizes and compiles the plan for `backend`.
+/// Traces `loss_fn(module(x), y)` and runs the pipeline: differentiates w.r.t. the
+/// parameters, emits the optimizer's update, optimizes and compiles the plan for `backend`.
 fn build_step(
     module: &dyn Module,
     loss_fn: &LossFn<'_>,
@@ -333,73 +317,61 @@ fn build_step(
 ) -> Result<StepPlan, CompileError> {
     let t0 = std::time::Instant::now();
     let traced = crate::enable_grad(|| trace_with(module, &sig.inputs, &|a| loss_fn(&module.call(&a[0]), &a[1])))?;
-    let mut g = traced.graph;
-    let loss = g.outputs[0].1;
-    if g.g[loss].ty.numel() != 1 || !g.g[loss].ty.dtype.is_float() {
+    let g = &traced.graph;
+    let loss = g.ty(g.outputs[0].1);
+    if loss.numel() != 1 || !loss.dtype.is_float() {
         return Err(CompileError {
             op: String::new(),
             module_path: String::new(),
-            message: format!("compile_train_step: the loss must be a float scalar, got {}", g.g[loss].ty),
+            message: format!("compile_train_step: the loss must be a float scalar, got {loss}"),
         });
     }
     let n_data = sig.inputs.len();
-    let candidates: Vec<usize> =
-        traced.lifted_inputs.iter().enumerate().filter(|(_, t)| t.requires_grad()).map(|(j, _)| j).collect();
-    let wrt: Vec<_> = candidates.iter().map(|&j| g.inputs[n_data + j]).collect();
-    let loss_ty = g.g[loss].ty.clone();
-    let seed = g.full(1.0, loss_ty.dtype, &loss_ty.shape).map_err(op_error)?;
-    let grads = append_backward(&mut g, &[(loss, seed)], &wrt, &mut |g, group, _| {
-        let label = match &g.g[group[0]].kind {
-            tracegrad_compiler::graph::NodeKind::Callback { label, .. } => label.clone(),
-            _ => String::new(),
-        };
-        Err(tracegrad_compiler::OpError::new(
-            "autodiff",
-            format!("compiled backward through a {label} is not supported yet"),
-        ))
+    // Only parameters (lifted tensors) are updated, never the data inputs.
+    let wrt: Vec<usize> = grad_inputs(&[], &traced.lifted_inputs, true).into_iter().map(|j| n_data + j).collect();
+    // The parameters being replaced are donated: their new values may be written over the
+    // old storage (only when no hook could observe a parameter mid-step).
+    let donate = traced.callbacks.is_empty();
+    let opts = Options { goal: Goal::TrainStep(optimizer), wrt, hooked: false, donate, backend, dump: false };
+    let mut built = pipeline::run(traced, &opts)?;
+    Ok(StepPlan {
+        exec: built.take_exec()?,
+        graph: built.forward,
+        compile_time: t0.elapsed(),
+        lifted: built.lifted,
+        updates: built.updates,
+        updated: built.wrt.iter().map(|&i| i - n_data).collect(),
+        callbacks: built.callbacks,
+        donate,
     })
-    .map_err(op_error)?;
+}
+
+/// Appends the update of each parameter in `params` from its gradient in `grads`: the
+/// learning rate, the step count and each parameter's state slots become graph inputs; the
+/// new parameter (`param:NAME`) and state (`state:NAME.SLOT`) become outputs.
+pub(crate) fn append_update(
+    g: &mut Graph,
+    optimizer: &StepOptimizer,
+    params: &[NodeId],
+    grads: &[NodeId],
+) -> OpResult<()> {
     let lr = g.add_input("lr", InputRole::State, TensorType::new(DType::F32, &[]));
     let step = g.add_input("step", InputRole::State, TensorType::new(DType::F32, &[]));
-    let new_step = g.add_scalar(&step, 1.0).map_err(op_error)?;
+    let new_step = g.add_scalar(&step, 1.0)?;
     let slots = optimizer.slots();
-    let mut updated = Vec::new();
-    for (&j, grad) in candidates.iter().zip(grads) {
-        let Some(grad) = grad else { continue };
-        let p = g.inputs[n_data + j];
-        let ty = g.g[p].ty.clone();
-        let name = match &g.g[p].kind {
-            tracegrad_compiler::graph::NodeKind::Input { name, .. } => name.clone(),
+    for (&p, &grad) in params.iter().zip(grads) {
+        let ty = g.ty(p).clone();
+        let name = match g.kind(p) {
+            NodeKind::Input { name, .. } => name.clone(),
             _ => String::new(),
         };
         let state: Vec<_> =
             slots.iter().map(|s| g.add_input(&format!("{name}.{s}"), InputRole::State, ty.clone())).collect();
-        let (np, ns) = emit_update(&mut g, optimizer, p, grad, &state, lr, step, new_step).map_err(op_error)?;
+        let (np, ns) = emit_update(g, optimizer, p, grad, &state, lr, step, new_step)?;
         g.add_output(&format!("param:{name}"), np);
         for (s, n) in slots.iter().zip(ns) {
             g.add_output(&format!("state:{name}.{s}"), n);
         }
-        updated.push(j);
     }
-    optimize(&mut g)?;
-    // The parameters being replaced are donated: their new values may be written over the
-    // old storage (only when no hook could observe a parameter mid-step).
-    let donate = traced.callbacks.is_empty();
-    let mut donated = vec![false; g.inputs.len()];
-    if donate {
-        for &j in &updated {
-            donated[n_data + j] = true;
-        }
-    }
-    let exec = super::compiled::executable_donating(&g, backend, &donated)?;
-    Ok(StepPlan {
-        graph: g,
-        exec,
-        compile_time: t0.elapsed(),
-        lifted: traced.lifted_inputs,
-        updates: traced.updates,
-        updated,
-        callbacks: traced.callbacks,
-        donate,
-    })
+    Ok(())
 }

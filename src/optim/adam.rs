@@ -2,6 +2,7 @@
 
 use tracegrad_runtime::{dispatch, Buffer, DType};
 
+use super::rules::{adam_scalars, AdamScalars, Exact, WeightDecay};
 use super::{check_grad, check_params, slice_mut, with_fma, OptimError, Optimizer, Real};
 use crate::tensor::Tensor;
 
@@ -65,6 +66,23 @@ struct Hyper {
 }
 
 impl Hyper {
+    fn decay(&self) -> WeightDecay {
+        WeightDecay::new(self.weight_decay, self.decoupled)
+    }
+
+    /// The step-dependent scalars at `step` (counting this update), in f64 as PyTorch's
+    /// Python floats.
+    fn scalars(&self, step: f64) -> AdamScalars<f64> {
+        let (lr, t) = (Buffer::scalar(self.lr, DType::F64), Buffer::scalar(step, DType::F64));
+        let sc = adam_scalars(&mut Exact, self.betas, self.decay(), &lr, &t)
+            .expect("the reference kernels evaluate f64 scalar arithmetic");
+        AdamScalars {
+            step_size: sc.step_size.item(),
+            bias_correction2_sqrt: sc.bias_correction2_sqrt.item(),
+            decay: sc.decay.map(|d| d.item()),
+        }
+    }
+
     /// PyTorch's checks for Adam and AdamW, in PyTorch's order (`not 0.0 <= x` rejects NaN).
     fn validate(&self) -> Result<(), OptimError> {
         let at_least_zero = |x: f64| 0.0 <= x;
@@ -153,21 +171,18 @@ impl Core {
                     s[0] += 1.0;
                     f64::from(s[0])
                 };
-                let (beta1, beta2) = h.betas;
-                let bias_correction1 = 1.0 - beta1.powf(step);
-                let bias_correction2 = 1.0 - beta2.powf(step);
-                let step_size = h.lr / bias_correction1;
-                let bias_correction2_sqrt = bias_correction2.sqrt();
+                let sc = h.scalars(step);
                 dispatch!(float, g.data(), name, |gv: T| {
+                    let (beta1, beta2) = h.betas;
                     let c = Coeffs::<T> {
-                        weight_decay: (h.weight_decay != 0.0 && !h.decoupled).then(|| T::of(h.weight_decay)),
-                        decay: (h.weight_decay != 0.0 && h.decoupled).then(|| T::of(1.0 - h.lr * h.weight_decay)),
+                        weight_decay: h.decay().l2().map(T::of),
+                        decay: sc.decay.map(T::of),
                         lerp_weight: T::of(1.0 - beta1),
                         beta2: T::of(beta2),
                         one_minus_beta2: T::of(1.0 - beta2),
-                        bias_correction2_sqrt: T::of(bias_correction2_sqrt),
+                        bias_correction2_sqrt: T::of(sc.bias_correction2_sqrt),
                         eps: T::of(h.eps),
-                        neg_step_size: T::of(-step_size),
+                        neg_step_size: T::of(-sc.step_size),
                         maximize: h.maximize,
                     };
                     let pv = slice_mut::<T>(w);
@@ -242,153 +257,106 @@ fn update<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], mut vmax: Opt
     }
 }
 
-/// Adam with optional L2 weight decay, AMSGrad and maximization, exactly as `torch.optim.Adam`
-/// (`foreach=False`). Per parameter, at step `t`:
-///
-/// ```text
-/// g ← −g                       if maximize
-/// g ← g + weight_decay·p       if weight_decay ≠ 0
-/// m ← lerp(m, g, 1 − β1)
-/// v ← β2·v + (1 − β2)·g²
-/// v̂ ← max(v̂, v) if amsgrad, else v
-/// p ← p − lr/(1 − β1ᵗ) · m / (√v̂ / √(1 − β2ᵗ) + eps)
-/// ```
-pub struct Adam {
-    core: Core,
-}
-
-impl Adam {
-    /// Adam over `params` with learning rate `lr` and PyTorch's other defaults.
-    pub fn new(params: Vec<Tensor>, lr: f64) -> Result<Adam, OptimError> {
-        Adam::with_options(params, AdamOptions { lr, ..AdamOptions::default() })
-    }
-
-    /// Adam over `params` with the given hyperparameters, validated as PyTorch does (same
-    /// checks, same order, same texts), then the parameter list (non-empty, leaves only, no
-    /// unmaterialized lazy parameters).
-    pub fn with_options(params: Vec<Tensor>, o: AdamOptions) -> Result<Adam, OptimError> {
-        let h = Hyper {
-            lr: o.lr,
-            betas: o.betas,
-            eps: o.eps,
-            weight_decay: o.weight_decay,
-            amsgrad: o.amsgrad,
-            maximize: o.maximize,
-            decoupled: false,
-        };
-        Ok(Adam { core: Core::new(params, h)? })
-    }
-
-    /// The optimized parameters.
-    pub fn params(&self) -> &[Tensor] {
-        &self.core.params
-    }
-
-    /// The hyperparameters (`lr` follows [`Optimizer::set_lr`]).
-    pub fn options(&self) -> AdamOptions {
-        let h = &self.core.h;
-        AdamOptions {
-            lr: h.lr,
-            betas: h.betas,
-            eps: h.eps,
-            weight_decay: h.weight_decay,
-            amsgrad: h.amsgrad,
-            maximize: h.maximize,
+/// Writes the public shell of an Adam variant once: its constructors, accessors and
+/// [`Optimizer`] impl over the shared [`Core`].
+macro_rules! adam_variant {
+    ($(#[$doc:meta])* $name:ident, $options:ident, decoupled: $decoupled:expr, $label:literal) => {
+        $(#[$doc])*
+        pub struct $name {
+            core: Core,
         }
-    }
 
-    /// The state of parameter `i`: `None` before its first update.
-    pub fn state(&self, i: usize) -> Option<&AdamState> {
-        self.core.state.get(i).and_then(Option::as_ref)
-    }
-}
+        impl $name {
+            #[doc = concat!($label, " over `params` with learning rate `lr` and PyTorch's other defaults (see [`", stringify!($options), "`]).")]
+            pub fn new(params: Vec<Tensor>, lr: f64) -> Result<$name, OptimError> {
+                $name::with_options(params, $options { lr, ..$options::default() })
+            }
 
-impl Optimizer for Adam {
-    fn step(&mut self) {
-        self.core.step("Adam");
-    }
+            #[doc = concat!($label, " over `params` with the given hyperparameters, validated as PyTorch does (same")]
+            /// checks, same order, same texts), then the parameter list (non-empty, leaves only, no
+            /// unmaterialized lazy parameters).
+            pub fn with_options(params: Vec<Tensor>, o: $options) -> Result<$name, OptimError> {
+                let h = Hyper {
+                    lr: o.lr,
+                    betas: o.betas,
+                    eps: o.eps,
+                    weight_decay: o.weight_decay,
+                    amsgrad: o.amsgrad,
+                    maximize: o.maximize,
+                    decoupled: $decoupled,
+                };
+                Ok($name { core: Core::new(params, h)? })
+            }
 
-    fn zero_grad(&self) {
-        self.core.zero_grad();
-    }
+            /// The optimized parameters.
+            pub fn params(&self) -> &[Tensor] {
+                &self.core.params
+            }
 
-    fn lr(&self) -> f64 {
-        self.core.h.lr
-    }
+            /// The hyperparameters (`lr` follows [`Optimizer::set_lr`]).
+            pub fn options(&self) -> $options {
+                let h = &self.core.h;
+                $options {
+                    lr: h.lr,
+                    betas: h.betas,
+                    eps: h.eps,
+                    weight_decay: h.weight_decay,
+                    amsgrad: h.amsgrad,
+                    maximize: h.maximize,
+                }
+            }
 
-    fn set_lr(&mut self, lr: f64) {
-        self.core.h.lr = lr;
-    }
-}
-
-/// Adam with decoupled weight decay, exactly as `torch.optim.AdamW` (`foreach=False`): each
-/// update first shrinks the parameter, `p ← p·(1 − lr·weight_decay)`, then applies Adam's
-/// update (without the L2 term) to the shrunk parameter.
-pub struct AdamW {
-    core: Core,
-}
-
-impl AdamW {
-    /// AdamW over `params` with learning rate `lr` and PyTorch's other defaults (including
-    /// `weight_decay = 0.01`).
-    pub fn new(params: Vec<Tensor>, lr: f64) -> Result<AdamW, OptimError> {
-        AdamW::with_options(params, AdamWOptions { lr, ..AdamWOptions::default() })
-    }
-
-    /// AdamW over `params` with the given hyperparameters, validated as PyTorch does (same
-    /// checks, same order, same texts), then the parameter list (non-empty, leaves only, no
-    /// unmaterialized lazy parameters).
-    pub fn with_options(params: Vec<Tensor>, o: AdamWOptions) -> Result<AdamW, OptimError> {
-        let h = Hyper {
-            lr: o.lr,
-            betas: o.betas,
-            eps: o.eps,
-            weight_decay: o.weight_decay,
-            amsgrad: o.amsgrad,
-            maximize: o.maximize,
-            decoupled: true,
-        };
-        Ok(AdamW { core: Core::new(params, h)? })
-    }
-
-    /// The optimized parameters.
-    pub fn params(&self) -> &[Tensor] {
-        &self.core.params
-    }
-
-    /// The hyperparameters (`lr` follows [`Optimizer::set_lr`]).
-    pub fn options(&self) -> AdamWOptions {
-        let h = &self.core.h;
-        AdamWOptions {
-            lr: h.lr,
-            betas: h.betas,
-            eps: h.eps,
-            weight_decay: h.weight_decay,
-            amsgrad: h.amsgrad,
-            maximize: h.maximize,
+            /// The state of parameter `i`: `None` before its first update.
+            pub fn state(&self, i: usize) -> Option<&AdamState> {
+                self.core.state.get(i).and_then(Option::as_ref)
+            }
         }
-    }
 
-    /// The state of parameter `i`: `None` before its first update.
-    pub fn state(&self, i: usize) -> Option<&AdamState> {
-        self.core.state.get(i).and_then(Option::as_ref)
-    }
+        impl Optimizer for $name {
+            fn step(&mut self) {
+                self.core.step($label);
+            }
+
+            fn zero_grad(&self) {
+                self.core.zero_grad();
+            }
+
+            fn lr(&self) -> f64 {
+                self.core.h.lr
+            }
+
+            fn set_lr(&mut self, lr: f64) {
+                self.core.h.lr = lr;
+            }
+        }
+    };
 }
 
-impl Optimizer for AdamW {
-    fn step(&mut self) {
-        self.core.step("AdamW");
-    }
+adam_variant!(
+    /// Adam with optional L2 weight decay, AMSGrad and maximization, exactly as `torch.optim.Adam`
+    /// (`foreach=False`). Per parameter, at step `t`:
+    ///
+    /// ```text
+    /// g ← −g                       if maximize
+    /// g ← g + weight_decay·p       if weight_decay ≠ 0
+    /// m ← lerp(m, g, 1 − β1)
+    /// v ← β2·v + (1 − β2)·g²
+    /// v̂ ← max(v̂, v) if amsgrad, else v
+    /// p ← p − lr/(1 − β1ᵗ) · m / (√v̂ / √(1 − β2ᵗ) + eps)
+    /// ```
+    Adam,
+    AdamOptions,
+    decoupled: false,
+    "Adam"
+);
 
-    fn zero_grad(&self) {
-        self.core.zero_grad();
-    }
-
-    fn lr(&self) -> f64 {
-        self.core.h.lr
-    }
-
-    fn set_lr(&mut self, lr: f64) {
-        self.core.h.lr = lr;
-    }
-}
+adam_variant!(
+    /// Adam with decoupled weight decay, exactly as `torch.optim.AdamW` (`foreach=False`): each
+    /// update first shrinks the parameter, `p ← p·(1 − lr·weight_decay)`, then applies Adam's
+    /// update (without the L2 term) to the shrunk parameter. PyTorch's default weight decay
+    /// here is `0.01`.
+    AdamW,
+    AdamWOptions,
+    decoupled: true,
+    "AdamW"
+);

@@ -34,6 +34,30 @@ pub trait LrScheduler {
     fn last_epoch(&self) -> usize;
 }
 
+/// The bookkeeping every scheduler shares: the base rate, the epoch count and the rate set last.
+#[derive(Clone, Debug)]
+struct Epochs {
+    base_lr: f64,
+    last_epoch: usize,
+    last_lr: f64,
+}
+
+impl Epochs {
+    /// Epoch 0: the optimizer's current learning rate becomes the base rate.
+    fn new(opt: &dyn Optimizer) -> Epochs {
+        let lr = opt.lr();
+        Epochs { base_lr: lr, last_epoch: 0, last_lr: lr }
+    }
+
+    /// Advances one epoch and sets `rule(self, current rate)` as the learning rate.
+    fn advance(&mut self, opt: &mut dyn Optimizer, rule: impl FnOnce(&Epochs, f64) -> f64) {
+        self.last_epoch += 1;
+        let lr = rule(self, opt.lr());
+        opt.set_lr(lr);
+        self.last_lr = lr;
+    }
+}
+
 /// Decays the learning rate by `gamma` every `step_size` epochs (`StepLR`):
 /// `lr = base_lr · gamma^⌊epoch / step_size⌋`, computed as PyTorch does, by multiplying the
 /// current rate by `gamma` at each multiple of `step_size`.
@@ -41,9 +65,7 @@ pub trait LrScheduler {
 pub struct StepLR {
     step_size: usize,
     gamma: f64,
-    base_lr: f64,
-    last_epoch: usize,
-    last_lr: f64,
+    epochs: Epochs,
 }
 
 impl StepLR {
@@ -52,8 +74,7 @@ impl StepLR {
     #[track_caller]
     pub fn new(opt: &dyn Optimizer, step_size: usize, gamma: f64) -> StepLR {
         assert!(step_size > 0, "StepLR: step_size must be positive");
-        let lr = opt.lr();
-        StepLR { step_size, gamma, base_lr: lr, last_epoch: 0, last_lr: lr }
+        StepLR { step_size, gamma, epochs: Epochs::new(opt) }
     }
 
     /// Epochs between two decays.
@@ -68,29 +89,23 @@ impl StepLR {
 
     /// The learning rate at epoch 0.
     pub fn base_lr(&self) -> f64 {
-        self.base_lr
+        self.epochs.base_lr
     }
 }
 
 impl LrScheduler for StepLR {
     fn step(&mut self, opt: &mut dyn Optimizer) {
-        self.last_epoch += 1;
-        let lr = opt.lr();
+        let (step_size, gamma) = (self.step_size, self.gamma);
         // `lr * gamma` at each multiple of step_size, else unchanged (PyTorch's chainable form).
-        let lr = match self.last_epoch % self.step_size {
-            0 => lr * self.gamma,
-            _ => lr,
-        };
-        opt.set_lr(lr);
-        self.last_lr = lr;
+        self.epochs.advance(opt, |e, lr| if e.last_epoch % step_size == 0 { lr * gamma } else { lr });
     }
 
     fn get_last_lr(&self) -> f64 {
-        self.last_lr
+        self.epochs.last_lr
     }
 
     fn last_epoch(&self) -> usize {
-        self.last_epoch
+        self.epochs.last_epoch
     }
 }
 
@@ -102,9 +117,7 @@ impl LrScheduler for StepLR {
 pub struct CosineAnnealingLR {
     t_max: usize,
     eta_min: f64,
-    base_lr: f64,
-    last_epoch: usize,
-    last_lr: f64,
+    epochs: Epochs,
 }
 
 impl CosineAnnealingLR {
@@ -113,8 +126,7 @@ impl CosineAnnealingLR {
     #[track_caller]
     pub fn new(opt: &dyn Optimizer, t_max: usize, eta_min: f64) -> CosineAnnealingLR {
         assert!(t_max > 0, "CosineAnnealingLR: t_max must be positive");
-        let lr = opt.lr();
-        CosineAnnealingLR { t_max, eta_min, base_lr: lr, last_epoch: 0, last_lr: lr }
+        CosineAnnealingLR { t_max, eta_min, epochs: Epochs::new(opt) }
     }
 
     /// Epochs of one half period.
@@ -129,31 +141,30 @@ impl CosineAnnealingLR {
 
     /// The learning rate at epoch 0.
     pub fn base_lr(&self) -> f64 {
-        self.base_lr
+        self.epochs.base_lr
     }
 }
 
 impl LrScheduler for CosineAnnealingLR {
     fn step(&mut self, opt: &mut dyn Optimizer) {
-        self.last_epoch += 1;
-        let (e, t) = (self.last_epoch as f64, self.t_max as f64);
-        let (lr, eta_min) = (opt.lr(), self.eta_min);
-        // `(last_epoch - 1 - T_max) % (2 * T_max) == 0` with Python's floor modulo.
-        let restart = (self.last_epoch as i64 - 1 - self.t_max as i64).rem_euclid(2 * self.t_max as i64) == 0;
-        let lr = if restart {
-            lr + (self.base_lr - eta_min) * (1.0 - (PI / t).cos()) / 2.0
-        } else {
-            (1.0 + (PI * e / t).cos()) / (1.0 + (PI * (e - 1.0) / t).cos()) * (lr - eta_min) + eta_min
-        };
-        opt.set_lr(lr);
-        self.last_lr = lr;
+        let (t_max, eta_min) = (self.t_max, self.eta_min);
+        self.epochs.advance(opt, |s, lr| {
+            let (e, t) = (s.last_epoch as f64, t_max as f64);
+            // `(last_epoch - 1 - T_max) % (2 * T_max) == 0` with Python's floor modulo.
+            let restart = (s.last_epoch as i64 - 1 - t_max as i64).rem_euclid(2 * t_max as i64) == 0;
+            if restart {
+                lr + (s.base_lr - eta_min) * (1.0 - (PI / t).cos()) / 2.0
+            } else {
+                (1.0 + (PI * e / t).cos()) / (1.0 + (PI * (e - 1.0) / t).cos()) * (lr - eta_min) + eta_min
+            }
+        });
     }
 
     fn get_last_lr(&self) -> f64 {
-        self.last_lr
+        self.epochs.last_lr
     }
 
     fn last_epoch(&self) -> usize {
-        self.last_epoch
+        self.epochs.last_epoch
     }
 }

@@ -30,6 +30,7 @@ use crate::tensor::Tensor;
 
 mod adam;
 pub mod lr_scheduler;
+pub(crate) mod rules;
 mod sgd;
 
 pub use adam::{Adam, AdamOptions, AdamState, AdamW, AdamWOptions};

@@ -2,6 +2,7 @@
 
 use tracegrad_runtime::{dispatch, Buffer};
 
+use super::rules::WeightDecay;
 use super::{check_grad, check_initialized, check_params, slice_mut, with_fma, OptimError, Optimizer, Real};
 use crate::tensor::Tensor;
 
@@ -129,7 +130,7 @@ impl<T: Real> Coeffs<T> {
     fn new(o: &SgdOptions) -> Self {
         Coeffs {
             neg_lr: T::of(-o.lr),
-            weight_decay: (o.weight_decay != 0.0).then(|| T::of(o.weight_decay)),
+            weight_decay: WeightDecay::new(o.weight_decay, false).l2().map(T::of),
             momentum: (o.momentum != 0.0).then(|| T::of(o.momentum)),
             one_minus_dampening: T::of(1.0 - o.dampening),
             nesterov: o.nesterov,
