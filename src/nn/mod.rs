@@ -16,6 +16,7 @@ mod norm;
 mod pooling;
 mod python_repr;
 mod state;
+pub mod utils;
 
 pub use activation::{GeluApproximate, LogSoftmax, ReLU, SiLU, Sigmoid, Softmax, Tanh, GELU};
 pub use container::{IntoSharedModule, ModuleDict, ModuleList, Sequential};
