@@ -551,7 +551,7 @@ fn lrs(opt: &mut dyn Optimizer, sched: &mut dyn LrScheduler, epochs: usize) -> V
 #[test]
 fn step_lr_matches_pytorch() {
     let mut opt = Sgd::new(vec![param(DType::F32)], 0.1);
-    let mut s = StepLR::new(&opt, 3, 0.1);
+    let mut s = StepLR::new(&mut opt, 3, 0.1);
     assert_eq!((s.last_epoch(), s.get_last_lr(), s.base_lr()), (0, 0.1, 0.1));
     // PyTorch 2.x `StepLR(opt, step_size=3, gamma=0.1)` with lr=0.1, step by step: the current
     // lr is multiplied by gamma at every multiple of step_size.
@@ -577,7 +577,7 @@ fn step_lr_matches_pytorch() {
 
     // With a power-of-two gamma every value is exact.
     let mut opt = Adam::new(vec![param(DType::F32)], 0.8).unwrap();
-    let mut s = StepLR::new(&opt, 2, 0.5);
+    let mut s = StepLR::new(&mut opt, 2, 0.5);
     let got = lrs(&mut opt, &mut s, 9);
     let want: Vec<f64> = (0..=9).map(|e| 0.8 * 0.5f64.powi(e / 2)).collect();
     assert_eq!(got, want);
@@ -587,7 +587,7 @@ fn step_lr_matches_pytorch() {
 #[test]
 fn cosine_annealing_matches_pytorch() {
     let mut opt = Sgd::new(vec![param(DType::F32)], 0.1);
-    let mut s = CosineAnnealingLR::new(&opt, 4, 0.001);
+    let mut s = CosineAnnealingLR::new(&mut opt, 4, 0.001);
     // PyTorch 2.x `CosineAnnealingLR(opt, T_max=4, eta_min=0.001)` with lr=0.1, step by step
     // (the recursive formula, which differs from the closed form in the last bits).
     let pytorch = [
@@ -611,7 +611,7 @@ fn cosine_annealing_matches_pytorch() {
     // The closed form, over several periods and a few shapes.
     for (base, t_max, eta_min) in [(0.1, 4, 0.001), (0.5, 10, 0.0), (1e-3, 7, 1e-5), (0.05, 1, 0.01), (2.0, 25, 0.5)] {
         let mut opt = AdamW::new(vec![param(DType::F32)], base).unwrap();
-        let mut s = CosineAnnealingLR::new(&opt, t_max, eta_min);
+        let mut s = CosineAnnealingLR::new(&mut opt, t_max, eta_min);
         let got = lrs(&mut opt, &mut s, 3 * t_max + 2);
         for (e, lr) in got.iter().enumerate() {
             let closed = eta_min + (base - eta_min) * (1.0 + (PI * e as f64 / t_max as f64).cos()) / 2.0;
@@ -627,8 +627,8 @@ fn cosine_annealing_matches_pytorch() {
 fn schedulers_chain_from_the_current_lr() {
     // As PyTorch's chainable form: a StepLR and a cosine schedule on one optimizer compose.
     let mut opt = Sgd::new(vec![param(DType::F32)], 1.0);
-    let mut a = StepLR::new(&opt, 1, 0.5);
-    let mut b = CosineAnnealingLR::new(&opt, 2, 0.0);
+    let mut a = StepLR::new(&mut opt, 1, 0.5);
+    let mut b = CosineAnnealingLR::new(&mut opt, 2, 0.0);
     a.step(&mut opt);
     assert_eq!(opt.lr(), 0.5);
     b.step(&mut opt);
@@ -639,13 +639,13 @@ fn schedulers_chain_from_the_current_lr() {
 #[test]
 #[should_panic(expected = "t_max must be positive")]
 fn cosine_annealing_rejects_a_zero_period() {
-    let opt = Sgd::new(vec![param(DType::F32)], 0.1);
-    let _ = CosineAnnealingLR::new(&opt, 0, 0.0);
+    let mut opt = Sgd::new(vec![param(DType::F32)], 0.1);
+    let _ = CosineAnnealingLR::new(&mut opt, 0, 0.0);
 }
 
 #[test]
 #[should_panic(expected = "step_size must be positive")]
 fn step_lr_rejects_a_zero_step() {
-    let opt = Sgd::new(vec![param(DType::F32)], 0.1);
-    let _ = StepLR::new(&opt, 0, 0.1);
+    let mut opt = Sgd::new(vec![param(DType::F32)], 0.1);
+    let _ = StepLR::new(&mut opt, 0, 0.1);
 }

@@ -1,8 +1,12 @@
 //! Adam and AdamW (`torch.optim.Adam`, `torch.optim.AdamW`).
 
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
 use tracegrad_runtime::{dispatch, Buffer, DType};
 
 use super::rules::{adam_scalars, AdamScalars, Exact, WeightDecay};
+use super::state::{self, OptimizerStateDict};
 use super::{check_grad, check_params, slice_mut, with_fma, OptimError, Optimizer, Real};
 use crate::tensor::Tensor;
 
@@ -141,6 +145,7 @@ struct Core {
     params: Vec<Tensor>,
     h: Hyper,
     state: Vec<Option<AdamState>>,
+    initial_lr: Option<f64>,
 }
 
 impl Core {
@@ -148,13 +153,90 @@ impl Core {
         h.validate()?;
         check_params(if h.decoupled { "AdamW" } else { "Adam" }, &params)?;
         let n = params.len();
-        Ok(Core { params, h, state: vec![None; n] })
+        Ok(Core { params, h, state: vec![None; n], initial_lr: None })
     }
 
     fn zero_grad(&self) {
         for p in &self.params {
             p.zero_grad();
         }
+    }
+
+    fn state_dict(&self) -> OptimizerStateDict {
+        let h = &self.h;
+        let fields = vec![
+            ("lr", json!(h.lr)),
+            ("betas", json!([h.betas.0, h.betas.1])),
+            ("eps", json!(h.eps)),
+            ("weight_decay", json!(h.weight_decay)),
+            ("amsgrad", json!(h.amsgrad)),
+            ("maximize", json!(h.maximize)),
+            ("foreach", Value::Null),
+            ("capturable", json!(false)),
+            ("differentiable", json!(false)),
+            ("fused", Value::Null),
+            ("decoupled_weight_decay", json!(h.decoupled)),
+        ];
+        let state = self
+            .state
+            .iter()
+            .enumerate()
+            .filter_map(|(i, st)| {
+                let st = st.as_ref()?;
+                let mut m = BTreeMap::from([
+                    ("step".to_string(), st.step.clone()),
+                    ("exp_avg".to_string(), st.exp_avg.clone()),
+                    ("exp_avg_sq".to_string(), st.exp_avg_sq.clone()),
+                ]);
+                if let Some(v) = &st.max_exp_avg_sq {
+                    m.insert("max_exp_avg_sq".into(), v.clone());
+                }
+                Some((i, m))
+            })
+            .collect();
+        OptimizerStateDict { state, param_groups: vec![state::group(fields, self.initial_lr, self.params.len())] }
+    }
+
+    fn load_state_dict(&mut self, sd: &OptimizerStateDict) -> Result<(), String> {
+        let kind = if self.h.decoupled { "AdamW" } else { "Adam" };
+        let g = state::checked_group(
+            sd,
+            kind,
+            &self.params,
+            &["lr", "betas", "eps"],
+            Some(("decoupled_weight_decay", self.h.decoupled)),
+        )?;
+        let betas = match g.get("betas").and_then(Value::as_array).map(|b| b.iter().map(Value::as_f64).collect()) {
+            Some(Some::<Vec<f64>>(b)) if b.len() == 2 => (b[0], b[1]),
+            _ => return Err("loaded state dict: \"betas\" is not a pair of numbers".into()),
+        };
+        let h = Hyper {
+            lr: state::float(g, "lr")?,
+            betas,
+            eps: state::float(g, "eps")?,
+            weight_decay: state::float(g, "weight_decay")?,
+            amsgrad: state::flag(g, "amsgrad")?,
+            maximize: state::flag(g, "maximize")?,
+            decoupled: self.h.decoupled,
+        };
+        h.validate().map_err(|e| e.to_string())?;
+        let mut states = vec![None; self.params.len()];
+        for (&i, st) in &sd.state {
+            let (p, dt) = (&self.params[i], self.params[i].dtype());
+            let shape = p.shape();
+            states[i] = Some(AdamState {
+                step: state::tensor(st, i, "step", DType::F32, &[])?,
+                exp_avg: state::tensor(st, i, "exp_avg", dt, &shape)?,
+                exp_avg_sq: state::tensor(st, i, "exp_avg_sq", dt, &shape)?,
+                max_exp_avg_sq: if h.amsgrad {
+                    Some(state::tensor(st, i, "max_exp_avg_sq", dt, &shape)?)
+                } else {
+                    None
+                },
+            });
+        }
+        (self.h, self.state, self.initial_lr) = (h, states, state::initial_lr(g));
+        Ok(())
     }
 
     fn step(&mut self, name: &str) {
@@ -327,6 +409,22 @@ macro_rules! adam_variant {
 
             fn set_lr(&mut self, lr: f64) {
                 self.core.h.lr = lr;
+            }
+
+            fn initial_lr(&self) -> Option<f64> {
+                self.core.initial_lr
+            }
+
+            fn set_initial_lr(&mut self, lr: f64) {
+                self.core.initial_lr.get_or_insert(lr);
+            }
+
+            fn state_dict(&self) -> OptimizerStateDict {
+                self.core.state_dict()
+            }
+
+            fn load_state_dict(&mut self, sd: &OptimizerStateDict) -> Result<(), String> {
+                self.core.load_state_dict(sd)
             }
         }
     };

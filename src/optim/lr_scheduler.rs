@@ -12,7 +12,7 @@
 //! use tracegrad::Tensor;
 //!
 //! let mut opt = Sgd::new(vec![Tensor::zeros(&[2]).requires_grad_(true)], 0.1);
-//! let mut sched = CosineAnnealingLR::new(&opt, 10, 0.0);
+//! let mut sched = CosineAnnealingLR::new(&mut opt, 10, 0.0);
 //! for _ in 0..10 {
 //!     opt.step();
 //!     sched.step(&mut opt);
@@ -21,6 +21,8 @@
 //! ```
 
 use std::f64::consts::PI;
+
+use serde_json::{json, Map, Value};
 
 use super::Optimizer;
 
@@ -32,6 +34,12 @@ pub trait LrScheduler {
     fn get_last_lr(&self) -> f64;
     /// The current epoch: 0 after construction, incremented by every [`step`](Self::step).
     fn last_epoch(&self) -> usize;
+    /// The scheduler's fields in PyTorch's `state_dict()` layout (`base_lrs`, `last_epoch`,
+    /// `_step_count`, `_last_lr`, and the rule's own parameters).
+    fn state_dict(&self) -> Map<String, Value>;
+    /// Restores a [`state_dict`](LrScheduler::state_dict). A state dict of another scheduler
+    /// kind is an error, and then nothing changes.
+    fn load_state_dict(&mut self, sd: &Map<String, Value>) -> Result<(), String>;
 }
 
 /// The bookkeeping every scheduler shares: the base rate, the epoch count and the rate set last.
@@ -43,10 +51,43 @@ struct Epochs {
 }
 
 impl Epochs {
-    /// Epoch 0: the optimizer's current learning rate becomes the base rate.
-    fn new(opt: &dyn Optimizer) -> Epochs {
+    /// Epoch 0: the optimizer's `initial_lr` (set to its current rate unless a scheduler set
+    /// it before, as PyTorch's `setdefault`) becomes the base rate.
+    fn new(opt: &mut dyn Optimizer) -> Epochs {
         let lr = opt.lr();
-        Epochs { base_lr: lr, last_epoch: 0, last_lr: lr }
+        opt.set_initial_lr(lr);
+        Epochs { base_lr: opt.initial_lr().unwrap_or(lr), last_epoch: 0, last_lr: lr }
+    }
+
+    /// The shared fields of a state dict, then the rule's own `fields`.
+    fn state_dict(&self, fields: Vec<(&str, Value)>) -> Map<String, Value> {
+        let mut m: Map<String, Value> = fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        m.insert("base_lrs".into(), json!([self.base_lr]));
+        m.insert("last_epoch".into(), json!(self.last_epoch));
+        m.insert("_step_count".into(), json!(self.last_epoch + 1));
+        m.insert("_is_initial".into(), json!(false));
+        m.insert("_get_lr_called_within_step".into(), json!(false));
+        m.insert("_last_lr".into(), json!([self.last_lr]));
+        m
+    }
+
+    /// The shared fields read back from `sd`, after checking that it has the rule's `keys`.
+    fn load(sd: &Map<String, Value>, kind: &str, keys: &[&str]) -> Result<Epochs, String> {
+        if let Some(k) = keys.iter().find(|k| !sd.contains_key(**k)) {
+            return Err(format!("loaded state dict is not a {kind} state dict: it has no {k:?}"));
+        }
+        let one = |key: &str| {
+            sd.get(key)
+                .and_then(Value::as_array)
+                .filter(|a| a.len() == 1)
+                .and_then(|a| a[0].as_f64())
+                .ok_or_else(|| format!("loaded state dict: {key:?} is not a one-group list of numbers"))
+        };
+        let last_epoch = sd
+            .get("last_epoch")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| "loaded state dict: \"last_epoch\" is not a count".to_string())?;
+        Ok(Epochs { base_lr: one("base_lrs")?, last_epoch: last_epoch as usize, last_lr: one("_last_lr")? })
     }
 
     /// Advances one epoch and sets `rule(self, current rate)` as the learning rate.
@@ -72,7 +113,7 @@ impl StepLR {
     /// A scheduler for `opt`, whose current learning rate becomes the base rate. Panics if
     /// `step_size` is 0.
     #[track_caller]
-    pub fn new(opt: &dyn Optimizer, step_size: usize, gamma: f64) -> StepLR {
+    pub fn new(opt: &mut dyn Optimizer, step_size: usize, gamma: f64) -> StepLR {
         assert!(step_size > 0, "StepLR: step_size must be positive");
         StepLR { step_size, gamma, epochs: Epochs::new(opt) }
     }
@@ -107,6 +148,21 @@ impl LrScheduler for StepLR {
     fn last_epoch(&self) -> usize {
         self.epochs.last_epoch
     }
+
+    fn state_dict(&self) -> Map<String, Value> {
+        self.epochs.state_dict(vec![("step_size", json!(self.step_size)), ("gamma", json!(self.gamma))])
+    }
+
+    fn load_state_dict(&mut self, sd: &Map<String, Value>) -> Result<(), String> {
+        let epochs = Epochs::load(sd, "StepLR", &["step_size", "gamma"])?;
+        let step_size = sd.get("step_size").and_then(Value::as_u64).filter(|&s| s > 0);
+        let gamma = sd.get("gamma").and_then(Value::as_f64);
+        let (Some(step_size), Some(gamma)) = (step_size, gamma) else {
+            return Err("loaded state dict: StepLR needs a positive step_size and a numeric gamma".into());
+        };
+        (self.step_size, self.gamma, self.epochs) = (step_size as usize, gamma, epochs);
+        Ok(())
+    }
 }
 
 /// Cosine annealing from the base rate to `eta_min` over `t_max` epochs, then back up, and so
@@ -124,7 +180,7 @@ impl CosineAnnealingLR {
     /// A scheduler for `opt`, whose current learning rate becomes the base rate. Panics if
     /// `t_max` is 0.
     #[track_caller]
-    pub fn new(opt: &dyn Optimizer, t_max: usize, eta_min: f64) -> CosineAnnealingLR {
+    pub fn new(opt: &mut dyn Optimizer, t_max: usize, eta_min: f64) -> CosineAnnealingLR {
         assert!(t_max > 0, "CosineAnnealingLR: t_max must be positive");
         CosineAnnealingLR { t_max, eta_min, epochs: Epochs::new(opt) }
     }
@@ -166,5 +222,20 @@ impl LrScheduler for CosineAnnealingLR {
 
     fn last_epoch(&self) -> usize {
         self.epochs.last_epoch
+    }
+
+    fn state_dict(&self) -> Map<String, Value> {
+        self.epochs.state_dict(vec![("T_max", json!(self.t_max)), ("eta_min", json!(self.eta_min))])
+    }
+
+    fn load_state_dict(&mut self, sd: &Map<String, Value>) -> Result<(), String> {
+        let epochs = Epochs::load(sd, "CosineAnnealingLR", &["T_max", "eta_min"])?;
+        let t_max = sd.get("T_max").and_then(Value::as_u64).filter(|&t| t > 0);
+        let eta_min = sd.get("eta_min").and_then(Value::as_f64);
+        let (Some(t_max), Some(eta_min)) = (t_max, eta_min) else {
+            return Err("loaded state dict: CosineAnnealingLR needs a positive T_max and a numeric eta_min".into());
+        };
+        (self.t_max, self.eta_min, self.epochs) = (t_max as usize, eta_min, epochs);
+        Ok(())
     }
 }

@@ -32,10 +32,12 @@ mod adam;
 pub mod lr_scheduler;
 pub(crate) mod rules;
 mod sgd;
+mod state;
 
 pub use adam::{Adam, AdamOptions, AdamState, AdamW, AdamWOptions};
 pub use lr_scheduler::{CosineAnnealingLR, LrScheduler, StepLR};
 pub use sgd::{Sgd, SgdOptions};
+pub use state::OptimizerStateDict;
 
 /// A parameter-update rule.
 pub trait Optimizer {
@@ -48,6 +50,17 @@ pub trait Optimizer {
     fn lr(&self) -> f64;
     /// Changes the learning rate (schedulers use this).
     fn set_lr(&mut self, lr: f64);
+    /// The learning rate a scheduler found at its construction (PyTorch's `initial_lr`).
+    fn initial_lr(&self) -> Option<f64>;
+    /// Records `lr` as `initial_lr` unless one is set already (PyTorch's
+    /// `group.setdefault('initial_lr', group['lr'])`).
+    fn set_initial_lr(&mut self, lr: f64);
+    /// The state and hyperparameters in PyTorch's `state_dict()` layout.
+    fn state_dict(&self) -> OptimizerStateDict;
+    /// Restores a [`state_dict`](Optimizer::state_dict): hyperparameters and per-parameter
+    /// state. A state dict of another optimizer kind, another parameter count, or with state
+    /// of the wrong shape is an error, and then nothing changes.
+    fn load_state_dict(&mut self, sd: &OptimizerStateDict) -> Result<(), String>;
 }
 
 /// Why an optimizer could not be built. `Display` gives PyTorch's `ValueError` text.

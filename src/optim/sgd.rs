@@ -1,8 +1,12 @@
 //! Stochastic gradient descent (`torch.optim.SGD`).
 
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
 use tracegrad_runtime::{dispatch, Buffer};
 
 use super::rules::WeightDecay;
+use super::state::{self, OptimizerStateDict};
 use super::{check_grad, check_initialized, check_params, slice_mut, with_fma, OptimError, Optimizer, Real};
 use crate::tensor::Tensor;
 
@@ -73,6 +77,7 @@ pub struct Sgd {
     opts: SgdOptions,
     /// `state[p]["momentum_buffer"]`, created on a parameter's first update when momentum ≠ 0.
     momentum_buffers: Vec<Option<Buffer>>,
+    initial_lr: Option<f64>,
 }
 
 impl Sgd {
@@ -86,7 +91,12 @@ impl Sgd {
             panic!("{e}");
         }
         let n = params.len();
-        Sgd { params, opts: SgdOptions { lr, ..SgdOptions::default() }, momentum_buffers: vec![None; n] }
+        Sgd {
+            params,
+            opts: SgdOptions { lr, ..SgdOptions::default() },
+            momentum_buffers: vec![None; n],
+            initial_lr: None,
+        }
     }
 
     /// SGD over `params` with the given hyperparameters, validated as PyTorch does (same
@@ -96,7 +106,7 @@ impl Sgd {
         opts.validate()?;
         check_params("Sgd", &params)?;
         let n = params.len();
-        Ok(Sgd { params, opts, momentum_buffers: vec![None; n] })
+        Ok(Sgd { params, opts, momentum_buffers: vec![None; n], initial_lr: None })
     }
 
     /// The optimized parameters.
@@ -196,5 +206,55 @@ impl Optimizer for Sgd {
 
     fn set_lr(&mut self, lr: f64) {
         self.opts.lr = lr;
+    }
+
+    fn initial_lr(&self) -> Option<f64> {
+        self.initial_lr
+    }
+
+    fn set_initial_lr(&mut self, lr: f64) {
+        self.initial_lr.get_or_insert(lr);
+    }
+
+    fn state_dict(&self) -> OptimizerStateDict {
+        let o = &self.opts;
+        let fields = vec![
+            ("lr", json!(o.lr)),
+            ("momentum", json!(o.momentum)),
+            ("dampening", json!(o.dampening)),
+            ("weight_decay", json!(o.weight_decay)),
+            ("nesterov", json!(o.nesterov)),
+            ("maximize", json!(o.maximize)),
+            ("foreach", Value::Null),
+            ("differentiable", json!(false)),
+            ("fused", Value::Null),
+        ];
+        let state = self
+            .momentum_buffers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| Some((i, BTreeMap::from([("momentum_buffer".to_string(), b.clone()?)]))))
+            .collect();
+        OptimizerStateDict { state, param_groups: vec![state::group(fields, self.initial_lr, self.params.len())] }
+    }
+
+    fn load_state_dict(&mut self, sd: &OptimizerStateDict) -> Result<(), String> {
+        let g = state::checked_group(sd, "SGD", &self.params, &["lr", "momentum", "nesterov"], None)?;
+        let opts = SgdOptions {
+            lr: state::float(g, "lr")?,
+            momentum: state::float(g, "momentum")?,
+            dampening: state::float(g, "dampening")?,
+            weight_decay: state::float(g, "weight_decay")?,
+            nesterov: state::flag(g, "nesterov")?,
+            maximize: state::flag(g, "maximize")?,
+        };
+        opts.validate().map_err(|e| e.to_string())?;
+        let mut buffers = vec![None; self.params.len()];
+        for (&i, st) in &sd.state {
+            let p = &self.params[i];
+            buffers[i] = Some(state::tensor(st, i, "momentum_buffer", p.dtype(), &p.shape())?);
+        }
+        (self.opts, self.momentum_buffers, self.initial_lr) = (opts, buffers, state::initial_lr(g));
+        Ok(())
     }
 }
