@@ -105,7 +105,18 @@ pub(crate) fn custom_identity(name: &'static str, inputs: &[Tensor], backward: C
         return inputs.to_vec();
     }
     let node = new_node(NodeKind::Custom { name, backward }, inputs.to_vec());
-    inputs.iter().map(|t| attach_output(&node, t.buffer())).collect()
+    inputs
+        .iter()
+        .map(|t| {
+            if t.requires_grad() {
+                attach_output(&node, t.buffer())
+            } else {
+                // An empty slot: no gradient ever reaches it, as PyTorch's non-differentiable outputs.
+                lock(&node.outputs).push(Weak::new());
+                t.clone()
+            }
+        })
+        .collect()
 }
 
 /// Records one node computing `outputs` from `inputs` (already computed elsewhere, e.g. by a

@@ -16,7 +16,7 @@ use tracegrad_jit::{Backend, Executable};
 use tracegrad_runtime::{Buffer, ShapeDisplay};
 
 use super::trace::{trace_module, CallbackSpec, CompileError};
-use crate::nn::{Module, ModuleExt};
+use crate::nn::{check_grads, Module, ModuleExt};
 use crate::tensor::Tensor;
 
 /// What a plan is specialised on. Any change recompiles.
@@ -236,18 +236,6 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn zeros_like(b: &Buffer) -> Buffer {
     Buffer::zeros(b.dtype(), b.shape())
-}
-
-fn check_grads(what: &str, old: &[Option<Tensor>], new: &[Option<Tensor>]) -> Result<(), String> {
-    if old.len() != new.len() {
-        return Err(format!("{what} returned {} gradients, expected {}", new.len(), old.len()));
-    }
-    for (o, n) in old.iter().zip(new) {
-        if let (Some(o), Some(n)) = (o, n) {
-            crate::autograd::check_replacement(what, o, n)?;
-        }
-    }
-    Ok(())
 }
 
 /// Runs full backward hooks on `grad_input` (None where an input takes no gradient).

@@ -27,7 +27,7 @@ pub(crate) use lazy::uninitialized_message;
 pub use lazy::{check_initialized, is_uninitialized, LazyConv2d, LazyLinear};
 pub use linear::{Identity, Linear};
 pub use loss::{CrossEntropyLoss, MSELoss, NLLLoss};
-pub(crate) use module::{global_hooks_version, hook_state, module_id};
+pub(crate) use module::{check_grads, global_hooks_version, hook_state, module_id};
 pub use module::{
     hooks_version, own_entries, register_module_forward_hook, register_module_forward_pre_hook,
     register_module_full_backward_hook, register_module_full_backward_pre_hook, repr, AsDyn, AsModule, AsTensorField,

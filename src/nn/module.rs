@@ -812,7 +812,9 @@ fn merged_hooks(m: &dyn Module) -> HookSet {
     }
 }
 
-fn check_grads(what: &str, old: &[Option<Tensor>], new: &[Option<Tensor>]) -> Result<(), String> {
+/// Checks the gradients a hook returned against the ones it replaces: the count, then each
+/// one's shape and dtype, and that none appears where there was none.
+pub(crate) fn check_grads(what: &str, old: &[Option<Tensor>], new: &[Option<Tensor>]) -> Result<(), String> {
     if old.len() != new.len() {
         return Err(format!("{what} returned {} gradients, expected {}", new.len(), old.len()));
     }
