@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use tracegrad_compiler::autodiff::append_backward_hooked;
 use tracegrad_compiler::graph::{Graph, InputRole};
-use tracegrad_compiler::interpret::CallbackRunner;
 use tracegrad_compiler::partition::partition;
 use tracegrad_compiler::passes::PassManager;
 use tracegrad_compiler::Build;
@@ -15,8 +14,9 @@ use tracegrad_compiler::TensorType;
 use tracegrad_jit::{Backend, Executable};
 use tracegrad_runtime::{Buffer, ShapeDisplay};
 
+pub(crate) use super::callbacks::{CallState, Runner};
 use super::trace::{trace_module, CallbackSpec, CompileError};
-use crate::nn::{check_grads, Module, ModuleExt};
+use crate::nn::{Module, ModuleExt};
 use crate::tensor::Tensor;
 
 /// What a plan is specialised on. Any change recompiles.
@@ -208,209 +208,6 @@ pub(crate) fn describe_change(old: &Signature, new: &Signature) -> String {
         why.push("new signature".into());
     }
     why.join("; ")
-}
-
-/// A forward hook's replay: the leaves it ran on and its results, with their eager tape.
-type Replay = (Vec<Tensor>, Vec<Tensor>);
-
-/// What one call's callbacks share between its forward and backward graphs.
-#[derive(Default)]
-pub(crate) struct CallState {
-    /// Forward (pre-)hooks run on leaves under autograd: (leaves, results) per callback id.
-    replays: std::sync::Mutex<std::collections::HashMap<usize, Replay>>,
-    /// grad_output per module-output callback id, for that module's full backward hooks.
-    grad_outputs: std::sync::Mutex<std::collections::HashMap<usize, Vec<Option<Tensor>>>>,
-}
-
-/// Runs a plan's callbacks. `root` is needed by forward hooks (they receive their module);
-/// `state` is set when the call records for a backward.
-pub(crate) struct Runner<'a> {
-    pub(crate) root: Option<&'a dyn Module>,
-    pub(crate) specs: &'a [CallbackSpec],
-    pub(crate) state: Option<Arc<CallState>>,
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn zeros_like(b: &Buffer) -> Buffer {
-    Buffer::zeros(b.dtype(), b.shape())
-}
-
-/// Runs full backward hooks on `grad_input` (None where an input takes no gradient).
-fn run_full_backward(
-    path: &str,
-    hooks: &[crate::nn::BackwardHook],
-    mut gi: Vec<Option<Tensor>>,
-    go: &[Option<Tensor>],
-) -> Result<Vec<Option<Tensor>>, String> {
-    for h in hooks {
-        if let Some(new) = h(&gi, go) {
-            check_grads(&format!("a full backward hook of {path}"), &gi, &new)?;
-            gi = new;
-        }
-    }
-    Ok(gi)
-}
-
-impl Runner<'_> {
-    fn module(&self, path: &str) -> Result<crate::nn::ModuleRef<'_>, String> {
-        let root = self.root.ok_or("a forward callback ran without its module")?;
-        root.get_submodule(path).map_err(|e| e.to_string())
-    }
-
-    /// Runs a forward (pre-)hook. When recording, its inputs are leaves under autograd so the
-    /// backward can replay the hook's own computation.
-    /// Returns the hook's replacement, or `None` when it returned nothing (then the recorded
-    /// results are `identity(leaves)`).
-    fn forward_hook(
-        &self,
-        id: usize,
-        args: &[Buffer],
-        run: impl FnOnce(&[Tensor]) -> Option<Vec<Tensor>>,
-        identity: impl FnOnce(&[Tensor]) -> Vec<Tensor>,
-    ) -> Result<Option<Vec<Tensor>>, String> {
-        let record = self.state.is_some();
-        let leaves: Vec<Tensor> = args
-            .iter()
-            .map(|b| {
-                let t = Tensor::from_buffer(b.clone());
-                if record && b.dtype().is_float() {
-                    t.requires_grad_(true)
-                } else {
-                    t
-                }
-            })
-            .collect();
-        let out = if record { crate::enable_grad(|| run(&leaves)) } else { crate::no_grad(|| run(&leaves)) };
-        if let Some(st) = &self.state {
-            let results = out.clone().unwrap_or_else(|| identity(&leaves));
-            lock(&st.replays).insert(id, (leaves, results));
-        }
-        Ok(out)
-    }
-}
-
-impl CallbackRunner for Runner<'_> {
-    fn run(&self, id: usize, args: &[Buffer]) -> Result<Vec<Buffer>, String> {
-        let spec = &self.specs[id];
-        let path = spec.path().to_string();
-        match spec {
-            CallbackSpec::ForwardPre { hook, .. } => {
-                let module = self.module(&path)?;
-                let Some(new) = self.forward_hook(id, args, |ts| hook(&*module, ts), |ts| ts.to_vec())? else {
-                    return Ok(args.to_vec());
-                };
-                if new.len() != args.len() {
-                    return Err(format!(
-                        "the forward pre-hook of {path} returned {} inputs, expected {}",
-                        new.len(),
-                        args.len()
-                    ));
-                }
-                args.iter().zip(&new).map(|(a, n)| check_same(&path, "forward pre-hook", a, n)).collect()
-            }
-            CallbackSpec::Forward { hook, n_args, .. } => {
-                let module = self.module(&path)?;
-                let n = *n_args;
-                let new = self.forward_hook(
-                    id,
-                    args,
-                    |ts| hook(&*module, &ts[..n], &ts[n]).map(|t| vec![t]),
-                    |ts| vec![ts[n].clone()],
-                )?;
-                match new {
-                    None => Ok(vec![args[n].clone()]),
-                    Some(t) => Ok(vec![check_same(&path, "forward hook", &args[n], &t[0])?]),
-                }
-            }
-            CallbackSpec::ModuleInputs { .. } | CallbackSpec::ModuleOutput { .. } => Ok(args.to_vec()),
-            CallbackSpec::ReplayBackward { forward } => {
-                let st = self.state.as_ref().ok_or("a backward callback ran without its forward")?;
-                let (leaves, outs) =
-                    lock(&st.replays).remove(forward).ok_or("internal: the forward hook's replay is missing")?;
-                crate::enable_grad(|| -> Result<(), String> {
-                    for (o, g) in outs.iter().zip(args) {
-                        if o.requires_grad() {
-                            o.try_backward_with(&Tensor::from_buffer(g.clone())).map_err(|e| e.to_string())?;
-                        }
-                    }
-                    Ok(())
-                })?;
-                Ok(leaves
-                    .iter()
-                    .map(|l| l.grad().map(|g| g.buffer()).unwrap_or_else(|| zeros_like(&l.buffer())))
-                    .collect())
-            }
-            CallbackSpec::BackwardPre { output_callback } => {
-                let st = self.state.as_ref().ok_or("a backward callback ran without its forward")?;
-                let CallbackSpec::ModuleOutput { path, pre, hooks, n_inputs, inputs_wired } =
-                    &self.specs[*output_callback]
-                else {
-                    return Err("internal: BackwardPre without its ModuleOutput".into());
-                };
-                let mut g: Vec<Option<Tensor>> = to_tensors(args).into_iter().map(Some).collect();
-                for h in pre {
-                    if let Some(new) = h(&g) {
-                        check_grads(&format!("a full backward pre-hook of {path}"), &g, &new)?;
-                        g = new;
-                    }
-                }
-                lock(&st.grad_outputs).insert(*output_callback, g.clone());
-                if !inputs_wired {
-                    run_full_backward(path, hooks, vec![None; *n_inputs], &g)?;
-                }
-                Ok(g.iter()
-                    .zip(args)
-                    .map(|(t, a)| t.as_ref().map(|t| t.buffer()).unwrap_or_else(|| zeros_like(a)))
-                    .collect())
-            }
-            CallbackSpec::FullBackward { inputs_callback } => {
-                let st = self.state.as_ref().ok_or("a backward callback ran without its forward")?;
-                let CallbackSpec::ModuleInputs { path, hooks, requires, output_callback } =
-                    &self.specs[*inputs_callback]
-                else {
-                    return Err("internal: FullBackward without its ModuleInputs".into());
-                };
-                let go = lock(&st.grad_outputs).get(output_callback).cloned().unwrap_or_default();
-                let gi: Vec<Option<Tensor>> =
-                    args.iter().zip(requires).map(|(b, &r)| r.then(|| Tensor::from_buffer(b.clone()))).collect();
-                let gi = run_full_backward(path, hooks, gi, &go)?;
-                Ok(gi
-                    .iter()
-                    .zip(args)
-                    .map(|(t, a)| t.as_ref().map(|t| t.buffer()).unwrap_or_else(|| zeros_like(a)))
-                    .collect())
-            }
-            CallbackSpec::TensorHook { hook } => {
-                let g = Tensor::from_buffer(args[0].clone());
-                match hook(&g) {
-                    None => Ok(args.to_vec()),
-                    Some(new) => {
-                        crate::autograd::check_replacement("a tensor hook", &g, &new)?;
-                        Ok(vec![new.buffer()])
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn to_tensors(bufs: &[Buffer]) -> Vec<Tensor> {
-    bufs.iter().map(|b| Tensor::from_buffer(b.clone())).collect()
-}
-
-fn check_same(path: &str, what: &str, old: &Buffer, new: &Tensor) -> Result<Buffer, String> {
-    let nb = new.buffer();
-    if TensorType::of(&nb) != TensorType::of(old) {
-        return Err(format!(
-            "the {what} of {path} returned {} where {} was expected (a compiled module's hooks must keep shape and dtype)",
-            TensorType::of(&nb),
-            TensorType::of(old)
-        ));
-    }
-    Ok(nb)
 }
 
 pub(crate) fn op_error(e: tracegrad_compiler::OpError) -> CompileError {

@@ -67,7 +67,7 @@ fn materialize_placeholder(t: &Tensor, shape: &[usize]) {
 
 #[track_caller]
 fn refuse_tracing(layer: &str) {
-    if crate::compile::is_tracing() {
+    if crate::trace_seam::is_tracing() {
         panic!(
             "{layer}: its parameters are not initialized yet; call the model eagerly once with a dummy batch before \
              compiling it"

@@ -2,6 +2,7 @@
 //! ([`ModuleExt`]), hooks, state dicts, and the layers built on them.
 
 mod activation;
+mod call;
 mod container;
 mod conv;
 mod dropout;
@@ -18,6 +19,7 @@ mod python_repr;
 mod state;
 
 pub use activation::{GeluApproximate, LogSoftmax, ReLU, SiLU, Sigmoid, Softmax, Tanh, GELU};
+pub(crate) use call::{BackwardHooks, CallBackend};
 pub use container::{IntoSharedModule, ModuleDict, ModuleList, Sequential};
 pub use conv::{Conv2d, Size2};
 pub use dropout::Dropout;
@@ -27,7 +29,7 @@ pub(crate) use lazy::uninitialized_message;
 pub use lazy::{check_initialized, is_uninitialized, LazyConv2d, LazyLinear};
 pub use linear::{Identity, Linear};
 pub use loss::{CrossEntropyLoss, MSELoss, NLLLoss};
-pub(crate) use module::{check_grads, global_hooks_version, hook_state, module_id};
+pub(crate) use module::{global_hooks_version, hook_state, module_id};
 pub use module::{
     hooks_version, own_entries, register_module_forward_hook, register_module_forward_pre_hook,
     register_module_full_backward_hook, register_module_full_backward_pre_hook, repr, AsDyn, AsModule, AsTensorField,
