@@ -376,6 +376,26 @@ fn resolve<'a>(root: ModuleRef<'a>, path: &str) -> Result<ModuleRef<'a>, ModuleE
     Ok(cur)
 }
 
+/// The tensors that `pick` takes from the own entries of `m` (and, with `recurse`, of every
+/// module below it), with dotted names, each tensor once.
+fn named_tensors(
+    m: &dyn Module,
+    recurse: bool,
+    pick: fn(OwnEntries<'_>) -> Vec<(String, Option<Tensor>)>,
+) -> Vec<(String, Tensor)> {
+    let mods = if recurse { m.named_modules() } else { vec![(String::new(), ModuleRef::Borrowed(m))] };
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (prefix, sub) in mods {
+        for (n, t) in pick(own_entries(&*sub)) {
+            if let Some(t) = t.filter(|t| seen.insert(t.id())) {
+                out.push((join(&prefix, &n), t));
+            }
+        }
+    }
+    out
+}
+
 /// Access to `&dyn Module` from any module type.
 pub trait AsDyn {
     /// Upcast.
@@ -451,20 +471,7 @@ pub trait ModuleExt: AsDyn {
 
     /// Parameters; `recurse = false` gives only this module's own.
     fn named_parameters_recurse(&self, recurse: bool) -> Vec<(String, Tensor)> {
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        let mods =
-            if recurse { self.named_modules() } else { vec![(String::new(), ModuleRef::Borrowed(self.as_dyn()))] };
-        for (prefix, m) in mods {
-            for (n, t) in own_entries(&*m).params {
-                if let Some(t) = t {
-                    if seen.insert(t.id()) {
-                        out.push((join(&prefix, &n), t));
-                    }
-                }
-            }
-        }
-        out
+        named_tensors(self.as_dyn(), recurse, |e| e.params)
     }
 
     /// The tensors of [`named_parameters`](Self::named_parameters).
@@ -479,20 +486,7 @@ pub trait ModuleExt: AsDyn {
 
     /// Buffers; `recurse = false` gives only this module's own.
     fn named_buffers_recurse(&self, recurse: bool) -> Vec<(String, Tensor)> {
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        let mods =
-            if recurse { self.named_modules() } else { vec![(String::new(), ModuleRef::Borrowed(self.as_dyn()))] };
-        for (prefix, m) in mods {
-            for (n, t, _) in own_entries(&*m).buffers {
-                if let Some(t) = t {
-                    if seen.insert(t.id()) {
-                        out.push((join(&prefix, &n), t));
-                    }
-                }
-            }
-        }
-        out
+        named_tensors(self.as_dyn(), recurse, |e| e.buffers.into_iter().map(|(n, t, _)| (n, t)).collect())
     }
 
     /// The tensors of [`named_buffers`](Self::named_buffers).
@@ -623,25 +617,7 @@ pub trait ModuleExt: AsDyn {
     /// Parameters and persistent buffers by dotted name, in PyTorch's order (a shared module
     /// appears under every name it has).
     fn state_dict(&self) -> Vec<(String, Tensor)> {
-        fn go(m: &dyn Module, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-            let e = own_entries(m);
-            for (n, t) in e.params {
-                if let Some(t) = t {
-                    out.push((join(prefix, &n), t.detach()));
-                }
-            }
-            for (n, t, persistent) in e.buffers {
-                if let (Some(t), true) = (t, persistent) {
-                    out.push((join(prefix, &n), t.detach()));
-                }
-            }
-            for (n, c) in e.children {
-                go(&*c, &join(prefix, &n), out);
-            }
-        }
-        let mut out = Vec::new();
-        go(self.as_dyn(), "", &mut out);
-        out
+        self.state_dict_targets().into_iter().map(|(k, t)| (k, t.detach())).collect()
     }
 
     /// Copies `state` into the module's parameters and persistent buffers. All checks run
