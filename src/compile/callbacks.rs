@@ -11,7 +11,8 @@ use tracegrad_compiler::TensorType;
 use tracegrad_runtime::Buffer;
 
 use super::trace::CallbackSpec;
-use crate::nn::{Module, ModuleExt};
+use crate::autograd::GradHook;
+use crate::nn::{ForwardHook, ForwardPreHook, Module, ModuleExt};
 use crate::tensor::{lock, Tensor};
 
 /// A forward hook's replay: the leaves it ran on and its results, with their eager tape.
@@ -78,86 +79,108 @@ impl Runner<'_> {
 
 impl CallbackRunner for Runner<'_> {
     fn run(&self, id: usize, args: &[Buffer]) -> Result<Vec<Buffer>, String> {
-        let spec = &self.specs[id];
-        let path = spec.path().to_string();
-        match spec {
-            CallbackSpec::ForwardPre { hook, .. } => {
-                let module = self.module(&path)?;
-                let Some(new) = self.forward_hook(id, args, |ts| hook(&*module, ts), |ts| ts.to_vec())? else {
-                    return Ok(args.to_vec());
-                };
-                if new.len() != args.len() {
-                    return Err(format!(
-                        "the forward pre-hook of {path} returned {} inputs, expected {}",
-                        new.len(),
-                        args.len()
-                    ));
-                }
-                args.iter().zip(&new).map(|(a, n)| check_same(&path, "forward pre-hook", a, n)).collect()
-            }
-            CallbackSpec::Forward { hook, n_args, .. } => {
-                let module = self.module(&path)?;
-                let n = *n_args;
-                let new = self.forward_hook(
-                    id,
-                    args,
-                    |ts| hook(&*module, &ts[..n], &ts[n]).map(|t| vec![t]),
-                    |ts| vec![ts[n].clone()],
-                )?;
-                match new {
-                    None => Ok(vec![args[n].clone()]),
-                    Some(t) => Ok(vec![check_same(&path, "forward hook", &args[n], &t[0])?]),
-                }
-            }
+        match &self.specs[id] {
+            CallbackSpec::ForwardPre { path, hook } => self.forward_pre(id, path, hook, args),
+            CallbackSpec::Forward { path, hook, n_args } => self.forward(id, path, hook, *n_args, args),
             CallbackSpec::ModuleInputs { .. } | CallbackSpec::ModuleOutput { .. } => Ok(args.to_vec()),
-            CallbackSpec::ReplayBackward { forward } => {
-                let st = self.state.as_ref().ok_or("a backward callback ran without its forward")?;
-                let (leaves, outs) =
-                    lock(&st.replays).remove(forward).ok_or("internal: the forward hook's replay is missing")?;
-                crate::enable_grad(|| -> Result<(), String> {
-                    for (o, g) in outs.iter().zip(args) {
-                        if o.requires_grad() {
-                            o.try_backward_with(&Tensor::from_buffer(g.clone())).map_err(|e| e.to_string())?;
-                        }
-                    }
-                    Ok(())
-                })?;
-                Ok(leaves
-                    .iter()
-                    .map(|l| l.grad().map(|g| g.buffer()).unwrap_or_else(|| zeros_like(&l.buffer())))
-                    .collect())
-            }
-            CallbackSpec::BackwardPre { output_callback } => {
-                let st = self.state.as_ref().ok_or("a backward callback ran without its forward")?;
-                let CallbackSpec::ModuleOutput { hooks } = &self.specs[*output_callback] else {
-                    return Err("internal: BackwardPre without its ModuleOutput".into());
-                };
-                let g: Vec<Option<Tensor>> = args.iter().map(|b| Some(Tensor::from_buffer(b.clone()))).collect();
-                let g = hooks.on_grad_output(&g)?;
-                lock(&st.grad_outputs).insert(*output_callback, g.clone());
-                Ok(to_buffers(&g, args))
-            }
-            CallbackSpec::FullBackward { inputs_callback } => {
-                let st = self.state.as_ref().ok_or("a backward callback ran without its forward")?;
-                let CallbackSpec::ModuleInputs { hooks, requires, output_callback } = &self.specs[*inputs_callback]
-                else {
-                    return Err("internal: FullBackward without its ModuleInputs".into());
-                };
-                let go = lock(&st.grad_outputs).get(output_callback).cloned().unwrap_or_default();
-                let gi: Vec<Option<Tensor>> =
-                    args.iter().zip(requires).map(|(b, &r)| r.then(|| Tensor::from_buffer(b.clone()))).collect();
-                Ok(to_buffers(&hooks.on_grad_input(gi, &go)?, args))
-            }
-            CallbackSpec::TensorHook { hook } => {
-                let g = Tensor::from_buffer(args[0].clone());
-                match hook(&g) {
-                    None => Ok(args.to_vec()),
-                    Some(new) => {
-                        crate::autograd::check_replacement("a tensor hook", &g, &new)?;
-                        Ok(vec![new.buffer()])
-                    }
+            CallbackSpec::ReplayBackward { forward } => self.replay_backward(*forward, args),
+            CallbackSpec::BackwardPre { output_callback } => self.backward_pre(*output_callback, args),
+            CallbackSpec::FullBackward { inputs_callback } => self.full_backward(*inputs_callback, args),
+            CallbackSpec::TensorHook { hook } => tensor_hook(hook, args),
+        }
+    }
+}
+
+impl Runner<'_> {
+    fn state(&self) -> Result<&CallState, String> {
+        self.state.as_deref().ok_or_else(|| "a backward callback ran without its forward".to_string())
+    }
+
+    fn forward_pre(
+        &self,
+        id: usize,
+        path: &str,
+        hook: &ForwardPreHook,
+        args: &[Buffer],
+    ) -> Result<Vec<Buffer>, String> {
+        let module = self.module(path)?;
+        let Some(new) = self.forward_hook(id, args, |ts| hook(&*module, ts), |ts| ts.to_vec())? else {
+            return Ok(args.to_vec());
+        };
+        if new.len() != args.len() {
+            return Err(format!(
+                "the forward pre-hook of {path} returned {} inputs, expected {}",
+                new.len(),
+                args.len()
+            ));
+        }
+        args.iter().zip(&new).map(|(a, n)| check_same(path, "forward pre-hook", a, n)).collect()
+    }
+
+    fn forward(
+        &self,
+        id: usize,
+        path: &str,
+        hook: &ForwardHook,
+        n: usize,
+        args: &[Buffer],
+    ) -> Result<Vec<Buffer>, String> {
+        let module = self.module(path)?;
+        let new = self.forward_hook(
+            id,
+            args,
+            |ts| hook(&*module, &ts[..n], &ts[n]).map(|t| vec![t]),
+            |ts| vec![ts[n].clone()],
+        )?;
+        match new {
+            None => Ok(vec![args[n].clone()]),
+            Some(t) => Ok(vec![check_same(path, "forward hook", &args[n], &t[0])?]),
+        }
+    }
+
+    /// The backward of forward (pre-)hook `forward`: its recorded tape, run on `grads`.
+    fn replay_backward(&self, forward: usize, grads: &[Buffer]) -> Result<Vec<Buffer>, String> {
+        let (leaves, outs) =
+            lock(&self.state()?.replays).remove(&forward).ok_or("internal: the forward hook's replay is missing")?;
+        crate::enable_grad(|| -> Result<(), String> {
+            for (o, g) in outs.iter().zip(grads) {
+                if o.requires_grad() {
+                    o.try_backward_with(&Tensor::from_buffer(g.clone())).map_err(|e| e.to_string())?;
                 }
             }
+            Ok(())
+        })?;
+        Ok(leaves.iter().map(|l| l.grad().map(|g| g.buffer()).unwrap_or_else(|| zeros_like(&l.buffer()))).collect())
+    }
+
+    fn backward_pre(&self, output_callback: usize, grads: &[Buffer]) -> Result<Vec<Buffer>, String> {
+        let CallbackSpec::ModuleOutput { hooks } = &self.specs[output_callback] else {
+            return Err("internal: BackwardPre without its ModuleOutput".into());
+        };
+        let g: Vec<Option<Tensor>> = grads.iter().map(|b| Some(Tensor::from_buffer(b.clone()))).collect();
+        let g = hooks.on_grad_output(&g)?;
+        lock(&self.state()?.grad_outputs).insert(output_callback, g.clone());
+        Ok(to_buffers(&g, grads))
+    }
+
+    fn full_backward(&self, inputs_callback: usize, grads: &[Buffer]) -> Result<Vec<Buffer>, String> {
+        let CallbackSpec::ModuleInputs { hooks, requires, output_callback } = &self.specs[inputs_callback] else {
+            return Err("internal: FullBackward without its ModuleInputs".into());
+        };
+        let go = lock(&self.state()?.grad_outputs).get(output_callback).cloned().unwrap_or_default();
+        let gi: Vec<Option<Tensor>> =
+            grads.iter().zip(requires).map(|(b, &r)| r.then(|| Tensor::from_buffer(b.clone()))).collect();
+        Ok(to_buffers(&hooks.on_grad_input(gi, &go)?, grads))
+    }
+}
+
+fn tensor_hook(hook: &GradHook, grad: &[Buffer]) -> Result<Vec<Buffer>, String> {
+    let g = Tensor::from_buffer(grad[0].clone());
+    match hook(&g) {
+        None => Ok(grad.to_vec()),
+        Some(new) => {
+            crate::autograd::check_replacement("a tensor hook", &g, &new)?;
+            Ok(vec![new.buffer()])
         }
     }
 }

@@ -44,16 +44,6 @@ pub(crate) enum CallbackSpec {
     TensorHook { hook: GradHook },
 }
 
-impl CallbackSpec {
-    /// The module path of a forward (pre-)hook (`""` for the other callbacks).
-    pub(crate) fn path(&self) -> &str {
-        match self {
-            CallbackSpec::ForwardPre { path, .. } | CallbackSpec::Forward { path, .. } => path,
-            _ => "",
-        }
-    }
-}
-
 pub(crate) struct TraceState {
     id: u64,
     pub(crate) graph: Graph,
