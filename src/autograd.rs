@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex, Weak};
 use tracegrad_compiler::{Build, Emitter, Op, OpResult, TensorType};
 use tracegrad_runtime::{Buffer, ShapeDisplay};
 
-use crate::tensor::{lock, Tensor, TensorImpl};
+use crate::tensor::{eager_ok, lock, Tensor, TensorImpl};
+use crate::trace_seam::tracer;
 
 /// A hook on a gradient: returns `Some(g)` to replace it.
 pub type GradHook = Arc<dyn Fn(&Tensor) -> Option<Tensor> + Send + Sync>;
@@ -105,7 +106,18 @@ pub(crate) fn custom_identity(name: &'static str, inputs: &[Tensor], backward: C
         return inputs.to_vec();
     }
     let node = new_node(NodeKind::Custom { name, backward }, inputs.to_vec());
-    inputs.iter().map(|t| attach_output(&node, t.buffer())).collect()
+    inputs
+        .iter()
+        .map(|t| {
+            if t.requires_grad() {
+                attach_output(&node, t.buffer())
+            } else {
+                // An empty slot: no gradient ever reaches it, as PyTorch's non-differentiable outputs.
+                lock(&node.outputs).push(Weak::new());
+                t.clone()
+            }
+        })
+        .collect()
 }
 
 /// Records one node computing `outputs` from `inputs` (already computed elsewhere, e.g. by a
@@ -169,8 +181,8 @@ impl Emitter for Eager {
     type Value = Tensor;
 
     fn emit(&mut self, op: Op, inputs: &[&Tensor]) -> OpResult<Tensor> {
-        if let Some(traced) = crate::compile::trace_emit(&op, inputs) {
-            return traced;
+        if let Some(tracer) = tracer() {
+            return tracer.emit(&op, inputs);
         }
         let bufs: Vec<Buffer> = inputs.iter().map(|t| t.buffer()).collect();
         let types: Vec<TensorType> = bufs.iter().map(TensorType::of).collect();
@@ -189,6 +201,12 @@ impl Emitter for Eager {
     fn value_type(&self, v: &Tensor) -> TensorType {
         v.tensor_type()
     }
+}
+
+/// Runs a rule on the eager emitter, panicking with the op's message on misuse.
+#[track_caller]
+pub(crate) fn eager<R>(f: impl FnOnce(&mut Eager) -> OpResult<R>) -> R {
+    eager_ok(f(&mut Eager))
 }
 
 /// Why a backward pass failed.
@@ -421,7 +439,8 @@ impl Tensor {
         assert!(self.requires_grad(), "cannot register a hook on a tensor that doesn't require gradient");
         let id = next_hook_id();
         let hook: GradHook = Arc::new(hook);
-        if crate::compile::trace_tensor_hook(self, hook.clone()).is_some() {
+        if let Some(tracer) = tracer().filter(|_| self.is_symbolic()) {
+            tracer.tensor_hook(self, hook.clone());
             // The hook is part of the compiled plan; the plan is rebuilt when the forward is
             // traced again, which is when a hook registered inside forward can change.
             return crate::hooks::RemovableHandle::new(|| {});

@@ -39,6 +39,7 @@ pub mod nn;
 mod ops;
 pub mod optim;
 pub mod tensor;
+mod trace_seam;
 pub mod train;
 pub mod vision;
 pub mod zoo;

@@ -22,8 +22,7 @@
 use tracegrad_compiler::composite as c;
 use tracegrad_compiler::OpError;
 
-use crate::autograd::Eager;
-use crate::ops::eager;
+use crate::autograd::{eager, Eager};
 use crate::Tensor;
 
 /// `torch.linalg.vector_norm(x, ord, dim=dims, keepdim)`. `dims` empty means all dims; `ord`
@@ -83,4 +82,18 @@ pub fn try_inv(a: &Tensor) -> Result<Tensor, OpError> {
 /// [`solve`], with a singular matrix or misuse returned as the error.
 pub fn try_solve(a: &Tensor, b: &Tensor) -> Result<Tensor, OpError> {
     c::solve(&mut Eager, a, b)
+}
+
+impl Tensor {
+    /// `torch.linalg.det` of `[..., n, n]` (`tensor.det()`); see [`det`].
+    #[track_caller]
+    pub fn det(&self) -> Tensor {
+        det(self)
+    }
+
+    /// `torch.linalg.inv` of `[..., n, n]` (`tensor.inverse()`); see [`inv`].
+    #[track_caller]
+    pub fn inverse(&self) -> Tensor {
+        inv(self)
+    }
 }

@@ -1,5 +1,5 @@
 //! The eager op API on [`Tensor`]. Every method is a thin call into the op definitions of
-//! `tracegrad-compiler` (primitives or composites) through the [`Eager`] emitter; misuse
+//! `tracegrad-compiler` (primitives or composites) through the [`Eager`](crate::Eager) emitter; misuse
 //! panics with PyTorch's message naming the op and the shapes.
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
@@ -7,17 +7,11 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 use tracegrad_compiler::composite::{self as c, Reduction};
 use tracegrad_compiler::einsum;
 use tracegrad_compiler::ops::{BinaryOp, CompareOp, ReduceKind, UnaryOp};
-use tracegrad_compiler::{Build, Emitter, Op, OpResult};
+use tracegrad_compiler::{Build, Emitter, Op};
 use tracegrad_runtime::{Buffer, DType, Generator};
 
-use crate::autograd::{is_grad_enabled, Eager};
+use crate::autograd::{eager, is_grad_enabled};
 use crate::tensor::{eager_ok, Tensor};
-
-/// Runs a rule on the eager emitter, panicking with the op's message on misuse.
-#[track_caller]
-pub(crate) fn eager<R>(f: impl FnOnce(&mut Eager) -> OpResult<R>) -> R {
-    eager_ok(f(&mut Eager))
-}
 
 macro_rules! unary_methods {
     ($($(#[$doc:meta])* $name:ident => $op:expr;)*) => {
@@ -556,7 +550,7 @@ impl Tensor {
         if !training || p == 0.0 {
             return self.clone();
         }
-        if crate::compile::is_tracing() {
+        if crate::trace_seam::is_tracing() {
             panic!("dropout: training-mode dropout cannot be compiled yet (its mask would be frozen into the graph); compile in eval mode");
         }
         if p == 1.0 {
@@ -949,7 +943,7 @@ impl Tensor {
                 t.shape()
             );
         }
-        if crate::compile::is_tracing() {
+        if crate::trace_seam::is_tracing() {
             panic!("normal: random sampling cannot be compiled yet (its draws would be frozen into the graph)");
         }
         assert!(std.to_vec_f64().iter().all(|&s| s >= 0.0), "normal expects all elements of std >= 0.0");
@@ -962,17 +956,5 @@ impl Tensor {
         let z = Tensor::from_buffer(Buffer::from_vec(g.normal(n, 0.0, 1.0), &shape).cast(dtype));
         let (m, s) = (mean.to_dtype(dtype), std.to_dtype(dtype));
         m.add(&s.mul(&z))
-    }
-
-    /// `torch.linalg.det` of `[..., n, n]` (`tensor.det()`); see [`crate::linalg::det`].
-    #[track_caller]
-    pub fn det(&self) -> Tensor {
-        crate::linalg::det(self)
-    }
-
-    /// `torch.linalg.inv` of `[..., n, n]` (`tensor.inverse()`); see [`crate::linalg::inv`].
-    #[track_caller]
-    pub fn inverse(&self) -> Tensor {
-        crate::linalg::inv(self)
     }
 }

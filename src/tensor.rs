@@ -13,7 +13,8 @@ use tracegrad_compiler::{OpError, TensorType};
 use tracegrad_runtime::random::{self, Generator};
 use tracegrad_runtime::{Buffer, DType, Element};
 
-use crate::autograd::{GradHook, Node, PostAccumulateHook};
+use crate::autograd::{eager, GradHook, Node, PostAccumulateHook};
+use crate::trace_seam::{tracer, Symbol};
 
 /// A multi-dimensional array with PyTorch-style autograd. Cloning is cheap and aliases the
 /// same tensor (like a Python reference), so gradients and in-place updates are shared.
@@ -32,7 +33,7 @@ pub(crate) struct TensorImpl {
     pub(crate) retains_grad: AtomicBool,
     pub(crate) grad: Mutex<Option<Tensor>>,
     /// Set for the symbolic tensors of a trace: they have a type and a graph node, no data.
-    pub(crate) symbol: Option<crate::compile::Symbol>,
+    pub(crate) symbol: Option<Symbol>,
 }
 
 pub(crate) fn lock_poison<T>(r: std::sync::LockResult<T>) -> T {
@@ -80,7 +81,7 @@ impl Tensor {
     }
 
     /// A symbolic tensor of a trace (no data; `requires_grad` as eager mode would have it).
-    pub(crate) fn symbolic(symbol: crate::compile::Symbol, requires_grad: bool) -> Tensor {
+    pub(crate) fn symbolic(symbol: Symbol, requires_grad: bool) -> Tensor {
         let placeholder = Buffer::zeros(symbol.ty.dtype, &[0]);
         Tensor(Arc::new(TensorImpl {
             data: RwLock::new(placeholder),
@@ -95,7 +96,7 @@ impl Tensor {
     }
 
     /// The trace symbol of a symbolic tensor.
-    pub(crate) fn symbol(&self) -> Option<&crate::compile::Symbol> {
+    pub(crate) fn symbol(&self) -> Option<&Symbol> {
         self.0.symbol.as_ref()
     }
 
@@ -260,8 +261,8 @@ impl Tensor {
     /// shapes differ.
     #[track_caller]
     pub fn assign(&self, value: &Tensor) {
-        if let Some(r) = crate::compile::trace_assign(self, value) {
-            return r.unwrap_or_else(|e| panic!("{e}"));
+        if let Some(tracer) = tracer() {
+            return tracer.assign(self, value).unwrap_or_else(|e| panic!("{e}"));
         }
         assert_eq!(self.shape(), value.shape(), "assign: shape mismatch");
         self.set_buffer(value.buffer().cast(self.dtype()));
@@ -429,14 +430,14 @@ impl Tensor {
     /// A new leaf sharing this tensor's storage, outside the autograd graph.
     pub fn detach(&self) -> Tensor {
         if self.is_symbolic() {
-            return crate::ops::eager(|e| tracegrad_compiler::composite::stop_gradient(e, self));
+            return eager(|e| tracegrad_compiler::composite::stop_gradient(e, self));
         }
         Tensor::from_buffer(self.buffer())
     }
 
     /// A deep copy that stays in the graph (`torch.clone`).
     pub fn copy(&self) -> Tensor {
-        crate::ops::eager(|e| {
+        eager(|e| {
             use tracegrad_compiler::Build;
             e.mul_scalar(self, 1.0)
         })

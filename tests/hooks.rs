@@ -269,6 +269,36 @@ fn a_wrong_hook_return_is_an_error_not_a_crash() {
     assert!(t.sum_all().try_backward().unwrap_err().to_string().contains("tensor hook"));
 }
 
+/// A full backward hook that returns a gradient where `grad_input` has none is an error, with
+/// eager mode's text, in every mode: once for an input that takes no gradient, once for a
+/// module none of whose inputs does (its hooks fire with `grad_input` all `None`).
+#[test]
+fn an_unexpected_gradient_from_a_backward_hook_is_rejected_in_every_mode() {
+    for mode in MODES {
+        let u = Tensor::vec1(&[1.0, 2.0]).requires_grad_(true);
+        let m = Add::default();
+        let seen: Arc<Mutex<Vec<bool>>> = Arc::default();
+        let s = seen.clone();
+        m.register_full_backward_hook(move |gi, _| {
+            s.lock().unwrap().extend(gi.iter().map(Option::is_some));
+            Some(vec![gi[0].clone(), Some(Tensor::zeros(&[2]))])
+        });
+        let out = call(&m, &[u.clone(), Tensor::vec1(&[3.0, 4.0])], mode);
+        let err = out.sum_all().try_backward().err().unwrap_or_else(|| panic!("{mode:?}: no error")).to_string();
+        let want = "a full backward hook of Add returned a gradient of shape [2] where there is none";
+        assert!(err.contains(want), "{mode:?}: {err}");
+        assert_eq!(*seen.lock().unwrap(), [true, false], "{mode:?}: grad_input is None for an input without grad");
+
+        tracegrad::manual_seed(0);
+        let lin = Linear::new(2, 3);
+        lin.register_full_backward_hook(|_, _| Some(vec![Some(Tensor::zeros(&[1, 2]))]));
+        let out = call(&lin, &[Tensor::ones(&[1, 2])], mode);
+        let err = out.sum_all().try_backward().err().unwrap_or_else(|| panic!("{mode:?}: no error")).to_string();
+        let want = "a full backward hook of Linear returned a gradient of shape [1, 2] where there is none";
+        assert!(err.contains(want), "{mode:?}: {err}");
+    }
+}
+
 #[derive(tracegrad::nn::Module)]
 struct Inner {
     #[module]

@@ -1,7 +1,8 @@
 //! Tracing: `forward` runs once on symbolic tensors and every op lands in a [`Graph`].
 //!
-//! While a trace is active on this thread, the `Eager` emitter hands each op to
-//! [`trace_emit`]. Operands that are symbolic are graph nodes already. A concrete operand that
+//! While a trace is active on this thread, eager code hands its work to the [`Tracer`] that
+//! [`trace_with`] installs in the seam (`src/trace_seam.rs`): the `Eager` emitter each op,
+//! `Tensor::assign` each buffer write, a module call its hooks. Operands that are symbolic are graph nodes already. A concrete operand that
 //! is one of the module's parameters or buffers is *lifted* to a graph input, so the graph is a
 //! pure function and optimizer updates need no recompile. Any other concrete tensor becomes a
 //! constant. Module calls open a scope (so nodes carry their module path) and turn the module's
@@ -10,23 +11,16 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Once;
+use std::rc::Rc;
+use std::sync::{Arc, Once};
 
-use petgraph::stable_graph::NodeIndex;
-use tracegrad_compiler::graph::{Graph, InputRole};
+use tracegrad_compiler::graph::{Graph, InputRole, NodeId};
 use tracegrad_compiler::{Op, OpError, OpResult, TensorType};
 
 use crate::autograd::GradHook;
-use crate::nn::{module_id, BackwardHook, BackwardPreHook, ForwardHook, ForwardPreHook, Module, ModuleExt};
+use crate::nn::{module_id, BackwardHooks, CallBackend, ForwardHook, ForwardPreHook, Module, ModuleExt};
 use crate::tensor::Tensor;
-
-/// The graph node a symbolic tensor stands for.
-#[derive(Clone, Debug)]
-pub struct Symbol {
-    pub(crate) trace: u64,
-    pub(crate) node: NodeIndex,
-    pub(crate) ty: TensorType,
-}
+use crate::trace_seam::{is_tracing, set_tracer, Symbol, Tracer};
 
 /// A hook captured as a callback node, with what the runtime needs to call it.
 #[derive(Clone)]
@@ -37,15 +31,9 @@ pub(crate) enum CallbackSpec {
     Forward { path: String, hook: ForwardHook, n_args: usize },
     /// Identity over a module's inputs that carries its full backward hooks (forward graph);
     /// `requires[i]`: whether input i takes a gradient.
-    ModuleInputs { path: String, hooks: Vec<BackwardHook>, requires: Vec<bool>, output_callback: usize },
+    ModuleInputs { hooks: Arc<BackwardHooks>, requires: Vec<bool>, output_callback: usize },
     /// Identity over a module's output that carries its backward pre-hooks (forward graph).
-    ModuleOutput {
-        path: String,
-        pre: Vec<BackwardPreHook>,
-        hooks: Vec<BackwardHook>,
-        n_inputs: usize,
-        inputs_wired: bool,
-    },
+    ModuleOutput { hooks: Arc<BackwardHooks> },
     /// Backward of a forward (pre-)hook: replays the hook's eager tape (backward graph).
     ReplayBackward { forward: usize },
     /// Full backward hooks on grad_input (backward graph).
@@ -56,23 +44,11 @@ pub(crate) enum CallbackSpec {
     TensorHook { hook: GradHook },
 }
 
-impl CallbackSpec {
-    pub(crate) fn path(&self) -> &str {
-        match self {
-            CallbackSpec::ForwardPre { path, .. }
-            | CallbackSpec::Forward { path, .. }
-            | CallbackSpec::ModuleInputs { path, .. }
-            | CallbackSpec::ModuleOutput { path, .. } => path,
-            _ => "",
-        }
-    }
-}
-
 pub(crate) struct TraceState {
     id: u64,
     pub(crate) graph: Graph,
     /// Concrete tensors already in the graph (lifted inputs and constants), by tensor id.
-    lifted: HashMap<usize, NodeIndex>,
+    lifted: HashMap<usize, NodeId>,
     /// Keeps every tensor keyed in `lifted` alive for the whole trace: a tensor id is an
     /// address, and a freed temporary's address can be reused by the next one.
     keepalive: Vec<Tensor>,
@@ -83,194 +59,181 @@ pub(crate) struct TraceState {
     module_paths: HashMap<usize, String>,
     pub(crate) callbacks: Vec<CallbackSpec>,
     /// In-place buffer writes (`Tensor::assign`): the target and the node of its new value.
-    pub(crate) updates: Vec<(Tensor, NodeIndex)>,
+    pub(crate) updates: Vec<(Tensor, NodeId)>,
     /// Tensor hooks registered on traced tensors, by node.
-    pub(crate) tensor_hooks: Vec<(NodeIndex, GradHook)>,
+    pub(crate) tensor_hooks: Vec<(NodeId, GradHook)>,
 }
 
 thread_local! {
-    static TRACE: RefCell<Option<TraceState>> = const { RefCell::new(None) };
     static SILENT_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 static NEXT_TRACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// Whether a trace is active on this thread.
-pub fn is_tracing() -> bool {
-    TRACE.with(|t| t.borrow().is_some())
-}
+/// The tracer of one trace, installed in the seam while `forward` runs.
+struct ActiveTrace(RefCell<TraceState>);
 
-fn with_trace<R>(f: impl FnOnce(&mut TraceState) -> R) -> Option<R> {
-    TRACE.with(|t| t.borrow_mut().as_mut().map(f))
-}
-
-fn node_of(st: &mut TraceState, t: &Tensor) -> OpResult<NodeIndex> {
-    if let Some(s) = t.symbol() {
-        if s.trace != st.id {
-            return Err(OpError::new("trace", "a symbolic tensor from another trace was used".to_string()));
+impl TraceState {
+    fn node_of(&mut self, t: &Tensor) -> OpResult<NodeId> {
+        if let Some(s) = t.symbol() {
+            if s.trace != self.id {
+                return Err(OpError::new("trace", "a symbolic tensor from another trace was used".to_string()));
+            }
+            return Ok(s.node);
         }
-        return Ok(s.node);
-    }
-    if let Some(&n) = st.lifted.get(&t.id()) {
-        return Ok(n);
-    }
-    let n = match st.liftable.get(&t.id()).cloned() {
-        Some((name, role, tensor)) => {
-            // Lifted inputs belong to no module scope: they are the graph's arguments.
-            let scope = std::mem::take(&mut st.graph.scope);
-            let n = st.graph.add_input(&name, role, tensor.tensor_type());
-            st.graph.scope = scope;
-            st.lifted_inputs.push(tensor);
-            n
+        if let Some(&n) = self.lifted.get(&t.id()) {
+            return Ok(n);
         }
-        None => st.graph.add_op(Op::Constant(t.buffer()), &[])?,
-    };
-    st.lifted.insert(t.id(), n);
-    st.keepalive.push(t.clone());
-    Ok(n)
+        let n = match self.liftable.get(&t.id()).cloned() {
+            Some((name, role, tensor)) => {
+                // Lifted inputs belong to no module scope: they are the graph's arguments.
+                let scope = std::mem::take(&mut self.graph.scope);
+                let n = self.graph.add_input(&name, role, tensor.tensor_type());
+                self.graph.scope = scope;
+                self.lifted_inputs.push(tensor);
+                n
+            }
+            None => self.graph.add_op(Op::Constant(t.buffer()), &[])?,
+        };
+        self.lifted.insert(t.id(), n);
+        self.keepalive.push(t.clone());
+        Ok(n)
+    }
+
+    fn symbolic(&self, n: NodeId, requires_grad: bool) -> Tensor {
+        Tensor::symbolic(Symbol { trace: self.id, node: n, ty: self.graph.ty(n).clone() }, requires_grad)
+    }
+
+    /// Adds callback `spec` over `operands`. Its results mirror the last `requires.len()`
+    /// operands (same types), with the given `requires_grad`. Returns the callback id too.
+    fn callback(
+        &mut self,
+        spec: CallbackSpec,
+        label: &str,
+        operands: &[&Tensor],
+        requires: &[bool],
+    ) -> OpResult<(usize, Vec<Tensor>)> {
+        let nodes: Vec<NodeId> = operands.iter().map(|a| self.node_of(a)).collect::<OpResult<_>>()?;
+        let types: Vec<TensorType> =
+            nodes[nodes.len() - requires.len()..].iter().map(|&n| self.graph.ty(n).clone()).collect();
+        let id = self.callbacks.len();
+        self.callbacks.push(spec);
+        let outs = self.graph.add_callback(id, label, &nodes, &types);
+        Ok((id, outs.iter().zip(requires).map(|(&n, &r)| self.symbolic(n, r)).collect()))
+    }
 }
 
-/// Records `op` in the active trace; `None` when no trace is active.
-pub(crate) fn trace_emit(op: &Op, inputs: &[&Tensor]) -> Option<OpResult<Tensor>> {
-    with_trace(|st| {
-        let nodes: Vec<NodeIndex> = inputs.iter().map(|t| node_of(st, t)).collect::<OpResult<_>>()?;
+impl Tracer for ActiveTrace {
+    fn emit(&self, op: &Op, inputs: &[&Tensor]) -> OpResult<Tensor> {
+        let st = &mut *self.0.borrow_mut();
+        let nodes: Vec<NodeId> = inputs.iter().map(|t| st.node_of(t)).collect::<OpResult<_>>()?;
         let n = st.graph.add_op(op.clone(), &nodes)?;
-        let ty = st.graph.g[n].ty.clone();
-        let rg = ty.dtype.is_float() && crate::is_grad_enabled() && inputs.iter().any(|t| t.requires_grad());
-        Ok(Tensor::symbolic(Symbol { trace: st.id, node: n, ty }, rg))
-    })
-}
+        let rg =
+            st.graph.ty(n).dtype.is_float() && crate::is_grad_enabled() && inputs.iter().any(|t| t.requires_grad());
+        Ok(st.symbolic(n, rg))
+    }
 
-fn symbolic_like(st: &TraceState, n: NodeIndex, requires_grad: bool) -> Tensor {
-    Tensor::symbolic(Symbol { trace: st.id, node: n, ty: st.graph.g[n].ty.clone() }, requires_grad)
-}
-
-/// Records `target ← value` in the active trace. Later reads of `target` in this trace see
-/// the new value; the runtime writes it back after the call. `None` when not tracing.
-pub(crate) fn trace_assign(target: &Tensor, value: &Tensor) -> Option<Result<(), String>> {
-    with_trace(|st| {
+    /// Later reads of `target` in this trace see the new value; the runtime writes it back
+    /// after the call.
+    fn assign(&self, target: &Tensor, value: &Tensor) -> Result<(), String> {
+        let st = &mut *self.0.borrow_mut();
         if target.is_symbolic() || !st.liftable.contains_key(&target.id()) {
             return Err("assign: only a module buffer can be written inside a compiled forward".to_string());
         }
-        let n = node_of(st, value).map_err(|e| e.to_string())?;
+        let n = st.node_of(value).map_err(|e| e.to_string())?;
         let want = target.tensor_type();
-        let n = if st.graph.g[n].ty.dtype != want.dtype {
+        let n = if st.graph.ty(n).dtype != want.dtype {
             st.graph.add_op(Op::Cast(want.dtype), &[n]).map_err(|e| e.to_string())?
         } else {
             n
         };
-        if st.graph.g[n].ty != want {
-            return Err(format!("assign: cannot write {} into a buffer of type {want}", st.graph.g[n].ty));
+        if *st.graph.ty(n) != want {
+            return Err(format!("assign: cannot write {} into a buffer of type {want}", st.graph.ty(n)));
         }
         // Make sure the old value is an input (reads before the write keep seeing it).
-        node_of(st, target).map_err(|e| e.to_string())?;
+        st.node_of(target).map_err(|e| e.to_string())?;
         st.lifted.insert(target.id(), n);
         st.updates.retain(|(t, _)| !t.same(target));
         st.updates.push((target.clone(), n));
         Ok(())
-    })
+    }
+
+    fn tensor_hook(&self, t: &Tensor, hook: GradHook) {
+        let node = t.symbol().expect("a tensor hook is traced on a symbolic tensor").node;
+        self.0.borrow_mut().tensor_hooks.push((node, hook));
+    }
+
+    fn module_call<'a>(&'a self, m: &'a dyn Module) -> Box<dyn CallBackend + 'a> {
+        let st = &mut *self.0.borrow_mut();
+        let path = st.module_paths.get(&module_id(m)).cloned().unwrap_or_else(|| format!("<{}>", m.type_name()));
+        let type_name = m.type_name();
+        st.graph.scope.push((path.clone(), type_name.clone()));
+        Box::new(TracedCall { trace: &self.0, path, type_name, inputs_callback: None })
+    }
 }
 
-/// Records a tensor hook on a traced tensor; `None` when `t` is not symbolic.
-pub(crate) fn trace_tensor_hook(t: &Tensor, hook: GradHook) -> Option<()> {
-    let node = t.symbol()?.node;
-    with_trace(|st| st.tensor_hooks.push((node, hook)))
+/// One traced module call: a scope for the module's nodes, its hooks as callback nodes.
+struct TracedCall<'a> {
+    trace: &'a RefCell<TraceState>,
+    path: String,
+    type_name: String,
+    /// The inputs identity's callback, which learns its output callback's id once that
+    /// exists (children and forward hooks add callbacks in between).
+    inputs_callback: Option<usize>,
 }
 
-/// `module(args)` during a trace: a scope for the module's nodes, and its forward hooks as
-/// callback nodes around `forward`.
-pub(crate) fn traced_call(
-    m: &dyn Module,
-    args: &[Tensor],
-    pre: &[ForwardPreHook],
-    post: &[ForwardHook],
-    bw_pre: &[BackwardPreHook],
-    bw: &[BackwardHook],
-) -> Tensor {
-    let path =
-        with_trace(|st| st.module_paths.get(&module_id(m)).cloned().unwrap_or_else(|| format!("<{}>", m.type_name())))
-            .expect("tracing");
-    let type_name = m.type_name();
-    with_trace(|st| st.graph.scope.push((path.clone(), type_name.clone())));
-    let mut args = args.to_vec();
-    for hook in pre {
-        args = with_trace(|st| -> OpResult<Vec<Tensor>> {
-            let nodes: Vec<NodeIndex> = args.iter().map(|a| node_of(st, a)).collect::<OpResult<_>>()?;
-            let types: Vec<TensorType> = nodes.iter().map(|&n| st.graph.g[n].ty.clone()).collect();
-            let id = st.callbacks.len();
-            st.callbacks.push(CallbackSpec::ForwardPre { path: path.clone(), hook: hook.clone() });
-            let outs = st.graph.add_callback(id, &format!("forward pre-hook of {path} ({type_name})"), &nodes, &types);
-            Ok(outs.iter().zip(&args).map(|(&n, a)| symbolic_like(st, n, a.requires_grad())).collect())
-        })
-        .expect("tracing")
-        .unwrap_or_else(|e| panic!("{e}"));
+impl TracedCall<'_> {
+    fn callback(
+        &self,
+        spec: CallbackSpec,
+        what: &str,
+        operands: &[&Tensor],
+        requires: &[bool],
+    ) -> (usize, Vec<Tensor>) {
+        let label = format!("{what} of {} ({})", self.path, self.type_name);
+        self.trace.borrow_mut().callback(spec, &label, operands, requires).unwrap_or_else(|e| panic!("{e}"))
     }
-    let wire = crate::is_grad_enabled() && (!bw.is_empty() || !bw_pre.is_empty());
-    // Backward-hook errors name the module as eager mode does: its path, or its type at the root.
-    let shown = if path.is_empty() { type_name.clone() } else { path.clone() };
-    let requires: Vec<bool> = args.iter().map(|a| a.requires_grad()).collect();
-    let inputs_wired = wire && requires.iter().any(|&r| r);
-    // The inputs callback learns its output callback's id once that exists (children and
-    // forward hooks add callbacks in between).
-    let mut inputs_callback = None;
-    if inputs_wired {
-        args = with_trace(|st| -> OpResult<Vec<Tensor>> {
-            let nodes: Vec<NodeIndex> = args.iter().map(|a| node_of(st, a)).collect::<OpResult<_>>()?;
-            let types: Vec<TensorType> = nodes.iter().map(|&n| st.graph.g[n].ty.clone()).collect();
-            let id = st.callbacks.len();
-            inputs_callback = Some(id);
-            st.callbacks.push(CallbackSpec::ModuleInputs {
-                path: shown.clone(),
-                hooks: bw.to_vec(),
-                requires: requires.clone(),
-                output_callback: usize::MAX,
-            });
-            let outs =
-                st.graph.add_callback(id, &format!("full backward hooks of {path} ({type_name})"), &nodes, &types);
-            Ok(outs.iter().zip(&args).map(|(&n, a)| symbolic_like(st, n, a.requires_grad())).collect())
-        })
-        .expect("tracing")
-        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+impl CallBackend for TracedCall<'_> {
+    fn forward_pre_hook(&mut self, _: &dyn Module, hook: &ForwardPreHook, args: Vec<Tensor>) -> Vec<Tensor> {
+        let spec = CallbackSpec::ForwardPre { path: self.path.clone(), hook: hook.clone() };
+        let requires: Vec<bool> = args.iter().map(Tensor::requires_grad).collect();
+        self.callback(spec, "forward pre-hook", &args.iter().collect::<Vec<_>>(), &requires).1
     }
-    let mut out = m.forward_many(&args);
-    for hook in post {
-        out = with_trace(|st| -> OpResult<Tensor> {
-            let mut nodes: Vec<NodeIndex> = args.iter().map(|a| node_of(st, a)).collect::<OpResult<_>>()?;
-            nodes.push(node_of(st, &out)?);
-            let ty = st.graph.g[*nodes.last().unwrap()].ty.clone();
-            let id = st.callbacks.len();
-            st.callbacks.push(CallbackSpec::Forward { path: path.clone(), hook: hook.clone(), n_args: args.len() });
-            let n = st.graph.add_callback(id, &format!("forward hook of {path} ({type_name})"), &nodes, &[ty])[0];
-            Ok(symbolic_like(st, n, out.requires_grad()))
-        })
-        .expect("tracing")
-        .unwrap_or_else(|e| panic!("{e}"));
+
+    fn wire_inputs(&mut self, args: Vec<Tensor>, hooks: &Arc<BackwardHooks>) -> Vec<Tensor> {
+        let requires: Vec<bool> = args.iter().map(Tensor::requires_grad).collect();
+        let spec = CallbackSpec::ModuleInputs {
+            hooks: hooks.clone(),
+            requires: requires.clone(),
+            output_callback: usize::MAX,
+        };
+        let (id, args) = self.callback(spec, "full backward hooks", &args.iter().collect::<Vec<_>>(), &requires);
+        self.inputs_callback = Some(id);
+        args
     }
-    if wire && out.requires_grad() {
-        out = with_trace(|st| -> OpResult<Tensor> {
-            let n = node_of(st, &out)?;
-            let ty = st.graph.g[n].ty.clone();
-            let id = st.callbacks.len();
-            if let Some(CallbackSpec::ModuleInputs { output_callback, .. }) =
-                inputs_callback.map(|i| &mut st.callbacks[i])
-            {
+
+    fn forward_hook(&mut self, _: &dyn Module, hook: &ForwardHook, args: &[Tensor], out: Tensor) -> Tensor {
+        let spec = CallbackSpec::Forward { path: self.path.clone(), hook: hook.clone(), n_args: args.len() };
+        let operands: Vec<&Tensor> = args.iter().chain([&out]).collect();
+        self.callback(spec, "forward hook", &operands, &[out.requires_grad()]).1.remove(0)
+    }
+
+    fn wire_output(&mut self, out: Tensor, hooks: &Arc<BackwardHooks>) -> Tensor {
+        let spec = CallbackSpec::ModuleOutput { hooks: hooks.clone() };
+        let (id, mut out) = self.callback(spec, "backward pre-hooks", &[&out], &[true]);
+        if let Some(i) = self.inputs_callback {
+            if let CallbackSpec::ModuleInputs { output_callback, .. } = &mut self.trace.borrow_mut().callbacks[i] {
                 *output_callback = id;
             }
-            st.callbacks.push(CallbackSpec::ModuleOutput {
-                path: shown.clone(),
-                pre: bw_pre.to_vec(),
-                hooks: bw.to_vec(),
-                n_inputs: args.len(),
-                inputs_wired,
-            });
-            let c = st.graph.add_callback(id, &format!("backward pre-hooks of {path} ({type_name})"), &[n], &[ty])[0];
-            Ok(symbolic_like(st, c, true))
-        })
-        .expect("tracing")
-        .unwrap_or_else(|e| panic!("{e}"));
+        }
+        out.remove(0)
     }
-    with_trace(|st| st.graph.scope.pop());
-    out
+
+    fn finish(&mut self) {
+        self.trace.borrow_mut().graph.scope.pop();
+    }
 }
 
 /// Why compiling failed: the op, the module path and the shapes, in one message.
@@ -318,7 +281,7 @@ pub(crate) struct Traced {
     /// Buffers written by the forward; graph outputs `1..=updates.len()` hold their values.
     pub(crate) updates: Vec<Tensor>,
     /// Tensor hooks on traced values, by node.
-    pub(crate) tensor_hooks: Vec<(NodeIndex, GradHook)>,
+    pub(crate) tensor_hooks: Vec<(NodeId, GradHook)>,
 }
 
 /// Traces `module(inputs)` for inputs of the given types.
@@ -366,15 +329,17 @@ pub(crate) fn trace_with(
         .enumerate()
         .map(|(i, (ty, rg))| {
             let n = st.graph.add_input(&format!("input{i}"), InputRole::Data, ty.clone());
-            Tensor::symbolic(Symbol { trace: id, node: n, ty: ty.clone() }, *rg)
+            st.symbolic(n, *rg)
         })
         .collect();
-    TRACE.with(|t| *t.borrow_mut() = Some(st));
+    let trace = Rc::new(ActiveTrace(RefCell::new(st)));
+    set_tracer(Some(trace.clone()));
     install_quiet_hook();
     SILENT_PANICS.with(|s| s.set(true));
     let result = catch_unwind(AssertUnwindSafe(|| f(&args)));
     SILENT_PANICS.with(|s| s.set(false));
-    let mut st = TRACE.with(|t| t.borrow_mut().take()).expect("trace state");
+    set_tracer(None);
+    let mut st = Rc::try_unwrap(trace).ok().expect("the tracer is released when the trace ends").0.into_inner();
     let out = match result {
         Ok(out) => out,
         Err(payload) => {
@@ -388,11 +353,7 @@ pub(crate) fn trace_with(
             return Err(CompileError { op, module_path, message });
         }
     };
-    let n = node_of(&mut st, &out).map_err(|e| CompileError {
-        op: e.op,
-        module_path: String::new(),
-        message: e.message,
-    })?;
+    let n = st.node_of(&out).map_err(|e| CompileError { op: e.op, module_path: String::new(), message: e.message })?;
     st.graph.add_output("out", n);
     let mut updates = Vec::new();
     for (t, node) in std::mem::take(&mut st.updates) {

@@ -107,6 +107,24 @@ impl ChildStore {
         }
     }
 
+    /// Removes the child at a Python-style index and renumbers the rest `0`, `1`, ….
+    #[track_caller]
+    fn remove(&mut self, index: isize) -> Arc<dyn Module> {
+        let e = self.entries_mut();
+        let i = py_index(index, e.len()).unwrap_or_else(|| out_of_range(index));
+        let (_, m) = e.remove(i);
+        ChildStore::renumber(e);
+        m
+    }
+
+    /// Replaces the child at a Python-style index, keeping its name; returns the old one.
+    #[track_caller]
+    fn replace(&mut self, index: isize, m: Arc<dyn Module>) -> Arc<dyn Module> {
+        let e = self.entries_mut();
+        let i = py_index(index, e.len()).unwrap_or_else(|| out_of_range(index));
+        std::mem::replace(&mut e[i].1, m)
+    }
+
     fn is_positional(entries: &[Entry]) -> bool {
         entries.iter().enumerate().all(|(i, (n, _))| *n == i.to_string())
     }
@@ -187,6 +205,74 @@ macro_rules! container_fields {
     };
 }
 
+/// The indexed-list API Sequential and ModuleList share over their `children` store:
+/// `remove`, `replace`, `len`, `is_empty`, `get`, `iter`, `c[i]` and `for m in &c`.
+macro_rules! indexed_children {
+    ($ty:ident) => {
+        impl $ty {
+            /// Removes and returns the child at `index` (`pop`; negative counts from the end),
+            /// then renames the remaining children `0`, `1`, … as PyTorch's `del c[i]` does (a
+            /// Sequential's named children become positional too).
+            ///
+            /// # Panics
+            /// If `index` is out of range.
+            #[track_caller]
+            pub fn remove(&mut self, index: isize) -> Arc<dyn Module> {
+                self.children.remove(index)
+            }
+
+            /// Replaces the child at `index`, keeping its name (`c[i] = m`); returns the old one.
+            ///
+            /// # Panics
+            /// If `index` is out of range.
+            #[track_caller]
+            pub fn replace(&mut self, index: isize, m: impl IntoSharedModule) -> Arc<dyn Module> {
+                self.children.replace(index, m.into_shared())
+            }
+
+            /// Number of children.
+            pub fn len(&self) -> usize {
+                self.children.len()
+            }
+
+            /// Whether there are no children.
+            pub fn is_empty(&self) -> bool {
+                self.len() == 0
+            }
+
+            /// The child at `index` (negative counts from the end).
+            pub fn get(&self, index: isize) -> Option<Arc<dyn Module>> {
+                self.children.at(index).map(|(_, m)| m)
+            }
+
+            /// The children in order, each as often as it appears (shared modules repeat).
+            pub fn iter(&self) -> std::vec::IntoIter<Arc<dyn Module>> {
+                self.children.snapshot().into_iter().map(|(_, m)| m).collect::<Vec<_>>().into_iter()
+            }
+        }
+
+        impl Index<isize> for $ty {
+            type Output = dyn Module;
+
+            /// `c[i]`; negative counts from the end. Panics with PyTorch's `IndexError` when
+            /// out of range.
+            #[track_caller]
+            fn index(&self, index: isize) -> &(dyn Module + 'static) {
+                let m = self.get(index).unwrap_or_else(|| out_of_range(index));
+                self.children.lend(&m)
+            }
+        }
+
+        impl IntoIterator for &$ty {
+            type Item = Arc<dyn Module>;
+            type IntoIter = std::vec::IntoIter<Arc<dyn Module>>;
+            fn into_iter(self) -> Self::IntoIter {
+                self.iter()
+            }
+        }
+    };
+}
+
 /// Modules applied in order (`torch.nn.Sequential`). Children are named `0`, `1`, … or given
 /// names ([`from_named`](Self::from_named)); slicing keeps the names.
 ///
@@ -205,6 +291,7 @@ pub struct Sequential {
 }
 
 container_fields!(Sequential);
+indexed_children!(Sequential);
 
 impl Sequential {
     /// An empty container (its forward returns the input).
@@ -295,31 +382,6 @@ impl Sequential {
         self
     }
 
-    /// Removes and returns the child at `index` (`pop`), then renames the remaining children
-    /// `0`, `1`, … as PyTorch's `del seq[i]` does (named children become positional too).
-    ///
-    /// # Panics
-    /// If `index` is out of range.
-    #[track_caller]
-    pub fn remove(&mut self, index: isize) -> Arc<dyn Module> {
-        let e = self.children.entries_mut();
-        let i = py_index(index, e.len()).unwrap_or_else(|| out_of_range(index));
-        let (_, m) = e.remove(i);
-        ChildStore::renumber(e);
-        m
-    }
-
-    /// Replaces the child at `index`, keeping its name (`seq[i] = m`); returns the old one.
-    ///
-    /// # Panics
-    /// If `index` is out of range.
-    #[track_caller]
-    pub fn replace(&mut self, index: isize, m: impl IntoSharedModule) -> Arc<dyn Module> {
-        let e = self.children.entries_mut();
-        let i = py_index(index, e.len()).unwrap_or_else(|| out_of_range(index));
-        std::mem::replace(&mut e[i].1, m.into_shared())
-    }
-
     /// A new Sequential holding the same child modules (the same `Arc`s) at `range`, under
     /// their original names (`seq[1:]`). Bounds follow Python: negative counts from the end,
     /// out-of-range bounds clamp.
@@ -329,49 +391,9 @@ impl Sequential {
         Sequential { children: ChildStore::from_entries(e[r].to_vec()), core: ModuleCore::new() }
     }
 
-    /// Number of children.
-    pub fn len(&self) -> usize {
-        self.children.len()
-    }
-
-    /// Whether there are no children.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The child at `index` (negative counts from the end).
-    pub fn get(&self, index: isize) -> Option<Arc<dyn Module>> {
-        self.children.at(index).map(|(_, m)| m)
-    }
-
-    /// The children in order, each as often as it appears (shared modules repeat).
-    pub fn iter(&self) -> std::vec::IntoIter<Arc<dyn Module>> {
-        self.children.snapshot().into_iter().map(|(_, m)| m).collect::<Vec<_>>().into_iter()
-    }
-
     /// The children's names in order (duplicates of a shared module included).
     pub fn names(&self) -> Vec<String> {
         self.children.snapshot().into_iter().map(|(n, _)| n).collect()
-    }
-}
-
-impl Index<isize> for Sequential {
-    type Output = dyn Module;
-
-    /// `seq[i]`; negative counts from the end. Panics with PyTorch's `IndexError` when out
-    /// of range.
-    #[track_caller]
-    fn index(&self, index: isize) -> &(dyn Module + 'static) {
-        let m = self.get(index).unwrap_or_else(|| out_of_range(index));
-        self.children.lend(&m)
-    }
-}
-
-impl IntoIterator for &Sequential {
-    type Item = Arc<dyn Module>;
-    type IntoIter = std::vec::IntoIter<Arc<dyn Module>>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
     }
 }
 
@@ -404,6 +426,7 @@ pub struct ModuleList {
 }
 
 container_fields!(ModuleList);
+indexed_children!(ModuleList);
 
 impl ModuleList {
     /// An empty list.
@@ -449,55 +472,11 @@ impl ModuleList {
         self
     }
 
-    /// Removes and returns the module at `index` (`pop`); later children move down one index.
-    ///
-    /// # Panics
-    /// If `index` is out of range.
-    #[track_caller]
-    pub fn remove(&mut self, index: isize) -> Arc<dyn Module> {
-        let e = self.children.entries_mut();
-        let i = py_index(index, e.len()).unwrap_or_else(|| out_of_range(index));
-        let (_, m) = e.remove(i);
-        ChildStore::renumber(e);
-        m
-    }
-
-    /// Replaces the module at `index` (`list[i] = m`); returns the old one.
-    ///
-    /// # Panics
-    /// If `index` is out of range.
-    #[track_caller]
-    pub fn replace(&mut self, index: isize, m: impl IntoSharedModule) -> Arc<dyn Module> {
-        let e = self.children.entries_mut();
-        let i = py_index(index, e.len()).unwrap_or_else(|| out_of_range(index));
-        std::mem::replace(&mut e[i].1, m.into_shared())
-    }
-
     /// A new ModuleList of the same modules at `range`, renumbered from `0` (`list[1:]`).
     pub fn slice(&self, range: impl RangeBounds<isize>) -> ModuleList {
         let e = self.children.snapshot();
         let r = slice_range(range, e.len());
         e[r].iter().map(|(_, m)| m.clone()).collect()
-    }
-
-    /// Number of modules.
-    pub fn len(&self) -> usize {
-        self.children.len()
-    }
-
-    /// Whether the list is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The module at `index` (negative counts from the end).
-    pub fn get(&self, index: isize) -> Option<Arc<dyn Module>> {
-        self.children.at(index).map(|(_, m)| m)
-    }
-
-    /// The modules in order.
-    pub fn iter(&self) -> std::vec::IntoIter<Arc<dyn Module>> {
-        self.children.snapshot().into_iter().map(|(_, m)| m).collect::<Vec<_>>().into_iter()
     }
 }
 
@@ -506,26 +485,6 @@ impl<M: IntoSharedModule> FromIterator<M> for ModuleList {
         let list = ModuleList::new();
         list.extend(iter);
         list
-    }
-}
-
-impl Index<isize> for ModuleList {
-    type Output = dyn Module;
-
-    /// `list[i]`; negative counts from the end. Panics with PyTorch's `IndexError` when out
-    /// of range.
-    #[track_caller]
-    fn index(&self, index: isize) -> &(dyn Module + 'static) {
-        let m = self.get(index).unwrap_or_else(|| out_of_range(index));
-        self.children.lend(&m)
-    }
-}
-
-impl IntoIterator for &ModuleList {
-    type Item = Arc<dyn Module>;
-    type IntoIter = std::vec::IntoIter<Arc<dyn Module>>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
     }
 }
 

@@ -81,11 +81,61 @@ pub struct Conv2d {
     #[param]
     pub bias: Option<Tensor>,
     in_channels: usize,
-    out_channels: usize,
-    kernel_size: [usize; 2],
+    geometry: ConvGeometry,
+    core: ModuleCore,
+}
+
+/// A convolution's settings besides its input channels: output channels, kernel, stride and
+/// padding. [`Conv2d`] and `LazyConv2d` (whose input channels come later) share it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConvGeometry {
+    pub(crate) out_channels: usize,
+    pub(crate) kernel_size: [usize; 2],
     stride: [usize; 2],
     padding: [usize; 2],
-    core: ModuleCore,
+}
+
+impl ConvGeometry {
+    /// Stride 1, no padding.
+    pub(crate) fn new(out_channels: usize, kernel_size: impl Into<Size2>) -> ConvGeometry {
+        ConvGeometry { out_channels, kernel_size: kernel_size.into().pair(), stride: [1, 1], padding: [0, 0] }
+    }
+
+    pub(crate) fn stride(self, stride: impl Into<Size2>) -> ConvGeometry {
+        ConvGeometry { stride: stride.into().pair(), ..self }
+    }
+
+    pub(crate) fn padding(self, padding: impl Into<Size2>) -> ConvGeometry {
+        ConvGeometry { padding: padding.into().pair(), ..self }
+    }
+
+    /// `[out_channels, in_channels, kh, kw]`.
+    pub(crate) fn weight_shape(&self, in_channels: usize) -> [usize; 4] {
+        let [kh, kw] = self.kernel_size;
+        [self.out_channels, in_channels, kh, kw]
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        x.conv2d(weight, bias, self.stride, self.padding)
+    }
+
+    /// PyTorch's `extra_repr`: `3, 8, kernel_size=(3, 3), stride=(1, 1)[, padding=…][, bias=False]`.
+    pub(crate) fn extra_repr(&self, in_channels: usize, bias: bool) -> String {
+        let mut s = format!(
+            "{}, {}, kernel_size={}, stride={}",
+            in_channels,
+            self.out_channels,
+            Size2::Two(self.kernel_size).tuple(),
+            Size2::Two(self.stride).tuple()
+        );
+        if self.padding != [0, 0] {
+            s += &format!(", padding={}", Size2::Two(self.padding).tuple());
+        }
+        if !bias {
+            s += ", bias=False";
+        }
+        s
+    }
 }
 
 impl Conv2d {
@@ -98,32 +148,27 @@ impl Conv2d {
 
     /// A convolution with or without bias.
     pub fn with_bias(in_channels: usize, out_channels: usize, kernel_size: impl Into<Size2>, bias: bool) -> Conv2d {
-        let kernel_size = kernel_size.into().pair();
-        let weight = Tensor::zeros(&[out_channels, in_channels, kernel_size[0], kernel_size[1]]);
+        let geometry = ConvGeometry::new(out_channels, kernel_size);
+        let weight = Tensor::zeros(&geometry.weight_shape(in_channels));
         let bias = bias.then(|| Tensor::zeros(&[out_channels]));
         init::reset_affine(&weight, bias.as_ref());
         Conv2d {
             weight: weight.requires_grad_(true),
             bias: bias.map(|b| b.requires_grad_(true)),
             in_channels,
-            out_channels,
-            kernel_size,
-            stride: [1, 1],
-            padding: [0, 0],
+            geometry,
             core: ModuleCore::new(),
         }
     }
 
     /// Sets the stride (builder style).
-    pub fn stride(mut self, stride: impl Into<Size2>) -> Conv2d {
-        self.stride = stride.into().pair();
-        self
+    pub fn stride(self, stride: impl Into<Size2>) -> Conv2d {
+        Conv2d { geometry: self.geometry.stride(stride), ..self }
     }
 
     /// Sets the zero padding on each side (builder style).
-    pub fn padding(mut self, padding: impl Into<Size2>) -> Conv2d {
-        self.padding = padding.into().pair();
-        self
+    pub fn padding(self, padding: impl Into<Size2>) -> Conv2d {
+        Conv2d { geometry: self.geometry.padding(padding), ..self }
     }
 
     /// Input channels.
@@ -133,34 +178,21 @@ impl Conv2d {
 
     /// Output channels.
     pub fn out_channels(&self) -> usize {
-        self.out_channels
+        self.geometry.out_channels
     }
 
     /// `[kh, kw]`.
     pub fn kernel_size(&self) -> [usize; 2] {
-        self.kernel_size
+        self.geometry.kernel_size
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(&self.weight, self.bias.as_ref(), self.stride, self.padding)
+        self.geometry.forward(x, &self.weight, self.bias.as_ref())
     }
 
     fn extra_repr(&self) -> String {
-        let mut s = format!(
-            "{}, {}, kernel_size={}, stride={}",
-            self.in_channels,
-            self.out_channels,
-            Size2::Two(self.kernel_size).tuple(),
-            Size2::Two(self.stride).tuple()
-        );
-        if self.padding != [0, 0] {
-            s += &format!(", padding={}", Size2::Two(self.padding).tuple());
-        }
-        if self.bias.is_none() {
-            s += ", bias=False";
-        }
-        s
+        self.geometry.extra_repr(self.in_channels, self.bias.is_some())
     }
 }

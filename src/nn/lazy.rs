@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
 
-use super::conv::Size2;
+use super::conv::{ConvGeometry, Size2};
 use super::init;
 use super::module::{AsDyn, FieldVisitor, Module, ModuleCore, ModuleError, ModuleExt, ModuleFields};
 use super::python_repr::py_bool;
@@ -67,7 +67,7 @@ fn materialize_placeholder(t: &Tensor, shape: &[usize]) {
 
 #[track_caller]
 fn refuse_tracing(layer: &str) {
-    if crate::compile::is_tracing() {
+    if crate::trace_seam::is_tracing() {
         panic!(
             "{layer}: its parameters are not initialized yet; call the model eagerly once with a dummy batch before \
              compiling it"
@@ -254,10 +254,7 @@ pub struct LazyConv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     in_channels: OnceLock<usize>,
-    out_channels: usize,
-    kernel_size: [usize; 2],
-    stride: [usize; 2],
-    padding: [usize; 2],
+    geometry: ConvGeometry,
     core: ModuleCore,
 }
 
@@ -273,24 +270,19 @@ impl LazyConv2d {
             weight: placeholder(),
             bias: bias.then(placeholder),
             in_channels: OnceLock::new(),
-            out_channels,
-            kernel_size: kernel_size.into().pair(),
-            stride: [1, 1],
-            padding: [0, 0],
+            geometry: ConvGeometry::new(out_channels, kernel_size),
             core: ModuleCore::new(),
         }
     }
 
     /// Sets the stride (builder style).
-    pub fn stride(mut self, stride: impl Into<Size2>) -> LazyConv2d {
-        self.stride = stride.into().pair();
-        self
+    pub fn stride(self, stride: impl Into<Size2>) -> LazyConv2d {
+        LazyConv2d { geometry: self.geometry.stride(stride), ..self }
     }
 
     /// Sets the zero padding on each side (builder style).
-    pub fn padding(mut self, padding: impl Into<Size2>) -> LazyConv2d {
-        self.padding = padding.into().pair();
-        self
+    pub fn padding(self, padding: impl Into<Size2>) -> LazyConv2d {
+        LazyConv2d { geometry: self.geometry.padding(padding), ..self }
     }
 
     /// `[out_channels, in_channels, kh, kw]` once materialized; an uninitialized `[0]`
@@ -311,12 +303,12 @@ impl LazyConv2d {
 
     /// Output channels.
     pub fn out_channels(&self) -> usize {
-        self.out_channels
+        self.geometry.out_channels
     }
 
     /// `[kh, kw]`.
     pub fn kernel_size(&self) -> [usize; 2] {
-        self.kernel_size
+        self.geometry.kernel_size
     }
 
     /// Whether the parameters have been materialized.
@@ -328,10 +320,9 @@ impl LazyConv2d {
     /// no-op if already materialized with the same size; an error if with another.
     pub fn materialize(&self, in_channels: usize) -> Result<(), ModuleError> {
         let got = *self.in_channels.get_or_init(|| {
-            let [kh, kw] = self.kernel_size;
-            materialize_placeholder(&self.weight, &[self.out_channels, in_channels, kh, kw]);
+            materialize_placeholder(&self.weight, &self.geometry.weight_shape(in_channels));
             if let Some(b) = &self.bias {
-                materialize_placeholder(b, &[self.out_channels]);
+                materialize_placeholder(b, &[self.geometry.out_channels]);
             }
             init::reset_affine(&self.weight, self.bias.as_ref());
             in_channels
@@ -379,23 +370,10 @@ impl Module for LazyConv2d {
             };
             let _ = self.materialize(in_channels);
         }
-        x.conv2d(&self.weight, self.bias.as_ref(), self.stride, self.padding)
+        self.geometry.forward(x, &self.weight, self.bias.as_ref())
     }
 
     fn extra_repr(&self) -> String {
-        let mut s = format!(
-            "{}, {}, kernel_size={}, stride={}",
-            self.in_channels(),
-            self.out_channels,
-            Size2::Two(self.kernel_size).tuple(),
-            Size2::Two(self.stride).tuple()
-        );
-        if self.padding != [0, 0] {
-            s += &format!(", padding={}", Size2::Two(self.padding).tuple());
-        }
-        if self.bias.is_none() {
-            s += ", bias=False";
-        }
-        s
+        self.geometry.extra_repr(self.in_channels(), self.bias.is_some())
     }
 }

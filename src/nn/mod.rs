@@ -2,6 +2,7 @@
 //! ([`ModuleExt`]), hooks, state dicts, and the layers built on them.
 
 mod activation;
+mod call;
 mod container;
 mod conv;
 mod dropout;
@@ -19,6 +20,7 @@ mod state;
 pub mod utils;
 
 pub use activation::{GeluApproximate, LogSoftmax, ReLU, SiLU, Sigmoid, Softmax, Tanh, GELU};
+pub(crate) use call::{BackwardHooks, CallBackend};
 pub use container::{IntoSharedModule, ModuleDict, ModuleList, Sequential};
 pub use conv::{Conv2d, Size2};
 pub use dropout::Dropout;

@@ -15,9 +15,8 @@ use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, RwLock};
 
-use tracegrad_runtime::ShapeDisplay;
-
-use crate::autograd::{check_replacement, custom_identity, is_grad_enabled, next_hook_id, CustomBackward};
+use super::call::CallHooks;
+use crate::autograd::next_hook_id;
 use crate::hooks::RemovableHandle;
 use crate::tensor::{lock, read, write, Tensor};
 
@@ -377,6 +376,26 @@ fn resolve<'a>(root: ModuleRef<'a>, path: &str) -> Result<ModuleRef<'a>, ModuleE
     Ok(cur)
 }
 
+/// The tensors that `pick` takes from the own entries of `m` (and, with `recurse`, of every
+/// module below it), with dotted names, each tensor once.
+fn named_tensors(
+    m: &dyn Module,
+    recurse: bool,
+    pick: fn(OwnEntries<'_>) -> Vec<(String, Option<Tensor>)>,
+) -> Vec<(String, Tensor)> {
+    let mods = if recurse { m.named_modules() } else { vec![(String::new(), ModuleRef::Borrowed(m))] };
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (prefix, sub) in mods {
+        for (n, t) in pick(own_entries(&*sub)) {
+            if let Some(t) = t.filter(|t| seen.insert(t.id())) {
+                out.push((join(&prefix, &n), t));
+            }
+        }
+    }
+    out
+}
+
 /// Access to `&dyn Module` from any module type.
 pub trait AsDyn {
     /// Upcast.
@@ -419,7 +438,7 @@ pub trait ModuleExt: AsDyn {
     /// `module(x1, x2, …)`.
     #[track_caller]
     fn call_many(&self, xs: &[Tensor]) -> Tensor {
-        call_module(self.as_dyn(), xs)
+        super::call::call_module(self.as_dyn(), xs)
     }
 
     /// Every module in the tree (pre-order, each once), with dotted names; the root is `""`.
@@ -452,20 +471,7 @@ pub trait ModuleExt: AsDyn {
 
     /// Parameters; `recurse = false` gives only this module's own.
     fn named_parameters_recurse(&self, recurse: bool) -> Vec<(String, Tensor)> {
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        let mods =
-            if recurse { self.named_modules() } else { vec![(String::new(), ModuleRef::Borrowed(self.as_dyn()))] };
-        for (prefix, m) in mods {
-            for (n, t) in own_entries(&*m).params {
-                if let Some(t) = t {
-                    if seen.insert(t.id()) {
-                        out.push((join(&prefix, &n), t));
-                    }
-                }
-            }
-        }
-        out
+        named_tensors(self.as_dyn(), recurse, |e| e.params)
     }
 
     /// The tensors of [`named_parameters`](Self::named_parameters).
@@ -480,20 +486,7 @@ pub trait ModuleExt: AsDyn {
 
     /// Buffers; `recurse = false` gives only this module's own.
     fn named_buffers_recurse(&self, recurse: bool) -> Vec<(String, Tensor)> {
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        let mods =
-            if recurse { self.named_modules() } else { vec![(String::new(), ModuleRef::Borrowed(self.as_dyn()))] };
-        for (prefix, m) in mods {
-            for (n, t, _) in own_entries(&*m).buffers {
-                if let Some(t) = t {
-                    if seen.insert(t.id()) {
-                        out.push((join(&prefix, &n), t));
-                    }
-                }
-            }
-        }
-        out
+        named_tensors(self.as_dyn(), recurse, |e| e.buffers.into_iter().map(|(n, t, _)| (n, t)).collect())
     }
 
     /// The tensors of [`named_buffers`](Self::named_buffers).
@@ -624,25 +617,7 @@ pub trait ModuleExt: AsDyn {
     /// Parameters and persistent buffers by dotted name, in PyTorch's order (a shared module
     /// appears under every name it has).
     fn state_dict(&self) -> Vec<(String, Tensor)> {
-        fn go(m: &dyn Module, prefix: &str, out: &mut Vec<(String, Tensor)>) {
-            let e = own_entries(m);
-            for (n, t) in e.params {
-                if let Some(t) = t {
-                    out.push((join(prefix, &n), t.detach()));
-                }
-            }
-            for (n, t, persistent) in e.buffers {
-                if let (Some(t), true) = (t, persistent) {
-                    out.push((join(prefix, &n), t.detach()));
-                }
-            }
-            for (n, c) in e.children {
-                go(&*c, &join(prefix, &n), out);
-            }
-        }
-        let mut out = Vec::new();
-        go(self.as_dyn(), "", &mut out);
-        out
+        self.state_dict_targets().into_iter().map(|(k, t)| (k, t.detach())).collect()
     }
 
     /// Copies `state` into the module's parameters and persistent buffers. All checks run
@@ -800,106 +775,19 @@ pub(crate) fn global_hooks_version() -> u64 {
     lock(&GLOBAL_HOOKS).version
 }
 
-fn merged_hooks(m: &dyn Module) -> HookSet {
+/// The hooks a call of `m` runs: the global ones, then its own.
+pub(super) fn merged_hooks(m: &dyn Module) -> CallHooks {
     let g = lock(&GLOBAL_HOOKS).clone();
     let own = lock(&m.core().hooks).clone();
-    HookSet {
-        version: 0,
-        forward_pre: g.forward_pre.into_iter().chain(own.forward_pre).collect(),
-        forward: g.forward.into_iter().chain(own.forward).collect(),
-        backward_pre: g.backward_pre.into_iter().chain(own.backward_pre).collect(),
-        backward: g.backward.into_iter().chain(own.backward).collect(),
+    fn chain<H>(a: Vec<(u64, H)>, b: Vec<(u64, H)>) -> Vec<H> {
+        a.into_iter().chain(b).map(|(_, h)| h).collect()
     }
-}
-
-fn check_grads(what: &str, old: &[Option<Tensor>], new: &[Option<Tensor>]) -> Result<(), String> {
-    if old.len() != new.len() {
-        return Err(format!("{what} returned {} gradients, expected {}", new.len(), old.len()));
+    CallHooks {
+        forward_pre: chain(g.forward_pre, own.forward_pre),
+        forward: chain(g.forward, own.forward),
+        backward_pre: chain(g.backward_pre, own.backward_pre),
+        backward: chain(g.backward, own.backward),
     }
-    for (o, n) in old.iter().zip(new) {
-        match (o, n) {
-            (Some(o), Some(n)) => check_replacement(what, o, n)?,
-            (None, Some(n)) => {
-                return Err(format!(
-                    "{what} returned a gradient of shape {} where there is none",
-                    ShapeDisplay(&n.shape())
-                ))
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// The hook pipeline of `module(args)`: forward pre-hooks, backward-hook wiring on the inputs,
-/// `forward`, forward hooks, backward-hook wiring on the output.
-fn call_module(m: &dyn Module, args: &[Tensor]) -> Tensor {
-    let hooks = merged_hooks(m);
-    if crate::compile::is_tracing() {
-        let pre: Vec<ForwardPreHook> = hooks.forward_pre.iter().map(|(_, h)| h.clone()).collect();
-        let post: Vec<ForwardHook> = hooks.forward.iter().map(|(_, h)| h.clone()).collect();
-        let bw_pre: Vec<BackwardPreHook> = hooks.backward_pre.iter().map(|(_, h)| h.clone()).collect();
-        let bw: Vec<BackwardHook> = hooks.backward.iter().map(|(_, h)| h.clone()).collect();
-        return crate::compile::traced_call(m, args, &pre, &post, &bw_pre, &bw);
-    }
-    let mut args = args.to_vec();
-    for (_, h) in &hooks.forward_pre {
-        if let Some(new) = h(m, &args) {
-            args = new;
-        }
-    }
-    let wire = is_grad_enabled() && (!hooks.backward.is_empty() || !hooks.backward_pre.is_empty());
-    let grad_output: Arc<Mutex<Vec<Option<Tensor>>>> = Arc::default();
-    let backward = Arc::new(hooks.backward.clone());
-    let name = m.type_name();
-    let inputs_wired = wire && args.iter().any(|t| t.requires_grad());
-    if inputs_wired {
-        let (go, bw, name) = (grad_output.clone(), backward.clone(), name.clone());
-        let f: CustomBackward = Arc::new(move |grad_input: &[Option<Tensor>]| {
-            let go = lock(&go).clone();
-            let mut gi = grad_input.to_vec();
-            for (_, h) in bw.iter() {
-                if let Some(new) = h(&gi, &go) {
-                    check_grads(&format!("a full backward hook of {name}"), &gi, &new)?;
-                    gi = new;
-                }
-            }
-            Ok(gi)
-        });
-        args = custom_identity("BackwardHookFunction", &args, f);
-    }
-    let mut out = m.forward_many(&args);
-    for (_, h) in &hooks.forward {
-        if let Some(new) = h(m, &args, &out) {
-            out = new;
-        }
-    }
-    if wire && out.requires_grad() {
-        let pre = hooks.backward_pre.clone();
-        let n_inputs = args.len();
-        let f: CustomBackward = Arc::new(move |grads: &[Option<Tensor>]| {
-            let mut g = grads.to_vec();
-            for (_, h) in &pre {
-                if let Some(new) = h(&g) {
-                    check_grads(&format!("a full backward pre-hook of {name}"), &g, &new)?;
-                    g = new;
-                }
-            }
-            *lock(&grad_output) = g.clone();
-            if !inputs_wired {
-                // No input takes a gradient: the backward hooks fire here, with grad_input all None.
-                let gi = vec![None; n_inputs];
-                for (_, h) in backward.iter() {
-                    if let Some(new) = h(&gi, &g) {
-                        check_grads(&format!("a full backward hook of {name}"), &gi, &new)?;
-                    }
-                }
-            }
-            Ok(g)
-        });
-        out = custom_identity("BackwardHookFunction", &[out], f).remove(0);
-    }
-    out
 }
 
 /// PyTorch's repr: `Name(extra)` for leaves, an indented `(child): repr` list otherwise.
