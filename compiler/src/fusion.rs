@@ -47,13 +47,6 @@ pub struct FusionGroup {
     pub nodes: Vec<NodeIndex>,
 }
 
-fn is_pointwise(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Clamp { .. } | Op::Cast(_) | Op::StopGradient
-    )
-}
-
 /// A reduction over the trailing dims (a row reduction), with the row length.
 fn row_reduction(g: &Graph, n: NodeIndex) -> Option<usize> {
     let NodeKind::Op(op) = &g.g[n].kind else { return None };
@@ -129,7 +122,7 @@ pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -> Vec<
             NodeKind::Op(op) => {
                 let operands = g.operands(n);
                 let can = fusible(g, n);
-                let pointwise = can && is_pointwise(op);
+                let pointwise = can && op.is_elementwise();
                 let row_red = if can { row_reduction(g, n) } else { None };
                 // Candidate kernels to join: those of operands that are fusible producers.
                 let mut candidate = None;

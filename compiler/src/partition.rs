@@ -13,7 +13,7 @@ use petgraph::stable_graph::NodeIndex;
 use petgraph::Direction;
 
 use crate::graph::{Graph, InputRole, NodeKind};
-use crate::ops::{Op, OpError, OpResult};
+use crate::ops::{OpError, OpResult};
 
 /// The two halves.
 pub struct Partitioned {
@@ -38,20 +38,6 @@ fn ancestors(g: &Graph, from: &[NodeIndex]) -> HashSet<NodeIndex> {
         }
     }
     seen
-}
-
-fn cheap(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Unary(_)
-            | Op::Binary(_)
-            | Op::Compare(_)
-            | Op::Where
-            | Op::Clamp { .. }
-            | Op::Cast(_)
-            | Op::Reshape(_)
-            | Op::Full { .. }
-    )
 }
 
 /// Copies the nodes `set` of `src` (in topological order) into `dst`, mapping operands through
@@ -125,7 +111,7 @@ pub fn partition(
             .iter()
             .copied()
             .filter(|&n| {
-                matches!(&joint.g[n].kind, NodeKind::Op(op) if cheap(op))
+                matches!(&joint.g[n].kind, NodeKind::Op(op) if op.cheap_to_recompute())
                     && !grads.contains(&n)
                     && joint.operands(n).iter().all(|o| forward_inputs.contains(o) || saved_set.contains(o))
                     && !joint.operands(n).is_empty()

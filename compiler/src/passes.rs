@@ -207,34 +207,17 @@ impl Pass for ConstantFold {
                 continue;
             }
             let ty = g.g[n].ty.clone();
-            let pointwise = matches!(
-                op,
-                Op::Unary(_)
-                    | Op::Binary(_)
-                    | Op::Compare(_)
-                    | Op::Where
-                    | Op::Clamp { .. }
-                    | Op::Cast(_)
-                    | Op::Expand(_)
-                    | Op::Reshape(_)
-                    | Op::Permute(_)
-                    | Op::StopGradient
-            );
-            let folded = if pointwise && operands.iter().all(|&o| uniform_value(g, o).is_some()) {
+            let folded = if op.preserves_uniform() && operands.iter().all(|&o| uniform_value(g, o).is_some()) {
                 // Evaluate on one element of each operand, then broadcast the scalar.
                 let scalars: Vec<Buffer> =
                     operands.iter().map(|&o| Buffer::scalar(uniform_value(g, o).unwrap(), g.g[o].ty.dtype)).collect();
                 let types: Vec<TensorType> = scalars.iter().map(TensorType::of).collect();
-                let scalar_op = match &op {
-                    Op::Expand(_) | Op::Reshape(_) | Op::Permute(_) | Op::StopGradient => None,
-                    other => Some(other.clone()),
-                };
-                let v = match scalar_op {
-                    Some(sop) => {
-                        let t = sop.infer(&types)?;
-                        sop.eval(&scalars.iter().collect::<Vec<_>>(), &t)?.item()
-                    }
-                    None => scalars[0].item(),
+                // An elementwise op is evaluated once; a layout op passes the value through.
+                let v = if op.is_elementwise() {
+                    let t = op.infer(&types)?;
+                    op.eval(&scalars.iter().collect::<Vec<_>>(), &t)?.item()
+                } else {
+                    scalars[0].item()
                 };
                 Some(Op::Full { value: v, dtype: ty.dtype, shape: ty.shape.clone() })
             } else if ty.numel() <= FOLD_LIMIT {

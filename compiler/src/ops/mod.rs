@@ -479,6 +479,66 @@ impl Op {
         }
     }
 
+    /// The properties the passes read (fusion class, recompute cost, failure, folding).
+    fn props(&self) -> Props {
+        match self {
+            Op::Full { .. } => Props { cheap: true, ..Props::NONE },
+            Op::Constant(_) => Props::NONE,
+            Op::StopGradient => Props { elementwise: true, preserves_uniform: true, ..Props::NONE },
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Clamp { .. } | Op::Cast(_) => {
+                pointwise::props(self)
+            }
+            Op::Reduce { .. } | Op::ArgReduce { .. } | Op::Softmax { .. } => reduce::props(self),
+            Op::MatMul { .. } | Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve => linalg::props(self),
+            Op::Reshape(_) | Op::Permute(_) | Op::Expand(_) | Op::Narrow { .. } | Op::Cat { .. } => layout::props(self),
+            Op::IndexSelect { .. } | Op::IndexAdd { .. } | Op::Gather { .. } | Op::ScatterAdd { .. } => {
+                index::props(self)
+            }
+            Op::Scatter { .. } | Op::ScatterReduce { .. } => scatter::props(self),
+            _ => nn::props(self),
+        }
+    }
+
+    /// Whether output element `i` depends only on element `i` of each (broadcast) operand, so
+    /// that the op can join a pointwise fusion group.
+    pub fn is_elementwise(&self) -> bool {
+        self.props().elementwise
+    }
+
+    /// Whether recomputing the op in the backward is cheaper than saving its output
+    /// (rematerialisation in partitioning).
+    pub fn cheap_to_recompute(&self) -> bool {
+        self.props().cheap
+    }
+
+    /// Whether evaluating the op on well-typed operands can fail at run time (an index out of
+    /// range, a singular matrix).
+    pub fn is_fallible(&self) -> bool {
+        self.props().fallible
+    }
+
+    /// Whether uniform (`Full`) operands give a uniform result, so constant folding can keep a
+    /// `Full` at any size: elementwise ops (evaluate once on scalars) and the layout ops that
+    /// only move elements around (the value passes through).
+    pub fn preserves_uniform(&self) -> bool {
+        self.props().preserves_uniform
+    }
+
+    /// Whether the JIT can compute the op inside a fused kernel, given the dtypes of its
+    /// operands and of its output.
+    pub fn jit_lowerable(&self, operand_dtypes: &[DType], out: DType) -> bool {
+        match self {
+            Op::StopGradient => jit_float(out),
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Clamp { .. } | Op::Cast(_) => {
+                pointwise::jit_lowerable(self, operand_dtypes, out)
+            }
+            Op::Reduce { .. } | Op::ArgReduce { .. } | Op::Softmax { .. } => {
+                reduce::jit_lowerable(self, operand_dtypes, out)
+            }
+            _ => false,
+        }
+    }
+
     /// An error attributed to this op.
     pub fn error(&self, message: impl Into<String>) -> OpError {
         OpError::new(self.name(), message)
@@ -488,6 +548,30 @@ impl Op {
     pub fn no_derivative(&self) -> OpError {
         self.error(format!("the derivative for '{}' is not implemented", self.name()))
     }
+}
+
+/// An op's properties beyond shape rule, kernel and derivative; each family module says which
+/// of its ops have which.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Props {
+    /// See [`Op::is_elementwise`].
+    pub elementwise: bool,
+    /// See [`Op::cheap_to_recompute`].
+    pub cheap: bool,
+    /// See [`Op::is_fallible`].
+    pub fallible: bool,
+    /// See [`Op::preserves_uniform`].
+    pub preserves_uniform: bool,
+}
+
+impl Props {
+    /// None of the properties.
+    pub const NONE: Props = Props { elementwise: false, cheap: false, fallible: false, preserves_uniform: false };
+}
+
+/// The dtypes the JIT's kernels compute in.
+pub(crate) fn jit_float(d: DType) -> bool {
+    matches!(d, DType::F32 | DType::F64)
 }
 
 /// Formats a shape for messages.
@@ -516,5 +600,40 @@ pub(crate) fn require_same_dtype(op: &str, a: &TensorType, b: &TensorType) -> Re
             b.dtype,
             sh(&b.shape)
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_follow_the_op_family() {
+        let add = Op::Binary(BinaryOp::Add);
+        assert!(add.is_elementwise() && add.cheap_to_recompute() && !add.is_fallible() && add.preserves_uniform());
+        assert!(Op::StopGradient.is_elementwise() && !Op::StopGradient.cheap_to_recompute());
+        let reshape = Op::Reshape(Dims::from_slice(&[2]));
+        assert!(!reshape.is_elementwise() && reshape.cheap_to_recompute() && reshape.preserves_uniform());
+        assert!(
+            Op::Gather { dim: 0 }.is_fallible()
+                && Op::Inv.is_fallible()
+                && !Op::VectorNorm { ord: 2.0, dims: Dims::new(), keepdim: false }.is_fallible()
+        );
+        let softmax = Op::Softmax { dim: 0, log: false };
+        assert!(!softmax.is_elementwise() && !softmax.is_fallible());
+    }
+
+    #[test]
+    fn jit_lowerable_needs_float_operands() {
+        use DType::{Bool, F32, F64, I64};
+        let add = Op::Binary(BinaryOp::Add);
+        assert!(add.jit_lowerable(&[F32, F32], F32));
+        assert!(!add.jit_lowerable(&[I64, I64], I64));
+        assert!(!Op::Binary(BinaryOp::Pow).jit_lowerable(&[F32, F32], F32));
+        assert!(Op::Where.jit_lowerable(&[Bool, F64, F64], F64));
+        assert!(!Op::Where.jit_lowerable(&[F64, F64, F64], F64));
+        assert!(Op::Cast(F32).jit_lowerable(&[Bool], F32) && !Op::Cast(F32).jit_lowerable(&[F64], F32));
+        assert!(Op::Cast(Bool).jit_lowerable(&[F64], Bool));
+        assert!(!Op::MatMul { trans_a: false, trans_b: false }.jit_lowerable(&[F32, F32], F32));
     }
 }

@@ -2,7 +2,7 @@
 //! Each op's scalar function (the reference kernel the runtime loops call), shape rule and
 //! derivative rule are written here, in that order.
 
-use super::{require_float, require_same_dtype, sh, Op, OpResult, TensorType};
+use super::{jit_float, require_float, require_same_dtype, sh, Op, OpResult, Props, TensorType};
 use crate::emitter::{Build, Emitter};
 use num_traits::Float;
 use tracegrad_runtime::kernels::pointwise::{map, zip, zip3};
@@ -641,4 +641,33 @@ pub(super) fn vjp<E: Emitter>(
         _ => unreachable!(),
     };
     Ok(gx)
+}
+
+/// Pointwise ops are elementwise, cheap to recompute, never fail and map uniform operands to
+/// a uniform result.
+pub(super) fn props(_op: &Op) -> Props {
+    Props { elementwise: true, cheap: true, fallible: false, preserves_uniform: true }
+}
+
+/// Which pointwise ops and dtypes the JIT lowers (floats; no sin/cos/pow, which it has no
+/// vector code for; casts between a float and itself or bool).
+pub(super) fn jit_lowerable(op: &Op, operands: &[DType], out: DType) -> bool {
+    let all_float = operands.iter().all(|&d| jit_float(d));
+    match op {
+        Op::Unary(u) => jit_float(out) && all_float && !matches!(u, UnaryOp::Sin | UnaryOp::Cos),
+        Op::Binary(b) => jit_float(out) && all_float && *b != BinaryOp::Pow,
+        Op::Compare(_) => all_float,
+        Op::Where => match operands {
+            [cond, values @ ..] => jit_float(out) && *cond == DType::Bool && values.iter().all(|&d| jit_float(d)),
+            [] => false,
+        },
+        Op::Clamp { .. } => jit_float(out),
+        Op::Cast(to) => match operands {
+            [from] => {
+                (jit_float(*to) && (from == to || *from == DType::Bool)) || (*to == DType::Bool && jit_float(*from))
+            }
+            _ => false,
+        },
+        _ => false,
+    }
 }
