@@ -128,7 +128,7 @@ impl Pass for Cse {
     }
     fn run(&self, g: &mut Graph) -> OpResult<bool> {
         let order = g.topo_order().map_err(|e| OpError::new("cse", e))?;
-        let mut seen: HashMap<String, NodeId> = HashMap::new();
+        let mut seen: HashMap<(Op, Vec<NodeId>), NodeId> = HashMap::new();
         let mut changed = false;
         for n in order {
             let NodeKind::Op(op) = g.kind(n) else { continue };
@@ -136,12 +136,8 @@ impl Pass for Cse {
             if matches!(op, Op::Constant(b) if b.numel() > 64) {
                 continue;
             }
-            // The key must identify the op exactly: a literal's Debug form is abbreviated,
-            // so literals are keyed by their full data.
-            let key = match op {
-                Op::Constant(b) => format!("constant {:?} {:?} {:?}|", b.dtype(), b.shape(), b.to_f64_vec()),
-                _ => format!("{op:?}|{:?}", g.operands(n)),
-            };
+            // Op equality is exact (floats and literal data by their bits).
+            let key = (op.clone(), g.operands(n));
             match seen.get(&key) {
                 Some(&first) => {
                     g.replace_all_uses(n, first);
@@ -368,5 +364,23 @@ mod tests {
         g.add_output("y", y);
         PassManager::standard().run(&mut g).unwrap();
         assert_eq!(g.to_text().matches("callback#").count(), 2);
+    }
+
+    #[test]
+    fn cse_keeps_zero_and_negative_zero_apart() {
+        let mut g = Graph::new();
+        let x = input(&mut g, &[2]);
+        let zero = g.full(0.0, DType::F32, &[2]).unwrap();
+        let neg_zero = g.full(-0.0, DType::F32, &[2]).unwrap();
+        let a = g.div(&x, &zero).unwrap();
+        let b = g.div(&x, &neg_zero).unwrap();
+        let a2 = g.div(&x, &zero).unwrap();
+        g.add_output("a", a);
+        g.add_output("b", b);
+        g.add_output("a2", a2);
+        assert!(Cse.run(&mut g).unwrap());
+        let outs: Vec<NodeId> = g.outputs.iter().map(|(_, o)| *o).collect();
+        assert_eq!(outs[0], outs[2]);
+        assert_ne!(outs[0], outs[1]);
     }
 }

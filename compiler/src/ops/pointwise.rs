@@ -25,8 +25,9 @@ impl Real for f64 {
     }
 }
 
-/// Elementwise functions of one float tensor.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+/// Elementwise functions of one float tensor. Equality and hashing take `PowScalar`'s exponent
+/// by its bits (see [`Op`]).
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub enum UnaryOp {
     /// `-x` (also for integers).
     Neg,
@@ -72,7 +73,30 @@ const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 const GELU_TANH_C: f64 = 0.044715;
 
+impl PartialEq for UnaryOp {
+    fn eq(&self, other: &UnaryOp) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other) && self.attr_bits() == other.attr_bits()
+    }
+}
+
+impl Eq for UnaryOp {}
+
+impl std::hash::Hash for UnaryOp {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::mem::discriminant(self).hash(state);
+        self.attr_bits().hash(state);
+    }
+}
+
 impl UnaryOp {
+    /// The bits of the function's attribute (`PowScalar`'s exponent), 0 for the others.
+    pub(super) fn attr_bits(self) -> u64 {
+        match self {
+            UnaryOp::PowScalar(p) => p.to_bits(),
+            _ => 0,
+        }
+    }
+
     /// Name in errors and dumps.
     pub fn name(self) -> &'static str {
         match self {
