@@ -7,7 +7,7 @@ use tracegrad_runtime::{Buffer, DType, Dims, ShapeDisplay};
 
 /// How a loss reduces over the batch, as PyTorch's `reduction=`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Reduction {
+pub enum LossReduction {
     /// One loss per element.
     None,
     /// The mean (the default).
@@ -574,11 +574,11 @@ pub fn dropout_with_mask<B: Build>(e: &mut B, x: &B::Value, mask: Buffer, p: f64
     e.mul_scalar(&y, 1.0 / (1.0 - p))
 }
 
-fn reduce_loss<B: Build>(e: &mut B, l: &B::Value, reduction: Reduction) -> OpResult<B::Value> {
+fn reduce_loss<B: Build>(e: &mut B, l: &B::Value, reduction: LossReduction) -> OpResult<B::Value> {
     match reduction {
-        Reduction::None => Ok(l.clone()),
-        Reduction::Sum => e.sum(l, &[], false),
-        Reduction::Mean => mean(e, l, &[], false),
+        LossReduction::None => Ok(l.clone()),
+        LossReduction::Sum => e.sum(l, &[], false),
+        LossReduction::Mean => mean(e, l, &[], false),
     }
 }
 
@@ -588,7 +588,7 @@ pub fn nll_loss<B: Build>(
     e: &mut B,
     logp: &B::Value,
     target: &B::Value,
-    reduction: Reduction,
+    reduction: LossReduction,
     ignore_index: i64,
 ) -> OpResult<B::Value> {
     let (sl, st) = (e.shape(logp), e.shape(target));
@@ -622,7 +622,7 @@ pub fn nll_loss<B: Build>(
     let keepf = e.cast(&keep, e.dtype(logp))?;
     let l = e.mul(&l, &keepf)?;
     match reduction {
-        Reduction::Mean => {
+        LossReduction::Mean => {
             let s = e.sum(&l, &[], false)?;
             let n = e.sum(&keepf, &[], false)?;
             e.div(&s, &n)
@@ -637,7 +637,7 @@ pub fn cross_entropy<B: Build>(
     e: &mut B,
     logits: &B::Value,
     target: &B::Value,
-    reduction: Reduction,
+    reduction: LossReduction,
     label_smoothing: f64,
     ignore_index: i64,
 ) -> OpResult<B::Value> {
@@ -650,10 +650,10 @@ pub fn cross_entropy<B: Build>(
     let sl = e.shape(logits);
     let cdim: isize = if sl.len() >= 2 { 1 } else { 0 };
     let logp = log_softmax(e, logits, cdim)?;
-    let nll = nll_loss(e, &logp, target, Reduction::None, ignore_index)?;
+    let nll = nll_loss(e, &logp, target, LossReduction::None, ignore_index)?;
     if label_smoothing == 0.0 {
         return match reduction {
-            Reduction::Mean => nll_loss(e, &logp, target, Reduction::Mean, ignore_index),
+            LossReduction::Mean => nll_loss(e, &logp, target, LossReduction::Mean, ignore_index),
             r => reduce_loss(e, &nll, r),
         };
     }
@@ -669,7 +669,7 @@ pub fn cross_entropy<B: Build>(
     let b = e.mul_scalar(&smooth, label_smoothing)?;
     let l = e.add(&a, &b)?;
     match reduction {
-        Reduction::Mean => {
+        LossReduction::Mean => {
             let s = e.sum(&l, &[], false)?;
             let n = e.sum(&keepf, &[], false)?;
             e.div(&s, &n)
@@ -679,7 +679,12 @@ pub fn cross_entropy<B: Build>(
 }
 
 /// `mse_loss(input, target)`.
-pub fn mse_loss<B: Build>(e: &mut B, input: &B::Value, target: &B::Value, reduction: Reduction) -> OpResult<B::Value> {
+pub fn mse_loss<B: Build>(
+    e: &mut B,
+    input: &B::Value,
+    target: &B::Value,
+    reduction: LossReduction,
+) -> OpResult<B::Value> {
     let (si, st) = (e.shape(input), e.shape(target));
     if si != st {
         return Err(err(

@@ -10,16 +10,16 @@ use tracegrad_runtime::shape::broadcast_shapes;
 use tracegrad_runtime::{dispatch, Buffer, DType, Element};
 
 /// A float element type with the special functions the op set needs.
-pub trait Real: Float + Element {
+pub trait FloatElement: Float + Element {
     /// The error function.
     fn erf(self) -> Self;
 }
-impl Real for f32 {
+impl FloatElement for f32 {
     fn erf(self) -> f32 {
         libm::erff(self)
     }
 }
-impl Real for f64 {
+impl FloatElement for f64 {
     fn erf(self) -> f64 {
         libm::erf(self)
     }
@@ -146,7 +146,7 @@ impl UnaryOp {
     }
 
     /// The scalar function (the reference kernel).
-    pub fn apply<T: Real>(self, x: T) -> T {
+    pub fn apply<T: FloatElement>(self, x: T) -> T {
         let c = |v: f64| T::from(v).unwrap();
         match self {
             UnaryOp::Neg => -x,
@@ -239,7 +239,7 @@ impl BinaryOp {
     }
 
     /// The scalar function for floats.
-    pub fn apply<T: Real>(self, a: T, b: T) -> T {
+    pub fn apply<T: FloatElement>(self, a: T, b: T) -> T {
         match self {
             BinaryOp::Add => a + b,
             BinaryOp::Sub => a - b,
