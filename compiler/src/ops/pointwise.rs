@@ -245,33 +245,8 @@ impl BinaryOp {
             BinaryOp::Sub => a - b,
             BinaryOp::Mul => a * b,
             BinaryOp::Div => a / b,
-            // NaN propagates; -0 < +0 (IEEE 754-2019 maximum/minimum, as the JIT's kernels).
-            BinaryOp::Maximum => {
-                if a.is_nan() || b.is_nan() {
-                    T::nan()
-                } else if a == b {
-                    if a.is_sign_negative() {
-                        b
-                    } else {
-                        a
-                    }
-                } else {
-                    a.max(b)
-                }
-            }
-            BinaryOp::Minimum => {
-                if a.is_nan() || b.is_nan() {
-                    T::nan()
-                } else if a == b {
-                    if a.is_sign_negative() {
-                        a
-                    } else {
-                        b
-                    }
-                } else {
-                    a.min(b)
-                }
-            }
+            BinaryOp::Maximum => extremum(a, b, true),
+            BinaryOp::Minimum => extremum(a, b, false),
             BinaryOp::Pow => a.powf(b),
         }
     }
@@ -289,6 +264,24 @@ impl BinaryOp {
             BinaryOp::Minimum => a.min(b),
             BinaryOp::Div | BinaryOp::Pow => unreachable!("checked by the shape rule"),
         }
+    }
+}
+
+/// IEEE 754-2019 maximum (`max`) or minimum: NaN propagates and -0 < +0, as the JIT's kernels.
+fn extremum<T: FloatElement>(a: T, b: T, max: bool) -> T {
+    if a.is_nan() || b.is_nan() {
+        T::nan()
+    } else if a == b {
+        // Equal values differ at most in the sign of zero: the maximum is the non-negative one.
+        if a.is_sign_negative() == max {
+            b
+        } else {
+            a
+        }
+    } else if max {
+        a.max(b)
+    } else {
+        a.min(b)
     }
 }
 
