@@ -13,7 +13,7 @@ use tracegrad::optim::{
     Adam, AdamOptions, AdamW, AdamWOptions, CosineAnnealingLR, LrScheduler, Optimizer, OptimizerStateDict, Sgd,
     SgdOptions, StepLR,
 };
-use tracegrad::{Buffer, Reduction as LossReduction, Tensor};
+use tracegrad::{Buffer, LossReduction, Tensor};
 
 const TOL: f64 = 1e-6;
 

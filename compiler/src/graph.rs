@@ -606,3 +606,29 @@ impl Graph {
         s
     }
 }
+
+/// Reachability, the one graph walk the passes share (autodiff, partitioning, DCE).
+impl Graph {
+    /// `from` and every node they read, transitively: what computing `from` needs.
+    pub fn ancestors(&self, from: &[NodeId]) -> std::collections::HashSet<NodeId> {
+        self.reachable(from, Direction::Incoming)
+    }
+
+    /// `from` and every node that reads them, transitively: what `from` influences.
+    pub fn descendants(&self, from: &[NodeId]) -> std::collections::HashSet<NodeId> {
+        self.reachable(from, Direction::Outgoing)
+    }
+
+    fn reachable(&self, from: &[NodeId], dir: Direction) -> std::collections::HashSet<NodeId> {
+        let mut seen: std::collections::HashSet<NodeId> = from.iter().copied().collect();
+        let mut stack = from.to_vec();
+        while let Some(n) = stack.pop() {
+            for m in self.g.neighbors_directed(n, dir) {
+                if seen.insert(m) {
+                    stack.push(m);
+                }
+            }
+        }
+        seen
+    }
+}
