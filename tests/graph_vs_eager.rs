@@ -118,7 +118,7 @@ proptest! {
         let mut pm = PassManager::standard();
         pm.validate = true;
         pm.run(&mut opt).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert!(opt.g.node_count() <= g.g.node_count());
+        prop_assert!(opt.node_count() <= g.node_count());
         let out_opt = interpret(&opt, &args, &NoCallbacks).unwrap();
         // Fusion places every node in one kernel, and the kernels can be scheduled.
         tracegrad_compiler::fusion::check_kernels(&opt, &tracegrad_compiler::fusion::fuse(&opt)).map_err(TestCaseError::fail)?;

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use tracegrad_compiler::graph::Graph;
+use tracegrad_compiler::graph::{Graph, NodeId};
 use tracegrad_compiler::Build;
 use tracegrad_compiler::TensorType;
 use tracegrad_jit::{Backend, Executable};
@@ -238,11 +238,11 @@ fn build_plan(module: &dyn Module, sig: &Signature, backend: Backend) -> Result<
 pub(crate) fn callback_vjp(
     g: &mut Graph,
     callbacks: &mut Vec<CallbackSpec>,
-    group: &[petgraph::stable_graph::NodeIndex],
-    grads: &[Option<petgraph::stable_graph::NodeIndex>],
-) -> tracegrad_compiler::OpResult<Vec<Option<petgraph::stable_graph::NodeIndex>>> {
+    group: &[NodeId],
+    grads: &[Option<NodeId>],
+) -> tracegrad_compiler::OpResult<Vec<Option<NodeId>>> {
     use tracegrad_compiler::graph::NodeKind;
-    let NodeKind::Callback { id, label, .. } = g.g[group[0]].kind.clone() else { unreachable!("callback group") };
+    let NodeKind::Callback { id, label, .. } = g.kind(group[0]).clone() else { unreachable!("callback group") };
     let operands = g.operands(group[0]);
     let grad_nodes: Vec<_> = group
         .iter()
@@ -263,14 +263,14 @@ pub(crate) fn callback_vjp(
     let out_types: Vec<TensorType> = match &callbacks[id] {
         // Grads of a module's inputs/outputs have the types of those values.
         CallbackSpec::ModuleInputs { .. } | CallbackSpec::ModuleOutput { .. } => {
-            group.iter().map(|&p| g.g[p].ty.clone()).collect()
+            group.iter().map(|&p| g.ty(p).clone()).collect()
         }
-        _ => operands.iter().map(|&o| g.g[o].ty.clone()).collect(),
+        _ => operands.iter().map(|&o| g.ty(o).clone()).collect(),
     };
     let new_id = callbacks.len();
     callbacks.push(spec);
     let outs = g.add_callback(new_id, &what, &grad_nodes, &out_types);
-    Ok(outs.into_iter().zip(&operands).map(|(n, &o)| g.g[o].ty.dtype.is_float().then_some(n)).collect())
+    Ok(outs.into_iter().zip(&operands).map(|(n, &o)| g.ty(o).dtype.is_float().then_some(n)).collect())
 }
 
 /// With `TRACEGRAD_LOG` set, says on stderr why a plan is being compiled.
