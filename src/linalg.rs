@@ -35,8 +35,8 @@ pub fn vector_norm(x: &Tensor, ord: f64, dims: &[isize], keepdim: bool) -> Tenso
 }
 
 /// `torch.linalg.matrix_norm(x, ord, keepdim=keepdim)` over the last two dims. `ord` is
-/// `"fro"`, `"1"`, `"-1"`, `"inf"` or `"-inf"`; `"nuc"`, `"2"` and `"-2"` (which need an SVD)
-/// panic as not implemented.
+/// `"fro"`, `"1"`, `"-1"`, `"inf"`, `"-inf"`, or `"nuc"`, `"2"` and `"-2"` (the sum, largest
+/// and smallest singular value).
 #[track_caller]
 pub fn matrix_norm(x: &Tensor, ord: &str, keepdim: bool) -> Tensor {
     matrix_norm_dims(x, ord, [-2, -1], keepdim)
@@ -46,6 +46,21 @@ pub fn matrix_norm(x: &Tensor, ord: &str, keepdim: bool) -> Tensor {
 #[track_caller]
 pub fn matrix_norm_dims(x: &Tensor, ord: &str, dims: [isize; 2], keepdim: bool) -> Tensor {
     eager(|e| c::matrix_norm(e, x, ord, dims, keepdim))
+}
+
+/// `torch.linalg.svdvals` of `[..., m, n]`: the singular values `[..., min(m, n)]`,
+/// non-increasing. Differentiable (`dA = U·diag(dS)·Vh`, where the values are distinct).
+#[track_caller]
+pub fn svdvals(a: &Tensor) -> Tensor {
+    eager(|e| c::svdvals(e, a))
+}
+
+/// `torch.linalg.svd(a, full_matrices=False)`: `(U, S, Vh)` with `a = U·diag(S)·Vh`. Gradients
+/// flow through `S`; a backward that reaches `U` or `Vh` is an error (their rule is not
+/// implemented yet).
+#[track_caller]
+pub fn svd(a: &Tensor) -> (Tensor, Tensor, Tensor) {
+    eager(|e| c::svd(e, a))
 }
 
 /// `torch.linalg.det` of `[..., n, n]`: shape `[...]`. A singular matrix gives (signed) zero.

@@ -392,8 +392,11 @@ fn linalg_misuse_texts() {
         err(linalg::try_solve(&m(&[3, 3]), &Tensor::zeros(&[3, 1]))),
         "linalg.solve: Expected A and B to have the same dtype, but found A of type Double and B of type Float instead"
     );
-    let msg = panic_message(|| linalg::matrix_norm(&m(&[2, 2]), "nuc", false));
-    assert!(msg.starts_with("linalg.matrix_norm: ord=nuc needs singular values"), "{msg}");
+    // ord=nuc was "not implemented" here; it is now the sum of the singular values (tests/svd.rs).
+    let nuc = linalg::matrix_norm(&m(&[2, 2]), "nuc", false).item();
+    assert!((nuc - linalg::svdvals(&m(&[2, 2])).sum_all().item()).abs() < 1e-12, "{nuc}");
+    let msg = panic_message(|| linalg::matrix_norm(&m(&[3]), "nuc", false));
+    assert_eq!(msg, "linalg.matrix_norm: The input tensor A must have at least 2 dimensions.");
     let msg = panic_message(|| linalg::matrix_norm(&m(&[2, 2]), "3", false));
     assert_eq!(msg, "linalg.matrix_norm: Order 3 not supported.");
     let msg = panic_message(|| linalg::vector_norm(&m(&[0, 2]), f64::INFINITY, &[0], false));

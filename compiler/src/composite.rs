@@ -951,12 +951,39 @@ pub fn matrix_norm<B: Build>(
                 e.reshape(&m, &out)
             }
         }
-        "nuc" | "2" | "-2" => Err(err(
-            OP,
-            format!("{OP}: ord={ord} needs singular values (an SVD), which are not implemented in tracegrad yet"),
-        )),
+        "nuc" | "2" | "-2" => {
+            // The singular values of the matrices spanned by (d0, d1), moved to the end.
+            let rest: Vec<usize> = (0..s.len()).filter(|&i| i != d0 && i != d1).collect();
+            let perm: Vec<usize> = rest.iter().copied().chain([d0, d1]).collect();
+            let moved = e.permute(x, &perm)?;
+            let sv = e.emit(Op::SvdVals, &[&moved])?;
+            let last = [rest.len() as isize];
+            let m = match ord {
+                "nuc" => e.sum(&sv, &last, false)?,
+                "2" => e.reduce(ReduceKind::Max, &sv, &last, false)?,
+                _ => e.reduce(ReduceKind::Min, &sv, &last, false)?,
+            };
+            if keepdim {
+                let kept: Vec<usize> =
+                    s.iter().enumerate().map(|(i, &n)| if i == d0 || i == d1 { 1 } else { n }).collect();
+                e.reshape(&m, &kept)
+            } else {
+                Ok(m)
+            }
+        }
         other => Err(err(OP, format!("{OP}: Order {other} not supported."))),
     }
+}
+
+/// `torch.linalg.svdvals(a)`: the singular values `[..., min(m, n)]` of `a: [..., m, n]`.
+pub fn svdvals<B: Build>(e: &mut B, a: &B::Value) -> OpResult<B::Value> {
+    e.emit(Op::SvdVals, &[a])
+}
+
+/// `torch.linalg.svd(a, full_matrices=False)`: `(U, S, Vh)`. Gradients flow through `S`; a
+/// gradient reaching `U` or `Vh` is an error (their rule is not implemented).
+pub fn svd<B: Build>(e: &mut B, a: &B::Value) -> OpResult<(B::Value, B::Value, B::Value)> {
+    Ok((e.emit(Op::SvdU, &[a])?, e.emit(Op::SvdVals, &[a])?, e.emit(Op::SvdVh, &[a])?))
 }
 
 /// `torch.linalg.det` of `[..., n, n]`.

@@ -132,6 +132,24 @@ pub(super) fn infer_ext(op: &Op, t: &[TensorType]) -> Result<TensorType, String>
             require_square(name, a)?;
             Ok(a.clone())
         }
+        Op::SvdVals | Op::SvdU | Op::SvdVh => {
+            let r = a.rank();
+            if r < 2 {
+                return Err(format!(
+                    "{name}: The input tensor A must have at least 2 dimensions. (shape {})",
+                    sh(&a.shape)
+                ));
+            }
+            let (m, n) = (a.shape[r - 2], a.shape[r - 1]);
+            let k = m.min(n);
+            let mut shape = a.shape[..r - 2].to_vec();
+            shape.extend(match op {
+                Op::SvdVals => vec![k],
+                Op::SvdU => vec![m, k],
+                _ => vec![k, n],
+            });
+            Ok(TensorType::new(a.dtype, &shape))
+        }
         Op::Solve => {
             let n = require_square(name, a)?;
             let b = &t[1];
@@ -177,6 +195,17 @@ pub(super) fn eval_ext(op: &Op, x: &[&Buffer]) -> OpResult<Buffer> {
                 ),
             )
         }),
+        Op::SvdVals | Op::SvdU | Op::SvdVh => {
+            let (u, s, vh) = kernel::svd(x[0]).map_err(|b| {
+                let at = b.map(|b| format!(": (Batch element {b})")).unwrap_or_default();
+                OpError::new(op.name(), format!("{}{at}: The algorithm failed to converge because the input matrix is ill-conditioned or has too many repeated singular values.", op.name()))
+            })?;
+            Ok(match op {
+                Op::SvdVals => s,
+                Op::SvdU => u,
+                _ => vh,
+            })
+        }
         Op::Solve => kernel::solve(x[0], x[1]).map_err(|s| {
             OpError::new(
                 op.name(),
@@ -229,6 +258,17 @@ pub(super) fn vjp_ext<E: Emitter>(
             let ga = e.matmul_t(&gb, out, false, true)?;
             vec![Some(e.neg(&ga)?), Some(gb)]
         }
+        Op::SvdVals => {
+            // dA = U·diag(gS)·Vh.
+            let u = e.emit(Op::SvdU, &[a])?;
+            let vh = e.emit(Op::SvdVh, &[a])?;
+            let mut s = e.shape(g).to_vec();
+            s.insert(s.len() - 1, 1);
+            let gs = e.reshape(g, &s)?;
+            let ug = e.mul(&u, &gs)?;
+            vec![Some(e.matmul_t(&ug, &vh, false, false)?)]
+        }
+        Op::SvdU | Op::SvdVh => return Err(op.no_derivative()),
         Op::VectorNorm { ord, dims, keepdim } => {
             let ord = *ord;
             let xs = e.shape(a);
@@ -289,7 +329,7 @@ pub(super) fn vjp_ext<E: Emitter>(
 }
 
 /// matmul and vector_norm cannot fail on well-typed operands; det, inv and solve can (a
-/// singular matrix).
+/// singular matrix), and the SVD (no convergence on a non-finite input).
 pub(super) fn props(op: &Op) -> Props {
-    Props { fallible: matches!(op, Op::Det | Op::Inv | Op::Solve), ..Props::NONE }
+    Props { fallible: matches!(op, Op::Det | Op::Inv | Op::Solve | Op::SvdVals | Op::SvdU | Op::SvdVh), ..Props::NONE }
 }

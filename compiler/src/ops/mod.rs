@@ -248,6 +248,14 @@ pub enum Op {
     /// `torch.linalg.solve(A, B)`: `X` with `A X = B`, for `A: [..., n, n]` and `B: [..., n, k]`
     /// with the same batch dimensions (the composite broadcasts and handles vector `B`).
     Solve,
+    /// `torch.linalg.svdvals`: the singular values `[..., k]` of `[..., m, n]`, `k = min(m, n)`,
+    /// non-negative and non-increasing.
+    SvdVals,
+    /// The `U` factor `[..., m, k]` of the reduced SVD (`torch.linalg.svd(A,
+    /// full_matrices=False)`).
+    SvdU,
+    /// The `Vh` factor `[..., k, n]` of the reduced SVD.
+    SvdVh,
     /// 2-D convolution, NCHW, no bias (bias is a separate add).
     Conv2d {
         /// Stride.
@@ -361,6 +369,9 @@ impl Op {
             Op::Det => "linalg.det",
             Op::Inv => "linalg.inv",
             Op::Solve => "linalg.solve",
+            Op::SvdVals => "linalg.svdvals",
+            Op::SvdU => "linalg.svd.U",
+            Op::SvdVh => "linalg.svd.Vh",
             Op::Conv2d { .. } => "conv2d",
             Op::Conv2dGradInput { .. } => "conv2d_grad_input",
             Op::Conv2dGradWeight { .. } => "conv2d_grad_weight",
@@ -385,6 +396,7 @@ impl Op {
             Op::MaxPool2d { .. } | Op::AvgPool2d { .. } | Op::AvgPool2dGrad { .. } => 1,
             Op::VectorNorm { .. } | Op::Det | Op::Inv => 1,
             Op::Solve => 2,
+            Op::SvdVals | Op::SvdU | Op::SvdVh => 1,
             Op::Scatter { .. } | Op::ScatterReduce { .. } => 3,
             Op::Binary(_) | Op::Compare(_) | Op::MatMul { .. } | Op::IndexSelect { .. } | Op::Gather { .. } => 2,
             Op::Conv2d { .. } | Op::Conv2dGradInput { .. } | Op::Conv2dGradWeight { .. } => 2,
@@ -419,7 +431,9 @@ impl Op {
                 index::infer(self, inputs)
             }
             Op::Scatter { .. } | Op::ScatterReduce { .. } => scatter::infer(self, inputs),
-            Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve => linalg::infer_ext(self, inputs),
+            Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve | Op::SvdVals | Op::SvdU | Op::SvdVh => {
+                linalg::infer_ext(self, inputs)
+            }
             _ => nn::infer(self, inputs),
         };
         r.map_err(|m| self.error(m))
@@ -428,7 +442,7 @@ impl Op {
     /// The reference kernel: computes the output from operand buffers whose types passed
     /// `infer` (giving `out`). Data-dependent failures (an index out of range) are errors.
     pub fn eval(&self, inputs: &[&Buffer], out: &TensorType) -> OpResult<Buffer> {
-        if matches!(self, Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve) {
+        if matches!(self, Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve | Op::SvdVals | Op::SvdU | Op::SvdVh) {
             // Their messages are PyTorch's whole texts (`torch.linalg.solve: ...`).
             return linalg::eval_ext(self, inputs);
         }
@@ -480,7 +494,9 @@ impl Op {
                 index::vjp(self, e, inputs, grad)
             }
             Op::Scatter { .. } | Op::ScatterReduce { .. } => scatter::vjp(self, e, inputs, output, grad),
-            Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve => linalg::vjp_ext(self, e, inputs, output, grad),
+            Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve | Op::SvdVals | Op::SvdU | Op::SvdVh => {
+                linalg::vjp_ext(self, e, inputs, output, grad)
+            }
             _ => nn::vjp(self, e, inputs, grad),
         }
     }
@@ -495,7 +511,14 @@ impl Op {
                 pointwise::props(self)
             }
             Op::Reduce { .. } | Op::ArgReduce { .. } | Op::Softmax { .. } => reduce::props(self),
-            Op::MatMul { .. } | Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve => linalg::props(self),
+            Op::MatMul { .. }
+            | Op::VectorNorm { .. }
+            | Op::Det
+            | Op::Inv
+            | Op::Solve
+            | Op::SvdVals
+            | Op::SvdU
+            | Op::SvdVh => linalg::props(self),
             Op::Reshape(_) | Op::Permute(_) | Op::Expand(_) | Op::Narrow { .. } | Op::Cat { .. } => layout::props(self),
             Op::IndexSelect { .. } | Op::IndexAdd { .. } | Op::Gather { .. } | Op::ScatterAdd { .. } => {
                 index::props(self)
@@ -594,7 +617,7 @@ impl Op {
                 w.extend([min.is_some() as u64, opt_bits(min), max.is_some() as u64, opt_bits(max)])
             }
             Op::Cast(d) => w.push(*d as u64),
-            Op::Where | Op::StopGradient | Op::Det | Op::Inv | Op::Solve => {}
+            Op::Where | Op::StopGradient | Op::Det | Op::Inv | Op::Solve | Op::SvdVals | Op::SvdU | Op::SvdVh => {}
             Op::Reduce { kind, dims: d, keepdim } => {
                 w.extend([*kind as u64, *keepdim as u64]);
                 dims(&mut w, d);
