@@ -606,3 +606,20 @@ impl Graph {
         s
     }
 }
+
+impl Graph {
+    /// The nodes that must run: the graph's inputs, and every node an output or a callback
+    /// (hooks have effects) depends on. Everything else is dead code.
+    pub fn live_nodes(&self) -> std::collections::HashSet<NodeId> {
+        let mut live = std::collections::HashSet::new();
+        let mut stack: Vec<NodeId> = self.outputs.iter().map(|(_, o)| *o).collect();
+        stack.extend(self.g.node_indices().filter(|&n| self.is_callback(n)));
+        stack.extend(self.inputs.iter().copied());
+        while let Some(n) = stack.pop() {
+            if live.insert(n) {
+                stack.extend(self.g.neighbors_directed(n, Direction::Incoming));
+            }
+        }
+        live
+    }
+}

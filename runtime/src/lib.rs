@@ -9,11 +9,13 @@
 pub mod buffer;
 pub mod dtype;
 pub mod kernels;
+pub mod panic;
 pub mod pool;
 pub mod random;
 pub mod shape;
 
 pub use buffer::{Buffer, Data, Element};
 pub use dtype::DType;
+pub use panic::panic_message;
 pub use random::Generator;
 pub use shape::{Dims, ShapeDisplay};
