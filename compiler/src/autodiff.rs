@@ -4,64 +4,47 @@
 
 use std::collections::{HashMap, HashSet};
 
-use petgraph::stable_graph::NodeIndex;
-use petgraph::Direction;
-
 use crate::emitter::Build;
-use crate::graph::{node_error, Graph, NodeKind};
+use crate::graph::{node_error, Graph, NodeId, NodeKind};
 use crate::ops::{OpError, OpResult};
 
 /// Differentiates callback nodes: given all projections of one callback and their output
 /// gradients, emits gradients for the callback's operands.
-pub type CallbackVjp<'a> =
-    dyn FnMut(&mut Graph, &[NodeIndex], &[Option<NodeIndex>]) -> OpResult<Vec<Option<NodeIndex>>> + 'a;
-
-fn reachable(g: &Graph, from: &[NodeIndex], dir: Direction) -> HashSet<NodeIndex> {
-    let mut seen: HashSet<NodeIndex> = from.iter().copied().collect();
-    let mut stack: Vec<NodeIndex> = from.to_vec();
-    while let Some(n) = stack.pop() {
-        for m in g.g.neighbors_directed(n, dir) {
-            if seen.insert(m) {
-                stack.push(m);
-            }
-        }
-    }
-    seen
-}
+pub type CallbackVjp<'a> = dyn FnMut(&mut Graph, &[NodeId], &[Option<NodeId>]) -> OpResult<Vec<Option<NodeId>>> + 'a;
 
 /// Appends to `g` the gradients of `seeds` (pairs of an output node and the node holding its
 /// gradient) with respect to each of `wrt`. Returns one entry per `wrt` (`None` when it does
 /// not influence the outputs). Gradients reaching a node along several paths are summed.
 pub fn append_backward(
     g: &mut Graph,
-    seeds: &[(NodeIndex, NodeIndex)],
-    wrt: &[NodeIndex],
+    seeds: &[(NodeId, NodeId)],
+    wrt: &[NodeId],
     callback_vjp: &mut CallbackVjp<'_>,
-) -> OpResult<Vec<Option<NodeIndex>>> {
+) -> OpResult<Vec<Option<NodeId>>> {
     append_backward_hooked(g, seeds, wrt, callback_vjp, &mut |_, _, grad| Ok(grad))
 }
 
 /// Rewrites a node's complete gradient (tensor hooks): gets the forward node and its summed
 /// gradient, returns the gradient to use from then on.
-pub type GradHook<'a> = dyn FnMut(&mut Graph, NodeIndex, NodeIndex) -> OpResult<NodeIndex> + 'a;
+pub type GradHook<'a> = dyn FnMut(&mut Graph, NodeId, NodeId) -> OpResult<NodeId> + 'a;
 
 /// [`append_backward`] with `grad_hook` applied to every node's gradient once it is complete
 /// (all paths summed), before the node's own rule runs, as eager autograd runs tensor hooks.
 pub fn append_backward_hooked(
     g: &mut Graph,
-    seeds: &[(NodeIndex, NodeIndex)],
-    wrt: &[NodeIndex],
+    seeds: &[(NodeId, NodeId)],
+    wrt: &[NodeId],
     callback_vjp: &mut CallbackVjp<'_>,
     grad_hook: &mut GradHook<'_>,
-) -> OpResult<Vec<Option<NodeIndex>>> {
-    let outs: Vec<NodeIndex> = seeds.iter().map(|(o, _)| *o).collect();
-    let down = reachable(g, wrt, Direction::Outgoing);
-    let up = reachable(g, &outs, Direction::Incoming);
-    let relevant: HashSet<NodeIndex> = down.intersection(&up).copied().collect();
-    let order: Vec<NodeIndex> =
+) -> OpResult<Vec<Option<NodeId>>> {
+    let outs: Vec<NodeId> = seeds.iter().map(|(o, _)| *o).collect();
+    let down = g.descendants(wrt);
+    let up = g.ancestors(&outs);
+    let relevant: HashSet<NodeId> = down.intersection(&up).copied().collect();
+    let order: Vec<NodeId> =
         g.topo_order().map_err(|e| OpError::new("autodiff", e))?.into_iter().filter(|n| relevant.contains(n)).collect();
-    let mut grads: HashMap<NodeIndex, NodeIndex> = HashMap::new();
-    let add = |g: &mut Graph, grads: &mut HashMap<NodeIndex, NodeIndex>, n: NodeIndex, d: NodeIndex| -> OpResult<()> {
+    let mut grads: HashMap<NodeId, NodeId> = HashMap::new();
+    let add = |g: &mut Graph, grads: &mut HashMap<NodeId, NodeId>, n: NodeId, d: NodeId| -> OpResult<()> {
         let v = match grads.get(&n) {
             Some(&prev) => g.add(&prev, &d)?,
             None => d,
@@ -81,13 +64,13 @@ pub fn append_backward_hooked(
             grads.insert(n, hooked);
         }
         let operands = g.operands(n);
-        let input_grads: Vec<Option<NodeIndex>> = match g.g[n].kind.clone() {
+        let input_grads: Vec<Option<NodeId>> = match g.kind(n).clone() {
             NodeKind::Input { .. } => continue,
             NodeKind::Op(op) => {
                 let Some(&gn) = grads.get(&n) else { continue };
-                let ops: Vec<&NodeIndex> = operands.iter().collect();
+                let ops: Vec<&NodeId> = operands.iter().collect();
                 // New nodes belong to the module that made the forward node.
-                g.scope.push((g.g[n].path.clone(), g.g[n].module_type.clone()));
+                g.scope.push((g.node(n).path.clone(), g.node(n).module_type.clone()));
                 let r = op.vjp(g, &ops, &n, &gn);
                 g.scope.pop();
                 r.map_err(|e| node_error(g, n, e))?
@@ -96,12 +79,12 @@ pub fn append_backward_hooked(
                 if !done_callbacks.insert(id) {
                     continue;
                 }
-                let group: Vec<NodeIndex> = order
+                let group: Vec<NodeId> = order
                     .iter()
                     .copied()
-                    .filter(|&m| matches!(g.g[m].kind, NodeKind::Callback { id: i, .. } if i == id))
+                    .filter(|&m| matches!(g.node(m).kind, NodeKind::Callback { id: i, .. } if i == id))
                     .collect();
-                let gs: Vec<Option<NodeIndex>> = group.iter().map(|m| grads.get(m).copied()).collect();
+                let gs: Vec<Option<NodeId>> = group.iter().map(|m| grads.get(m).copied()).collect();
                 if gs.iter().all(Option::is_none) {
                     continue;
                 }
@@ -122,9 +105,9 @@ pub fn append_backward_hooked(
 /// [`append_backward`] for graphs without callbacks.
 pub fn append_backward_plain(
     g: &mut Graph,
-    seeds: &[(NodeIndex, NodeIndex)],
-    wrt: &[NodeIndex],
-) -> OpResult<Vec<Option<NodeIndex>>> {
+    seeds: &[(NodeId, NodeId)],
+    wrt: &[NodeId],
+) -> OpResult<Vec<Option<NodeId>>> {
     append_backward(g, seeds, wrt, &mut |_, group, _| {
         Err(OpError::new("autodiff", format!("callback node %{} has no derivative rule here", group[0].index())))
     })

@@ -16,9 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use petgraph::stable_graph::NodeIndex;
-
-use crate::graph::{Graph, NodeKind};
+use crate::graph::{Graph, NodeId, NodeKind};
 use crate::ops::{Op, ReduceKind};
 
 /// What a kernel does.
@@ -44,21 +42,14 @@ pub struct FusionGroup {
     /// The kind.
     pub kind: GroupKind,
     /// Member nodes, operands first.
-    pub nodes: Vec<NodeIndex>,
-}
-
-fn is_pointwise(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Clamp { .. } | Op::Cast(_) | Op::StopGradient
-    )
+    pub nodes: Vec<NodeId>,
 }
 
 /// A reduction over the trailing dims (a row reduction), with the row length.
-fn row_reduction(g: &Graph, n: NodeIndex) -> Option<usize> {
-    let NodeKind::Op(op) = &g.g[n].kind else { return None };
+fn row_reduction(g: &Graph, n: NodeId) -> Option<usize> {
+    let NodeKind::Op(op) = g.kind(n) else { return None };
     let input = g.operands(n).first().copied()?;
-    let shape = &g.g[input].ty.shape;
+    let shape = &g.ty(input).shape;
     let rank = shape.len();
     match op {
         Op::Reduce { kind: ReduceKind::Sum | ReduceKind::Max | ReduceKind::Min, dims, .. } => {
@@ -71,17 +62,21 @@ fn row_reduction(g: &Graph, n: NodeIndex) -> Option<usize> {
 }
 
 /// Whether the kernels assigned so far (nodes not yet assigned count as their own kernels)
-/// can be ordered: the graph of kernels is acyclic.
-fn kernels_acyclic(g: &Graph, group_of: &HashMap<NodeIndex, usize>) -> bool {
-    let key = |n: NodeIndex| group_of.get(&n).map_or(usize::MAX - n.index(), |&k| k);
+/// can be ordered.
+fn kernels_acyclic(g: &Graph, group_of: &HashMap<NodeId, usize>) -> bool {
+    kernel_graph_acyclic(g, |n| group_of.get(&n).map_or(usize::MAX - n.index(), |&k| k))
+}
+
+/// Whether the graph of kernels, with an edge wherever a value crosses from one kernel to
+/// another, is acyclic; `kernel_of` names each node's kernel.
+fn kernel_graph_acyclic(g: &Graph, kernel_of: impl Fn(NodeId) -> usize) -> bool {
     let mut edges: HashMap<usize, HashSet<usize>> = HashMap::new();
     let mut indeg: HashMap<usize, usize> = HashMap::new();
-    for n in g.g.node_indices() {
-        indeg.entry(key(n)).or_insert(0);
+    for n in g.node_ids() {
+        indeg.entry(kernel_of(n)).or_insert(0);
     }
-    for e in g.g.edge_indices() {
-        let (a, b) = g.g.edge_endpoints(e).expect("edge");
-        let (ka, kb) = (key(a), key(b));
+    for (a, b, _) in g.edges() {
+        let (ka, kb) = (kernel_of(a), kernel_of(b));
         if ka != kb && edges.entry(ka).or_default().insert(kb) {
             *indeg.entry(kb).or_insert(0) += 1;
         }
@@ -108,15 +103,15 @@ pub fn fuse(g: &Graph) -> Vec<FusionGroup> {
 
 /// [`fuse`], where only nodes for which `fusible` holds may join pointwise, row or epilogue
 /// kernels (a backend passes what its code generator covers); the others are `Single`.
-pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -> Vec<FusionGroup> {
+pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeId) -> bool) -> Vec<FusionGroup> {
     let order = g.topo_order().expect("fusion needs an acyclic graph");
-    let mut group_of: HashMap<NodeIndex, usize> = HashMap::new();
+    let mut group_of: HashMap<NodeId, usize> = HashMap::new();
     let mut groups: Vec<FusionGroup> = Vec::new();
     // Row space of a row group: (numel of the reduced input, row length).
     let mut row_space: HashMap<usize, (usize, usize)> = HashMap::new();
 
     for n in order {
-        let node = &g.g[n];
+        let node = &g.node(n);
         let numel = node.ty.numel();
         let new_group = |groups: &mut Vec<FusionGroup>, kind: GroupKind| {
             groups.push(FusionGroup { kind, nodes: vec![n] });
@@ -129,7 +124,7 @@ pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -> Vec<
             NodeKind::Op(op) => {
                 let operands = g.operands(n);
                 let can = fusible(g, n);
-                let pointwise = can && is_pointwise(op);
+                let pointwise = can && op.is_elementwise();
                 let row_red = if can { row_reduction(g, n) } else { None };
                 // Candidate kernels to join: those of operands that are fusible producers.
                 let mut candidate = None;
@@ -140,7 +135,7 @@ pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -> Vec<
                         let fits = match okind {
                             GroupKind::Pointwise | GroupKind::Epilogue => {
                                 // Same iteration space (a reduction may consume it whole).
-                                g.g[o].ty.numel() == if row_red.is_some() { g.g[o].ty.numel() } else { numel }
+                                g.ty(o).numel() == if row_red.is_some() { g.ty(o).numel() } else { numel }
                                     && (pointwise || okind == &GroupKind::Pointwise)
                             }
                             GroupKind::Row => {
@@ -148,7 +143,7 @@ pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -> Vec<
                                 // Pointwise over the rows, or over one value per row, or
                                 // another reduction of the same rows.
                                 (pointwise && (numel == space || numel * row == space))
-                                    || row_red.is_some_and(|r| r == row && g.g[o].ty.numel() == space)
+                                    || row_red.is_some_and(|r| r == row && g.ty(o).numel() == space)
                             }
                             _ => false,
                         };
@@ -167,7 +162,7 @@ pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -> Vec<
                 match (candidate, row_red) {
                     (Some(og), Some(row)) => {
                         if groups[og].kind != GroupKind::Row {
-                            let space = g.g[operands[0]].ty.numel();
+                            let space = g.ty(operands[0]).numel();
                             groups[og].kind = GroupKind::Row;
                             row_space.insert(og, (space, row));
                         }
@@ -180,7 +175,7 @@ pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -> Vec<
                         // also reads, when no outside node lies between them (no cycle).
                         for &o in &operands {
                             let Some(&ob) = group_of.get(&o) else { continue };
-                            if ob == og || groups[ob].kind != GroupKind::Pointwise || g.g[o].ty.numel() != numel {
+                            if ob == og || groups[ob].kind != GroupKind::Pointwise || g.ty(o).numel() != numel {
                                 continue;
                             }
                             group_of.insert(n, og);
@@ -201,14 +196,14 @@ pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -> Vec<
                     }
                     (None, Some(row)) => {
                         let id = new_group(&mut groups, GroupKind::Row);
-                        row_space.insert(id, (g.g[operands[0]].ty.numel(), row));
+                        row_space.insert(id, (g.ty(operands[0]).numel(), row));
                         id
                     }
                     (None, None) if pointwise => {
                         // A pointwise consumer of a matmul with its shape becomes its epilogue.
                         let mm = operands.iter().copied().find(|o| {
-                            matches!(g.g[*o].kind, NodeKind::Op(Op::MatMul { .. }))
-                                && g.g[*o].ty.numel() == numel
+                            matches!(g.node(*o).kind, NodeKind::Op(Op::MatMul { .. }))
+                                && g.ty(*o).numel() == numel
                                 && groups[group_of[o]].kind == GroupKind::Single
                                 && g.users(*o).len() == 1
                         });
@@ -235,7 +230,7 @@ pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -> Vec<
         };
         group_of.insert(n, gid);
     }
-    let position: HashMap<NodeIndex, usize> =
+    let position: HashMap<NodeId, usize> =
         g.topo_order().expect("acyclic").into_iter().enumerate().map(|(i, n)| (n, i)).collect();
     groups.retain(|k| !k.nodes.is_empty());
     for k in &mut groups {
@@ -246,7 +241,7 @@ pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -> Vec<
 
 /// The kernels that do work (not sources), as lists of nodes: the test API for asserting
 /// which nodes share a kernel.
-pub fn kernel_groups(g: &Graph) -> Vec<Vec<NodeIndex>> {
+pub fn kernel_groups(g: &Graph) -> Vec<Vec<NodeId>> {
     fuse(g).into_iter().filter(|k| k.kind != GroupKind::Source).map(|k| k.nodes).collect()
 }
 
@@ -256,12 +251,12 @@ pub fn fused_text(g: &Graph) -> String {
 }
 
 /// [`fused_text`] for the groups of [`fuse_with`].
-pub fn fused_text_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -> String {
+pub fn fused_text_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeId) -> bool) -> String {
     let mut s = String::new();
     for (i, k) in fuse_with(g, fusible).iter().enumerate().filter(|(_, k)| k.kind != GroupKind::Source) {
         s.push_str(&format!("kernel {i} ({:?}, {} nodes):\n", k.kind, k.nodes.len()));
         for &n in &k.nodes {
-            let node = &g.g[n];
+            let node = &g.node(n);
             let what = match &node.kind {
                 NodeKind::Op(op) => format!("{}{}", op.name(), crate::graph::op_attrs(op)),
                 NodeKind::Callback { label, .. } => format!("callback !! {label}"),
@@ -277,7 +272,7 @@ pub fn fused_text_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeIndex) -> bool) -
 /// Checks that kernels can run in some order: the graph of kernels (an edge where a value
 /// crosses from one kernel to another) is acyclic, and every node is in exactly one kernel.
 pub fn check_kernels(g: &Graph, groups: &[FusionGroup]) -> Result<(), String> {
-    let mut owner: HashMap<NodeIndex, usize> = HashMap::new();
+    let mut owner: HashMap<NodeId, usize> = HashMap::new();
     for (i, k) in groups.iter().enumerate() {
         for &n in &k.nodes {
             if owner.insert(n, i).is_some() {
@@ -285,32 +280,10 @@ pub fn check_kernels(g: &Graph, groups: &[FusionGroup]) -> Result<(), String> {
             }
         }
     }
-    if owner.len() != g.g.node_count() {
-        return Err(format!("{} nodes but {} placed in kernels", g.g.node_count(), owner.len()));
+    if owner.len() != g.node_count() {
+        return Err(format!("{} nodes but {} placed in kernels", g.node_count(), owner.len()));
     }
-    let mut indeg = vec![0usize; groups.len()];
-    let mut edges: HashSet<(usize, usize)> = HashSet::new();
-    for e in g.g.edge_indices() {
-        let (a, b) = g.g.edge_endpoints(e).expect("edge");
-        let (ka, kb) = (owner[&a], owner[&b]);
-        if ka != kb && edges.insert((ka, kb)) {
-            indeg[kb] += 1;
-        }
-    }
-    let mut ready: Vec<usize> = (0..groups.len()).filter(|&k| indeg[k] == 0).collect();
-    let mut done = 0;
-    while let Some(k) = ready.pop() {
-        done += 1;
-        for &(a, b) in &edges {
-            if a == k {
-                indeg[b] -= 1;
-                if indeg[b] == 0 {
-                    ready.push(b);
-                }
-            }
-        }
-    }
-    if done != groups.len() {
+    if !kernel_graph_acyclic(g, |n| owner[&n]) {
         return Err("kernels form a cycle".into());
     }
     Ok(())
@@ -325,11 +298,11 @@ mod tests {
     use crate::ops::{TensorType, UnaryOp};
     use tracegrad_runtime::DType;
 
-    fn input(g: &mut Graph, name: &str, shape: &[usize]) -> NodeIndex {
+    fn input(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
         g.add_input(name, InputRole::Data, TensorType::new(DType::F32, shape))
     }
 
-    fn group_of(groups: &[Vec<NodeIndex>], n: NodeIndex) -> usize {
+    fn group_of(groups: &[Vec<NodeId>], n: NodeId) -> usize {
         groups.iter().position(|k| k.contains(&n)).expect("node in a kernel")
     }
 
@@ -396,7 +369,7 @@ mod tests {
         let mut g = Graph::new();
         let x = input(&mut g, "x", &[32]);
         let a = g.unary(UnaryOp::Exp, &x).unwrap();
-        let ty = g.g[a].ty.clone();
+        let ty = g.ty(a).clone();
         let c = g.add_callback(0, "hook", &[a], &[ty])[0];
         let b = g.unary(UnaryOp::Tanh, &c).unwrap();
         // d uses both the pre-callback and post-callback values: it must not join `a`'s

@@ -607,19 +607,39 @@ impl Graph {
     }
 }
 
+/// Reachability, the one graph walk the passes share (autodiff, partitioning, DCE).
+impl Graph {
+    /// `from` and every node they read, transitively: what computing `from` needs.
+    pub fn ancestors(&self, from: &[NodeId]) -> std::collections::HashSet<NodeId> {
+        self.reachable(from, Direction::Incoming)
+    }
+
+    /// `from` and every node that reads them, transitively: what `from` influences.
+    pub fn descendants(&self, from: &[NodeId]) -> std::collections::HashSet<NodeId> {
+        self.reachable(from, Direction::Outgoing)
+    }
+
+    fn reachable(&self, from: &[NodeId], dir: Direction) -> std::collections::HashSet<NodeId> {
+        let mut seen: std::collections::HashSet<NodeId> = from.iter().copied().collect();
+        let mut stack = from.to_vec();
+        while let Some(n) = stack.pop() {
+            for m in self.g.neighbors_directed(n, dir) {
+                if seen.insert(m) {
+                    stack.push(m);
+                }
+            }
+        }
+        seen
+    }
+}
+
 impl Graph {
     /// The nodes that must run: the graph's inputs, and every node an output or a callback
     /// (hooks have effects) depends on. Everything else is dead code.
     pub fn live_nodes(&self) -> std::collections::HashSet<NodeId> {
-        let mut live = std::collections::HashSet::new();
-        let mut stack: Vec<NodeId> = self.outputs.iter().map(|(_, o)| *o).collect();
-        stack.extend(self.g.node_indices().filter(|&n| self.is_callback(n)));
-        stack.extend(self.inputs.iter().copied());
-        while let Some(n) = stack.pop() {
-            if live.insert(n) {
-                stack.extend(self.g.neighbors_directed(n, Direction::Incoming));
-            }
-        }
-        live
+        let mut roots: Vec<NodeId> = self.outputs.iter().map(|(_, o)| *o).collect();
+        roots.extend(self.node_ids().filter(|&n| self.is_callback(n)));
+        roots.extend(self.inputs.iter().copied());
+        self.ancestors(&roots)
     }
 }

@@ -9,11 +9,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use petgraph::stable_graph::NodeIndex;
-use petgraph::Direction;
-
-use crate::graph::{Graph, InputRole, NodeKind};
-use crate::ops::{Op, OpError, OpResult};
+use crate::graph::{Graph, InputRole, NodeId, NodeKind};
+use crate::ops::{OpError, OpResult};
 
 /// The two halves.
 pub struct Partitioned {
@@ -27,51 +24,21 @@ pub struct Partitioned {
     pub saved: usize,
 }
 
-fn ancestors(g: &Graph, from: &[NodeIndex]) -> HashSet<NodeIndex> {
-    let mut seen: HashSet<NodeIndex> = from.iter().copied().collect();
-    let mut stack = from.to_vec();
-    while let Some(n) = stack.pop() {
-        for m in g.g.neighbors_directed(n, Direction::Incoming) {
-            if seen.insert(m) {
-                stack.push(m);
-            }
-        }
-    }
-    seen
-}
-
-fn cheap(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Unary(_)
-            | Op::Binary(_)
-            | Op::Compare(_)
-            | Op::Where
-            | Op::Clamp { .. }
-            | Op::Cast(_)
-            | Op::Reshape(_)
-            | Op::Full { .. }
-    )
-}
-
 /// Copies the nodes `set` of `src` (in topological order) into `dst`, mapping operands through
 /// `map` (which must already hold every operand outside `set`).
 fn copy_nodes(
     src: &Graph,
-    order: &[NodeIndex],
-    set: &HashSet<NodeIndex>,
+    order: &[NodeId],
+    set: &HashSet<NodeId>,
     dst: &mut Graph,
-    map: &mut HashMap<NodeIndex, NodeIndex>,
+    map: &mut HashMap<NodeId, NodeId>,
 ) {
     for &n in order {
         if !set.contains(&n) || map.contains_key(&n) {
             continue;
         }
-        let node = src.g[n].clone();
-        let new = dst.g.add_node(node);
-        for (i, o) in src.operands(n).iter().enumerate() {
-            dst.g.add_edge(map[o], new, i);
-        }
+        let operands: Vec<NodeId> = src.operands(n).iter().map(|o| map[o]).collect();
+        let new = dst.add_node_unchecked(src.node(n).clone(), &operands);
         map.insert(n, new);
     }
 }
@@ -80,33 +47,28 @@ fn copy_nodes(
 /// inputs that carry output gradients, `grads` the gradient nodes to return.
 pub fn partition(
     joint: &Graph,
-    fwd_outputs: &[NodeIndex],
-    grad_inputs: &[NodeIndex],
-    grads: &[NodeIndex],
+    fwd_outputs: &[NodeId],
+    grad_inputs: &[NodeId],
+    grads: &[NodeId],
     recompute_pointwise: bool,
 ) -> OpResult<Partitioned> {
     let order = joint.topo_order().map_err(|e| OpError::new("partition", e))?;
-    let fwd: HashSet<NodeIndex> = ancestors(joint, fwd_outputs);
+    let fwd: HashSet<NodeId> = joint.ancestors(fwd_outputs);
     for gi in grad_inputs {
         if fwd.contains(gi) {
             return Err(OpError::new("partition", "a gradient input feeds the forward outputs".to_string()));
         }
     }
-    let bwd_all = ancestors(joint, grads);
+    let bwd_all = joint.ancestors(grads);
     // Backward-only nodes; forward nodes they read are "saved".
-    let mut bwd: HashSet<NodeIndex> = bwd_all.difference(&fwd).copied().collect();
-    let forward_inputs: HashSet<NodeIndex> =
-        joint.inputs.iter().copied().filter(|i| !grad_inputs.contains(i)).collect();
-    let mut saved: Vec<NodeIndex>;
+    let mut bwd: HashSet<NodeId> = bwd_all.difference(&fwd).copied().collect();
+    let forward_inputs: HashSet<NodeId> = joint.inputs.iter().copied().filter(|i| !grad_inputs.contains(i)).collect();
+    let mut saved: Vec<NodeId>;
     loop {
-        let mut s: Vec<NodeIndex> = order
+        let mut s: Vec<NodeId> = order
             .iter()
             .copied()
-            .filter(|n| {
-                fwd.contains(n)
-                    && !bwd.contains(n)
-                    && joint.g.neighbors_directed(*n, Direction::Outgoing).any(|u| bwd.contains(&u))
-            })
+            .filter(|n| fwd.contains(n) && !bwd.contains(n) && joint.users(*n).iter().any(|u| bwd.contains(u)))
             .collect();
         // A gradient that is itself a forward value (e.g. d(x+y)/dy = seed... or a constant).
         for g in grads {
@@ -120,19 +82,19 @@ pub fn partition(
         }
         // Recompute a saved cheap op in the backward when all its operands are forward
         // inputs (always available to save) or already saved.
-        let saved_set: HashSet<NodeIndex> = saved.iter().copied().collect();
-        let movable: Vec<NodeIndex> = saved
+        let saved_set: HashSet<NodeId> = saved.iter().copied().collect();
+        let movable: Vec<NodeId> = saved
             .iter()
             .copied()
             .filter(|&n| {
-                matches!(&joint.g[n].kind, NodeKind::Op(op) if cheap(op))
+                matches!(joint.kind(n), NodeKind::Op(op) if op.cheap_to_recompute())
                     && !grads.contains(&n)
                     && joint.operands(n).iter().all(|o| forward_inputs.contains(o) || saved_set.contains(o))
                     && !joint.operands(n).is_empty()
             })
             .collect();
         // Only worth it when it does not save more values than it removes.
-        let movable: Vec<NodeIndex> = movable
+        let movable: Vec<NodeId> = movable
             .into_iter()
             .filter(|&n| joint.operands(n).iter().filter(|o| !saved_set.contains(o)).count() <= 1)
             .collect();
@@ -149,8 +111,7 @@ pub fn partition(
         if grad_inputs.contains(&i) {
             continue;
         }
-        let node = joint.g[i].clone();
-        let n = forward.g.add_node(node);
+        let n = forward.add_node_unchecked(joint.node(i).clone(), &[]);
         forward.inputs.push(n);
         fmap.insert(i, n);
     }
@@ -168,17 +129,17 @@ pub fn partition(
     let mut backward = Graph::new();
     let mut bmap = HashMap::new();
     for s in &saved {
-        let n = backward.add_input(&format!("saved%{}", s.index()), InputRole::Saved, joint.g[*s].ty.clone());
-        backward.g[n].path = joint.g[*s].path.clone();
-        backward.g[n].module_type = joint.g[*s].module_type.clone();
+        let n = backward.add_input(&format!("saved%{}", s.index()), InputRole::Saved, joint.ty(*s).clone());
+        backward.node_mut(n).path = joint.node(*s).path.clone();
+        backward.node_mut(n).module_type = joint.node(*s).module_type.clone();
         bmap.insert(*s, n);
     }
     for gi in grad_inputs {
-        let name = match &joint.g[*gi].kind {
+        let name = match joint.kind(*gi) {
             NodeKind::Input { name, .. } => name.clone(),
             _ => format!("grad%{}", gi.index()),
         };
-        let n = backward.add_input(&name, InputRole::Grad, joint.g[*gi].ty.clone());
+        let n = backward.add_input(&name, InputRole::Grad, joint.ty(*gi).clone());
         bmap.insert(*gi, n);
     }
     copy_nodes(joint, &order, &bwd, &mut backward, &mut bmap);
@@ -214,7 +175,7 @@ mod tests {
             let y = g.sum(&t2, &[], false).unwrap();
             let seed = g.add_input("grad_out", InputRole::Grad, TensorType::new(DType::F64, &[]));
             let grads = append_backward_plain(&mut g, &[(y, seed)], &[x, w]).unwrap();
-            let grads: Vec<NodeIndex> = grads.into_iter().map(Option::unwrap).collect();
+            let grads: Vec<NodeId> = grads.into_iter().map(Option::unwrap).collect();
             g.add_output("y", y);
             for (k, gr) in grads.iter().enumerate() {
                 g.add_output(&format!("d{k}"), *gr);

@@ -3,14 +3,12 @@
 //!
 //! Callback nodes are barriers: no pass removes, reorders, merges or folds through them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use petgraph::stable_graph::NodeIndex;
-use petgraph::Direction;
 use tracegrad_runtime::Buffer;
 
-use crate::graph::{Graph, NodeKind};
+use crate::graph::{Graph, NodeId, NodeKind};
 use crate::ops::{BinaryOp, Op, OpError, OpResult, TensorType};
 
 /// A graph-to-graph transformation.
@@ -68,7 +66,7 @@ impl PassManager {
                     name: p.name(),
                     time: t0.elapsed(),
                     changed,
-                    nodes_after: g.g.node_count(),
+                    nodes_after: g.node_count(),
                 });
                 if self.validate {
                     g.validate()
@@ -101,10 +99,6 @@ impl PassManager {
     }
 }
 
-fn is_callback(g: &Graph, n: NodeIndex) -> bool {
-    matches!(g.g[n].kind, NodeKind::Callback { .. })
-}
-
 /// Dead-code elimination: drops op nodes no output (or callback) depends on.
 pub struct Dce;
 
@@ -113,18 +107,13 @@ impl Pass for Dce {
         "dce"
     }
     fn run(&self, g: &mut Graph) -> OpResult<bool> {
-        let mut live: HashSet<NodeIndex> = HashSet::new();
-        let mut stack: Vec<NodeIndex> = g.outputs.iter().map(|(_, o)| *o).collect();
-        stack.extend(g.g.node_indices().filter(|&n| is_callback(g, n)));
-        stack.extend(g.inputs.iter().copied());
-        while let Some(n) = stack.pop() {
-            if live.insert(n) {
-                stack.extend(g.g.neighbors_directed(n, Direction::Incoming));
-            }
-        }
-        let dead: Vec<NodeIndex> = g.g.node_indices().filter(|n| !live.contains(n)).collect();
+        let mut roots: Vec<NodeId> = g.outputs.iter().map(|(_, o)| *o).collect();
+        roots.extend(g.node_ids().filter(|&n| g.is_callback(n)));
+        roots.extend(g.inputs.iter().copied());
+        let live = g.ancestors(&roots);
+        let dead: Vec<NodeId> = g.node_ids().filter(|n| !live.contains(n)).collect();
         for &n in &dead {
-            g.g.remove_node(n);
+            g.remove_node(n);
         }
         Ok(!dead.is_empty())
     }
@@ -139,20 +128,16 @@ impl Pass for Cse {
     }
     fn run(&self, g: &mut Graph) -> OpResult<bool> {
         let order = g.topo_order().map_err(|e| OpError::new("cse", e))?;
-        let mut seen: HashMap<String, NodeIndex> = HashMap::new();
+        let mut seen: HashMap<(Op, Vec<NodeId>), NodeId> = HashMap::new();
         let mut changed = false;
         for n in order {
-            let NodeKind::Op(op) = &g.g[n].kind else { continue };
+            let NodeKind::Op(op) = g.kind(n) else { continue };
             // Big literals are not worth hashing; they are rare and not duplicated by tracing.
             if matches!(op, Op::Constant(b) if b.numel() > 64) {
                 continue;
             }
-            // The key must identify the op exactly: a literal's Debug form is abbreviated,
-            // so literals are keyed by their full data.
-            let key = match op {
-                Op::Constant(b) => format!("constant {:?} {:?} {:?}|", b.dtype(), b.shape(), b.to_f64_vec()),
-                _ => format!("{op:?}|{:?}", g.operands(n)),
-            };
+            // Op equality is exact (floats and literal data by their bits).
+            let key = (op.clone(), g.operands(n));
             match seen.get(&key) {
                 Some(&first) => {
                     g.replace_all_uses(n, first);
@@ -168,16 +153,16 @@ impl Pass for Cse {
 }
 
 /// The value of a node if it is a compile-time constant: `Full` (uniform) or `Constant`.
-fn constant_of(g: &Graph, n: NodeIndex) -> Option<Buffer> {
-    match &g.g[n].kind {
+fn constant_of(g: &Graph, n: NodeId) -> Option<Buffer> {
+    match g.kind(n) {
         NodeKind::Op(Op::Full { value, dtype, shape }) => Some(Buffer::full(*value, *dtype, shape)),
         NodeKind::Op(Op::Constant(b)) => Some(b.clone()),
         _ => None,
     }
 }
 
-fn uniform_value(g: &Graph, n: NodeIndex) -> Option<f64> {
-    match &g.g[n].kind {
+fn uniform_value(g: &Graph, n: NodeId) -> Option<f64> {
+    match g.kind(n) {
         NodeKind::Op(Op::Full { value, .. }) => Some(*value),
         _ => None,
     }
@@ -198,7 +183,7 @@ impl Pass for ConstantFold {
         let order = g.topo_order().map_err(|e| OpError::new("const-fold", e))?;
         let mut changed = false;
         for n in order {
-            let NodeKind::Op(op) = g.g[n].kind.clone() else { continue };
+            let NodeKind::Op(op) = g.kind(n).clone() else { continue };
             if matches!(op, Op::Full { .. } | Op::Constant(_)) || op.arity() == Some(0) {
                 continue;
             }
@@ -206,35 +191,18 @@ impl Pass for ConstantFold {
             if operands.is_empty() {
                 continue;
             }
-            let ty = g.g[n].ty.clone();
-            let pointwise = matches!(
-                op,
-                Op::Unary(_)
-                    | Op::Binary(_)
-                    | Op::Compare(_)
-                    | Op::Where
-                    | Op::Clamp { .. }
-                    | Op::Cast(_)
-                    | Op::Expand(_)
-                    | Op::Reshape(_)
-                    | Op::Permute(_)
-                    | Op::StopGradient
-            );
-            let folded = if pointwise && operands.iter().all(|&o| uniform_value(g, o).is_some()) {
+            let ty = g.ty(n).clone();
+            let folded = if op.preserves_uniform() && operands.iter().all(|&o| uniform_value(g, o).is_some()) {
                 // Evaluate on one element of each operand, then broadcast the scalar.
                 let scalars: Vec<Buffer> =
-                    operands.iter().map(|&o| Buffer::scalar(uniform_value(g, o).unwrap(), g.g[o].ty.dtype)).collect();
+                    operands.iter().map(|&o| Buffer::scalar(uniform_value(g, o).unwrap(), g.ty(o).dtype)).collect();
                 let types: Vec<TensorType> = scalars.iter().map(TensorType::of).collect();
-                let scalar_op = match &op {
-                    Op::Expand(_) | Op::Reshape(_) | Op::Permute(_) | Op::StopGradient => None,
-                    other => Some(other.clone()),
-                };
-                let v = match scalar_op {
-                    Some(sop) => {
-                        let t = sop.infer(&types)?;
-                        sop.eval(&scalars.iter().collect::<Vec<_>>(), &t)?.item()
-                    }
-                    None => scalars[0].item(),
+                // An elementwise op is evaluated once; a layout op passes the value through.
+                let v = if op.is_elementwise() {
+                    let t = op.infer(&types)?;
+                    op.eval(&scalars.iter().collect::<Vec<_>>(), &t)?.item()
+                } else {
+                    scalars[0].item()
                 };
                 Some(Op::Full { value: v, dtype: ty.dtype, shape: ty.shape.clone() })
             } else if ty.numel() <= FOLD_LIMIT {
@@ -250,8 +218,8 @@ impl Pass for ConstantFold {
                 None
             };
             if let Some(new_op) = folded {
-                let path = g.g[n].path.clone();
-                let mt = g.g[n].module_type.clone();
+                let path = g.node(n).path.clone();
+                let mt = g.node(n).module_type.clone();
                 g.scope.push((path, mt));
                 let c = g.add_op(new_op, &[]);
                 g.scope.pop();
@@ -276,14 +244,14 @@ impl Pass for AlgebraicSimplify {
         let order = g.topo_order().map_err(|e| OpError::new("simplify", e))?;
         let mut changed = false;
         for n in order {
-            if !g.g.contains_node(n) {
+            if !g.contains(n) {
                 continue;
             }
-            let NodeKind::Op(op) = g.g[n].kind.clone() else { continue };
+            let NodeKind::Op(op) = g.kind(n).clone() else { continue };
             let ops = g.operands(n);
-            let ty = g.g[n].ty.clone();
-            let same = |g: &Graph, x: NodeIndex| g.g[x].ty == ty;
-            let identity: Option<NodeIndex> = match &op {
+            let ty = g.ty(n).clone();
+            let same = |g: &Graph, x: NodeId| *g.ty(x) == ty;
+            let identity: Option<NodeId> = match &op {
                 Op::Binary(b) => {
                     let (x, y) = (ops[0], ops[1]);
                     let (ux, uy) = (uniform_value(g, x), uniform_value(g, y));
@@ -308,7 +276,7 @@ impl Pass for AlgebraicSimplify {
             }
             // Chains: fold the producer into this node when the producer is of the same kind.
             let inner = ops.first().copied();
-            let rewrite = match (&op, inner.map(|i| g.g[i].kind.clone())) {
+            let rewrite = match (&op, inner.map(|i| g.kind(i).clone())) {
                 (Op::Permute(p), Some(NodeKind::Op(Op::Permute(q)))) => {
                     let composed: Vec<usize> = p.iter().map(|&i| q[i]).collect();
                     Some((Op::Permute(composed.into_iter().collect()), g.operands(inner.unwrap())[0]))
@@ -319,8 +287,8 @@ impl Pass for AlgebraicSimplify {
                 _ => None,
             };
             if let Some((new_op, src)) = rewrite {
-                let path = g.g[n].path.clone();
-                let mt = g.g[n].module_type.clone();
+                let path = g.node(n).path.clone();
+                let mt = g.node(n).module_type.clone();
                 g.scope.push((path, mt));
                 let r = g.add_op(new_op, &[src]);
                 g.scope.pop();
@@ -341,7 +309,7 @@ mod tests {
     use crate::ops::UnaryOp;
     use tracegrad_runtime::DType;
 
-    fn input(g: &mut Graph, shape: &[usize]) -> NodeIndex {
+    fn input(g: &mut Graph, shape: &[usize]) -> NodeId {
         g.add_input("x", InputRole::Data, TensorType::new(DType::F32, shape))
     }
 
@@ -368,7 +336,7 @@ mod tests {
         g.add_output("y", r2);
         let xb = Buffer::from_vec(vec![0.1f32, 0.2, 0.3, -0.1, -0.2, 0.5], &[2, 3]);
         let before = interpret(&g, std::slice::from_ref(&xb), &NoCallbacks).unwrap();
-        let n0 = g.g.node_count();
+        let n0 = g.node_count();
         let mut pm = PassManager::standard();
         pm.validate = true;
         pm.run(&mut g).unwrap();
@@ -380,7 +348,7 @@ mod tests {
         assert_eq!(text.matches("= reshape").count(), 1, "{text}");
         assert!(!text.contains("sin"), "{text}");
         assert!(text.contains("full[6]"), "{text}");
-        assert!(g.g.node_count() < n0 / 2, "{n0} -> {}\n{text}", g.g.node_count());
+        assert!(g.node_count() < n0 / 2, "{n0} -> {}\n{text}", g.node_count());
         assert!(pm.timings.iter().any(|t| t.name == "cse" && t.changed));
     }
 
@@ -388,7 +356,7 @@ mod tests {
     fn callbacks_are_never_removed_or_merged() {
         let mut g = Graph::new();
         let x = input(&mut g, &[2]);
-        let ty = g.g[x].ty.clone();
+        let ty = g.ty(x).clone();
         let c1 = g.add_callback(0, "hook a", &[x], std::slice::from_ref(&ty))[0];
         let c2 = g.add_callback(1, "hook b", &[x], &[ty])[0];
         let _ = (c1, c2);
@@ -396,5 +364,23 @@ mod tests {
         g.add_output("y", y);
         PassManager::standard().run(&mut g).unwrap();
         assert_eq!(g.to_text().matches("callback#").count(), 2);
+    }
+
+    #[test]
+    fn cse_keeps_zero_and_negative_zero_apart() {
+        let mut g = Graph::new();
+        let x = input(&mut g, &[2]);
+        let zero = g.full(0.0, DType::F32, &[2]).unwrap();
+        let neg_zero = g.full(-0.0, DType::F32, &[2]).unwrap();
+        let a = g.div(&x, &zero).unwrap();
+        let b = g.div(&x, &neg_zero).unwrap();
+        let a2 = g.div(&x, &zero).unwrap();
+        g.add_output("a", a);
+        g.add_output("b", b);
+        g.add_output("a2", a2);
+        assert!(Cse.run(&mut g).unwrap());
+        let outs: Vec<NodeId> = g.outputs.iter().map(|(_, o)| *o).collect();
+        assert_eq!(outs[0], outs[2]);
+        assert_ne!(outs[0], outs[1]);
     }
 }

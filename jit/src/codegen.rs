@@ -22,7 +22,7 @@ use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use tracegrad_compiler::ops::{BinaryOp, CompareOp, UnaryOp};
 
-use crate::kernel::{Float, KOp, KernelSpec, Reduction, Space, VType};
+use crate::kernel::{Float, Imm, KOp, KernelSpec, RowReduction, Space, VType};
 use crate::math::{self, MathCtx};
 
 /// One loop step: `(generator, builder, column, vector?, accumulators)`.
@@ -185,7 +185,7 @@ impl Gen<'_> {
                     }
                 }
             }
-            KOp::Const(c) => match node.ty {
+            KOp::Const(Imm(c)) => match node.ty {
                 VType::Float => self.fconst(b, false, *c),
                 VType::Bool => b.ins().iconst(types::I8, i64::from(*c != 0.0)),
             },
@@ -417,11 +417,11 @@ impl Gen<'_> {
             KOp::ExpScaled(..) => math::exp_scaled(b, &m, a[0], a[1]),
             KOp::Clamp(lo, hi, _) => {
                 let mut x = a[0];
-                if let Some(lo) = lo {
+                if let Some(Imm(lo)) = lo {
                     let c = self.fconst(b, vec, *lo);
                     x = b.ins().fmax(x, c);
                 }
-                if let Some(hi) = hi {
+                if let Some(Imm(hi)) = hi {
                     let c = self.fconst(b, vec, *hi);
                     x = b.ins().fmin(x, c);
                 }
@@ -765,7 +765,7 @@ impl Gen<'_> {
                     }
                 }
                 g.hoist(b, &roots, true);
-                let kinds: Vec<(Reduction, usize)> = reds
+                let kinds: Vec<(RowReduction, usize)> = reds
                     .iter()
                     .map(|&rn| match spec.nodes[rn].op {
                         KOp::Reduce(k, x) => (k, x),
@@ -776,9 +776,9 @@ impl Gen<'_> {
                     .iter()
                     .map(|&(k, _)| {
                         let v = match k {
-                            Reduction::Sum => 0.0,
-                            Reduction::Max | Reduction::MaxSkipNan => f64::NEG_INFINITY,
-                            Reduction::Min => f64::INFINITY,
+                            RowReduction::Sum => 0.0,
+                            RowReduction::Max | RowReduction::MaxSkipNan => f64::NEG_INFINITY,
+                            RowReduction::Min => f64::INFINITY,
                         };
                         (g.fconst(b, true, v), g.fconst(b, false, v))
                     })
@@ -851,15 +851,15 @@ fn expensive(spec: &KernelSpec, n: usize) -> bool {
     false
 }
 
-fn combine(b: &mut FunctionBuilder, k: Reduction, acc: Value, v: Value) -> Value {
+fn combine(b: &mut FunctionBuilder, k: RowReduction, acc: Value, v: Value) -> Value {
     match k {
-        Reduction::Sum => b.ins().fadd(acc, v),
-        Reduction::Max => b.ins().fmax(acc, v),
-        Reduction::Min => b.ins().fmin(acc, v),
+        RowReduction::Sum => b.ins().fadd(acc, v),
+        RowReduction::Max => b.ins().fmax(acc, v),
+        RowReduction::Min => b.ins().fmin(acc, v),
         // `acc < v ? v : acc`: one `maxps v, acc` on x64 (which returns its second operand when
         // either is NaN), where `fmax` is an eight-instruction NaN- and sign-of-zero-exact
         // sequence on the loop-carried chain.
-        Reduction::MaxSkipNan => {
+        RowReduction::MaxSkipNan => {
             let lt = b.ins().fcmp(FloatCC::LessThan, acc, v);
             let ty = b.func.dfg.value_type(acc);
             if ty.is_vector() {

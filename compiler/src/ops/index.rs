@@ -1,7 +1,7 @@
 //! Index ops: index_select / index_add and gather / scatter_add. Duplicate indices accumulate
 //! in the backward, because each rule's adjoint is the matching `*_add` op.
 
-use super::{sh, Op, OpResult, TensorType};
+use super::{sh, Op, OpResult, Props, TensorType};
 use crate::emitter::{Build, Emitter};
 use tracegrad_runtime::kernels::index;
 use tracegrad_runtime::{Buffer, DType, Dims};
@@ -198,4 +198,9 @@ pub(super) fn vjp<E: Emitter>(op: &Op, e: &mut E, x: &[&E::Value], g: &E::Value)
         }
         _ => unreachable!(),
     })
+}
+
+/// Index ops fail on an index out of range.
+pub(super) fn props(_op: &Op) -> Props {
+    Props { fallible: true, ..Props::NONE }
 }

@@ -1,7 +1,7 @@
 //! Shape ops: reshape, permute, expand, narrow, cat. Reshape shares storage; the others copy
 //! into a fresh contiguous buffer (tracegrad's views copy).
 
-use super::{sh, Op, OpResult, TensorType};
+use super::{sh, Op, OpResult, Props, TensorType};
 use crate::emitter::{Build, Emitter};
 use tracegrad_runtime::kernels::layout;
 use tracegrad_runtime::shape::numel;
@@ -172,4 +172,14 @@ pub(super) fn vjp<E: Emitter>(op: &Op, e: &mut E, x: &[&E::Value], g: &E::Value)
         }
         _ => unreachable!(),
     })
+}
+
+/// Layout ops never fail; reshape is cheap to recompute (a view), and reshape, permute and
+/// expand keep a uniform tensor uniform.
+pub(super) fn props(op: &Op) -> Props {
+    Props {
+        cheap: matches!(op, Op::Reshape(_)),
+        preserves_uniform: matches!(op, Op::Reshape(_) | Op::Permute(_) | Op::Expand(_)),
+        ..Props::NONE
+    }
 }

@@ -2,7 +2,7 @@
 //! work). `matmul`'s 1-D promotion, `addmm`, `linear`, `bmm` and `einsum` are composites.
 //! Also torch.linalg's vector_norm, det, inv and solve (LU through faer), below.
 
-use super::{require_same_dtype, sh, CompareOp, Op, OpError, OpResult, TensorType, UnaryOp};
+use super::{require_same_dtype, sh, CompareOp, Op, OpError, OpResult, Props, TensorType, UnaryOp};
 use crate::emitter::{Build, Emitter};
 use tracegrad_runtime::kernels::linalg as kernel;
 use tracegrad_runtime::shape::broadcast_shapes;
@@ -286,4 +286,10 @@ pub(super) fn vjp_ext<E: Emitter>(
         }
         _ => unreachable!(),
     })
+}
+
+/// matmul and vector_norm cannot fail on well-typed operands; det, inv and solve can (a
+/// singular matrix).
+pub(super) fn props(op: &Op) -> Props {
+    Props { fallible: matches!(op, Op::Det | Op::Inv | Op::Solve), ..Props::NONE }
 }

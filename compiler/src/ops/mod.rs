@@ -24,8 +24,11 @@ pub use reduce::{softmax_op, ReduceKind};
 pub use scatter::ScatterReduce;
 
 use crate::emitter::Emitter;
+use smallvec::SmallVec;
 use std::fmt;
-use tracegrad_runtime::{Buffer, DType, Dims, ShapeDisplay};
+use std::hash::{Hash, Hasher};
+use std::mem::{discriminant, Discriminant};
+use tracegrad_runtime::{Buffer, DType, Data, Dims, ShapeDisplay};
 
 /// The dtype and shape of a value: what the shape rule computes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -101,7 +104,10 @@ impl std::error::Error for OpError {}
 pub type OpResult<T> = Result<T, OpError>;
 
 /// One primitive operation. Operands are positional; attributes are fields.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+///
+/// Equality and hashing (CSE, the JIT's kernel cache) take floats by their bits, so `0.0` and
+/// `-0.0` differ and a NaN equals itself, and literals by dtype, shape and element bits.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// A tensor filled with one value (also how scalars enter a computation).
     Full {
@@ -479,6 +485,66 @@ impl Op {
         }
     }
 
+    /// The properties the passes read (fusion class, recompute cost, failure, folding).
+    fn props(&self) -> Props {
+        match self {
+            Op::Full { .. } => Props { cheap: true, ..Props::NONE },
+            Op::Constant(_) => Props::NONE,
+            Op::StopGradient => Props { elementwise: true, preserves_uniform: true, ..Props::NONE },
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Clamp { .. } | Op::Cast(_) => {
+                pointwise::props(self)
+            }
+            Op::Reduce { .. } | Op::ArgReduce { .. } | Op::Softmax { .. } => reduce::props(self),
+            Op::MatMul { .. } | Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve => linalg::props(self),
+            Op::Reshape(_) | Op::Permute(_) | Op::Expand(_) | Op::Narrow { .. } | Op::Cat { .. } => layout::props(self),
+            Op::IndexSelect { .. } | Op::IndexAdd { .. } | Op::Gather { .. } | Op::ScatterAdd { .. } => {
+                index::props(self)
+            }
+            Op::Scatter { .. } | Op::ScatterReduce { .. } => scatter::props(self),
+            _ => nn::props(self),
+        }
+    }
+
+    /// Whether output element `i` depends only on element `i` of each (broadcast) operand, so
+    /// that the op can join a pointwise fusion group.
+    pub fn is_elementwise(&self) -> bool {
+        self.props().elementwise
+    }
+
+    /// Whether recomputing the op in the backward is cheaper than saving its output
+    /// (rematerialisation in partitioning).
+    pub fn cheap_to_recompute(&self) -> bool {
+        self.props().cheap
+    }
+
+    /// Whether evaluating the op on well-typed operands can fail at run time (an index out of
+    /// range, a singular matrix).
+    pub fn is_fallible(&self) -> bool {
+        self.props().fallible
+    }
+
+    /// Whether uniform (`Full`) operands give a uniform result, so constant folding can keep a
+    /// `Full` at any size: elementwise ops (evaluate once on scalars) and the layout ops that
+    /// only move elements around (the value passes through).
+    pub fn preserves_uniform(&self) -> bool {
+        self.props().preserves_uniform
+    }
+
+    /// Whether the JIT can compute the op inside a fused kernel, given the dtypes of its
+    /// operands and of its output.
+    pub fn jit_lowerable(&self, operand_dtypes: &[DType], out: DType) -> bool {
+        match self {
+            Op::StopGradient => jit_float(out),
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Clamp { .. } | Op::Cast(_) => {
+                pointwise::jit_lowerable(self, operand_dtypes, out)
+            }
+            Op::Reduce { .. } | Op::ArgReduce { .. } | Op::Softmax { .. } => {
+                reduce::jit_lowerable(self, operand_dtypes, out)
+            }
+            _ => false,
+        }
+    }
+
     /// An error attributed to this op.
     pub fn error(&self, message: impl Into<String>) -> OpError {
         OpError::new(self.name(), message)
@@ -488,6 +554,155 @@ impl Op {
     pub fn no_derivative(&self) -> OpError {
         self.error(format!("the derivative for '{}' is not implemented", self.name()))
     }
+}
+
+/// What identifies an op apart from a literal's data: its variant, the variant of a unary
+/// function, and every attribute as a word (floats by their bits).
+#[derive(PartialEq, Eq, Hash)]
+struct OpKey {
+    variant: Discriminant<Op>,
+    unary: Option<Discriminant<UnaryOp>>,
+    words: SmallVec<[u64; 8]>,
+}
+
+impl Op {
+    fn key(&self) -> OpKey {
+        let mut w: SmallVec<[u64; 8]> = SmallVec::new();
+        let dims = |w: &mut SmallVec<[u64; 8]>, d: &[usize]| {
+            w.push(d.len() as u64);
+            w.extend(d.iter().map(|&x| x as u64));
+        };
+        let opt_bits = |x: &Option<f64>| x.map_or(u64::MAX, f64::to_bits);
+        let mut unary = None;
+        match self {
+            Op::Full { value, dtype, shape } => {
+                w.extend([value.to_bits(), *dtype as u64]);
+                dims(&mut w, shape);
+            }
+            Op::Constant(b) => {
+                w.push(b.dtype() as u64);
+                dims(&mut w, b.shape());
+            }
+            Op::Unary(u) => {
+                unary = Some(discriminant(u));
+                w.push(u.attr_bits());
+            }
+            Op::Binary(b) => w.push(*b as u64),
+            Op::Compare(c) => w.push(*c as u64),
+            // `None` and `Some(x)` differ in the variant word; MAX is only padding.
+            Op::Clamp { min, max } => {
+                w.extend([min.is_some() as u64, opt_bits(min), max.is_some() as u64, opt_bits(max)])
+            }
+            Op::Cast(d) => w.push(*d as u64),
+            Op::Where | Op::StopGradient | Op::Det | Op::Inv | Op::Solve => {}
+            Op::Reduce { kind, dims: d, keepdim } => {
+                w.extend([*kind as u64, *keepdim as u64]);
+                dims(&mut w, d);
+            }
+            Op::ArgReduce { min, dim, keepdim } => {
+                w.extend([*min as u64, dim.is_some() as u64, dim.unwrap_or(0) as u64, *keepdim as u64])
+            }
+            Op::Softmax { dim, log } => w.extend([*dim as u64, *log as u64]),
+            Op::MatMul { trans_a, trans_b } => w.extend([*trans_a as u64, *trans_b as u64]),
+            Op::Reshape(d) | Op::Permute(d) | Op::Expand(d) => dims(&mut w, d),
+            Op::Narrow { dim, start, len } => w.extend([*dim as u64, *start as u64, *len as u64]),
+            Op::Cat { dim }
+            | Op::IndexSelect { dim }
+            | Op::IndexAdd { dim }
+            | Op::Gather { dim }
+            | Op::ScatterAdd { dim }
+            | Op::Scatter { dim } => w.push(*dim as u64),
+            Op::ScatterReduce { dim, reduce, include_self } => {
+                w.extend([*dim as u64, *reduce as u64, *include_self as u64])
+            }
+            Op::VectorNorm { ord, dims: d, keepdim } => {
+                w.extend([ord.to_bits(), *keepdim as u64]);
+                dims(&mut w, d);
+            }
+            Op::Conv2d { stride, padding } => dims(&mut w, &[stride[0], stride[1], padding[0], padding[1]]),
+            Op::Conv2dGradInput { stride, padding, input_hw: hw }
+            | Op::Conv2dGradWeight { stride, padding, kernel_hw: hw } => {
+                dims(&mut w, &[stride[0], stride[1], padding[0], padding[1], hw[0], hw[1]])
+            }
+            Op::MaxPool2d { kernel, stride, padding } | Op::MaxPool2dGrad { kernel, stride, padding } => {
+                dims(&mut w, &[kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]])
+            }
+            Op::AvgPool2d { kernel, stride, padding, count_include_pad } => {
+                w.push(*count_include_pad as u64);
+                dims(&mut w, &[kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]]);
+            }
+            Op::AvgPool2dGrad { kernel, stride, padding, count_include_pad, input_shape } => {
+                w.push(*count_include_pad as u64);
+                dims(&mut w, &[kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]]);
+                dims(&mut w, input_shape);
+            }
+        }
+        OpKey { variant: discriminant(self), unary, words: w }
+    }
+}
+
+impl PartialEq for Op {
+    fn eq(&self, other: &Op) -> bool {
+        self.key() == other.key()
+            && match (self, other) {
+                (Op::Constant(a), Op::Constant(b)) => literal_bits_eq(a, b),
+                _ => true,
+            }
+    }
+}
+
+impl Eq for Op {}
+
+impl Hash for Op {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+        if let Op::Constant(b) = self {
+            hash_literal_bits(b, state);
+        }
+    }
+}
+
+/// Whether two literals (whose dtypes and shapes match) hold the same element bits.
+fn literal_bits_eq(a: &Buffer, b: &Buffer) -> bool {
+    match (a.data(), b.data()) {
+        (Data::F32(x), Data::F32(y)) => x.iter().map(|v| v.to_bits()).eq(y.iter().map(|v| v.to_bits())),
+        (Data::F64(x), Data::F64(y)) => x.iter().map(|v| v.to_bits()).eq(y.iter().map(|v| v.to_bits())),
+        (x, y) => x == y,
+    }
+}
+
+fn hash_literal_bits<H: Hasher>(b: &Buffer, state: &mut H) {
+    match b.data() {
+        Data::Bool(v) => v.hash(state),
+        Data::U8(v) => v.hash(state),
+        Data::I64(v) => v.hash(state),
+        Data::F32(v) => v.iter().for_each(|x| x.to_bits().hash(state)),
+        Data::F64(v) => v.iter().for_each(|x| x.to_bits().hash(state)),
+    }
+}
+
+/// An op's properties beyond shape rule, kernel and derivative; each family module says which
+/// of its ops have which.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Props {
+    /// See [`Op::is_elementwise`].
+    pub elementwise: bool,
+    /// See [`Op::cheap_to_recompute`].
+    pub cheap: bool,
+    /// See [`Op::is_fallible`].
+    pub fallible: bool,
+    /// See [`Op::preserves_uniform`].
+    pub preserves_uniform: bool,
+}
+
+impl Props {
+    /// None of the properties.
+    pub const NONE: Props = Props { elementwise: false, cheap: false, fallible: false, preserves_uniform: false };
+}
+
+/// The dtypes the JIT's kernels compute in.
+pub(crate) fn jit_float(d: DType) -> bool {
+    matches!(d, DType::F32 | DType::F64)
 }
 
 /// Formats a shape for messages.
@@ -516,5 +731,65 @@ pub(crate) fn require_same_dtype(op: &str, a: &TensorType, b: &TensorType) -> Re
             b.dtype,
             sh(&b.shape)
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_follow_the_op_family() {
+        let add = Op::Binary(BinaryOp::Add);
+        assert!(add.is_elementwise() && add.cheap_to_recompute() && !add.is_fallible() && add.preserves_uniform());
+        assert!(Op::StopGradient.is_elementwise() && !Op::StopGradient.cheap_to_recompute());
+        let reshape = Op::Reshape(Dims::from_slice(&[2]));
+        assert!(!reshape.is_elementwise() && reshape.cheap_to_recompute() && reshape.preserves_uniform());
+        assert!(
+            Op::Gather { dim: 0 }.is_fallible()
+                && Op::Inv.is_fallible()
+                && !Op::VectorNorm { ord: 2.0, dims: Dims::new(), keepdim: false }.is_fallible()
+        );
+        let softmax = Op::Softmax { dim: 0, log: false };
+        assert!(!softmax.is_elementwise() && !softmax.is_fallible());
+    }
+
+    #[test]
+    fn jit_lowerable_needs_float_operands() {
+        use DType::{Bool, F32, F64, I64};
+        let add = Op::Binary(BinaryOp::Add);
+        assert!(add.jit_lowerable(&[F32, F32], F32));
+        assert!(!add.jit_lowerable(&[I64, I64], I64));
+        assert!(!Op::Binary(BinaryOp::Pow).jit_lowerable(&[F32, F32], F32));
+        assert!(Op::Where.jit_lowerable(&[Bool, F64, F64], F64));
+        assert!(!Op::Where.jit_lowerable(&[F64, F64, F64], F64));
+        assert!(Op::Cast(F32).jit_lowerable(&[Bool], F32) && !Op::Cast(F32).jit_lowerable(&[F64], F32));
+        assert!(Op::Cast(Bool).jit_lowerable(&[F64], Bool));
+        assert!(!Op::MatMul { trans_a: false, trans_b: false }.jit_lowerable(&[F32, F32], F32));
+    }
+
+    fn hash_of(op: &Op) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        op.hash(&mut h);
+        h.finish()
+    }
+
+    #[test]
+    fn equality_and_hash_take_floats_by_bits() {
+        let full = |value: f64| Op::Full { value, dtype: DType::F32, shape: Dims::from_slice(&[2]) };
+        assert_ne!(full(0.0), full(-0.0));
+        assert_eq!(full(f64::NAN), full(f64::NAN));
+        assert_eq!(hash_of(&full(f64::NAN)), hash_of(&full(f64::NAN)));
+        let pow = |p: f64| Op::Unary(UnaryOp::PowScalar(p));
+        assert_eq!(pow(2.0), pow(2.0));
+        assert_ne!(pow(2.0), pow(3.0));
+        assert_ne!(Op::Unary(UnaryOp::Exp), Op::Unary(UnaryOp::Log));
+        assert_ne!(Op::Clamp { min: Some(0.0), max: None }, Op::Clamp { min: None, max: Some(0.0) });
+        let lit = |v: Vec<f32>| Op::Constant(Buffer::from_vec(v, &[2]));
+        assert_eq!(lit(vec![1.0, f32::NAN]), lit(vec![1.0, f32::NAN]));
+        assert_eq!(hash_of(&lit(vec![1.0, 2.0])), hash_of(&lit(vec![1.0, 2.0])));
+        assert_ne!(lit(vec![0.0, 1.0]), lit(vec![-0.0, 1.0]));
+        assert_ne!(lit(vec![1.0, 2.0]), Op::Constant(Buffer::from_vec(vec![1.0f32, 2.0], &[2, 1])));
+        assert_ne!(Op::Reshape(Dims::from_slice(&[2])), Op::Expand(Dims::from_slice(&[2])));
     }
 }

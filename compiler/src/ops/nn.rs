@@ -2,7 +2,7 @@
 //! of their own so that the backward graph is made of ordinary nodes. The conv gradients have
 //! derivative rules too (each is linear in both operands), so double backward works.
 
-use super::{require_float, require_same_dtype, sh, Op, OpResult, TensorType};
+use super::{require_float, require_same_dtype, sh, Op, OpResult, Props, TensorType};
 use crate::emitter::{Build, Emitter};
 use tracegrad_runtime::kernels::conv;
 use tracegrad_runtime::{Buffer, Dims};
@@ -163,4 +163,9 @@ pub(super) fn vjp<E: Emitter>(op: &Op, e: &mut E, x: &[&E::Value], g: &E::Value)
         Op::MaxPool2dGrad { .. } => return Err(op.no_derivative()),
         _ => unreachable!(),
     })
+}
+
+/// Convolutions and pooling never fail on well-typed operands.
+pub(super) fn props(_op: &Op) -> Props {
+    Props::NONE
 }

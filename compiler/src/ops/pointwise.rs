@@ -2,7 +2,7 @@
 //! Each op's scalar function (the reference kernel the runtime loops call), shape rule and
 //! derivative rule are written here, in that order.
 
-use super::{require_float, require_same_dtype, sh, Op, OpResult, TensorType};
+use super::{jit_float, require_float, require_same_dtype, sh, Op, OpResult, Props, TensorType};
 use crate::emitter::{Build, Emitter};
 use num_traits::Float;
 use tracegrad_runtime::kernels::pointwise::{map, zip, zip3};
@@ -25,8 +25,9 @@ impl Real for f64 {
     }
 }
 
-/// Elementwise functions of one float tensor.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+/// Elementwise functions of one float tensor. Equality and hashing take `PowScalar`'s exponent
+/// by its bits (see [`Op`]).
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub enum UnaryOp {
     /// `-x` (also for integers).
     Neg,
@@ -72,7 +73,30 @@ const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
 const GELU_TANH_C: f64 = 0.044715;
 
+impl PartialEq for UnaryOp {
+    fn eq(&self, other: &UnaryOp) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other) && self.attr_bits() == other.attr_bits()
+    }
+}
+
+impl Eq for UnaryOp {}
+
+impl std::hash::Hash for UnaryOp {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::mem::discriminant(self).hash(state);
+        self.attr_bits().hash(state);
+    }
+}
+
 impl UnaryOp {
+    /// The bits of the function's attribute (`PowScalar`'s exponent), 0 for the others.
+    pub(super) fn attr_bits(self) -> u64 {
+        match self {
+            UnaryOp::PowScalar(p) => p.to_bits(),
+            _ => 0,
+        }
+    }
+
     /// Name in errors and dumps.
     pub fn name(self) -> &'static str {
         match self {
@@ -641,4 +665,33 @@ pub(super) fn vjp<E: Emitter>(
         _ => unreachable!(),
     };
     Ok(gx)
+}
+
+/// Pointwise ops are elementwise, cheap to recompute, never fail and map uniform operands to
+/// a uniform result.
+pub(super) fn props(_op: &Op) -> Props {
+    Props { elementwise: true, cheap: true, fallible: false, preserves_uniform: true }
+}
+
+/// Which pointwise ops and dtypes the JIT lowers (floats; no sin/cos/pow, which it has no
+/// vector code for; casts between a float and itself or bool).
+pub(super) fn jit_lowerable(op: &Op, operands: &[DType], out: DType) -> bool {
+    let all_float = operands.iter().all(|&d| jit_float(d));
+    match op {
+        Op::Unary(u) => jit_float(out) && all_float && !matches!(u, UnaryOp::Sin | UnaryOp::Cos),
+        Op::Binary(b) => jit_float(out) && all_float && *b != BinaryOp::Pow,
+        Op::Compare(_) => all_float,
+        Op::Where => match operands {
+            [cond, values @ ..] => jit_float(out) && *cond == DType::Bool && values.iter().all(|&d| jit_float(d)),
+            [] => false,
+        },
+        Op::Clamp { .. } => jit_float(out),
+        Op::Cast(to) => match operands {
+            [from] => {
+                (jit_float(*to) && (from == to || *from == DType::Bool)) || (*to == DType::Bool && jit_float(*from))
+            }
+            _ => false,
+        },
+        _ => false,
+    }
 }

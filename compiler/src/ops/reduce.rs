@@ -1,7 +1,7 @@
 //! Reductions (sum, amax, amin, all, any), argmax/argmin and softmax/log_softmax.
 //! Shape rule, kernel and derivative rule for each.
 
-use super::{require_float, sh, CompareOp, Op, OpResult, TensorType, UnaryOp};
+use super::{jit_float, require_float, sh, CompareOp, Op, OpResult, Props, TensorType, UnaryOp};
 use crate::emitter::{norm_dim, Build, Emitter};
 use tracegrad_runtime::kernels::reduce::{arg_extremum, extremum, fold, split3, sum};
 use tracegrad_runtime::kernels::softmax::softmax;
@@ -249,4 +249,19 @@ pub(super) fn vjp<E: Emitter>(
 pub fn softmax_op(dim: isize, rank: usize, log: bool) -> OpResult<Op> {
     let name = if log { "log_softmax" } else { "softmax" };
     Ok(Op::Softmax { dim: norm_dim(name, dim, rank)?, log })
+}
+
+/// Reductions and softmax read whole rows: not elementwise, not cheap, never failing.
+pub(super) fn props(_op: &Op) -> Props {
+    Props::NONE
+}
+
+/// The JIT lowers float sum/amax/amin and softmax/log_softmax as row kernels.
+pub(super) fn jit_lowerable(op: &Op, operands: &[DType], out: DType) -> bool {
+    match op {
+        Op::Reduce { kind: ReduceKind::Sum | ReduceKind::Max | ReduceKind::Min, .. } | Op::Softmax { .. } => {
+            jit_float(out) && operands.iter().all(|&d| jit_float(d))
+        }
+        _ => false,
+    }
 }

@@ -10,7 +10,7 @@
 //! gradient).
 
 use super::index::{check_dim, check_scatter_shapes, nonempty, nonempty_buf, require_index};
-use super::{CompareOp, Op, OpResult, TensorType};
+use super::{CompareOp, Op, OpResult, Props, TensorType};
 use crate::emitter::{Build, Emitter};
 use tracegrad_runtime::kernels::scatter as kernel;
 use tracegrad_runtime::{Buffer, DType};
@@ -197,4 +197,9 @@ pub(super) fn vjp<E: Emitter>(
         }
         _ => unreachable!(),
     })
+}
+
+/// Scatter ops fail on an index out of range.
+pub(super) fn props(_op: &Op) -> Props {
+    Props { fallible: true, ..Props::NONE }
 }

@@ -71,7 +71,7 @@ fn choose_in_place(g: &Graph, p: &mut Plan, donated: &[bool], last_use: &[Option
         .iter()
         .rposition(|s| match s {
             Step::Callback { .. } => true,
-            Step::Eval { node, .. } => g.op(*node).is_some_and(fallible),
+            Step::Eval { node, .. } => g.op(*node).is_some_and(Op::is_fallible),
             Step::Kernel { .. } => false,
         })
         .map_or(0, |i| i + 1);
@@ -113,41 +113,6 @@ fn choose_in_place(g: &Graph, p: &mut Plan, donated: &[bool], last_use: &[Option
             })
             .collect();
     }
-}
-
-/// Whether evaluating `op` on well-typed operands can fail at run time (an index out of
-/// range, a singular matrix): such a step must not follow an in-place write over a donated
-/// input, so that an error leaves every donated input intact.
-fn fallible(op: &Op) -> bool {
-    !matches!(
-        op,
-        Op::Full { .. }
-            | Op::Constant(_)
-            | Op::Unary(_)
-            | Op::Binary(_)
-            | Op::Compare(_)
-            | Op::Where
-            | Op::Clamp { .. }
-            | Op::Cast(_)
-            | Op::StopGradient
-            | Op::Reduce { .. }
-            | Op::ArgReduce { .. }
-            | Op::Softmax { .. }
-            | Op::MatMul { .. }
-            | Op::Reshape(_)
-            | Op::Permute(_)
-            | Op::Expand(_)
-            | Op::Narrow { .. }
-            | Op::Cat { .. }
-            | Op::Conv2d { .. }
-            | Op::Conv2dGradInput { .. }
-            | Op::Conv2dGradWeight { .. }
-            | Op::MaxPool2d { .. }
-            | Op::MaxPool2dGrad { .. }
-            | Op::AvgPool2d { .. }
-            | Op::AvgPool2dGrad { .. }
-            | Op::VectorNorm { .. }
-    )
 }
 
 /// Storage recycling and live bytes, by simulating a run as the executor does it. Freed

@@ -5,10 +5,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use tracegrad_compiler::fusion::{fuse_with, GroupKind};
 use tracegrad_compiler::graph::{node_error, Graph, NodeId};
-use tracegrad_compiler::ops::{Op, TensorType};
+use tracegrad_compiler::ops::TensorType;
 use tracegrad_runtime::Buffer;
 
-use crate::kernel::{lower, supported, KernelSpec};
+use crate::kernel::{is_row_op, lower, supported, KernelSpec};
 
 /// One step of a plan.
 #[derive(Debug)]
@@ -74,7 +74,7 @@ pub(super) fn plan(g: &Graph) -> Result<Plan, String> {
         .map(|k| (k.kind, k.nodes.into_iter().filter(|n| live.contains(n)).collect::<Vec<_>>()))
         .filter(|(_, ns)| !ns.is_empty())
         .collect();
-    let mut planner = Planner { g, live: &live, plan: p };
+    let mut planner = Planner { graph: g, live: &live, plan: p };
     for gi in order_groups(g, &groups) {
         let (kind, nodes) = &groups[gi];
         planner.group(kind, nodes)?;
@@ -125,7 +125,7 @@ fn order_groups(g: &Graph, groups: &[(GroupKind, Vec<NodeId>)]) -> Vec<usize> {
 
 /// Lowers groups to steps, in order.
 struct Planner<'a> {
-    g: &'a Graph,
+    graph: &'a Graph,
     live: &'a HashSet<NodeId>,
     plan: Plan,
 }
@@ -140,7 +140,7 @@ impl Planner<'_> {
             GroupKind::Source => self.constants(nodes)?,
             GroupKind::Callback => {
                 for &n in nodes {
-                    let (args, out) = (self.ids(&self.g.operands(n)), self.plan.value[&n]);
+                    let (args, out) = (self.ids(&self.graph.operands(n)), self.plan.value[&n]);
                     self.plan.steps.push(Step::Callback { node: n, args, out });
                 }
             }
@@ -152,7 +152,7 @@ impl Planner<'_> {
             }
             GroupKind::Pointwise => self.kernel(nodes, false),
             GroupKind::Row => {
-                let row = nodes.iter().any(|&n| matches!(self.g.op(n), Some(Op::Reduce { .. } | Op::Softmax { .. })));
+                let row = nodes.iter().any(|&n| self.graph.op(n).is_some_and(is_row_op));
                 self.kernel(nodes, row);
             }
         }
@@ -162,8 +162,8 @@ impl Planner<'_> {
     /// Evaluates a source group's constants now (inputs have nothing to evaluate).
     fn constants(&mut self, nodes: &[NodeId]) -> Result<(), String> {
         for &n in nodes {
-            if let Some(op) = self.g.op(n) {
-                let b = op.eval(&[], self.g.ty(n)).map_err(|e| node_error(self.g, n, e).to_string())?;
+            if let Some(op) = self.graph.op(n) {
+                let b = op.eval(&[], self.graph.ty(n)).map_err(|e| node_error(self.graph, n, e).to_string())?;
                 self.plan.constants.push((self.plan.value[&n], b));
             }
         }
@@ -172,14 +172,14 @@ impl Planner<'_> {
 
     fn node_by_node(&mut self, nodes: &[NodeId]) {
         for &n in nodes {
-            let (args, out) = (self.ids(&self.g.operands(n)), self.plan.value[&n]);
+            let (args, out) = (self.ids(&self.graph.operands(n)), self.plan.value[&n]);
             self.plan.steps.push(Step::Eval { node: n, args, out });
         }
     }
 
     /// One JIT kernel for `nodes`, or node-by-node steps (with a note) if it cannot be lowered.
     fn kernel(&mut self, nodes: &[NodeId], row: bool) {
-        match lower(self.g, nodes, row, &|n| self.live.contains(&n)) {
+        match lower(self.graph, nodes, row, &|n| self.live.contains(&n)) {
             Ok(l) => {
                 self.plan.specs.push(l.spec);
                 let (args, outs) = (self.ids(&l.args), self.ids(&l.outs));
