@@ -6,9 +6,9 @@
 //! output over an input that dies at that kernel when it owns the input's storage (in place).
 //! The plan's `peak_bytes` is the high-water mark of live intermediate and output bytes.
 //!
-//! Building runs three phases, one module each: [`plan`] (dead code, fusion, group order,
-//! lowering to steps), [`memory`] (liveness, in-place and donation choice, recycling, peak)
-//! and [`run`] (the loop that executes the steps).
+//! Building runs three phases, one module each: `plan` (dead code, fusion, group order,
+//! lowering to steps), `memory` (liveness, in-place and donation choice, recycling, peak)
+//! and `run` (the loop that executes the steps).
 
 mod memory;
 mod plan;
