@@ -46,6 +46,6 @@ pub use autograd::{enable_grad, is_grad_enabled, no_grad, Eager};
 pub use compile::{compile, CompileError, CompiledModule};
 pub use ops::linear;
 pub use tensor::{manual_seed, Tensor};
-pub use tracegrad_compiler::composite::Reduction;
+pub use tracegrad_compiler::composite::LossReduction;
 pub use tracegrad_compiler::{Op, OpError, TensorType};
 pub use tracegrad_runtime::{pool, Buffer, DType, Generator};

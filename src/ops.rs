@@ -4,7 +4,7 @@
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use tracegrad_compiler::composite::{self as c, Reduction};
+use tracegrad_compiler::composite::{self as c, LossReduction};
 use tracegrad_compiler::einsum;
 use tracegrad_compiler::ops::{BinaryOp, CompareOp, ReduceKind, UnaryOp};
 use tracegrad_compiler::{Build, Emitter, Op, OpResult};
@@ -576,24 +576,24 @@ impl Tensor {
     /// Cross-entropy of logits `[N, C, ...]` against class indices.
     #[track_caller]
     pub fn cross_entropy(&self, target: &Tensor) -> Tensor {
-        self.cross_entropy_with(target, Reduction::Mean, 0.0)
+        self.cross_entropy_with(target, LossReduction::Mean, 0.0)
     }
 
     /// Cross-entropy with a reduction and label smoothing (ignore_index -100).
     #[track_caller]
-    pub fn cross_entropy_with(&self, target: &Tensor, reduction: Reduction, label_smoothing: f64) -> Tensor {
+    pub fn cross_entropy_with(&self, target: &Tensor, reduction: LossReduction, label_smoothing: f64) -> Tensor {
         eager(|e| c::cross_entropy(e, self, target, reduction, label_smoothing, -100))
     }
 
     /// Negative log-likelihood of log-probabilities against class indices.
     #[track_caller]
-    pub fn nll_loss(&self, target: &Tensor, reduction: Reduction) -> Tensor {
+    pub fn nll_loss(&self, target: &Tensor, reduction: LossReduction) -> Tensor {
         eager(|e| c::nll_loss(e, self, target, reduction, -100))
     }
 
     /// Mean squared error.
     #[track_caller]
-    pub fn mse_loss(&self, target: &Tensor, reduction: Reduction) -> Tensor {
+    pub fn mse_loss(&self, target: &Tensor, reduction: LossReduction) -> Tensor {
         eager(|e| c::mse_loss(e, self, target, reduction))
     }
 

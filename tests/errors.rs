@@ -4,7 +4,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use tracegrad::{DType, Eager, Op, Reduction, Tensor, TensorType};
+use tracegrad::{DType, Eager, LossReduction, Op, Tensor, TensorType};
 use tracegrad_compiler::Emitter;
 
 /// The panic message of `f`, which must panic.
@@ -133,7 +133,7 @@ fn reshape_mismatch_names_op_and_shapes() {
 
 #[test]
 fn other_ops_name_their_shapes() {
-    let msg = panic_message(|| t(&[2, 3]).mse_loss(&t(&[3, 2]), Reduction::Mean));
+    let msg = panic_message(|| t(&[2, 3]).mse_loss(&t(&[3, 2]), LossReduction::Mean));
     assert_mentions(&msg, &["mse_loss", "[2, 3]", "[3, 2]"]);
     let msg = panic_message(|| t(&[2, 3]).layer_norm(&[2], None, None, 1e-5));
     assert_mentions(&msg, &["layer_norm", "[2]", "[2, 3]"]);

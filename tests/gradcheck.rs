@@ -8,7 +8,7 @@
 //! Inputs are chosen away from kinks (relu/abs at 0, max/min ties, clamp bounds, max-pool
 //! window ties), where a derivative does not exist.
 
-use tracegrad::{no_grad, DType, Generator, Reduction, Tensor};
+use tracegrad::{no_grad, DType, Generator, LossReduction, Tensor};
 
 const EPS: f64 = 1e-6;
 const RTOL: f64 = 1e-6;
@@ -370,7 +370,7 @@ fn softmax_family_at_extreme_logits() {
     gradcheck("softmax ±1000 dim 0", &[&x], |x| vec![x[0].softmax(0)]);
     let t = idx(&[2, 0], &[2]);
     gradcheck("cross_entropy ±1000", &[&x], |x| vec![x[0].cross_entropy(&t)]);
-    gradcheck("cross_entropy ±1000 smoothed", &[&x], |x| vec![x[0].cross_entropy_with(&t, Reduction::Sum, 0.2)]);
+    gradcheck("cross_entropy ±1000 smoothed", &[&x], |x| vec![x[0].cross_entropy_with(&t, LossReduction::Sum, 0.2)]);
 
     // Closed forms for the row [1000, -1000, 999.5]: p = [1, 0, e^-0.5] / (1 + e^-0.5).
     let z = 1.0 + (-0.5f64).exp();
@@ -646,7 +646,7 @@ fn embedding() {
 #[test]
 fn losses() {
     let t = idx(&[1, 0, 4, 1], &[4]);
-    for (r, red) in [Reduction::Mean, Reduction::Sum, Reduction::None].into_iter().enumerate() {
+    for (r, red) in [LossReduction::Mean, LossReduction::Sum, LossReduction::None].into_iter().enumerate() {
         let x = rnd(1500 + r as u64, &[4, 5]);
         gradcheck(&format!("cross_entropy {red:?}"), &[&x], |x| vec![x[0].cross_entropy_with(&t, red, 0.0)]);
         gradcheck(&format!("cross_entropy {red:?} smoothing 0.1"), &[&x], |x| {
@@ -663,13 +663,13 @@ fn losses() {
     let ti = idx(&[1, -100, 4, 2], &[4]);
     gradcheck("cross_entropy ignore_index", &[&rnd(1521, &[4, 5])], |x| vec![x[0].cross_entropy(&ti)]);
     gradcheck("cross_entropy ignore_index smoothing", &[&rnd(1522, &[4, 5])], |x| {
-        vec![x[0].cross_entropy_with(&ti, Reduction::Mean, 0.25)]
+        vec![x[0].cross_entropy_with(&ti, LossReduction::Mean, 0.25)]
     });
-    gradcheck("nll_loss ignore_index", &[&rnd(1523, &[4, 5])], |x| vec![x[0].nll_loss(&ti, Reduction::Mean)]);
+    gradcheck("nll_loss ignore_index", &[&rnd(1523, &[4, 5])], |x| vec![x[0].nll_loss(&ti, LossReduction::Mean)]);
     // K-dimensional: logits [N, C, d], target [N, d].
     let tk = idx(&[0, 2, 1, 2, 2, 0], &[2, 3]);
     gradcheck("cross_entropy [N, C, d]", &[&rnd(1524, &[2, 3, 3])], |x| {
-        vec![x[0].cross_entropy_with(&tk, Reduction::Mean, 0.15)]
+        vec![x[0].cross_entropy_with(&tk, LossReduction::Mean, 0.15)]
     });
     // Unbatched: logits [C], 0-d target.
     let t0 = idx(&[2], &[]);

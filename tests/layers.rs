@@ -9,7 +9,7 @@ use tracegrad::nn::{
     Identity, LayerNorm, Linear, LogSoftmax, MSELoss, MaxPool2d, Module, ModuleExt, NLLLoss, ReLU, Sequential, SiLU,
     Sigmoid, Softmax, Tanh, GELU,
 };
-use tracegrad::{no_grad, DType, Generator, Reduction, Tensor};
+use tracegrad::{no_grad, DType, Generator, LossReduction, Tensor};
 
 #[track_caller]
 fn assert_all_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
@@ -302,7 +302,7 @@ fn every_repr_reads_as_pytorch_prints_it() {
         (Box::new(Softmax::new(-1)), "Softmax(dim=-1)"),
         (Box::new(LogSoftmax::new(1)), "LogSoftmax(dim=1)"),
         (Box::new(CrossEntropyLoss::new()), "CrossEntropyLoss()"),
-        (Box::new(CrossEntropyLoss::new().reduction(Reduction::Sum).label_smoothing(0.1)), "CrossEntropyLoss()"),
+        (Box::new(CrossEntropyLoss::new().reduction(LossReduction::Sum).label_smoothing(0.1)), "CrossEntropyLoss()"),
         (Box::new(NLLLoss::new()), "NLLLoss()"),
         (Box::new(MSELoss::new()), "MSELoss()"),
     ];
@@ -368,7 +368,7 @@ fn loss_modules_equal_the_functional_forms() {
     tracegrad::manual_seed(9);
     let logits = Tensor::randn(&[6, 4]);
     let target = Tensor::from_vec(vec![0i64, 3, 1, 2, 2, 0], &[6]);
-    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+    for reduction in [LossReduction::Mean, LossReduction::Sum, LossReduction::None] {
         let ce = CrossEntropyLoss::new().reduction(reduction).label_smoothing(0.2);
         let want = logits.cross_entropy_with(&target, reduction, 0.2);
         assert!(ce.compute(&logits, &target).allclose(&want, 0.0, 0.0));

@@ -7,7 +7,7 @@ use tracegrad_runtime::{Buffer, DType, Dims, ShapeDisplay};
 
 /// How a loss reduces over the batch, as PyTorch's `reduction=`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Reduction {
+pub enum LossReduction {
     /// One loss per element.
     None,
     /// The mean (the default).
@@ -574,11 +574,35 @@ pub fn dropout_with_mask<B: Build>(e: &mut B, x: &B::Value, mask: Buffer, p: f64
     e.mul_scalar(&y, 1.0 / (1.0 - p))
 }
 
-fn reduce_loss<B: Build>(e: &mut B, l: &B::Value, reduction: Reduction) -> OpResult<B::Value> {
+fn reduce_loss<B: Build>(e: &mut B, l: &B::Value, reduction: LossReduction) -> OpResult<B::Value> {
     match reduction {
-        Reduction::None => Ok(l.clone()),
-        Reduction::Sum => e.sum(l, &[], false),
-        Reduction::Mean => mean(e, l, &[], false),
+        LossReduction::None => Ok(l.clone()),
+        LossReduction::Sum => e.sum(l, &[], false),
+        LossReduction::Mean => mean(e, l, &[], false),
+    }
+}
+
+/// The targets that count (`target != ignore_index`), as a bool mask.
+fn kept_targets<B: Build>(e: &mut B, target: &B::Value, ignore_index: i64) -> OpResult<B::Value> {
+    let ign = e.scalar(ignore_index as f64, DType::I64)?;
+    e.compare(CompareOp::Ne, target, &ign)
+}
+
+/// [`reduce_loss`] for a loss whose ignored targets `keep` (1 kept, 0 ignored) masks out: the
+/// mean is over the kept targets only.
+fn reduce_masked_loss<B: Build>(
+    e: &mut B,
+    l: &B::Value,
+    keep: &B::Value,
+    reduction: LossReduction,
+) -> OpResult<B::Value> {
+    match reduction {
+        LossReduction::Mean => {
+            let s = e.sum(l, &[], false)?;
+            let n = e.sum(keep, &[], false)?;
+            e.div(&s, &n)
+        }
+        r => reduce_loss(e, l, r),
     }
 }
 
@@ -588,7 +612,7 @@ pub fn nll_loss<B: Build>(
     e: &mut B,
     logp: &B::Value,
     target: &B::Value,
-    reduction: Reduction,
+    reduction: LossReduction,
     ignore_index: i64,
 ) -> OpResult<B::Value> {
     let (sl, st) = (e.shape(logp), e.shape(target));
@@ -611,8 +635,7 @@ pub fn nll_loss<B: Build>(
         ));
     }
     let cdim = if batched { 1 } else { 0 };
-    let ign = e.scalar(ignore_index as f64, DType::I64)?;
-    let keep = e.compare(CompareOp::Ne, target, &ign)?;
+    let keep = kept_targets(e, target, ignore_index)?;
     let zero = e.scalar(0.0, DType::I64)?;
     let safe = e.where_(&keep, target, &zero)?;
     let idx = unsqueeze(e, &safe, cdim as isize)?;
@@ -621,14 +644,7 @@ pub fn nll_loss<B: Build>(
     let l = e.neg(&picked)?;
     let keepf = e.cast(&keep, e.dtype(logp))?;
     let l = e.mul(&l, &keepf)?;
-    match reduction {
-        Reduction::Mean => {
-            let s = e.sum(&l, &[], false)?;
-            let n = e.sum(&keepf, &[], false)?;
-            e.div(&s, &n)
-        }
-        r => reduce_loss(e, &l, r),
-    }
+    reduce_masked_loss(e, &l, &keepf, reduction)
 }
 
 /// `cross_entropy(logits, target)` with class-index targets: log_softmax over dim 1 then
@@ -637,7 +653,7 @@ pub fn cross_entropy<B: Build>(
     e: &mut B,
     logits: &B::Value,
     target: &B::Value,
-    reduction: Reduction,
+    reduction: LossReduction,
     label_smoothing: f64,
     ignore_index: i64,
 ) -> OpResult<B::Value> {
@@ -650,17 +666,16 @@ pub fn cross_entropy<B: Build>(
     let sl = e.shape(logits);
     let cdim: isize = if sl.len() >= 2 { 1 } else { 0 };
     let logp = log_softmax(e, logits, cdim)?;
-    let nll = nll_loss(e, &logp, target, Reduction::None, ignore_index)?;
+    let nll = nll_loss(e, &logp, target, LossReduction::None, ignore_index)?;
     if label_smoothing == 0.0 {
         return match reduction {
-            Reduction::Mean => nll_loss(e, &logp, target, Reduction::Mean, ignore_index),
+            LossReduction::Mean => nll_loss(e, &logp, target, LossReduction::Mean, ignore_index),
             r => reduce_loss(e, &nll, r),
         };
     }
     let c = sl[cdim as usize] as f64;
     // loss = (1-ε)·nll + ε·mean_c(-logp), ignored targets masked out of both terms.
-    let ign = e.scalar(ignore_index as f64, DType::I64)?;
-    let keep = e.compare(CompareOp::Ne, target, &ign)?;
+    let keep = kept_targets(e, target, ignore_index)?;
     let keepf = e.cast(&keep, e.dtype(logits))?;
     let smooth = e.sum(&logp, &[cdim], false)?;
     let smooth = e.mul_scalar(&smooth, -1.0 / c)?;
@@ -668,18 +683,16 @@ pub fn cross_entropy<B: Build>(
     let a = e.mul_scalar(&nll, 1.0 - label_smoothing)?;
     let b = e.mul_scalar(&smooth, label_smoothing)?;
     let l = e.add(&a, &b)?;
-    match reduction {
-        Reduction::Mean => {
-            let s = e.sum(&l, &[], false)?;
-            let n = e.sum(&keepf, &[], false)?;
-            e.div(&s, &n)
-        }
-        r => reduce_loss(e, &l, r),
-    }
+    reduce_masked_loss(e, &l, &keepf, reduction)
 }
 
 /// `mse_loss(input, target)`.
-pub fn mse_loss<B: Build>(e: &mut B, input: &B::Value, target: &B::Value, reduction: Reduction) -> OpResult<B::Value> {
+pub fn mse_loss<B: Build>(
+    e: &mut B,
+    input: &B::Value,
+    target: &B::Value,
+    reduction: LossReduction,
+) -> OpResult<B::Value> {
     let (si, st) = (e.shape(input), e.shape(target));
     if si != st {
         return Err(err(
@@ -732,8 +745,6 @@ pub fn batch_norm<B: Build>(
         }
         e.reshape(v, &bshape)
     };
-    let dims: Vec<isize> = (0..s.len() as isize).filter(|&d| d != 1).collect();
-    let n: usize = s.iter().enumerate().filter(|&(i, _)| i != 1).map(|(_, &d)| d).product();
     let (y, stats) = if let (false, Some((rm, rv))) = (training, running) {
         let rm = per_channel(e, rm, "running_mean")?;
         let rv = per_channel(e, rv, "running_var")?;
@@ -742,28 +753,8 @@ pub fn batch_norm<B: Build>(
         let r = e.unary(UnaryOp::Rsqrt, &ve)?;
         (e.mul(&xc, &r)?, None)
     } else {
-        if n <= 1 {
-            return Err(err(
-                "batch_norm",
-                format!(
-                    "batch_norm: Expected more than 1 value per channel when training, got input size {}",
-                    ShapeDisplay(&s)
-                ),
-            ));
-        }
-        let m = mean(e, x, &dims, true)?;
-        let xc = e.sub(x, &m)?;
-        let xc2 = e.mul(&xc, &xc)?;
-        let v = mean(e, &xc2, &dims, true)?;
-        let ve = e.add_scalar(&v, eps)?;
-        let r = e.unary(UnaryOp::Rsqrt, &ve)?;
-        let y = e.mul(&xc, &r)?;
-        let bm = e.reshape(&m, &[c])?;
-        let bm = stop_gradient(e, &bm)?;
-        let bv = e.reshape(&v, &[c])?;
-        let bv = e.mul_scalar(&bv, n as f64 / (n as f64 - 1.0))?;
-        let bv = stop_gradient(e, &bv)?;
-        (y, Some((bm, bv)))
+        let (y, stats) = normalize_with_batch_stats(e, x, &s, eps)?;
+        (y, Some(stats))
     };
     let y = match weight {
         Some(w) => {
@@ -780,6 +771,44 @@ pub fn batch_norm<B: Build>(
         None => y,
     };
     Ok((y, stats))
+}
+
+/// Per-channel batch mean and unbiased variance, detached.
+type ChannelStats<V> = (V, V);
+
+/// Batch normalisation's training half: `x` (of shape `s`) normalised with the batch's mean
+/// and biased variance, and the batch mean and unbiased variance per channel, detached.
+fn normalize_with_batch_stats<B: Build>(
+    e: &mut B,
+    x: &B::Value,
+    s: &[usize],
+    eps: f64,
+) -> OpResult<(B::Value, ChannelStats<B::Value>)> {
+    let c = s[1];
+    let dims: Vec<isize> = (0..s.len() as isize).filter(|&d| d != 1).collect();
+    let n: usize = s.iter().enumerate().filter(|&(i, _)| i != 1).map(|(_, &d)| d).product();
+    if n <= 1 {
+        return Err(err(
+            "batch_norm",
+            format!(
+                "batch_norm: Expected more than 1 value per channel when training, got input size {}",
+                ShapeDisplay(s)
+            ),
+        ));
+    }
+    let m = mean(e, x, &dims, true)?;
+    let xc = e.sub(x, &m)?;
+    let xc2 = e.mul(&xc, &xc)?;
+    let v = mean(e, &xc2, &dims, true)?;
+    let ve = e.add_scalar(&v, eps)?;
+    let r = e.unary(UnaryOp::Rsqrt, &ve)?;
+    let y = e.mul(&xc, &r)?;
+    let bm = e.reshape(&m, &[c])?;
+    let bm = stop_gradient(e, &bm)?;
+    let bv = e.reshape(&v, &[c])?;
+    let bv = e.mul_scalar(&bv, n as f64 / (n as f64 - 1.0))?;
+    let bv = stop_gradient(e, &bv)?;
+    Ok((y, (bm, bv)))
 }
 
 // ---------------------------------------------------------------------------------------------

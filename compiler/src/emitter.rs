@@ -1,8 +1,11 @@
 //! The abstract op builder that derivative rules and composite ops are written against.
 //!
-//! An [`Emitter`] turns an [`Op`] plus operands into a new value. Eager mode's emitter computes
-//! the value at once (and records autograd); the tracer's emitter adds a graph node. Because
-//! every rule is written against this trait, eager backward and AOT autodiff cannot drift apart.
+//! An [`Emitter`] turns an [`Op`] plus operands into a new value. There are two: eager mode's
+//! `Eager` (in the `tracegrad` crate) computes the value at once and records autograd, or, while
+//! a trace is active, has the tracer record the op as a graph node; and
+//! [`Graph`](crate::graph::Graph) itself, whose values are nodes, through which AOT autodiff
+//! appends the backward. Because every rule is written against this trait, eager backward and
+//! AOT autodiff cannot drift apart.
 //!
 //! [`Build`] adds named helpers (`add`, `sum_to`, `matmul`, …) to every emitter, so rules read
 //! like the maths.
@@ -12,7 +15,7 @@ use tracegrad_runtime::{shape::normalize_dim, Buffer, DType, Dims};
 
 /// Something that can apply ops to values.
 pub trait Emitter {
-    /// The value type: a concrete tensor in eager mode, a graph node in the tracer.
+    /// The value type: a tensor in eager mode (symbolic while tracing), a node id in a graph.
     type Value: Clone;
 
     /// Applies `op` to `inputs`, checking the shape rule.

@@ -105,138 +105,173 @@ pub fn fuse(g: &Graph) -> Vec<FusionGroup> {
 /// kernels (a backend passes what its code generator covers); the others are `Single`.
 pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeId) -> bool) -> Vec<FusionGroup> {
     let order = g.topo_order().expect("fusion needs an acyclic graph");
-    let mut group_of: HashMap<NodeId, usize> = HashMap::new();
-    let mut groups: Vec<FusionGroup> = Vec::new();
-    // Row space of a row group: (numel of the reduced input, row length).
-    let mut row_space: HashMap<usize, (usize, usize)> = HashMap::new();
-
-    for n in order {
-        let node = &g.node(n);
-        let numel = node.ty.numel();
-        let new_group = |groups: &mut Vec<FusionGroup>, kind: GroupKind| {
-            groups.push(FusionGroup { kind, nodes: vec![n] });
-            groups.len() - 1
+    let mut k = Grouping { g, group_of: HashMap::new(), groups: Vec::new(), row_space: HashMap::new() };
+    for &n in &order {
+        let gid = match g.kind(n) {
+            NodeKind::Input { .. } | NodeKind::Op(Op::Full { .. } | Op::Constant(_)) => k.seed(n, GroupKind::Source),
+            NodeKind::Callback { .. } => k.seed(n, GroupKind::Callback),
+            NodeKind::Op(op) => k.place_op(n, op, fusible(g, n)),
         };
-        let gid = match &node.kind {
-            NodeKind::Input { .. } => new_group(&mut groups, GroupKind::Source),
-            NodeKind::Callback { .. } => new_group(&mut groups, GroupKind::Callback),
-            NodeKind::Op(Op::Full { .. } | Op::Constant(_)) => new_group(&mut groups, GroupKind::Source),
-            NodeKind::Op(op) => {
-                let operands = g.operands(n);
-                let can = fusible(g, n);
-                let pointwise = can && op.is_elementwise();
-                let row_red = if can { row_reduction(g, n) } else { None };
-                // Candidate kernels to join: those of operands that are fusible producers.
-                let mut candidate = None;
-                if pointwise || row_red.is_some() {
-                    for &o in &operands {
-                        let Some(&og) = group_of.get(&o) else { continue };
-                        let okind = &groups[og].kind;
-                        let fits = match okind {
-                            GroupKind::Pointwise | GroupKind::Epilogue => {
-                                // Same iteration space (a reduction may consume it whole).
-                                g.ty(o).numel() == if row_red.is_some() { g.ty(o).numel() } else { numel }
-                                    && (pointwise || okind == &GroupKind::Pointwise)
-                            }
-                            GroupKind::Row => {
-                                let (space, row) = row_space[&og];
-                                // Pointwise over the rows, or over one value per row, or
-                                // another reduction of the same rows.
-                                (pointwise && (numel == space || numel * row == space))
-                                    || row_red.is_some_and(|r| r == row && g.ty(o).numel() == space)
-                            }
-                            _ => false,
-                        };
-                        if !fits {
-                            continue;
-                        }
-                        group_of.insert(n, og);
-                        let ok = kernels_acyclic(g, &group_of);
-                        group_of.remove(&n);
-                        if ok {
-                            candidate = Some(og);
-                            break;
-                        }
-                    }
-                }
-                match (candidate, row_red) {
-                    (Some(og), Some(row)) => {
-                        if groups[og].kind != GroupKind::Row {
-                            let space = g.ty(operands[0]).numel();
-                            groups[og].kind = GroupKind::Row;
-                            row_space.insert(og, (space, row));
-                        }
-                        groups[og].nodes.push(n);
-                        og
-                    }
-                    (Some(og), None) => {
-                        groups[og].nodes.push(n);
-                        // Pull in sibling pointwise kernels over the same space that this node
-                        // also reads, when no outside node lies between them (no cycle).
-                        for &o in &operands {
-                            let Some(&ob) = group_of.get(&o) else { continue };
-                            if ob == og || groups[ob].kind != GroupKind::Pointwise || g.ty(o).numel() != numel {
-                                continue;
-                            }
-                            group_of.insert(n, og);
-                            for &m in &groups[ob].nodes {
-                                group_of.insert(m, og);
-                            }
-                            if kernels_acyclic(g, &group_of) {
-                                let moved = std::mem::take(&mut groups[ob].nodes);
-                                groups[og].nodes.extend(moved);
-                            } else {
-                                for &m in &groups[ob].nodes {
-                                    group_of.insert(m, ob);
-                                }
-                            }
-                            group_of.remove(&n);
-                        }
-                        og
-                    }
-                    (None, Some(row)) => {
-                        let id = new_group(&mut groups, GroupKind::Row);
-                        row_space.insert(id, (g.ty(operands[0]).numel(), row));
-                        id
-                    }
-                    (None, None) if pointwise => {
-                        // A pointwise consumer of a matmul with its shape becomes its epilogue.
-                        let mm = operands.iter().copied().find(|o| {
-                            matches!(g.node(*o).kind, NodeKind::Op(Op::MatMul { .. }))
-                                && g.ty(*o).numel() == numel
-                                && groups[group_of[o]].kind == GroupKind::Single
-                                && g.users(*o).len() == 1
-                        });
-                        match mm {
-                            Some(o) => {
-                                let og = group_of[&o];
-                                group_of.insert(n, og);
-                                let others_ok = kernels_acyclic(g, &group_of);
-                                group_of.remove(&n);
-                                if others_ok {
-                                    groups[og].kind = GroupKind::Epilogue;
-                                    groups[og].nodes.push(n);
-                                    og
-                                } else {
-                                    new_group(&mut groups, GroupKind::Pointwise)
-                                }
-                            }
-                            None => new_group(&mut groups, GroupKind::Pointwise),
-                        }
-                    }
-                    (None, None) => new_group(&mut groups, GroupKind::Single),
+        k.group_of.insert(n, gid);
+    }
+    k.finish(&order)
+}
+
+/// The kernels built so far while [`fuse_with`] visits the nodes in topological order.
+struct Grouping<'a> {
+    g: &'a Graph,
+    /// The kernel of each node visited.
+    group_of: HashMap<NodeId, usize>,
+    groups: Vec<FusionGroup>,
+    /// Row space of a row kernel: (numel of the reduced input, row length).
+    row_space: HashMap<usize, (usize, usize)>,
+}
+
+impl Grouping<'_> {
+    /// Starts a kernel of `kind` with `n`.
+    fn seed(&mut self, n: NodeId, kind: GroupKind) -> usize {
+        self.groups.push(FusionGroup { kind, nodes: vec![n] });
+        self.groups.len() - 1
+    }
+
+    /// Puts op node `n` into a kernel: an operand's kernel it fits, the epilogue of a matmul,
+    /// or a new kernel. `can` says whether the backend may fuse `n` at all.
+    fn place_op(&mut self, n: NodeId, op: &Op, can: bool) -> usize {
+        let operands = self.g.operands(n);
+        let pointwise = can && op.is_elementwise();
+        let row_red = if can { row_reduction(self.g, n) } else { None };
+        let candidate =
+            if pointwise || row_red.is_some() { self.operand_kernel(n, &operands, pointwise, row_red) } else { None };
+        match (candidate, row_red) {
+            (Some(og), Some(row)) => self.attach_row(n, og, operands[0], row),
+            (Some(og), None) => {
+                self.merge_pointwise(n, og, &operands);
+                og
+            }
+            (None, Some(row)) => {
+                let id = self.seed(n, GroupKind::Row);
+                self.row_space.insert(id, (self.g.ty(operands[0]).numel(), row));
+                id
+            }
+            (None, None) if pointwise => self.attach_epilogue(n, &operands),
+            (None, None) => self.seed(n, GroupKind::Single),
+        }
+    }
+
+    /// The first kernel of an operand that `n` (pointwise, or a row reduction of rows of
+    /// length `row_red`) fits into without making the kernels cyclic.
+    fn operand_kernel(
+        &mut self,
+        n: NodeId,
+        operands: &[NodeId],
+        pointwise: bool,
+        row_red: Option<usize>,
+    ) -> Option<usize> {
+        let numel = self.g.ty(n).numel();
+        for &o in operands {
+            let Some(&og) = self.group_of.get(&o) else { continue };
+            if self.fits(o, og, numel, pointwise, row_red) && self.joins_acyclic(n, og) {
+                return Some(og);
+            }
+        }
+        None
+    }
+
+    /// Whether a node of `numel` elements reading `o` (in kernel `og`) iterates over `og`'s space.
+    fn fits(&self, o: NodeId, og: usize, numel: usize, pointwise: bool, row_red: Option<usize>) -> bool {
+        let okind = &self.groups[og].kind;
+        let onumel = self.g.ty(o).numel();
+        match okind {
+            GroupKind::Pointwise | GroupKind::Epilogue => {
+                // Same iteration space (a reduction may consume it whole).
+                (row_red.is_some() || onumel == numel) && (pointwise || okind == &GroupKind::Pointwise)
+            }
+            GroupKind::Row => {
+                let (space, row) = self.row_space[&og];
+                // Pointwise over the rows, or over one value per row, or another reduction of
+                // the same rows.
+                (pointwise && (numel == space || numel * row == space))
+                    || row_red.is_some_and(|r| r == row && onumel == space)
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `n` can join kernel `k` with the kernels still acyclic.
+    fn joins_acyclic(&mut self, n: NodeId, k: usize) -> bool {
+        self.group_of.insert(n, k);
+        let ok = kernels_acyclic(self.g, &self.group_of);
+        self.group_of.remove(&n);
+        ok
+    }
+
+    /// Adds the row reduction `n` of `input` to `og`, which becomes a row kernel.
+    fn attach_row(&mut self, n: NodeId, og: usize, input: NodeId, row: usize) -> usize {
+        if self.groups[og].kind != GroupKind::Row {
+            let space = self.g.ty(input).numel();
+            self.groups[og].kind = GroupKind::Row;
+            self.row_space.insert(og, (space, row));
+        }
+        self.groups[og].nodes.push(n);
+        og
+    }
+
+    /// Adds pointwise `n` to `og`, then pulls in the sibling pointwise kernels over the same
+    /// space that `n` also reads, when no outside node lies between them (no cycle).
+    fn merge_pointwise(&mut self, n: NodeId, og: usize, operands: &[NodeId]) {
+        let numel = self.g.ty(n).numel();
+        self.groups[og].nodes.push(n);
+        for &o in operands {
+            let Some(&ob) = self.group_of.get(&o) else { continue };
+            if ob == og || self.groups[ob].kind != GroupKind::Pointwise || self.g.ty(o).numel() != numel {
+                continue;
+            }
+            self.group_of.insert(n, og);
+            for &m in &self.groups[ob].nodes {
+                self.group_of.insert(m, og);
+            }
+            if kernels_acyclic(self.g, &self.group_of) {
+                let moved = std::mem::take(&mut self.groups[ob].nodes);
+                self.groups[og].nodes.extend(moved);
+            } else {
+                for &m in &self.groups[ob].nodes {
+                    self.group_of.insert(m, ob);
                 }
             }
-        };
-        group_of.insert(n, gid);
+            self.group_of.remove(&n);
+        }
     }
-    let position: HashMap<NodeId, usize> =
-        g.topo_order().expect("acyclic").into_iter().enumerate().map(|(i, n)| (n, i)).collect();
-    groups.retain(|k| !k.nodes.is_empty());
-    for k in &mut groups {
-        k.nodes.sort_by_key(|n| position[n]);
+
+    /// Makes pointwise `n` the epilogue of a matmul operand with its shape that only `n`
+    /// reads, or else starts a pointwise kernel with it.
+    fn attach_epilogue(&mut self, n: NodeId, operands: &[NodeId]) -> usize {
+        let numel = self.g.ty(n).numel();
+        let mm = operands.iter().copied().find(|o| {
+            matches!(self.g.kind(*o), NodeKind::Op(Op::MatMul { .. }))
+                && self.g.ty(*o).numel() == numel
+                && self.groups[self.group_of[o]].kind == GroupKind::Single
+                && self.g.users(*o).len() == 1
+        });
+        if let Some(o) = mm {
+            let og = self.group_of[&o];
+            if self.joins_acyclic(n, og) {
+                self.groups[og].kind = GroupKind::Epilogue;
+                self.groups[og].nodes.push(n);
+                return og;
+            }
+        }
+        self.seed(n, GroupKind::Pointwise)
     }
-    groups
+
+    /// The non-empty kernels, each with its nodes in topological order (`order`).
+    fn finish(mut self, order: &[NodeId]) -> Vec<FusionGroup> {
+        let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        self.groups.retain(|k| !k.nodes.is_empty());
+        for k in &mut self.groups {
+            k.nodes.sort_by_key(|n| position[n]);
+        }
+        self.groups
+    }
 }
 
 /// The kernels that do work (not sources), as lists of nodes: the test API for asserting

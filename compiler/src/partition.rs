@@ -54,57 +54,92 @@ pub fn partition(
 ) -> OpResult<Partitioned> {
     let order = joint.topo_order().map_err(|e| OpError::new("partition", e))?;
     let fwd: HashSet<NodeId> = joint.ancestors(fwd_outputs);
-    for gi in grad_inputs {
-        if fwd.contains(gi) {
-            return Err(OpError::new("partition", "a gradient input feeds the forward outputs".to_string()));
-        }
+    if grad_inputs.iter().any(|gi| fwd.contains(gi)) {
+        return Err(OpError::new("partition", "a gradient input feeds the forward outputs".to_string()));
     }
-    let bwd_all = joint.ancestors(grads);
     // Backward-only nodes; forward nodes they read are "saved".
-    let mut bwd: HashSet<NodeId> = bwd_all.difference(&fwd).copied().collect();
+    let mut bwd: HashSet<NodeId> = joint.ancestors(grads).difference(&fwd).copied().collect();
+    let saved = saved_values(joint, &order, &fwd, &mut bwd, grad_inputs, grads, recompute_pointwise);
+    let forward = forward_graph(joint, &order, &fwd, fwd_outputs, grad_inputs, &saved);
+    let backward = backward_graph(joint, &order, &bwd, &saved, grad_inputs, grads)?;
+    Ok(Partitioned { forward, backward, saved: saved.len() })
+}
+
+/// The forward values the backward reads. With `recompute`, saved cheap ops move into `bwd`
+/// (recomputed there) while that does not save more values than it removes.
+fn saved_values(
+    joint: &Graph,
+    order: &[NodeId],
+    fwd: &HashSet<NodeId>,
+    bwd: &mut HashSet<NodeId>,
+    grad_inputs: &[NodeId],
+    grads: &[NodeId],
+    recompute: bool,
+) -> Vec<NodeId> {
     let forward_inputs: HashSet<NodeId> = joint.inputs.iter().copied().filter(|i| !grad_inputs.contains(i)).collect();
-    let mut saved: Vec<NodeId>;
     loop {
-        let mut s: Vec<NodeId> = order
-            .iter()
-            .copied()
-            .filter(|n| fwd.contains(n) && !bwd.contains(n) && joint.users(*n).iter().any(|u| bwd.contains(u)))
-            .collect();
-        // A gradient that is itself a forward value (e.g. d(x+y)/dy = seed... or a constant).
-        for g in grads {
-            if fwd.contains(g) && !s.contains(g) {
-                s.push(*g);
-            }
+        let saved = crossing(joint, order, fwd, bwd, grads);
+        if !recompute {
+            return saved;
         }
-        saved = s;
-        if !recompute_pointwise {
-            break;
-        }
-        // Recompute a saved cheap op in the backward when all its operands are forward
-        // inputs (always available to save) or already saved.
-        let saved_set: HashSet<NodeId> = saved.iter().copied().collect();
-        let movable: Vec<NodeId> = saved
-            .iter()
-            .copied()
-            .filter(|&n| {
-                matches!(joint.kind(n), NodeKind::Op(op) if op.cheap_to_recompute())
-                    && !grads.contains(&n)
-                    && joint.operands(n).iter().all(|o| forward_inputs.contains(o) || saved_set.contains(o))
-                    && !joint.operands(n).is_empty()
-            })
-            .collect();
-        // Only worth it when it does not save more values than it removes.
-        let movable: Vec<NodeId> = movable
-            .into_iter()
-            .filter(|&n| joint.operands(n).iter().filter(|o| !saved_set.contains(o)).count() <= 1)
-            .collect();
+        let movable = recomputable(joint, &saved, &forward_inputs, grads);
         if movable.is_empty() {
-            break;
+            return saved;
         }
         bwd.extend(movable);
     }
+}
 
-    // Forward graph.
+/// The forward values (in `order`) that backward nodes read, then the gradients that are
+/// themselves forward values (e.g. d(x+y)/dy = seed... or a constant).
+fn crossing(
+    joint: &Graph,
+    order: &[NodeId],
+    fwd: &HashSet<NodeId>,
+    bwd: &HashSet<NodeId>,
+    grads: &[NodeId],
+) -> Vec<NodeId> {
+    let mut s: Vec<NodeId> = order
+        .iter()
+        .copied()
+        .filter(|n| fwd.contains(n) && !bwd.contains(n) && joint.users(*n).iter().any(|u| bwd.contains(u)))
+        .collect();
+    for g in grads {
+        if fwd.contains(g) && !s.contains(g) {
+            s.push(*g);
+        }
+    }
+    s
+}
+
+/// The saved cheap ops to recompute in the backward: all their operands are forward inputs
+/// (always available to save) or already saved, and at most one is not saved yet (so
+/// recomputing does not save more values than it removes).
+fn recomputable(joint: &Graph, saved: &[NodeId], forward_inputs: &HashSet<NodeId>, grads: &[NodeId]) -> Vec<NodeId> {
+    let saved_set: HashSet<NodeId> = saved.iter().copied().collect();
+    saved
+        .iter()
+        .copied()
+        .filter(|&n| {
+            matches!(joint.kind(n), NodeKind::Op(op) if op.cheap_to_recompute())
+                && !grads.contains(&n)
+                && joint.operands(n).iter().all(|o| forward_inputs.contains(o) || saved_set.contains(o))
+                && !joint.operands(n).is_empty()
+        })
+        .filter(|&n| joint.operands(n).iter().filter(|o| !saved_set.contains(o)).count() <= 1)
+        .collect()
+}
+
+/// The forward graph: the forward inputs, the nodes `fwd`, and as outputs the forward results
+/// then the saved values.
+fn forward_graph(
+    joint: &Graph,
+    order: &[NodeId],
+    fwd: &HashSet<NodeId>,
+    fwd_outputs: &[NodeId],
+    grad_inputs: &[NodeId],
+    saved: &[NodeId],
+) -> Graph {
     let mut forward = Graph::new();
     let mut fmap = HashMap::new();
     for &i in &joint.inputs {
@@ -115,20 +150,31 @@ pub fn partition(
         forward.inputs.push(n);
         fmap.insert(i, n);
     }
-    copy_nodes(joint, &order, &fwd, &mut forward, &mut fmap);
+    copy_nodes(joint, order, fwd, &mut forward, &mut fmap);
     for (k, o) in fwd_outputs.iter().enumerate() {
         let name =
             joint.outputs.iter().find(|(_, n)| n == o).map(|(s, _)| s.clone()).unwrap_or_else(|| format!("out{k}"));
         forward.add_output(&name, fmap[o]);
     }
-    for s in &saved {
+    for s in saved {
         forward.add_output(&format!("saved%{}", s.index()), fmap[s]);
     }
+    forward
+}
 
-    // Backward graph.
+/// The backward graph: the saved values and output gradients as inputs, the nodes `bwd`, and
+/// the gradients as outputs.
+fn backward_graph(
+    joint: &Graph,
+    order: &[NodeId],
+    bwd: &HashSet<NodeId>,
+    saved: &[NodeId],
+    grad_inputs: &[NodeId],
+    grads: &[NodeId],
+) -> OpResult<Graph> {
     let mut backward = Graph::new();
     let mut bmap = HashMap::new();
-    for s in &saved {
+    for s in saved {
         let n = backward.add_input(&format!("saved%{}", s.index()), InputRole::Saved, joint.ty(*s).clone());
         backward.node_mut(n).path = joint.node(*s).path.clone();
         backward.node_mut(n).module_type = joint.node(*s).module_type.clone();
@@ -142,14 +188,14 @@ pub fn partition(
         let n = backward.add_input(&name, InputRole::Grad, joint.ty(*gi).clone());
         bmap.insert(*gi, n);
     }
-    copy_nodes(joint, &order, &bwd, &mut backward, &mut bmap);
+    copy_nodes(joint, order, bwd, &mut backward, &mut bmap);
     for (k, g) in grads.iter().enumerate() {
         let n = *bmap.get(g).ok_or_else(|| {
             OpError::new("partition", format!("gradient {k} is not computable in the backward graph"))
         })?;
         backward.add_output(&format!("grad{k}"), n);
     }
-    Ok(Partitioned { forward, backward, saved: saved.len() })
+    Ok(backward)
 }
 
 #[cfg(test)]

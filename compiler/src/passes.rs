@@ -168,6 +168,17 @@ fn uniform_value(g: &Graph, n: NodeId) -> Option<f64> {
     }
 }
 
+/// Replaces `n` by a new node computing `op` over `operands`, attributed to `n`'s module:
+/// every use of `n` reads the new node.
+fn replace_with(g: &mut Graph, n: NodeId, op: Op, operands: &[NodeId]) -> OpResult<()> {
+    let node = g.node(n);
+    g.scope.push((node.path.clone(), node.module_type.clone()));
+    let r = g.add_op(op, operands);
+    g.scope.pop();
+    g.replace_all_uses(n, r?);
+    Ok(())
+}
+
 /// Largest folded literal (elements); bigger results of uniform inputs stay `Full`.
 const FOLD_LIMIT: usize = 4096;
 
@@ -218,12 +229,7 @@ impl Pass for ConstantFold {
                 None
             };
             if let Some(new_op) = folded {
-                let path = g.node(n).path.clone();
-                let mt = g.node(n).module_type.clone();
-                g.scope.push((path, mt));
-                let c = g.add_op(new_op, &[]);
-                g.scope.pop();
-                g.replace_all_uses(n, c?);
+                replace_with(g, n, new_op, &[])?;
                 changed = true;
             }
         }
@@ -287,12 +293,7 @@ impl Pass for AlgebraicSimplify {
                 _ => None,
             };
             if let Some((new_op, src)) = rewrite {
-                let path = g.node(n).path.clone();
-                let mt = g.node(n).module_type.clone();
-                g.scope.push((path, mt));
-                let r = g.add_op(new_op, &[src]);
-                g.scope.pop();
-                g.replace_all_uses(n, r?);
+                replace_with(g, n, new_op, &[src])?;
                 changed = true;
             }
         }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::compile::{compile_dyn, compile_train_step, CompiledModule, StepOptimizer, TrainStep};
 use crate::nn::{Linear, Module, ModuleCore, ModuleExt, ReLU, Sequential};
 use crate::optim::{Optimizer, Sgd, SgdOptions};
-use crate::{Generator, Reduction, Tensor};
+use crate::{Generator, LossReduction, Tensor};
 
 /// The workload names, in the order DESIGN.md lists them (and the bench runs them).
 pub const WORKLOADS: [&str; 8] = [
@@ -211,7 +211,7 @@ fn cross_entropy(out: &Tensor, y: &Tensor) -> Tensor {
 }
 
 fn mse(out: &Tensor, y: &Tensor) -> Tensor {
-    out.mse_loss(y, Reduction::Mean)
+    out.mse_loss(y, LossReduction::Mean)
 }
 
 enum Target {

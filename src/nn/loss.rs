@@ -4,7 +4,7 @@
 
 use super::{Module, ModuleCore, ModuleExt};
 use crate::tensor::Tensor;
-use crate::Reduction;
+use crate::LossReduction;
 
 #[track_caller]
 fn input_and_target<'a>(name: &str, xs: &'a [Tensor]) -> (&'a Tensor, &'a Tensor) {
@@ -21,7 +21,7 @@ macro_rules! loss_module {
         #[derive(Module)]
         pub struct $name {
             /// How losses over the batch are combined (default: the mean).
-            pub reduction: Reduction,
+            pub reduction: LossReduction,
             $($(#[$fdoc])* pub $field: $fty,)*
             core: ModuleCore,
         }
@@ -29,11 +29,11 @@ macro_rules! loss_module {
         impl $name {
             /// The loss with PyTorch's defaults.
             pub fn new() -> $name {
-                $name { reduction: Reduction::Mean, $($field: $default,)* core: ModuleCore::new() }
+                $name { reduction: LossReduction::Mean, $($field: $default,)* core: ModuleCore::new() }
             }
 
             /// Sets the reduction (builder style).
-            pub fn reduction(mut self, reduction: Reduction) -> $name {
+            pub fn reduction(mut self, reduction: LossReduction) -> $name {
                 self.reduction = reduction;
                 self
             }

@@ -19,7 +19,7 @@ mod reduce;
 mod scatter;
 
 pub(crate) use linalg::torch_type;
-pub use pointwise::{BinaryOp, CompareOp, Real, UnaryOp};
+pub use pointwise::{BinaryOp, CompareOp, FloatElement, UnaryOp};
 pub use reduce::{softmax_op, ReduceKind};
 pub use scatter::ScatterReduce;
 

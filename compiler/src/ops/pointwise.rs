@@ -10,16 +10,16 @@ use tracegrad_runtime::shape::broadcast_shapes;
 use tracegrad_runtime::{dispatch, Buffer, DType, Element};
 
 /// A float element type with the special functions the op set needs.
-pub trait Real: Float + Element {
+pub trait FloatElement: Float + Element {
     /// The error function.
     fn erf(self) -> Self;
 }
-impl Real for f32 {
+impl FloatElement for f32 {
     fn erf(self) -> f32 {
         libm::erff(self)
     }
 }
-impl Real for f64 {
+impl FloatElement for f64 {
     fn erf(self) -> f64 {
         libm::erf(self)
     }
@@ -146,7 +146,7 @@ impl UnaryOp {
     }
 
     /// The scalar function (the reference kernel).
-    pub fn apply<T: Real>(self, x: T) -> T {
+    pub fn apply<T: FloatElement>(self, x: T) -> T {
         let c = |v: f64| T::from(v).unwrap();
         match self {
             UnaryOp::Neg => -x,
@@ -239,39 +239,14 @@ impl BinaryOp {
     }
 
     /// The scalar function for floats.
-    pub fn apply<T: Real>(self, a: T, b: T) -> T {
+    pub fn apply<T: FloatElement>(self, a: T, b: T) -> T {
         match self {
             BinaryOp::Add => a + b,
             BinaryOp::Sub => a - b,
             BinaryOp::Mul => a * b,
             BinaryOp::Div => a / b,
-            // NaN propagates; -0 < +0 (IEEE 754-2019 maximum/minimum, as the JIT's kernels).
-            BinaryOp::Maximum => {
-                if a.is_nan() || b.is_nan() {
-                    T::nan()
-                } else if a == b {
-                    if a.is_sign_negative() {
-                        b
-                    } else {
-                        a
-                    }
-                } else {
-                    a.max(b)
-                }
-            }
-            BinaryOp::Minimum => {
-                if a.is_nan() || b.is_nan() {
-                    T::nan()
-                } else if a == b {
-                    if a.is_sign_negative() {
-                        a
-                    } else {
-                        b
-                    }
-                } else {
-                    a.min(b)
-                }
-            }
+            BinaryOp::Maximum => extremum(a, b, true),
+            BinaryOp::Minimum => extremum(a, b, false),
             BinaryOp::Pow => a.powf(b),
         }
     }
@@ -289,6 +264,24 @@ impl BinaryOp {
             BinaryOp::Minimum => a.min(b),
             BinaryOp::Div | BinaryOp::Pow => unreachable!("checked by the shape rule"),
         }
+    }
+}
+
+/// IEEE 754-2019 maximum (`max`) or minimum: NaN propagates and -0 < +0, as the JIT's kernels.
+fn extremum<T: FloatElement>(a: T, b: T, max: bool) -> T {
+    if a.is_nan() || b.is_nan() {
+        T::nan()
+    } else if a == b {
+        // Equal values differ at most in the sign of zero: the maximum is the non-negative one.
+        if a.is_sign_negative() == max {
+            b
+        } else {
+            a
+        }
+    } else if max {
+        a.max(b)
+    } else {
+        a.min(b)
     }
 }
 

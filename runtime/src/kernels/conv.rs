@@ -21,8 +21,8 @@ use rayon::prelude::*;
 use std::ops::AddAssign;
 
 /// The element types these kernels run on (f32 and f64).
-trait Real: Float + AddAssign + Send + Sync + 'static {}
-impl<T: Float + AddAssign + Send + Sync + 'static> Real for T {}
+trait ConvFloat: Float + AddAssign + Send + Sync + 'static {}
+impl<T: Float + AddAssign + Send + Sync + 'static> ConvFloat for T {}
 
 /// Output elements × window size below which pooling stays on the calling thread.
 const POOL_PAR_THRESHOLD: usize = 1 << 15;
@@ -103,7 +103,7 @@ impl Conv {
     }
 
     /// Fills the `kh*kw` im2col rows `[kh*kw, OH*OW]` of one input channel `xc: [H, W]`.
-    fn im2col_channel<T: Real>(&self, xc: &[T], col: &mut [T]) {
+    fn im2col_channel<T: ConvFloat>(&self, xc: &[T], col: &mut [T]) {
         let (l, ow) = (self.l(), self.ow);
         for ki in 0..self.kh {
             let (oh_lo, oh_hi) = valid_range(self.oh, self.h, ki, self.sh, self.ph);
@@ -136,7 +136,7 @@ impl Conv {
     }
 
     /// Adds the `kh*kw` im2col rows of one channel back into its input-gradient plane `dxc`.
-    fn col2im_channel<T: Real>(&self, col: &[T], dxc: &mut [T]) {
+    fn col2im_channel<T: ConvFloat>(&self, col: &[T], dxc: &mut [T]) {
         let (l, ow) = (self.l(), self.ow);
         for ki in 0..self.kh {
             let (oh_lo, oh_hi) = valid_range(self.oh, self.h, ki, self.sh, self.ph);
@@ -161,7 +161,7 @@ impl Conv {
 
     /// im2col of one sample `x: [C, H, W]` into `col: [C*kh*kw, OH*OW]`, over channels in
     /// parallel when `wide`.
-    fn im2col<T: Real>(&self, x: &[T], col: &mut [T], wide: bool) {
+    fn im2col<T: ConvFloat>(&self, x: &[T], col: &mut [T], wide: bool) {
         let (plane, rows) = (self.h * self.w, self.kh * self.kw * self.l());
         if plane == 0 || rows == 0 {
             col.fill(T::zero());
@@ -173,7 +173,7 @@ impl Conv {
     }
 
     /// col2im of `col: [C*kh*kw, OH*OW]` added into one zeroed sample gradient `dx: [C, H, W]`.
-    fn col2im<T: Real>(&self, col: &[T], dx: &mut [T], wide: bool) {
+    fn col2im<T: ConvFloat>(&self, col: &[T], dx: &mut [T], wide: bool) {
         let (plane, rows) = (self.h * self.w, self.kh * self.kw * self.l());
         if plane == 0 || rows == 0 {
         } else if wide {
@@ -196,7 +196,7 @@ fn conv_dims(x: &[usize], w: &[usize]) -> (usize, usize, [usize; 3], [usize; 2])
     (x[0], w[0], [x[1], x[2], x[3]], [w[2], w[3]])
 }
 
-fn conv2d_typed<T: Real>(x: &[T], w: &[T], n: usize, o: usize, g: &Conv) -> Vec<T> {
+fn conv2d_typed<T: ConvFloat>(x: &[T], w: &[T], n: usize, o: usize, g: &Conv) -> Vec<T> {
     let (ckk, l, chw) = (g.ckk(), g.l(), g.chw());
     let mut y = vec![T::zero(); n * o * l];
     if y.is_empty() || ckk == 0 {
@@ -229,7 +229,7 @@ fn conv2d_typed<T: Real>(x: &[T], w: &[T], n: usize, o: usize, g: &Conv) -> Vec<
     y
 }
 
-fn conv2d_grad_input_typed<T: Real>(gy: &[T], w: &[T], n: usize, o: usize, g: &Conv) -> Vec<T> {
+fn conv2d_grad_input_typed<T: ConvFloat>(gy: &[T], w: &[T], n: usize, o: usize, g: &Conv) -> Vec<T> {
     let (ckk, l, chw) = (g.ckk(), g.l(), g.chw());
     let mut dx = vec![T::zero(); n * chw];
     if dx.is_empty() || l == 0 || o == 0 {
@@ -261,7 +261,7 @@ fn conv2d_grad_input_typed<T: Real>(gy: &[T], w: &[T], n: usize, o: usize, g: &C
     dx
 }
 
-fn conv2d_grad_weight_typed<T: Real>(x: &[T], gy: &[T], n: usize, o: usize, g: &Conv) -> Vec<T> {
+fn conv2d_grad_weight_typed<T: ConvFloat>(x: &[T], gy: &[T], n: usize, o: usize, g: &Conv) -> Vec<T> {
     let (ckk, l, chw) = (g.ckk(), g.l(), g.chw());
     let mut dw = vec![T::zero(); o * ckk];
     if dw.is_empty() || n == 0 || l == 0 {
@@ -455,7 +455,12 @@ impl Pool {
 /// Maximum of one window of plane `x` and the plane index it was taken from, or `None` for a
 /// window entirely in the padding. As PyTorch: ties keep the first element in row-major window
 /// order, a NaN wins over any number, and an all `-inf` window reports its first element.
-fn window_max<T: Real>(x: &[T], w: usize, (hs, he): (usize, usize), (ws, we): (usize, usize)) -> Option<(T, usize)> {
+fn window_max<T: ConvFloat>(
+    x: &[T],
+    w: usize,
+    (hs, he): (usize, usize),
+    (ws, we): (usize, usize),
+) -> Option<(T, usize)> {
     if hs == he || ws == we {
         return None;
     }
@@ -472,7 +477,7 @@ fn window_max<T: Real>(x: &[T], w: usize, (hs, he): (usize, usize), (ws, we): (u
     Some((best, idx))
 }
 
-fn max_pool_typed<T: Real>(p: &Pool, x: &[T]) -> Vec<T> {
+fn max_pool_typed<T: ConvFloat>(p: &Pool, x: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); p.planes * p.out_plane()];
     p.for_each_plane(&mut y, p.out_plane(), |i, yp| {
         let xp = &x[i * p.in_plane()..][..p.in_plane()];
@@ -485,7 +490,7 @@ fn max_pool_typed<T: Real>(p: &Pool, x: &[T]) -> Vec<T> {
     y
 }
 
-fn max_pool_grad_typed<T: Real>(p: &Pool, x: &[T], g: &[T]) -> Vec<T> {
+fn max_pool_grad_typed<T: ConvFloat>(p: &Pool, x: &[T], g: &[T]) -> Vec<T> {
     let mut dx = vec![T::zero(); p.planes * p.in_plane()];
     p.for_each_plane(&mut dx, p.in_plane(), |i, dxp| {
         let xp = &x[i * p.in_plane()..][..p.in_plane()];
@@ -502,11 +507,11 @@ fn max_pool_grad_typed<T: Real>(p: &Pool, x: &[T], g: &[T]) -> Vec<T> {
 }
 
 /// The averaging divisor as `T`.
-fn as_real<T: Real>(n: usize) -> T {
+fn as_real<T: ConvFloat>(n: usize) -> T {
     <T as num_traits::NumCast>::from(n).expect("a window size is representable as a float")
 }
 
-fn avg_pool_typed<T: Real>(p: &Pool, x: &[T], count_include_pad: bool) -> Vec<T> {
+fn avg_pool_typed<T: ConvFloat>(p: &Pool, x: &[T], count_include_pad: bool) -> Vec<T> {
     let mut y = vec![T::zero(); p.planes * p.out_plane()];
     p.for_each_plane(&mut y, p.out_plane(), |i, yp| {
         let xp = &x[i * p.in_plane()..][..p.in_plane()];
@@ -526,7 +531,7 @@ fn avg_pool_typed<T: Real>(p: &Pool, x: &[T], count_include_pad: bool) -> Vec<T>
     y
 }
 
-fn avg_pool_grad_typed<T: Real>(p: &Pool, g: &[T], count_include_pad: bool) -> Vec<T> {
+fn avg_pool_grad_typed<T: ConvFloat>(p: &Pool, g: &[T], count_include_pad: bool) -> Vec<T> {
     let mut dx = vec![T::zero(); p.planes * p.in_plane()];
     p.for_each_plane(&mut dx, p.in_plane(), |i, dxp| {
         let gp = &g[i * p.out_plane()..][..p.out_plane()];
