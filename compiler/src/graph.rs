@@ -632,3 +632,14 @@ impl Graph {
         seen
     }
 }
+
+impl Graph {
+    /// The nodes that must run: the graph's inputs, and every node an output or a callback
+    /// (hooks have effects) depends on. Everything else is dead code.
+    pub fn live_nodes(&self) -> std::collections::HashSet<NodeId> {
+        let mut roots: Vec<NodeId> = self.outputs.iter().map(|(_, o)| *o).collect();
+        roots.extend(self.node_ids().filter(|&n| self.is_callback(n)));
+        roots.extend(self.inputs.iter().copied());
+        self.ancestors(&roots)
+    }
+}

@@ -1,12 +1,14 @@
 //! The reference interpreter: runs any [`Graph`] with the runtime's eager kernels (each op's
 //! `Op::eval`, shared with eager mode, not copied). It is the correctness oracle for the JIT.
+//!
+//! [`eval_node`] is the one node-by-node runner: the interpreter runs every node with it, and
+//! the JIT's executor runs the nodes it does not compile (gemm, conv, hooks, ...) with it too.
 
 use std::collections::HashMap;
 
-use petgraph::stable_graph::NodeIndex;
 use tracegrad_runtime::Buffer;
 
-use crate::graph::{node_error, Graph, NodeKind};
+use crate::graph::{node_error, Graph, NodeId, NodeKind};
 use crate::ops::{OpError, OpResult, TensorType};
 
 /// Runs the callbacks (hooks) a graph refers to.
@@ -24,6 +26,47 @@ impl CallbackRunner for NoCallbacks {
     }
 }
 
+/// The results of the callbacks run so far in one evaluation of a graph: a callback with
+/// several outputs is several nodes, but runs once.
+#[derive(Default)]
+pub struct CallbackResults(HashMap<usize, Vec<Buffer>>);
+
+/// Evaluates op or callback node `n` of `g` on its operands' values `args`, in order.
+pub fn eval_node(
+    g: &Graph,
+    n: NodeId,
+    args: &[&Buffer],
+    callbacks: &dyn CallbackRunner,
+    results: &mut CallbackResults,
+) -> OpResult<Buffer> {
+    let node = g.node(n);
+    match &node.kind {
+        NodeKind::Input { .. } => unreachable!("an input is not evaluated"),
+        NodeKind::Op(op) => op.eval(args, &node.ty).map_err(|e| node_error(g, n, e)),
+        NodeKind::Callback { id, output, n_outputs, label } => {
+            if !results.0.contains_key(id) {
+                let args: Vec<Buffer> = args.iter().map(|&b| b.clone()).collect();
+                let res = callbacks.run(*id, &args).map_err(|e| OpError::new("callback", format!("{label}: {e}")))?;
+                if res.len() != *n_outputs {
+                    return Err(OpError::new(
+                        "callback",
+                        format!("{label} returned {} values, expected {n_outputs}", res.len()),
+                    ));
+                }
+                results.0.insert(*id, res);
+            }
+            let v = results.0[id][*output].clone();
+            if TensorType::of(&v) != node.ty {
+                return Err(OpError::new(
+                    "callback",
+                    format!("{label} returned {} where {} was expected", TensorType::of(&v), node.ty),
+                ));
+            }
+            Ok(v)
+        }
+    }
+}
+
 /// Evaluates `g` on `inputs` (one per `g.inputs`, in order) and returns its outputs in order.
 /// Values are dropped after their last use.
 pub fn interpret(g: &Graph, inputs: &[Buffer], callbacks: &dyn CallbackRunner) -> OpResult<Vec<Buffer>> {
@@ -35,16 +78,15 @@ pub fn interpret(g: &Graph, inputs: &[Buffer], callbacks: &dyn CallbackRunner) -
     }
     let order = g.topo_order().map_err(|e| OpError::new("interpret", e))?;
     // Uses are edges, not distinct users: `x * x` reads `x` twice.
-    let mut remaining: HashMap<NodeIndex, usize> =
-        order.iter().map(|&n| (n, g.g.edges_directed(n, petgraph::Direction::Outgoing).count())).collect();
+    let mut remaining: HashMap<NodeId, usize> = order.iter().map(|&n| (n, g.use_count(n))).collect();
     for (_, o) in &g.outputs {
         *remaining.entry(*o).or_insert(0) += 1;
     }
-    let mut values: HashMap<NodeIndex, Buffer> = HashMap::new();
+    let mut values: HashMap<NodeId, Buffer> = HashMap::new();
     for (&n, b) in g.inputs.iter().zip(inputs) {
-        let want = &g.g[n].ty;
+        let want = g.ty(n);
         if TensorType::of(b) != *want {
-            let name = match &g.g[n].kind {
+            let name = match g.kind(n) {
                 NodeKind::Input { name, .. } => name.clone(),
                 _ => format!("%{}", n.index()),
             };
@@ -55,39 +97,14 @@ pub fn interpret(g: &Graph, inputs: &[Buffer], callbacks: &dyn CallbackRunner) -
         }
         values.insert(n, b.clone());
     }
-    let mut callback_results: HashMap<usize, Vec<Buffer>> = HashMap::new();
+    let mut results = CallbackResults::default();
     for n in order {
-        let node = &g.g[n];
+        if matches!(g.kind(n), NodeKind::Input { .. }) {
+            continue;
+        }
         let operands = g.operands(n);
-        let value = match &node.kind {
-            NodeKind::Input { .. } => continue,
-            NodeKind::Op(op) => {
-                let args: Vec<&Buffer> = operands.iter().map(|o| &values[o]).collect();
-                op.eval(&args, &node.ty).map_err(|e| node_error(g, n, e))?
-            }
-            NodeKind::Callback { id, output, n_outputs, label } => {
-                if !callback_results.contains_key(id) {
-                    let args: Vec<Buffer> = operands.iter().map(|o| values[o].clone()).collect();
-                    let res =
-                        callbacks.run(*id, &args).map_err(|e| OpError::new("callback", format!("{label}: {e}")))?;
-                    if res.len() != *n_outputs {
-                        return Err(OpError::new(
-                            "callback",
-                            format!("{label} returned {} values, expected {n_outputs}", res.len()),
-                        ));
-                    }
-                    callback_results.insert(*id, res);
-                }
-                let v = callback_results[id][*output].clone();
-                if TensorType::of(&v) != node.ty {
-                    return Err(OpError::new(
-                        "callback",
-                        format!("{label} returned {} where {} was expected", TensorType::of(&v), node.ty),
-                    ));
-                }
-                v
-            }
-        };
+        let args: Vec<&Buffer> = operands.iter().map(|o| &values[o]).collect();
+        let value = eval_node(g, n, &args, callbacks, &mut results)?;
         for o in operands {
             let r = remaining.get_mut(&o).expect("operand counted");
             *r -= 1;

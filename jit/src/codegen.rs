@@ -15,14 +15,14 @@ use std::collections::HashMap;
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
-    types, AbiParam, Endianness, Function, InstBuilder, MemFlagsData, Signature, StackSlot, StackSlotData,
+    types, AbiParam, Block, Endianness, Function, InstBuilder, MemFlagsData, Signature, StackSlot, StackSlotData,
     StackSlotKind, Type, Value,
 };
 use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use tracegrad_compiler::ops::{BinaryOp, CompareOp, UnaryOp};
 
-use crate::kernel::{Float, KOp, KernelSpec, Reduction, Space, VType};
+use crate::kernel::{Float, Imm, KOp, KernelSpec, RowReduction, Space, VType};
 use crate::math::{self, MathCtx};
 
 /// One loop step: `(generator, builder, column, vector?, accumulators)`.
@@ -185,7 +185,7 @@ impl Gen<'_> {
                     }
                 }
             }
-            KOp::Const(c) => match node.ty {
+            KOp::Const(Imm(c)) => match node.ty {
                 VType::Float => self.fconst(b, false, *c),
                 VType::Bool => b.ins().iconst(types::I8, i64::from(*c != 0.0)),
             },
@@ -417,11 +417,11 @@ impl Gen<'_> {
             KOp::ExpScaled(..) => math::exp_scaled(b, &m, a[0], a[1]),
             KOp::Clamp(lo, hi, _) => {
                 let mut x = a[0];
-                if let Some(lo) = lo {
+                if let Some(Imm(lo)) = lo {
                     let c = self.fconst(b, vec, *lo);
                     x = b.ins().fmax(x, c);
                 }
-                if let Some(hi) = hi {
+                if let Some(Imm(hi)) = hi {
                     let c = self.fconst(b, vec, *hi);
                     x = b.ins().fmin(x, c);
                 }
@@ -537,13 +537,34 @@ impl Gen<'_> {
         let var = b.declare_var(types::I64);
         b.def_var(var, start);
         let head = b.create_block();
+        b.ins().jump(head, &[]);
+        let done = |_: &mut Self, b: &mut FunctionBuilder, i: Value| {
+            LoopTest::Until(b.ins().icmp(IntCC::SignedGreaterThanOrEqual, i, end))
+        };
+        let exit = self.head_tested_loop(b, head, var, done, body);
+        b.switch_to_block(exit);
+        b.seal_block(exit);
+    }
+
+    /// A loop tested at `head` (created, and jumped to, by the caller): `test(var)` decides
+    /// whether `body(var)` runs, which returns the next value of `var`. Returns the exit
+    /// block, for the caller to continue in.
+    fn head_tested_loop(
+        &mut self,
+        b: &mut FunctionBuilder,
+        head: Block,
+        var: Variable,
+        test: impl FnOnce(&mut Self, &mut FunctionBuilder, Value) -> LoopTest,
+        body: impl FnOnce(&mut Self, &mut FunctionBuilder, Value) -> Value,
+    ) -> Block {
+        b.switch_to_block(head);
         let block = b.create_block();
         let exit = b.create_block();
-        b.ins().jump(head, &[]);
-        b.switch_to_block(head);
         let i = b.use_var(var);
-        let done = b.ins().icmp(IntCC::SignedGreaterThanOrEqual, i, end);
-        b.ins().brif(done, exit, &[], block, &[]);
+        match test(self, b, i) {
+            LoopTest::While(c) => b.ins().brif(c, block, &[], exit, &[]),
+            LoopTest::Until(c) => b.ins().brif(c, exit, &[], block, &[]),
+        };
         b.switch_to_block(block);
         b.seal_block(block);
         let i = b.use_var(var);
@@ -551,8 +572,7 @@ impl Gen<'_> {
         b.def_var(var, next);
         b.ins().jump(head, &[]);
         b.seal_block(head);
-        b.switch_to_block(exit);
-        b.seal_block(exit);
+        exit
     }
 
     /// Runs `step` over columns `[j0, jend)`: an unrolled, rotated vector loop, single-vector
@@ -569,37 +589,45 @@ impl Gen<'_> {
     ) -> Vec<(Vec<Value>, Value)> {
         // Accumulators: (vector, scalar) pairs; the vector one is carried `unroll` times.
         let unroll = if self.spec.row_kernel { ROW_UNROLL } else { UNROLL };
-        let vec_vars: Vec<Vec<Variable>> = accs
+        let vec_vars: Vec<Vec<Variable>> =
+            accs.iter().map(|&(v, _)| (0..unroll).map(|_| define(b, self.vt, v)).collect()).collect();
+        let sc_vars: Vec<Variable> = accs.iter().map(|&(_, s)| define(b, self.ft, s)).collect();
+        let j_var = define(b, types::I64, j0);
+        let single_head = self.unrolled_loop(b, j0, jend, j_var, &vec_vars, step);
+        let firsts: Vec<Variable> = vec_vars.iter().map(|vs| vs[0]).collect();
+        let tail_head = self.step_loop(b, single_head, j_var, jend, true, &firsts, step);
+        let done = self.step_loop(b, tail_head, j_var, jend, false, &sc_vars, step);
+        b.switch_to_block(done);
+        b.seal_block(done);
+
+        // The final accumulators: each vector one's unrolled parts, and the scalar one.
+        vec_vars
             .iter()
-            .map(|&(v, _)| {
-                (0..unroll)
-                    .map(|_| {
-                        let var = b.declare_var(self.vt);
-                        b.def_var(var, v);
-                        var
-                    })
-                    .collect()
-            })
-            .collect();
-        let sc_vars: Vec<Variable> = accs
-            .iter()
-            .map(|&(_, s)| {
-                let var = b.declare_var(self.ft);
-                b.def_var(var, s);
-                var
-            })
-            .collect();
-        let j_var = b.declare_var(types::I64);
-        b.def_var(j_var, j0);
+            .zip(&sc_vars)
+            .map(|(vs, &s)| (vs.iter().map(|&v| b.use_var(v)).collect(), b.use_var(s)))
+            .collect()
+    }
+
+    /// The unrolled vector loop of [`Gen::columns`], rotated (tested at the bottom, behind one
+    /// guard): `unroll` vector steps per iteration, each with its own accumulators. Returns
+    /// the block after it.
+    fn unrolled_loop(
+        &mut self,
+        b: &mut FunctionBuilder,
+        j0: Value,
+        jend: Value,
+        j_var: Variable,
+        vec_vars: &[Vec<Variable>],
+        step: &mut StepFn,
+    ) -> Block {
+        let unroll = if self.spec.row_kernel { ROW_UNROLL } else { UNROLL };
         let w = self.lanes;
         let big = w * unroll;
-
-        // Unrolled vector loop, rotated.
         let ubody = b.create_block();
-        let single_head = b.create_block();
+        let after = b.create_block();
         let fits = b.ins().iadd_imm_s(j0, big);
         let c = b.ins().icmp(IntCC::SignedLessThanOrEqual, fits, jend);
-        b.ins().brif(c, ubody, &[], single_head, &[]);
+        b.ins().brif(c, ubody, &[], after, &[]);
         b.switch_to_block(ubody);
         let j = b.use_var(j_var);
         for u in 0..unroll {
@@ -614,66 +642,176 @@ impl Gen<'_> {
         b.def_var(j_var, jn);
         let fits = b.ins().iadd_imm_s(jn, big);
         let c = b.ins().icmp(IntCC::SignedLessThanOrEqual, fits, jend);
-        b.ins().brif(c, ubody, &[], single_head, &[]);
+        b.ins().brif(c, ubody, &[], after, &[]);
         b.seal_block(ubody);
+        after
+    }
 
-        // Single vectors.
-        b.switch_to_block(single_head);
-        let sbody = b.create_block();
-        let tail_head = b.create_block();
-        let j = b.use_var(j_var);
-        let fits = b.ins().iadd_imm_s(j, w);
-        let c = b.ins().icmp(IntCC::SignedLessThanOrEqual, fits, jend);
-        b.ins().brif(c, sbody, &[], tail_head, &[]);
-        b.switch_to_block(sbody);
-        b.seal_block(sbody);
-        let j = b.use_var(j_var);
-        let mut vals: Vec<Value> = vec_vars.iter().map(|vs| b.use_var(vs[0])).collect();
-        step(self, b, j, true, &mut vals);
-        for (vs, v) in vec_vars.iter().zip(vals) {
-            b.def_var(vs[0], v);
-        }
-        let jn = b.ins().iadd_imm_s(j, w);
-        b.def_var(j_var, jn);
-        b.ins().jump(single_head, &[]);
-        b.seal_block(single_head);
-
-        // Scalar tail.
-        b.switch_to_block(tail_head);
-        let tbody = b.create_block();
-        let done = b.create_block();
-        let j = b.use_var(j_var);
-        let c = b.ins().icmp(IntCC::SignedLessThan, j, jend);
-        b.ins().brif(c, tbody, &[], done, &[]);
-        b.switch_to_block(tbody);
-        b.seal_block(tbody);
-        let j = b.use_var(j_var);
-        let mut vals: Vec<Value> = sc_vars.iter().map(|&v| b.use_var(v)).collect();
-        step(self, b, j, false, &mut vals);
-        for (&var, v) in sc_vars.iter().zip(vals) {
-            b.def_var(var, v);
-        }
-        let jn = b.ins().iadd_imm_s(j, 1);
-        b.def_var(j_var, jn);
-        b.ins().jump(tail_head, &[]);
-        b.seal_block(tail_head);
-        b.switch_to_block(done);
-        b.seal_block(done);
-
-        // The final accumulators: each vector one's unrolled parts, and the scalar one.
-        vec_vars
-            .iter()
-            .zip(&sc_vars)
-            .map(|(vs, &s)| (vs.iter().map(|&v| b.use_var(v)).collect(), b.use_var(s)))
-            .collect()
+    /// Single steps (one vector, or one scalar) of `step` from `head` while they fit before
+    /// `jend`, on the accumulators `vars`. Returns the exit block.
+    #[allow(clippy::too_many_arguments)]
+    fn step_loop(
+        &mut self,
+        b: &mut FunctionBuilder,
+        head: Block,
+        j_var: Variable,
+        jend: Value,
+        vec: bool,
+        vars: &[Variable],
+        step: &mut StepFn,
+    ) -> Block {
+        let w = if vec { self.lanes } else { 1 };
+        let fits = |_: &mut Self, b: &mut FunctionBuilder, j: Value| {
+            LoopTest::While(if vec {
+                let end = b.ins().iadd_imm_s(j, w);
+                b.ins().icmp(IntCC::SignedLessThanOrEqual, end, jend)
+            } else {
+                b.ins().icmp(IntCC::SignedLessThan, j, jend)
+            })
+        };
+        let body = |g: &mut Self, b: &mut FunctionBuilder, j: Value| {
+            let mut vals: Vec<Value> = vars.iter().map(|&v| b.use_var(v)).collect();
+            step(g, b, j, vec, &mut vals);
+            for (&var, v) in vars.iter().zip(vals) {
+                b.def_var(var, v);
+            }
+            b.ins().iadd_imm_s(j, w)
+        };
+        self.head_tested_loop(b, head, j_var, fits, body)
     }
 
     /// Row kernel over rows `[start, end)`: sweeps over each row, reductions between sweeps.
     fn row_kernel(&mut self, b: &mut FunctionBuilder, start: Value, end: Value) {
         let spec = self.spec;
         let cols = spec.cols as i64;
-        // Levels: the sweep in which each Elem value can be computed; the sweep after which
-        // each Row value is known.
+        let sweeps = Sweeps::of(spec);
+        self.plan_scratch(b, &sweeps);
+        self.outer_loop(b, start, end, |g, b, r| {
+            g.start_row(b, r);
+            let slots: Vec<(usize, StackSlot)> = g.scratch.iter().map(|(&n, &(slot, _))| (n, slot)).collect();
+            for (n, slot) in slots {
+                let a = b.ins().stack_addr(types::I64, slot, 0);
+                g.scratch_addr.insert(n, a);
+            }
+            let row_start = b.ins().imul_imm_s(r, cols);
+            let zero = g.iconst(b, 0);
+            let c = g.iconst(b, cols);
+            for s in 0..sweeps.count {
+                g.sweep = s;
+                g.sweep_row(b, &sweeps, row_start, zero, c);
+            }
+            // Per-row outputs.
+            for (o, &n) in spec.outputs.iter().enumerate() {
+                if spec.nodes[n].space == Space::Row {
+                    let v = g.row(b, n);
+                    g.store(b, o, r, v, spec.nodes[n].ty, false);
+                }
+            }
+            b.ins().iadd_imm_s(r, 1)
+        });
+    }
+
+    /// Keeps the expensive `Elem` values a later sweep needs again in scratch rows (stack
+    /// slots), if they fit.
+    fn plan_scratch(&mut self, b: &mut FunctionBuilder, sweeps: &Sweeps) {
+        let spec = self.spec;
+        let cached = sweeps.reused_expensive(spec);
+        let row_bytes = spec.cols * spec.float.size();
+        if !cached.is_empty() && row_bytes * cached.len() <= 64 << 10 {
+            for (n, home) in cached {
+                let slot =
+                    b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, row_bytes as u32, 4));
+                self.scratch.insert(n, (slot, home));
+            }
+        }
+    }
+
+    /// One sweep (`self.sweep`) over the current row: the reductions it finishes and the
+    /// `Elem` outputs it stores.
+    fn sweep_row(&mut self, b: &mut FunctionBuilder, sweeps: &Sweeps, row_start: Value, zero: Value, c: Value) {
+        let (spec, s) = (self.spec, self.sweep);
+        let reds: Vec<usize> =
+            sweeps.reductions.iter().copied().filter(|&n| sweeps.of_reduction(spec, n) == s).collect();
+        let outs: Vec<(usize, usize)> =
+            sweeps.elem_outputs.iter().copied().filter(|&(_, n)| sweeps.level[n] == s).collect();
+        if reds.is_empty() && outs.is_empty() {
+            return;
+        }
+        let kinds: Vec<(RowReduction, usize)> = reds
+            .iter()
+            .map(|&rn| match spec.nodes[rn].op {
+                KOp::Reduce(k, x) => (k, x),
+                _ => unreachable!(),
+            })
+            .collect();
+        let roots: Vec<usize> = outs.iter().map(|&(_, n)| n).chain(kinds.iter().map(|&(_, x)| x)).collect();
+        self.hoist(b, &roots, true);
+        let inits: Vec<(Value, Value)> = kinds
+            .iter()
+            .map(|&(k, _)| {
+                let v = match k {
+                    RowReduction::Sum => 0.0,
+                    RowReduction::Max | RowReduction::MaxSkipNan => f64::NEG_INFINITY,
+                    RowReduction::Min => f64::INFINITY,
+                };
+                (self.fconst(b, true, v), self.fconst(b, false, v))
+            })
+            .collect();
+        let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, acc: &mut [Value]| {
+            let mut memo = HashMap::new();
+            for (a, &(k, x)) in acc.iter_mut().zip(&kinds) {
+                let v = g.elem(b, x, j, vec, &mut memo);
+                *a = combine(b, k, *a, v);
+            }
+            if !outs.is_empty() {
+                let flat = b.ins().iadd(row_start, j);
+                for &(o, n) in &outs {
+                    let v = g.elem(b, n, j, vec, &mut memo);
+                    let ty = g.spec.nodes[n].ty;
+                    g.store(b, o, flat, v, ty, vec);
+                }
+            }
+        };
+        let finals = self.columns(b, zero, c, &inits, &mut step);
+        for ((&rn, &(k, _)), (parts, sacc)) in reds.iter().zip(&kinds).zip(finals) {
+            let vacc = parts[1..].iter().fold(parts[0], |a, &p| combine(b, k, a, p));
+            let mut t = sacc;
+            for lane in 0..self.lanes {
+                let x = b.ins().extractlane(vacc, lane as u8);
+                t = combine(b, k, t, x);
+            }
+            self.row_val.insert(rn, t);
+        }
+    }
+}
+
+/// How a loop's head decides: run the body while the condition holds, or until it does.
+enum LoopTest {
+    While(Value),
+    Until(Value),
+}
+
+/// A declared variable holding `v`.
+fn define(b: &mut FunctionBuilder, ty: Type, v: Value) -> Variable {
+    let var = b.declare_var(ty);
+    b.def_var(var, v);
+    var
+}
+
+/// How a row kernel splits into sweeps over each row: a reduction's result is known only
+/// after the sweep that reads its operand, so everything that needs it runs in a later one.
+struct Sweeps {
+    /// The sweep in which each `Elem` value can be computed; the sweep after which each `Row`
+    /// value is known.
+    level: Vec<usize>,
+    reductions: Vec<usize>,
+    /// Stored `Elem` values, as (output index, node).
+    elem_outputs: Vec<(usize, usize)>,
+    count: usize,
+}
+
+impl Sweeps {
+    fn of(spec: &KernelSpec) -> Sweeps {
         let mut level = vec![0usize; spec.nodes.len()];
         for (n, node) in spec.nodes.iter().enumerate() {
             level[n] = match &node.op {
@@ -690,23 +828,31 @@ impl Gen<'_> {
             .filter(|(_, &n)| spec.nodes[n].space == Space::Elem)
             .map(|(o, &n)| (o, n))
             .collect();
-        let sweep_of_red = |n: usize| match spec.nodes[n].op {
-            KOp::Reduce(_, x) => level[x],
-            _ => unreachable!(),
-        };
-        let sweeps = reductions
-            .iter()
-            .map(|&r| sweep_of_red(r) + 1)
-            .chain(elem_outputs.iter().map(|&(_, n)| level[n] + 1))
+        let mut sweeps = Sweeps { level, reductions, elem_outputs, count: 0 };
+        sweeps.count = (sweeps.reductions.iter().map(|&r| sweeps.of_reduction(spec, r) + 1))
+            .chain(sweeps.elem_outputs.iter().map(|&(_, n)| sweeps.level[n] + 1))
             .max()
             .unwrap_or(1);
+        sweeps
+    }
 
-        // Which expensive Elem values a later sweep needs again: keep them in scratch rows.
+    /// The sweep that computes reduction `n`.
+    fn of_reduction(&self, spec: &KernelSpec, n: usize) -> usize {
+        match spec.nodes[n].op {
+            KOp::Reduce(_, x) => self.level[x],
+            _ => unreachable!(),
+        }
+    }
+
+    /// The expensive `Elem` values a later sweep needs again, with the sweep that first
+    /// computes them.
+    fn reused_expensive(&self, spec: &KernelSpec) -> HashMap<usize, usize> {
         let mut first_use: HashMap<usize, usize> = HashMap::new();
         let mut cached: HashMap<usize, usize> = HashMap::new();
-        for s in 0..sweeps {
-            let mut stack: Vec<usize> = elem_outputs.iter().filter(|&&(_, n)| level[n] == s).map(|&(_, n)| n).collect();
-            for &rn in reductions.iter().filter(|&&rn| sweep_of_red(rn) == s) {
+        for s in 0..self.count {
+            let mut stack: Vec<usize> =
+                self.elem_outputs.iter().filter(|&&(_, n)| self.level[n] == s).map(|&(_, n)| n).collect();
+            for &rn in self.reductions.iter().filter(|&&rn| self.of_reduction(spec, rn) == s) {
                 stack.extend(operands(&spec.nodes[rn].op));
             }
             let mut seen = std::collections::HashSet::new();
@@ -732,92 +878,7 @@ impl Gen<'_> {
                 }
             }
         }
-        let row_bytes = spec.cols * spec.float.size();
-        if !cached.is_empty() && row_bytes * cached.len() <= 64 << 10 {
-            for (n, home) in cached {
-                let slot =
-                    b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, row_bytes as u32, 4));
-                self.scratch.insert(n, (slot, home));
-            }
-        }
-
-        self.outer_loop(b, start, end, |g, b, r| {
-            g.start_row(b, r);
-            let slots: Vec<(usize, StackSlot)> = g.scratch.iter().map(|(&n, &(slot, _))| (n, slot)).collect();
-            for (n, slot) in slots {
-                let a = b.ins().stack_addr(types::I64, slot, 0);
-                g.scratch_addr.insert(n, a);
-            }
-            let row_start = b.ins().imul_imm_s(r, cols);
-            let zero = g.iconst(b, 0);
-            let c = g.iconst(b, cols);
-            for s in 0..sweeps {
-                g.sweep = s;
-                let reds: Vec<usize> = reductions.iter().copied().filter(|&n| sweep_of_red(n) == s).collect();
-                let outs: Vec<(usize, usize)> = elem_outputs.iter().copied().filter(|&(_, n)| level[n] == s).collect();
-                if reds.is_empty() && outs.is_empty() {
-                    continue;
-                }
-                let mut roots: Vec<usize> = outs.iter().map(|&(_, n)| n).collect();
-                for &rn in &reds {
-                    if let KOp::Reduce(_, x) = spec.nodes[rn].op {
-                        roots.push(x);
-                    }
-                }
-                g.hoist(b, &roots, true);
-                let kinds: Vec<(Reduction, usize)> = reds
-                    .iter()
-                    .map(|&rn| match spec.nodes[rn].op {
-                        KOp::Reduce(k, x) => (k, x),
-                        _ => unreachable!(),
-                    })
-                    .collect();
-                let inits: Vec<(Value, Value)> = kinds
-                    .iter()
-                    .map(|&(k, _)| {
-                        let v = match k {
-                            Reduction::Sum => 0.0,
-                            Reduction::Max | Reduction::MaxSkipNan => f64::NEG_INFINITY,
-                            Reduction::Min => f64::INFINITY,
-                        };
-                        (g.fconst(b, true, v), g.fconst(b, false, v))
-                    })
-                    .collect();
-                let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, acc: &mut [Value]| {
-                    let mut memo = HashMap::new();
-                    for (a, &(k, x)) in acc.iter_mut().zip(&kinds) {
-                        let v = g.elem(b, x, j, vec, &mut memo);
-                        *a = combine(b, k, *a, v);
-                    }
-                    if !outs.is_empty() {
-                        let flat = b.ins().iadd(row_start, j);
-                        for &(o, n) in &outs {
-                            let v = g.elem(b, n, j, vec, &mut memo);
-                            let ty = g.spec.nodes[n].ty;
-                            g.store(b, o, flat, v, ty, vec);
-                        }
-                    }
-                };
-                let finals = g.columns(b, zero, c, &inits, &mut step);
-                for ((&rn, &(k, _)), (parts, sacc)) in reds.iter().zip(&kinds).zip(finals) {
-                    let vacc = parts[1..].iter().fold(parts[0], |a, &p| combine(b, k, a, p));
-                    let mut t = sacc;
-                    for lane in 0..g.lanes {
-                        let x = b.ins().extractlane(vacc, lane as u8);
-                        t = combine(b, k, t, x);
-                    }
-                    g.row_val.insert(rn, t);
-                }
-            }
-            // Per-row outputs.
-            for (o, &n) in spec.outputs.iter().enumerate() {
-                if spec.nodes[n].space == Space::Row {
-                    let v = g.row(b, n);
-                    g.store(b, o, r, v, spec.nodes[n].ty, false);
-                }
-            }
-            b.ins().iadd_imm_s(r, 1)
-        });
+        cached
     }
 }
 
@@ -851,15 +912,15 @@ fn expensive(spec: &KernelSpec, n: usize) -> bool {
     false
 }
 
-fn combine(b: &mut FunctionBuilder, k: Reduction, acc: Value, v: Value) -> Value {
+fn combine(b: &mut FunctionBuilder, k: RowReduction, acc: Value, v: Value) -> Value {
     match k {
-        Reduction::Sum => b.ins().fadd(acc, v),
-        Reduction::Max => b.ins().fmax(acc, v),
-        Reduction::Min => b.ins().fmin(acc, v),
+        RowReduction::Sum => b.ins().fadd(acc, v),
+        RowReduction::Max => b.ins().fmax(acc, v),
+        RowReduction::Min => b.ins().fmin(acc, v),
         // `acc < v ? v : acc`: one `maxps v, acc` on x64 (which returns its second operand when
         // either is NaN), where `fmax` is an eight-instruction NaN- and sign-of-zero-exact
         // sequence on the loop-carried chain.
-        Reduction::MaxSkipNan => {
+        RowReduction::MaxSkipNan => {
             let lt = b.ins().fcmp(FloatCC::LessThan, acc, v);
             let ty = b.func.dfg.value_type(acc);
             if ty.is_vector() {

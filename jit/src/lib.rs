@@ -3,7 +3,7 @@
 //! - [`kernel`]: a fused group lowered to a kernel program over a `rows × cols` space.
 //! - [`codegen`]: the program as a Cranelift function (vector loops, inline math).
 //! - [`math`]: polynomial exp/log/tanh/sigmoid/erf/GELU with stated error bounds.
-//! - [`module`]: one JIT module per artifact, kernels cached by signature.
+//! - [`module`]: one JIT module per artifact, equal kernels compiled once.
 //! - [`exec`]: the plan, the memory planner and the parallel executor.
 #![warn(missing_docs)]
 

@@ -67,19 +67,18 @@ pub fn math_ctx() -> MathCtx {
     *CTX.get_or_init(MathCtx::native)
 }
 
-/// Compiles `specs` into one JIT module. Equal kernels (same signature) share one function:
+/// Compiles `specs` into one JIT module. Equal kernels (`KernelSpec: Eq`) share one function:
 /// the returned list has one entry per spec, in order.
 pub fn compile_kernels(specs: &[KernelSpec]) -> Result<(JitCode, Vec<CompiledKernel>), String> {
     let mut module = JITModule::new(JITBuilder::with_isa(isa()?, default_libcall_names()));
     let mut ctx = Context::new();
     let mut fctx = FunctionBuilderContext::new();
     let sig = codegen::signature(module.isa().default_call_conv());
-    let mut by_sig: HashMap<String, usize> = HashMap::new();
+    let mut by_spec: HashMap<&KernelSpec, usize> = HashMap::new();
     let mut unique: Vec<(cranelift_module::FuncId, String, KernelSpec)> = Vec::new();
     let mut index = Vec::with_capacity(specs.len());
     for spec in specs {
-        let key = spec.signature();
-        if let Some(&i) = by_sig.get(&key) {
+        if let Some(&i) = by_spec.get(spec) {
             index.push(i);
             continue;
         }
@@ -96,7 +95,7 @@ pub fn compile_kernels(specs: &[KernelSpec]) -> Result<(JitCode, Vec<CompiledKer
             return Err(format!("{name} would call out to a library ({relocs} relocations)\n{clif}"));
         }
         module.clear_context(&mut ctx);
-        by_sig.insert(key, unique.len());
+        by_spec.insert(spec, unique.len());
         index.push(unique.len());
         unique.push((id, clif, spec.clone()));
     }

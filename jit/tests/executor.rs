@@ -9,7 +9,7 @@ use tracegrad_compiler::{Build, TensorType};
 use tracegrad_jit::{Backend, Executable};
 use tracegrad_runtime::{Buffer, DType};
 
-fn input(g: &mut Graph, name: &str, shape: &[usize]) -> petgraph::stable_graph::NodeIndex {
+fn input(g: &mut Graph, name: &str, shape: &[usize]) -> tracegrad_compiler::graph::NodeId {
     g.add_input(name, InputRole::Data, TensorType::new(DType::F32, shape))
 }
 
@@ -97,7 +97,7 @@ fn a_panicking_hook_is_an_error_and_the_plan_stays_usable() {
     let mut g = Graph::new();
     let x = input(&mut g, "x", &[8]);
     let e = g.unary(UnaryOp::Tanh, &x).unwrap();
-    let ty = g.g[e].ty.clone();
+    let ty = g.ty(e).clone();
     let h = g.add_callback(0, "forward hook of fc", &[e], &[ty])[0];
     let y = g.mul_scalar(&h, 3.0).unwrap();
     g.add_output("y", y);

@@ -312,9 +312,7 @@ fn kernels_run_on_unaligned_pointers_and_sub_ranges() {
     let nodes: Vec<_> = order
         .into_iter()
         .filter(|&m| !g.inputs.contains(&m))
-        .filter(|&m| {
-            !matches!(g.g[m].kind, tracegrad_compiler::graph::NodeKind::Op(tracegrad_compiler::ops::Op::Full { .. }))
-        })
+        .filter(|&m| !matches!(g.op(m), Some(tracegrad_compiler::ops::Op::Full { .. })))
         .collect();
     let lowered = lower(&g, &nodes, false, &|_| true).unwrap();
     let (_code, kernels) = compile_kernels(std::slice::from_ref(&lowered.spec)).unwrap();

@@ -9,6 +9,7 @@
 pub mod buffer;
 pub mod dtype;
 pub mod kernels;
+pub mod panic;
 pub mod philox;
 pub mod pool;
 pub mod random;
@@ -16,5 +17,6 @@ pub mod shape;
 
 pub use buffer::{Buffer, Data, Element};
 pub use dtype::DType;
+pub use panic::panic_message;
 pub use random::Generator;
 pub use shape::{Dims, ShapeDisplay};

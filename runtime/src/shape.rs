@@ -76,15 +76,31 @@ pub fn broadcast_shapes(op: &str, a: &[usize], b: &[usize]) -> Result<Dims, Stri
 }
 
 /// Strides (in elements) for reading a contiguous tensor of shape `src` as if it had the
-/// broadcast shape `dst`: broadcast dimensions get stride 0.
+/// broadcast shape `dst`: broadcast dimensions get stride 0. `src` must broadcast to `dst`.
 pub fn broadcast_strides(src: &[usize], dst: &[usize]) -> Dims {
-    let strides = contiguous_strides(src);
-    let off = dst.len() - src.len();
-    let mut out: Dims = SmallVec::from_elem(0, dst.len());
-    for i in 0..src.len() {
-        out[i + off] = if src[i] == 1 && dst[i + off] != 1 { 0 } else { strides[i] };
+    try_broadcast_strides(src, dst)
+        .unwrap_or_else(|| panic!("shape {} does not broadcast to {}", ShapeDisplay(src), ShapeDisplay(dst)))
+}
+
+/// [`broadcast_strides`], or `None` if `src` does not broadcast to `dst` (shapes align on the
+/// right; leading 1s of `src` are ignored). Every dimension of size 1 in `dst`, which is never
+/// stepped, gets stride 0 too.
+pub fn try_broadcast_strides(src: &[usize], dst: &[usize]) -> Option<Dims> {
+    let lead = src.iter().take_while(|&&d| d == 1).count();
+    let src = &src[lead..];
+    let pad = dst.len().checked_sub(src.len())?;
+    let mut strides: Dims = SmallVec::from_elem(0, dst.len());
+    let mut acc = 1;
+    for d in (0..src.len()).rev() {
+        let t = dst[pad + d];
+        if src[d] == t && t != 1 {
+            strides[pad + d] = acc;
+        } else if src[d] != 1 {
+            return None;
+        }
+        acc *= src[d];
     }
-    out
+    Some(strides)
 }
 
 #[cfg(test)]
@@ -102,6 +118,15 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn broadcast_strides_step_only_real_dimensions() {
+        assert_eq!(broadcast_strides(&[3, 1], &[2, 3, 4]).as_slice(), &[0, 1, 0]);
+        assert_eq!(broadcast_strides(&[1, 1, 4], &[4]).as_slice(), &[1]);
+        assert_eq!(broadcast_strides(&[2, 1, 3], &[2, 1, 3]).as_slice(), &[3, 0, 1]);
+        assert!(try_broadcast_strides(&[2, 3], &[3, 3]).is_none());
+        assert!(try_broadcast_strides(&[2, 3], &[3]).is_none());
     }
 
     #[test]

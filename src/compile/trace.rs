@@ -343,11 +343,7 @@ pub(crate) fn trace_with(
     let out = match result {
         Ok(out) => out,
         Err(payload) => {
-            let message = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "forward panicked".into());
+            let message = tracegrad_runtime::panic_message(&*payload).unwrap_or("forward panicked").to_string();
             let module_path = st.graph.scope.last().map(|(p, _)| p.clone()).unwrap_or_default();
             let op = message.split(':').next().filter(|s| !s.contains(' ')).unwrap_or("").to_string();
             return Err(CompileError { op, module_path, message });
