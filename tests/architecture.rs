@@ -241,7 +241,6 @@ fn graph_field_uses(code: &str) -> Vec<usize> {
 }
 
 #[test]
-#[ignore = "enabled once Graph.g is private"]
 fn the_graph_handle_stays_in_graph_rs() {
     let this = file!().replace('\\', "/");
     let mut offenders = Vec::new();
@@ -266,7 +265,6 @@ fn exempt(file: &str, function: &str) -> bool {
 }
 
 #[test]
-#[ignore = "enabled once the compiler's and the JIT's long functions are split"]
 fn compiler_and_jit_functions_fit_on_a_screen() {
     let mut offenders = Vec::new();
     for dir in ["compiler/src", "jit/src"] {

@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::graph::{Graph, NodeId, NodeKind};
-use crate::ops::{Op, ReduceKind};
+use crate::ops::Op;
 
 /// What a kernel does.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,20 +45,10 @@ pub struct FusionGroup {
     pub nodes: Vec<NodeId>,
 }
 
-/// A reduction over the trailing dims (a row reduction), with the row length.
+/// A row op (a reduction over the trailing dims, softmax over the last), with its row length.
 fn row_reduction(g: &Graph, n: NodeId) -> Option<usize> {
-    let NodeKind::Op(op) = g.kind(n) else { return None };
     let input = g.operands(n).first().copied()?;
-    let shape = &g.ty(input).shape;
-    let rank = shape.len();
-    match op {
-        Op::Reduce { kind: ReduceKind::Sum | ReduceKind::Max | ReduceKind::Min, dims, .. } => {
-            let trailing = !dims.is_empty() && dims.iter().enumerate().all(|(i, &d)| d == rank - dims.len() + i);
-            trailing.then(|| dims.iter().map(|&d| shape[d]).product())
-        }
-        Op::Softmax { dim, .. } if *dim + 1 == rank => Some(shape[rank - 1]),
-        _ => None,
-    }
+    g.op(n)?.row_length(&g.ty(input).shape)
 }
 
 /// Whether the kernels assigned so far (nodes not yet assigned count as their own kernels)
@@ -105,7 +95,7 @@ pub fn fuse(g: &Graph) -> Vec<FusionGroup> {
 /// kernels (a backend passes what its code generator covers); the others are `Single`.
 pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeId) -> bool) -> Vec<FusionGroup> {
     let order = g.topo_order().expect("fusion needs an acyclic graph");
-    let mut k = Grouping { g, group_of: HashMap::new(), groups: Vec::new(), row_space: HashMap::new() };
+    let mut k = Grouping { graph: g, group_of: HashMap::new(), groups: Vec::new(), row_space: HashMap::new() };
     for &n in &order {
         let gid = match g.kind(n) {
             NodeKind::Input { .. } | NodeKind::Op(Op::Full { .. } | Op::Constant(_)) => k.seed(n, GroupKind::Source),
@@ -119,7 +109,7 @@ pub fn fuse_with(g: &Graph, fusible: &dyn Fn(&Graph, NodeId) -> bool) -> Vec<Fus
 
 /// The kernels built so far while [`fuse_with`] visits the nodes in topological order.
 struct Grouping<'a> {
-    g: &'a Graph,
+    graph: &'a Graph,
     /// The kernel of each node visited.
     group_of: HashMap<NodeId, usize>,
     groups: Vec<FusionGroup>,
@@ -137,9 +127,9 @@ impl Grouping<'_> {
     /// Puts op node `n` into a kernel: an operand's kernel it fits, the epilogue of a matmul,
     /// or a new kernel. `can` says whether the backend may fuse `n` at all.
     fn place_op(&mut self, n: NodeId, op: &Op, can: bool) -> usize {
-        let operands = self.g.operands(n);
+        let operands = self.graph.operands(n);
         let pointwise = can && op.is_elementwise();
-        let row_red = if can { row_reduction(self.g, n) } else { None };
+        let row_red = if can { row_reduction(self.graph, n) } else { None };
         let candidate =
             if pointwise || row_red.is_some() { self.operand_kernel(n, &operands, pointwise, row_red) } else { None };
         match (candidate, row_red) {
@@ -150,7 +140,7 @@ impl Grouping<'_> {
             }
             (None, Some(row)) => {
                 let id = self.seed(n, GroupKind::Row);
-                self.row_space.insert(id, (self.g.ty(operands[0]).numel(), row));
+                self.row_space.insert(id, (self.graph.ty(operands[0]).numel(), row));
                 id
             }
             (None, None) if pointwise => self.attach_epilogue(n, &operands),
@@ -167,7 +157,7 @@ impl Grouping<'_> {
         pointwise: bool,
         row_red: Option<usize>,
     ) -> Option<usize> {
-        let numel = self.g.ty(n).numel();
+        let numel = self.graph.ty(n).numel();
         for &o in operands {
             let Some(&og) = self.group_of.get(&o) else { continue };
             if self.fits(o, og, numel, pointwise, row_red) && self.joins_acyclic(n, og) {
@@ -180,7 +170,7 @@ impl Grouping<'_> {
     /// Whether a node of `numel` elements reading `o` (in kernel `og`) iterates over `og`'s space.
     fn fits(&self, o: NodeId, og: usize, numel: usize, pointwise: bool, row_red: Option<usize>) -> bool {
         let okind = &self.groups[og].kind;
-        let onumel = self.g.ty(o).numel();
+        let onumel = self.graph.ty(o).numel();
         match okind {
             GroupKind::Pointwise | GroupKind::Epilogue => {
                 // Same iteration space (a reduction may consume it whole).
@@ -200,7 +190,7 @@ impl Grouping<'_> {
     /// Whether `n` can join kernel `k` with the kernels still acyclic.
     fn joins_acyclic(&mut self, n: NodeId, k: usize) -> bool {
         self.group_of.insert(n, k);
-        let ok = kernels_acyclic(self.g, &self.group_of);
+        let ok = kernels_acyclic(self.graph, &self.group_of);
         self.group_of.remove(&n);
         ok
     }
@@ -208,7 +198,7 @@ impl Grouping<'_> {
     /// Adds the row reduction `n` of `input` to `og`, which becomes a row kernel.
     fn attach_row(&mut self, n: NodeId, og: usize, input: NodeId, row: usize) -> usize {
         if self.groups[og].kind != GroupKind::Row {
-            let space = self.g.ty(input).numel();
+            let space = self.graph.ty(input).numel();
             self.groups[og].kind = GroupKind::Row;
             self.row_space.insert(og, (space, row));
         }
@@ -219,18 +209,18 @@ impl Grouping<'_> {
     /// Adds pointwise `n` to `og`, then pulls in the sibling pointwise kernels over the same
     /// space that `n` also reads, when no outside node lies between them (no cycle).
     fn merge_pointwise(&mut self, n: NodeId, og: usize, operands: &[NodeId]) {
-        let numel = self.g.ty(n).numel();
+        let numel = self.graph.ty(n).numel();
         self.groups[og].nodes.push(n);
         for &o in operands {
             let Some(&ob) = self.group_of.get(&o) else { continue };
-            if ob == og || self.groups[ob].kind != GroupKind::Pointwise || self.g.ty(o).numel() != numel {
+            if ob == og || self.groups[ob].kind != GroupKind::Pointwise || self.graph.ty(o).numel() != numel {
                 continue;
             }
             self.group_of.insert(n, og);
             for &m in &self.groups[ob].nodes {
                 self.group_of.insert(m, og);
             }
-            if kernels_acyclic(self.g, &self.group_of) {
+            if kernels_acyclic(self.graph, &self.group_of) {
                 let moved = std::mem::take(&mut self.groups[ob].nodes);
                 self.groups[og].nodes.extend(moved);
             } else {
@@ -245,12 +235,12 @@ impl Grouping<'_> {
     /// Makes pointwise `n` the epilogue of a matmul operand with its shape that only `n`
     /// reads, or else starts a pointwise kernel with it.
     fn attach_epilogue(&mut self, n: NodeId, operands: &[NodeId]) -> usize {
-        let numel = self.g.ty(n).numel();
+        let numel = self.graph.ty(n).numel();
         let mm = operands.iter().copied().find(|o| {
-            matches!(self.g.kind(*o), NodeKind::Op(Op::MatMul { .. }))
-                && self.g.ty(*o).numel() == numel
+            matches!(self.graph.kind(*o), NodeKind::Op(Op::MatMul { .. }))
+                && self.graph.ty(*o).numel() == numel
                 && self.groups[self.group_of[o]].kind == GroupKind::Single
-                && self.g.users(*o).len() == 1
+                && self.graph.users(*o).len() == 1
         });
         if let Some(o) = mm {
             let og = self.group_of[&o];
@@ -330,7 +320,7 @@ mod tests {
     use crate::composite;
     use crate::emitter::Build;
     use crate::graph::InputRole;
-    use crate::ops::{TensorType, UnaryOp};
+    use crate::ops::{ReduceKind, TensorType, UnaryOp};
     use tracegrad_runtime::DType;
 
     fn input(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {

@@ -84,7 +84,7 @@ pub struct GNode {
 #[derive(Clone, Debug, Default)]
 pub struct Graph {
     /// The nodes and operand edges (weight = operand position).
-    pub g: StableGraph<GNode, usize>,
+    g: StableGraph<GNode, usize>,
     /// Inputs, in calling order.
     pub inputs: Vec<NodeIndex>,
     /// Named outputs, in order.

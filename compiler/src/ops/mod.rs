@@ -568,6 +568,16 @@ impl Op {
         }
     }
 
+    /// The op's fusion class: for a row op (one that reduces, or normalises over, the trailing
+    /// dims of its first operand, whose shape is `input`), the row length; `None` otherwise.
+    /// Fusion builds row kernels around such ops.
+    pub fn row_length(&self, input: &[usize]) -> Option<usize> {
+        match self {
+            Op::Reduce { .. } | Op::ArgReduce { .. } | Op::Softmax { .. } => reduce::row_length(self, input),
+            _ => None,
+        }
+    }
+
     /// An error attributed to this op.
     pub fn error(&self, message: impl Into<String>) -> OpError {
         OpError::new(self.name(), message)

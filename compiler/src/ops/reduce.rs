@@ -256,6 +256,20 @@ pub(super) fn props(_op: &Op) -> Props {
     Props::NONE
 }
 
+/// sum/amax/amin over trailing dims and softmax/log_softmax over the last dim are row ops:
+/// their row is the product of the reduced trailing dims.
+pub(super) fn row_length(op: &Op, shape: &[usize]) -> Option<usize> {
+    let rank = shape.len();
+    match op {
+        Op::Reduce { kind: ReduceKind::Sum | ReduceKind::Max | ReduceKind::Min, dims, .. } => {
+            let trailing = !dims.is_empty() && dims.iter().enumerate().all(|(i, &d)| d + dims.len() == rank + i);
+            trailing.then(|| dims.iter().map(|&d| shape[d]).product())
+        }
+        Op::Softmax { dim, .. } if *dim + 1 == rank => Some(shape[rank - 1]),
+        _ => None,
+    }
+}
+
 /// The JIT lowers float sum/amax/amin and softmax/log_softmax as row kernels.
 pub(super) fn jit_lowerable(op: &Op, operands: &[DType], out: DType) -> bool {
     match op {
