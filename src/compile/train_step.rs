@@ -3,12 +3,12 @@
 //! Parameters, buffers, optimizer state (momentum buffers, Adam moments, the step count) and
 //! the learning rate are graph inputs; their new values are graph outputs written back after
 //! each call. So an optimizer step, a learning-rate change or a scheduler needs no recompile.
-//! The update formulas follow PyTorch's single-tensor (foreach=False) implementations; their
-//! scalar part (bias corrections, step size, the weight decay's form) is the eager optimizers'
-//! own, from `crate::optim::rules`.
+//! The update formulas are the eager optimizers' own, from `crate::optim::rules`: the scalar
+//! part (bias corrections, step size, the weight decay's form) and the per-element rule, here
+//! emitted as graph ops through its `Nodes` instance.
 
 use tracegrad_compiler::graph::{Graph, InputRole, NodeId, NodeKind};
-use tracegrad_compiler::ops::{BinaryOp, CompareOp, UnaryOp};
+use tracegrad_compiler::ops::CompareOp;
 use tracegrad_compiler::{Build, OpResult, TensorType};
 use tracegrad_jit::{Backend, Executable};
 use tracegrad_runtime::{Buffer, DType};
@@ -17,7 +17,7 @@ use super::compiled::{signature_of, PlanCache, Runner, Signature};
 use super::pipeline::{self, grad_inputs, op_error, Goal, Options};
 use super::trace::{trace_with, CompileError};
 use crate::nn::{Module, ModuleExt};
-use crate::optim::rules::{adam_scalars, WeightDecay};
+use crate::optim::rules::{adam_rule, adam_scalars, sgd_rule, AdamCoeffs, AdamMoments, Nodes, SgdCoeffs, WeightDecay};
 use crate::optim::{AdamOptions, AdamWOptions, SgdOptions};
 use crate::tensor::Tensor;
 
@@ -124,71 +124,100 @@ fn emit_update(
 ) -> OpResult<(NodeId, Vec<NodeId>)> {
     let lr = g.cast(&lr, g.dtype(&p))?;
     match opt {
-        StepOptimizer::Sgd(o) => {
-            let mut d = if o.maximize { g.neg(&grad)? } else { grad };
-            if let Some(wd) = WeightDecay::new(o.weight_decay, false).l2() {
-                let wd = g.mul_scalar(&p, wd)?;
-                d = g.add(&d, &wd)?;
-            }
-            let mut new_state = Vec::new();
-            if o.momentum != 0.0 {
-                // First step: buf = grad; later: buf = momentum·buf + (1 − dampening)·grad.
-                let buf = g.mul_scalar(&state[0], o.momentum)?;
-                let dd = g.mul_scalar(&d, 1.0 - o.dampening)?;
-                let later = g.add(&buf, &dd)?;
-                let zero = g.scalar(0.0, DType::F32)?;
-                let first = g.compare(CompareOp::Eq, &step, &zero)?;
-                let buf = g.where_(&first, &d, &later)?;
-                d = if o.nesterov {
-                    let mb = g.mul_scalar(&buf, o.momentum)?;
-                    g.add(&d, &mb)?
-                } else {
-                    buf
-                };
-                new_state.push(buf);
-            }
-            let upd = g.mul(&d, &lr)?;
-            Ok((g.sub(&p, &upd)?, new_state))
-        }
-        StepOptimizer::Adam(AdamOptions { betas, eps, weight_decay, amsgrad, maximize, .. })
-        | StepOptimizer::AdamW(AdamWOptions { betas, eps, weight_decay, amsgrad, maximize, .. }) => {
+        StepOptimizer::Sgd(o) => emit_sgd(g, o, p, grad, state, lr, step),
+        StepOptimizer::Adam(AdamOptions { betas, eps, weight_decay, amsgrad: _, maximize, .. })
+        | StepOptimizer::AdamW(AdamWOptions { betas, eps, weight_decay, amsgrad: _, maximize, .. }) => {
             let decay = WeightDecay::new(*weight_decay, matches!(opt, StepOptimizer::AdamW(_)));
-            let (b1, b2) = *betas;
-            let t = g.cast(&new_step, g.dtype(&p))?;
-            let sc = adam_scalars(g, *betas, decay, &lr, &t)?;
-            let mut d = if *maximize { g.neg(&grad)? } else { grad };
-            let mut p = p;
-            if let Some(keep) = &sc.decay {
-                p = g.mul(&p, keep)?;
-            }
-            if let Some(wd) = decay.l2() {
-                let wd = g.mul_scalar(&p, wd)?;
-                d = g.add(&d, &wd)?;
-            }
-            // m ← m + (1 − β1)(g − m)   (PyTorch's lerp);  v ← β2·v + (1 − β2)·g²
-            let diff = g.sub(&d, &state[0])?;
-            let diff = g.mul_scalar(&diff, 1.0 - b1)?;
-            let m = g.add(&state[0], &diff)?;
-            let v = g.mul_scalar(&state[1], b2)?;
-            let g2 = g.mul(&d, &d)?;
-            let g2 = g.mul_scalar(&g2, 1.0 - b2)?;
-            let v = g.add(&v, &g2)?;
-            let mut new_state = vec![m, v];
-            let vv = if *amsgrad {
-                let vmax = g.binary(BinaryOp::Maximum, &state[2], &v)?;
-                new_state.push(vmax);
-                vmax
-            } else {
-                v
-            };
-            let denom = g.unary(UnaryOp::Sqrt, &vv)?;
-            let denom = g.div(&denom, &sc.bias_correction2_sqrt)?;
-            let denom = g.add_scalar(&denom, *eps)?;
-            let ratio = g.div(&m, &denom)?;
-            let upd = g.mul(&ratio, &sc.step_size)?;
-            Ok((g.sub(&p, &upd)?, new_state))
+            let h = AdamHyper { betas: *betas, eps: *eps, decay, maximize: *maximize };
+            emit_adam(g, &h, p, grad, state, lr, new_step)
         }
     }
+}
+
+/// SGD's update through the eager optimizer's own rule ([`sgd_rule`]); the momentum buffer
+/// is fresh on the first step (`step == 0`).
+fn emit_sgd(
+    g: &mut Graph,
+    o: &SgdOptions,
+    p: NodeId,
+    grad: NodeId,
+    state: &[NodeId],
+    lr: NodeId,
+    step: NodeId,
+) -> OpResult<(NodeId, Vec<NodeId>)> {
+    let dtype = g.dtype(&p);
+    let momentum = if o.momentum != 0.0 { Some(g.scalar(o.momentum, dtype)?) } else { None };
+    let weight_decay = match WeightDecay::new(o.weight_decay, false).l2() {
+        Some(wd) => Some(g.scalar(wd, dtype)?),
+        None => None,
+    };
+    let c = SgdCoeffs {
+        neg_lr: g.neg(&lr)?,
+        weight_decay,
+        momentum,
+        one_minus_dampening: g.scalar(1.0 - o.dampening, dtype)?,
+        nesterov: o.nesterov,
+        maximize: o.maximize,
+    };
+    let buf = match momentum {
+        Some(_) => {
+            let zero = g.scalar(0.0, DType::F32)?;
+            Some((state[0], g.compare(CompareOp::Eq, &step, &zero)?))
+        }
+        None => None,
+    };
+    let (np, nb) = sgd_rule(&mut Nodes(g), p, grad, buf, &c)?;
+    Ok((np, nb.into_iter().collect()))
+}
+
+/// The host hyperparameters of an Adam or AdamW update.
+struct AdamHyper {
+    betas: (f64, f64),
+    eps: f64,
+    decay: WeightDecay,
+    maximize: bool,
+}
+
+/// Adam's (or AdamW's) update through the eager optimizer's own rule ([`adam_rule`]), with
+/// the scalars of [`adam_scalars`] at step `new_step`; `state` holds AMSGrad's running maximum
+/// third when it is on.
+fn emit_adam(
+    g: &mut Graph,
+    h: &AdamHyper,
+    p: NodeId,
+    grad: NodeId,
+    state: &[NodeId],
+    lr: NodeId,
+    new_step: NodeId,
+) -> OpResult<(NodeId, Vec<NodeId>)> {
+    let dtype = g.dtype(&p);
+    let t = g.cast(&new_step, dtype)?;
+    let sc = adam_scalars(g, h.betas, h.decay, &lr, &t)?;
+    let w = 1.0 - h.betas.0;
+    let lerp_weight = g.scalar(w, dtype)?;
+    let one = g.scalar(1.0, dtype)?;
+    // The lerp's side is chosen on the weight rounded to the parameter dtype, as eager does.
+    let lerp_from_start = if dtype == DType::F32 { (w as f32).abs() < 0.5 } else { w.abs() < 0.5 };
+    let weight_decay = match h.decay.l2() {
+        Some(wd) => Some(g.scalar(wd, dtype)?),
+        None => None,
+    };
+    let c = AdamCoeffs {
+        weight_decay,
+        decay: sc.decay,
+        lerp_weight,
+        lerp_weight_complement: g.sub(&one, &lerp_weight)?,
+        lerp_from_start,
+        beta2: g.scalar(h.betas.1, dtype)?,
+        one_minus_beta2: g.scalar(1.0 - h.betas.1, dtype)?,
+        bias_correction2_sqrt: sc.bias_correction2_sqrt,
+        eps: g.scalar(h.eps, dtype)?,
+        neg_step_size: g.neg(&sc.step_size)?,
+        maximize: h.maximize,
+    };
+    let s = AdamMoments { exp_avg: state[0], exp_avg_sq: state[1], max_exp_avg_sq: state.get(2).copied() };
+    let (np, s) = adam_rule(&mut Nodes(g), p, grad, s, &c)?;
+    Ok((np, [s.exp_avg, s.exp_avg_sq].into_iter().chain(s.max_exp_avg_sq).collect()))
 }
 
 impl TrainStep<'_> {

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 use tracegrad_runtime::{dispatch, Buffer, DType};
 
-use super::rules::{adam_scalars, AdamScalars, Exact, WeightDecay};
+use super::rules::{
+    adam_rule, adam_scalars, infallible, AdamCoeffs, AdamMoments, AdamScalars, Exact, Scalars, WeightDecay,
+};
 use super::state::{self, OptimizerStateDict};
 use super::{check_grad, check_params, slice_mut, with_fma, OptimError, Optimizer, Real};
 use crate::tensor::Tensor;
@@ -256,10 +258,13 @@ impl Core {
                 let sc = h.scalars(step);
                 dispatch!(float, g.data(), name, |gv: T| {
                     let (beta1, beta2) = h.betas;
-                    let c = Coeffs::<T> {
+                    let lerp_weight = T::of(1.0 - beta1);
+                    let c = AdamCoeffs::<T> {
                         weight_decay: h.decay().l2().map(T::of),
                         decay: sc.decay.map(T::of),
-                        lerp_weight: T::of(1.0 - beta1),
+                        lerp_weight,
+                        lerp_weight_complement: T::of(1.0) - lerp_weight,
+                        lerp_from_start: lerp_weight.abs() < T::of(0.5),
                         beta2: T::of(beta2),
                         one_minus_beta2: T::of(1.0 - beta2),
                         bias_correction2_sqrt: T::of(sc.bias_correction2_sqrt),
@@ -278,64 +283,17 @@ impl Core {
     }
 }
 
-/// The scalars of one Adam update, rounded to the parameter dtype as ATen does.
-struct Coeffs<T> {
-    /// Adam's L2 penalty.
-    weight_decay: Option<T>,
-    /// AdamW's factor `1 − lr·weight_decay`.
-    decay: Option<T>,
-    lerp_weight: T,
-    beta2: T,
-    one_minus_beta2: T,
-    bias_correction2_sqrt: T,
-    eps: T,
-    neg_step_size: T,
-    maximize: bool,
-}
-
-/// One parameter's update, element by element in the order of PyTorch's `_single_tensor_adam`.
+/// One parameter's update, element by element through [`adam_rule`].
 #[inline(always)]
-fn update<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], mut vmax: Option<&mut [T]>, c: &Coeffs<T>) {
-    let one = T::of(1.0);
-    let half = T::of(0.5);
+fn update<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], mut vmax: Option<&mut [T]>, c: &AdamCoeffs<T>) {
+    let mut a = Scalars::<T>::new();
     for i in 0..p.len() {
-        // grad = -grad if maximize
-        let mut d = if c.maximize { -g[i] } else { g[i] };
-        let mut pi = p[i];
-        // AdamW: param.mul_(1 - lr * weight_decay); Adam: grad = grad.add(param, alpha=weight_decay)
-        if let Some(f) = c.decay {
-            pi = pi * f;
+        let s = AdamMoments { exp_avg: m[i], exp_avg_sq: v[i], max_exp_avg_sq: vmax.as_ref().map(|x| x[i]) };
+        let (np, s) = infallible(adam_rule(&mut a, p[i], g[i], s, c));
+        (p[i], m[i], v[i]) = (np, s.exp_avg, s.exp_avg_sq);
+        if let (Some(x), Some(hi)) = (vmax.as_mut(), s.max_exp_avg_sq) {
+            x[i] = hi;
         }
-        if let Some(wd) = c.weight_decay {
-            d = T::madd(d, wd, pi);
-        }
-        // exp_avg.lerp_(grad, 1 - beta1), with ATen's two-sided formula
-        let w = c.lerp_weight;
-        let mi = m[i];
-        m[i] = if w.abs() < half { T::madd(mi, w, d - mi) } else { T::msub(d, d - mi, one - w) };
-        // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        let vi = T::madd(v[i] * c.beta2, c.one_minus_beta2 * d, d);
-        v[i] = vi;
-        // torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq) (NaN-propagating)
-        let second = match vmax.as_mut() {
-            Some(vmax) => {
-                let a = vmax[i];
-                let hi = if a.is_nan() || vi.is_nan() {
-                    a + vi
-                } else if vi > a {
-                    vi
-                } else {
-                    a
-                };
-                vmax[i] = hi;
-                hi
-            }
-            None => vi,
-        };
-        // denom = (sqrt / bias_correction2_sqrt).add_(eps)
-        let denom = second.sqrt() / c.bias_correction2_sqrt + c.eps;
-        // param.addcdiv_(exp_avg, denom, value=-step_size)
-        p[i] = pi + c.neg_step_size * m[i] / denom;
     }
 }
 

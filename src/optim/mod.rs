@@ -199,8 +199,6 @@ pub(crate) trait Real:
     fn of(v: f64) -> Self;
     /// Square root.
     fn sqrt(self) -> Self;
-    /// Absolute value.
-    fn abs(self) -> Self;
     /// Whether this is NaN.
     fn is_nan(self) -> bool;
     /// `a + b·c` with a single rounding. ATen's CPU kernels write `self + alpha * other`
@@ -222,10 +220,6 @@ macro_rules! real {
             #[inline(always)]
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
-            }
-            #[inline(always)]
-            fn abs(self) -> Self {
-                <$t>::abs(self)
             }
             #[inline(always)]
             fn is_nan(self) -> bool {

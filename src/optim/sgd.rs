@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 use tracegrad_runtime::{dispatch, Buffer};
 
-use super::rules::WeightDecay;
+use super::rules::{infallible, sgd_rule, Scalars, SgdCoeffs, WeightDecay};
 use super::state::{self, OptimizerStateDict};
 use super::{check_grad, check_initialized, check_params, slice_mut, with_fma, OptimError, Optimizer, Real};
 use crate::tensor::Tensor;
@@ -127,48 +127,29 @@ impl Sgd {
 }
 
 /// The scalars of one SGD update, rounded to the parameter dtype as ATen does.
-struct Coeffs<T> {
-    neg_lr: T,
-    weight_decay: Option<T>,
-    momentum: Option<T>,
-    one_minus_dampening: T,
-    nesterov: bool,
-    maximize: bool,
-}
-
-impl<T: Real> Coeffs<T> {
-    fn new(o: &SgdOptions) -> Self {
-        Coeffs {
-            neg_lr: T::of(-o.lr),
-            weight_decay: WeightDecay::new(o.weight_decay, false).l2().map(T::of),
-            momentum: (o.momentum != 0.0).then(|| T::of(o.momentum)),
-            one_minus_dampening: T::of(1.0 - o.dampening),
-            nesterov: o.nesterov,
-            maximize: o.maximize,
-        }
+fn coeffs<T: Real>(o: &SgdOptions) -> SgdCoeffs<T> {
+    SgdCoeffs {
+        neg_lr: T::of(-o.lr),
+        weight_decay: WeightDecay::new(o.weight_decay, false).l2().map(T::of),
+        momentum: (o.momentum != 0.0).then(|| T::of(o.momentum)),
+        one_minus_dampening: T::of(1.0 - o.dampening),
+        nesterov: o.nesterov,
+        maximize: o.maximize,
     }
 }
 
-/// One parameter's update. `buf` is the momentum buffer (when momentum ≠ 0) and whether it is
-/// new, in which case it is initialised to the (decayed) gradient.
+/// One parameter's update, element by element through [`sgd_rule`]. `buf` is the momentum
+/// buffer (when momentum ≠ 0) and whether it is new.
 #[inline(always)]
-fn update<T: Real>(p: &mut [T], g: &[T], mut buf: Option<(&mut [T], bool)>, c: &Coeffs<T>) {
+fn update<T: Real>(p: &mut [T], g: &[T], mut buf: Option<(&mut [T], bool)>, c: &SgdCoeffs<T>) {
+    let mut a = Scalars::<T>::new();
     for (i, (pi, &gi)) in p.iter_mut().zip(g).enumerate() {
-        // grad = -grad if maximize
-        let mut d = if c.maximize { -gi } else { gi };
-        // grad = grad.add(param, alpha=weight_decay)
-        if let Some(wd) = c.weight_decay {
-            d = T::madd(d, wd, *pi);
+        let b = buf.as_ref().map(|(b, fresh)| (b[i], *fresh));
+        let (np, nb) = infallible(sgd_rule(&mut a, *pi, gi, b, c));
+        *pi = np;
+        if let (Some(nb), Some((b, _))) = (nb, buf.as_mut()) {
+            b[i] = nb;
         }
-        if let (Some(m), Some((b, fresh))) = (c.momentum, buf.as_mut()) {
-            // buf = clone(grad) on the first step, else buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-            let bi = if *fresh { d } else { T::madd(b[i] * m, c.one_minus_dampening, d) };
-            b[i] = bi;
-            // grad = grad.add(buf, alpha=momentum) if nesterov else buf
-            d = if c.nesterov { T::madd(d, m, bi) } else { bi };
-        }
-        // param.add_(grad, alpha=-lr)
-        *pi = T::madd(*pi, c.neg_lr, d);
     }
 }
 
@@ -187,7 +168,7 @@ impl Optimizer for Sgd {
                 let state = if opts.momentum != 0.0 { state.as_mut() } else { None };
                 dispatch!(float, g.data(), "SGD", |gv: T| {
                     let buf = state.map(|b| (slice_mut::<T>(b), fresh));
-                    let (pv, c) = (slice_mut::<T>(w), Coeffs::new(opts));
+                    let (pv, c) = (slice_mut::<T>(w), coeffs::<T>(opts));
                     with_fma(|| update::<T>(pv, gv, buf, &c))
                 })
             });
