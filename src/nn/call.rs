@@ -121,22 +121,25 @@ fn run_call(m: &dyn Module, args: &[Tensor], hooks: &CallHooks, backend: &mut dy
         args = backend.forward_pre_hook(m, h, args);
     }
     let wire = is_grad_enabled() && (!hooks.backward.is_empty() || !hooks.backward_pre.is_empty());
-    let backward = Arc::new(BackwardHooks {
-        module: m.type_name(),
-        pre: hooks.backward_pre.clone(),
-        full: hooks.backward.clone(),
-        n_inputs: args.len(),
-        inputs_wired: wire && args.iter().any(Tensor::requires_grad),
+    // Built only when backward hooks exist: a call without them allocates nothing here.
+    let backward = wire.then(|| {
+        Arc::new(BackwardHooks {
+            module: m.type_name(),
+            pre: hooks.backward_pre.clone(),
+            full: hooks.backward.clone(),
+            n_inputs: args.len(),
+            inputs_wired: args.iter().any(Tensor::requires_grad),
+        })
     });
-    if backward.inputs_wired {
-        args = backend.wire_inputs(args, &backward);
+    if let Some(b) = backward.as_ref().filter(|b| b.inputs_wired) {
+        args = backend.wire_inputs(args, b);
     }
     let mut out = m.forward_many(&args);
     for h in &hooks.forward {
         out = backend.forward_hook(m, h, &args, out);
     }
-    if wire && out.requires_grad() {
-        out = backend.wire_output(out, &backward);
+    if let Some(b) = backward.as_ref().filter(|_| out.requires_grad()) {
+        out = backend.wire_output(out, b);
     }
     backend.finish();
     out
@@ -145,8 +148,15 @@ fn run_call(m: &dyn Module, args: &[Tensor], hooks: &CallHooks, backend: &mut dy
 /// Runs hooks at once; the identities are autograd nodes named as PyTorch's.
 #[derive(Default)]
 struct EagerCall {
-    /// The output identity's backward leaves `grad_output` here for the full backward hooks.
-    grad_output: Arc<Mutex<Vec<Option<Tensor>>>>,
+    /// The output identity's backward leaves `grad_output` here for the full backward hooks
+    /// (made on first use: most calls have no backward hooks).
+    grad_output: Option<Arc<Mutex<Vec<Option<Tensor>>>>>,
+}
+
+impl EagerCall {
+    fn grad_output(&mut self) -> Arc<Mutex<Vec<Option<Tensor>>>> {
+        self.grad_output.get_or_insert_with(Default::default).clone()
+    }
 }
 
 impl CallBackend for EagerCall {
@@ -155,7 +165,7 @@ impl CallBackend for EagerCall {
     }
 
     fn wire_inputs(&mut self, args: Vec<Tensor>, hooks: &Arc<BackwardHooks>) -> Vec<Tensor> {
-        let (grad_output, hooks) = (self.grad_output.clone(), hooks.clone());
+        let (grad_output, hooks) = (self.grad_output(), hooks.clone());
         let f: CustomBackward = Arc::new(move |grad_input: &[Option<Tensor>]| {
             let go = lock(&grad_output).clone();
             hooks.on_grad_input(grad_input.to_vec(), &go)
@@ -168,7 +178,7 @@ impl CallBackend for EagerCall {
     }
 
     fn wire_output(&mut self, out: Tensor, hooks: &Arc<BackwardHooks>) -> Tensor {
-        let (grad_output, hooks) = (self.grad_output.clone(), hooks.clone());
+        let (grad_output, hooks) = (self.grad_output(), hooks.clone());
         let f: CustomBackward = Arc::new(move |grads: &[Option<Tensor>]| {
             let g = hooks.on_grad_output(grads)?;
             *lock(&grad_output) = g.clone();

@@ -286,6 +286,8 @@ impl Core {
 /// One parameter's update, element by element through [`adam_rule`].
 #[inline(always)]
 fn update<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], mut vmax: Option<&mut [T]>, c: &AdamCoeffs<T>) {
+    // A local copy, so no store in the loop can be assumed to change the coefficients.
+    let c = &{ *c };
     let mut a = Scalars::<T>::new();
     for i in 0..p.len() {
         let s = AdamMoments { exp_avg: m[i], exp_avg_sq: v[i], max_exp_avg_sq: vmax.as_ref().map(|x| x[i]) };

@@ -267,6 +267,7 @@ pub(crate) type Updated<A, S> = Result<(<A as Algebra>::V, S), <A as Algebra>::E
 
 /// The scalars of one SGD update, in the algebra's values (rounded to the parameter dtype as
 /// ATen does); the options that pick the formula's shape are host values.
+#[derive(Clone, Copy)]
 pub(crate) struct SgdCoeffs<V> {
     pub(crate) neg_lr: V,
     pub(crate) weight_decay: Option<V>,
@@ -309,6 +310,7 @@ pub(crate) fn sgd_rule<A: Algebra>(
 
 /// The scalars of one Adam or AdamW update, in the algebra's values (rounded to the parameter
 /// dtype as ATen does), and the host choices that shape the formula.
+#[derive(Clone, Copy)]
 pub(crate) struct AdamCoeffs<V> {
     /// Adam's L2 penalty.
     pub(crate) weight_decay: Option<V>,
