@@ -12,52 +12,49 @@ use super::state::{self, OptimizerStateDict};
 use super::{check_grad, check_params, slice_mut, with_fma, OptimError, Optimizer, Real};
 use crate::tensor::Tensor;
 
-/// Hyperparameters of [`Adam`]. `Default` gives PyTorch's defaults.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AdamOptions {
-    /// Learning rate (default `1e-3`).
-    pub lr: f64,
-    /// Decay rates of the first and second moment averages (default `(0.9, 0.999)`).
-    pub betas: (f64, f64),
-    /// Term added to the denominator (default `1e-8`).
-    pub eps: f64,
+/// Declares the hyperparameters of an Adam variant: the two differ only in what weight decay
+/// means and in its default.
+macro_rules! adam_options {
+    ($(#[$doc:meta])* $name:ident, $(#[$wd_doc:meta])* weight_decay: $wd:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq)]
+        pub struct $name {
+            /// Learning rate (default `1e-3`).
+            pub lr: f64,
+            /// Decay rates of the first and second moment averages (default `(0.9, 0.999)`).
+            pub betas: (f64, f64),
+            /// Term added to the denominator (default `1e-8`).
+            pub eps: f64,
+            $(#[$wd_doc])*
+            pub weight_decay: f64,
+            /// Use the AMSGrad variant (default `false`).
+            pub amsgrad: bool,
+            /// Maximize the objective instead of minimizing it (default `false`).
+            pub maximize: bool,
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: $wd, amsgrad: false, maximize: false }
+            }
+        }
+    };
+}
+
+adam_options!(
+    /// Hyperparameters of [`Adam`]. `Default` gives PyTorch's defaults.
+    AdamOptions,
     /// L2 penalty added to the gradient: `g ← g + weight_decay·p` (default `0`).
-    pub weight_decay: f64,
-    /// Use the AMSGrad variant (default `false`).
-    pub amsgrad: bool,
-    /// Maximize the objective instead of minimizing it (default `false`).
-    pub maximize: bool,
-}
+    weight_decay: 0.0
+);
 
-impl Default for AdamOptions {
-    fn default() -> Self {
-        AdamOptions { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, amsgrad: false, maximize: false }
-    }
-}
-
-/// Hyperparameters of [`AdamW`]. `Default` gives PyTorch's defaults, which differ from Adam's
-/// only in `weight_decay = 0.01`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AdamWOptions {
-    /// Learning rate (default `1e-3`).
-    pub lr: f64,
-    /// Decay rates of the first and second moment averages (default `(0.9, 0.999)`).
-    pub betas: (f64, f64),
-    /// Term added to the denominator (default `1e-8`).
-    pub eps: f64,
+adam_options!(
+    /// Hyperparameters of [`AdamW`]. `Default` gives PyTorch's defaults, which differ from
+    /// Adam's only in `weight_decay = 0.01`.
+    AdamWOptions,
     /// Decoupled weight decay: `p ← p·(1 − lr·weight_decay)` before the update (default `0.01`).
-    pub weight_decay: f64,
-    /// Use the AMSGrad variant (default `false`).
-    pub amsgrad: bool,
-    /// Maximize the objective instead of minimizing it (default `false`).
-    pub maximize: bool,
-}
-
-impl Default for AdamWOptions {
-    fn default() -> Self {
-        AdamWOptions { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 1e-2, amsgrad: false, maximize: false }
-    }
-}
+    weight_decay: 1e-2
+);
 
 /// The hyperparameters shared by Adam and AdamW, plus which weight decay applies.
 #[derive(Clone, Debug)]

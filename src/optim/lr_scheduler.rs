@@ -44,10 +44,13 @@ pub trait LrScheduler {
 
 /// The bookkeeping every scheduler shares: the base rate, the epoch count and the rate set last.
 #[derive(Clone, Debug)]
-struct Epochs {
-    base_lr: f64,
-    last_epoch: usize,
-    last_lr: f64,
+pub struct Epochs {
+    /// The learning rate at epoch 0 (PyTorch's `base_lrs[0]`).
+    pub base_lr: f64,
+    /// The current epoch.
+    pub last_epoch: usize,
+    /// The rate set last.
+    pub last_lr: f64,
 }
 
 impl Epochs {
@@ -99,33 +102,34 @@ impl Epochs {
     }
 }
 
-/// Decays the learning rate by `gamma` every `step_size` epochs (`StepLR`):
-/// `lr = base_lr · gamma^⌊epoch / step_size⌋`, computed as PyTorch does, by multiplying the
-/// current rate by `gamma` at each multiple of `step_size`.
-#[derive(Clone, Debug)]
-pub struct StepLR {
-    step_size: usize,
-    gamma: f64,
-    epochs: Epochs,
+/// One scheduling rule, over two parameters: a positive count and a number (StepLR's
+/// `step_size` and `gamma`, CosineAnnealingLR's `T_max` and `eta_min`).
+pub trait Rule {
+    /// PyTorch's class name and its names of the two parameters, as in its `state_dict()`.
+    const NAMES: [&'static str; 3];
+    /// The learning rate for the epoch `e` has just advanced to, from the current rate `lr`.
+    fn next_lr(count: usize, number: f64, e: &Epochs, lr: f64) -> f64;
 }
 
-impl StepLR {
-    /// A scheduler for `opt`, whose current learning rate becomes the base rate. Panics if
-    /// `step_size` is 0.
+/// A scheduler: a [`Rule`], its two parameters, and the bookkeeping every scheduler shares.
+/// [`StepLR`] and [`CosineAnnealingLR`] are this shell over their rules.
+#[derive(Clone, Debug)]
+pub struct Scheduler<R> {
+    count: usize,
+    number: f64,
+    epochs: Epochs,
+    rule: std::marker::PhantomData<R>,
+}
+
+impl<R: Rule> Scheduler<R> {
+    /// A scheduler for `opt` with the rule's two parameters (`StepLR::new(opt, step_size,
+    /// gamma)`, `CosineAnnealingLR::new(opt, t_max, eta_min)`); `opt`'s current learning rate
+    /// becomes the base rate. Panics if the count is 0.
     #[track_caller]
-    pub fn new(opt: &mut dyn Optimizer, step_size: usize, gamma: f64) -> StepLR {
-        assert!(step_size > 0, "StepLR: step_size must be positive");
-        StepLR { step_size, gamma, epochs: Epochs::new(opt) }
-    }
-
-    /// Epochs between two decays.
-    pub fn step_size(&self) -> usize {
-        self.step_size
-    }
-
-    /// The decay factor.
-    pub fn gamma(&self) -> f64 {
-        self.gamma
+    pub fn new(opt: &mut dyn Optimizer, count: usize, number: f64) -> Scheduler<R> {
+        let [name, count_name, _] = R::NAMES;
+        assert!(count > 0, "{name}: {} must be positive", count_name.to_lowercase());
+        Scheduler { count, number, epochs: Epochs::new(opt), rule: std::marker::PhantomData }
     }
 
     /// The learning rate at epoch 0.
@@ -134,11 +138,10 @@ impl StepLR {
     }
 }
 
-impl LrScheduler for StepLR {
+impl<R: Rule> LrScheduler for Scheduler<R> {
     fn step(&mut self, opt: &mut dyn Optimizer) {
-        let (step_size, gamma) = (self.step_size, self.gamma);
-        // `lr * gamma` at each multiple of step_size, else unchanged (PyTorch's chainable form).
-        self.epochs.advance(opt, |e, lr| if e.last_epoch % step_size == 0 { lr * gamma } else { lr });
+        let (count, number) = (self.count, self.number);
+        self.epochs.advance(opt, |e, lr| R::next_lr(count, number, e, lr));
     }
 
     fn get_last_lr(&self) -> f64 {
@@ -150,18 +153,70 @@ impl LrScheduler for StepLR {
     }
 
     fn state_dict(&self) -> Map<String, Value> {
-        self.epochs.state_dict(vec![("step_size", json!(self.step_size)), ("gamma", json!(self.gamma))])
+        let [_, count, number] = R::NAMES;
+        self.epochs.state_dict(vec![(count, json!(self.count)), (number, json!(self.number))])
     }
 
     fn load_state_dict(&mut self, sd: &Map<String, Value>) -> Result<(), String> {
-        let epochs = Epochs::load(sd, "StepLR", &["step_size", "gamma"])?;
-        let step_size = sd.get("step_size").and_then(Value::as_u64).filter(|&s| s > 0);
-        let gamma = sd.get("gamma").and_then(Value::as_f64);
-        let (Some(step_size), Some(gamma)) = (step_size, gamma) else {
-            return Err("loaded state dict: StepLR needs a positive step_size and a numeric gamma".into());
+        let [name, count, number] = R::NAMES;
+        let epochs = Epochs::load(sd, name, &[count, number])?;
+        let c = sd.get(count).and_then(Value::as_u64).filter(|&c| c > 0);
+        let (Some(c), Some(x)) = (c, sd.get(number).and_then(Value::as_f64)) else {
+            return Err(format!("loaded state dict: {name} needs a positive {count} and a numeric {number}"));
         };
-        (self.step_size, self.gamma, self.epochs) = (step_size as usize, gamma, epochs);
+        (self.count, self.number, self.epochs) = (c as usize, x, epochs);
         Ok(())
+    }
+}
+
+/// StepLR's rule: `lr * gamma` at each multiple of step_size, else unchanged (PyTorch's
+/// chainable form).
+#[derive(Clone, Debug)]
+pub enum StepRule {}
+
+impl Rule for StepRule {
+    const NAMES: [&'static str; 3] = ["StepLR", "step_size", "gamma"];
+    fn next_lr(step_size: usize, gamma: f64, e: &Epochs, lr: f64) -> f64 {
+        if e.last_epoch.is_multiple_of(step_size) {
+            lr * gamma
+        } else {
+            lr
+        }
+    }
+}
+
+/// Decays the learning rate by `gamma` every `step_size` epochs (`StepLR`):
+/// `lr = base_lr · gamma^⌊epoch / step_size⌋`, computed as PyTorch does, by multiplying the
+/// current rate by `gamma` at each multiple of `step_size`.
+pub type StepLR = Scheduler<StepRule>;
+
+impl StepLR {
+    /// Epochs between two decays.
+    pub fn step_size(&self) -> usize {
+        self.count
+    }
+
+    /// The decay factor.
+    pub fn gamma(&self) -> f64 {
+        self.number
+    }
+}
+
+/// CosineAnnealingLR's rule: PyTorch's recursive cosine formula from the current rate.
+#[derive(Clone, Debug)]
+pub enum CosineRule {}
+
+impl Rule for CosineRule {
+    const NAMES: [&'static str; 3] = ["CosineAnnealingLR", "T_max", "eta_min"];
+    fn next_lr(t_max: usize, eta_min: f64, s: &Epochs, lr: f64) -> f64 {
+        let (e, t) = (s.last_epoch as f64, t_max as f64);
+        // `(last_epoch - 1 - T_max) % (2 * T_max) == 0` with Python's floor modulo.
+        let restart = (s.last_epoch as i64 - 1 - t_max as i64).rem_euclid(2 * t_max as i64) == 0;
+        if restart {
+            lr + (s.base_lr - eta_min) * (1.0 - (PI / t).cos()) / 2.0
+        } else {
+            (1.0 + (PI * e / t).cos()) / (1.0 + (PI * (e - 1.0) / t).cos()) * (lr - eta_min) + eta_min
+        }
     }
 }
 
@@ -169,73 +224,16 @@ impl LrScheduler for StepLR {
 /// on (`CosineAnnealingLR`). In exact arithmetic
 /// `lr = eta_min + (base_lr − eta_min)·(1 + cos(π·epoch/t_max))/2`; the rate is computed with
 /// PyTorch's recursive formula from the current rate, so values match PyTorch's to the bit.
-#[derive(Clone, Debug)]
-pub struct CosineAnnealingLR {
-    t_max: usize,
-    eta_min: f64,
-    epochs: Epochs,
-}
+pub type CosineAnnealingLR = Scheduler<CosineRule>;
 
 impl CosineAnnealingLR {
-    /// A scheduler for `opt`, whose current learning rate becomes the base rate. Panics if
-    /// `t_max` is 0.
-    #[track_caller]
-    pub fn new(opt: &mut dyn Optimizer, t_max: usize, eta_min: f64) -> CosineAnnealingLR {
-        assert!(t_max > 0, "CosineAnnealingLR: t_max must be positive");
-        CosineAnnealingLR { t_max, eta_min, epochs: Epochs::new(opt) }
-    }
-
     /// Epochs of one half period.
     pub fn t_max(&self) -> usize {
-        self.t_max
+        self.count
     }
 
     /// The minimum learning rate.
     pub fn eta_min(&self) -> f64 {
-        self.eta_min
-    }
-
-    /// The learning rate at epoch 0.
-    pub fn base_lr(&self) -> f64 {
-        self.epochs.base_lr
-    }
-}
-
-impl LrScheduler for CosineAnnealingLR {
-    fn step(&mut self, opt: &mut dyn Optimizer) {
-        let (t_max, eta_min) = (self.t_max, self.eta_min);
-        self.epochs.advance(opt, |s, lr| {
-            let (e, t) = (s.last_epoch as f64, t_max as f64);
-            // `(last_epoch - 1 - T_max) % (2 * T_max) == 0` with Python's floor modulo.
-            let restart = (s.last_epoch as i64 - 1 - t_max as i64).rem_euclid(2 * t_max as i64) == 0;
-            if restart {
-                lr + (s.base_lr - eta_min) * (1.0 - (PI / t).cos()) / 2.0
-            } else {
-                (1.0 + (PI * e / t).cos()) / (1.0 + (PI * (e - 1.0) / t).cos()) * (lr - eta_min) + eta_min
-            }
-        });
-    }
-
-    fn get_last_lr(&self) -> f64 {
-        self.epochs.last_lr
-    }
-
-    fn last_epoch(&self) -> usize {
-        self.epochs.last_epoch
-    }
-
-    fn state_dict(&self) -> Map<String, Value> {
-        self.epochs.state_dict(vec![("T_max", json!(self.t_max)), ("eta_min", json!(self.eta_min))])
-    }
-
-    fn load_state_dict(&mut self, sd: &Map<String, Value>) -> Result<(), String> {
-        let epochs = Epochs::load(sd, "CosineAnnealingLR", &["T_max", "eta_min"])?;
-        let t_max = sd.get("T_max").and_then(Value::as_u64).filter(|&t| t > 0);
-        let eta_min = sd.get("eta_min").and_then(Value::as_f64);
-        let (Some(t_max), Some(eta_min)) = (t_max, eta_min) else {
-            return Err("loaded state dict: CosineAnnealingLR needs a positive T_max and a numeric eta_min".into());
-        };
-        (self.t_max, self.eta_min, self.epochs) = (t_max as usize, eta_min, epochs);
-        Ok(())
+        self.number
     }
 }
