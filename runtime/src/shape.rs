@@ -78,8 +78,23 @@ pub fn broadcast_shapes(op: &str, a: &[usize], b: &[usize]) -> Result<Dims, Stri
 /// Strides (in elements) for reading a contiguous tensor of shape `src` as if it had the
 /// broadcast shape `dst`: broadcast dimensions get stride 0. `src` must broadcast to `dst`.
 pub fn broadcast_strides(src: &[usize], dst: &[usize]) -> Dims {
-    try_broadcast_strides(src, dst)
-        .unwrap_or_else(|| panic!("shape {} does not broadcast to {}", ShapeDisplay(src), ShapeDisplay(dst)))
+    assert!(
+        try_broadcast_strides(src, dst).is_some(),
+        "shape {} does not broadcast to {}",
+        ShapeDisplay(src),
+        ShapeDisplay(dst)
+    );
+    // The eager kernels' layout: a dimension of size 1 in both keeps its contiguous stride,
+    // which their contiguous-row fast paths recognise.
+    // Leading 1s beyond dst's rank (checked above) are dropped.
+    let src = &src[src.len().saturating_sub(dst.len())..];
+    let strides = contiguous_strides(src);
+    let off = dst.len() - src.len();
+    let mut out: Dims = SmallVec::from_elem(0, dst.len());
+    for i in 0..src.len() {
+        out[i + off] = if src[i] == 1 && dst[i + off] != 1 { 0 } else { strides[i] };
+    }
+    out
 }
 
 /// [`broadcast_strides`], or `None` if `src` does not broadcast to `dst` (shapes align on the
@@ -124,7 +139,8 @@ mod tests {
     fn broadcast_strides_step_only_real_dimensions() {
         assert_eq!(broadcast_strides(&[3, 1], &[2, 3, 4]).as_slice(), &[0, 1, 0]);
         assert_eq!(broadcast_strides(&[1, 1, 4], &[4]).as_slice(), &[1]);
-        assert_eq!(broadcast_strides(&[2, 1, 3], &[2, 1, 3]).as_slice(), &[3, 0, 1]);
+        assert_eq!(try_broadcast_strides(&[2, 1, 3], &[2, 1, 3]).unwrap().as_slice(), &[3, 0, 1]);
+        assert_eq!(broadcast_strides(&[2, 1, 3], &[2, 1, 3]).as_slice(), &[3, 3, 1]);
         assert!(try_broadcast_strides(&[2, 3], &[3, 3]).is_none());
         assert!(try_broadcast_strides(&[2, 3], &[3]).is_none());
     }

@@ -268,6 +268,7 @@ impl BinaryOp {
 }
 
 /// IEEE 754-2019 maximum (`max`) or minimum: NaN propagates and -0 < +0, as the JIT's kernels.
+#[inline(always)]
 fn extremum<T: FloatElement>(a: T, b: T, max: bool) -> T {
     if a.is_nan() || b.is_nan() {
         T::nan()
