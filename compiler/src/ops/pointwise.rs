@@ -239,6 +239,7 @@ impl BinaryOp {
     }
 
     /// The scalar function for floats.
+    #[inline(always)]
     pub fn apply<T: FloatElement>(self, a: T, b: T) -> T {
         match self {
             BinaryOp::Add => a + b,
@@ -402,7 +403,16 @@ pub(super) fn eval(op: &Op, x: &[&Buffer], out: &TensorType) -> Buffer {
                 }
                 (d, _) => dispatch!(float, d, b.name(), |p: T| {
                     let q = x[1].as_slice::<T>();
-                    Buffer::from_vec(zip(p, sa, q, sb, shape, |a: T, c: T| b.apply(a, c)), shape)
+                    // One element loop per op, the op a constant inside it, so the loop does
+                    // not dispatch on the op per element.
+                    macro_rules! per_op {
+                        ($($op:ident),*) => {
+                            match b {
+                                $(BinaryOp::$op => zip(p, sa, q, sb, shape, |a: T, c: T| BinaryOp::$op.apply(a, c)),)*
+                            }
+                        };
+                    }
+                    Buffer::from_vec(per_op!(Add, Sub, Mul, Div, Maximum, Minimum, Pow), shape)
                 }),
             }
         }
