@@ -78,21 +78,25 @@ pub fn broadcast_shapes(op: &str, a: &[usize], b: &[usize]) -> Result<Dims, Stri
 /// Strides (in elements) for reading a contiguous tensor of shape `src` as if it had the
 /// broadcast shape `dst`: broadcast dimensions get stride 0. `src` must broadcast to `dst`.
 pub fn broadcast_strides(src: &[usize], dst: &[usize]) -> Dims {
-    assert!(
-        try_broadcast_strides(src, dst).is_some(),
-        "shape {} does not broadcast to {}",
-        ShapeDisplay(src),
-        ShapeDisplay(dst)
-    );
+    let fail = || -> ! { panic!("shape {} does not broadcast to {}", ShapeDisplay(src), ShapeDisplay(dst)) };
+    // Leading 1s beyond dst's rank are dropped.
+    let lead = src.len().saturating_sub(dst.len());
+    if src[..lead].iter().any(|&d| d != 1) {
+        fail();
+    }
+    let src = &src[lead..];
     // The eager kernels' layout: a dimension of size 1 in both keeps its contiguous stride,
     // which their contiguous-row fast paths recognise.
-    // Leading 1s beyond dst's rank (checked above) are dropped.
-    let src = &src[src.len().saturating_sub(dst.len())..];
     let strides = contiguous_strides(src);
     let off = dst.len() - src.len();
     let mut out: Dims = SmallVec::from_elem(0, dst.len());
     for i in 0..src.len() {
-        out[i + off] = if src[i] == 1 && dst[i + off] != 1 { 0 } else { strides[i] };
+        let d = dst[i + off];
+        out[i + off] = match src[i] {
+            1 if d != 1 => 0,
+            n if n == d => strides[i],
+            _ => fail(),
+        };
     }
     out
 }

@@ -59,7 +59,7 @@ pub fn check_initialized<M: AsDyn + ?Sized>(module: &M) -> Result<(), ModuleErro
 
 /// Replaces the placeholder's value with zeros of `shape` (same tensor, so every handle sees
 /// it) and clears its uninitialized mark.
-fn materialize_placeholder(t: &Tensor, shape: &[usize]) {
+fn materialize_uninitialized(t: &Tensor, shape: &[usize]) {
     let value = Tensor::zeros(shape).buffer();
     t.update_buffer(|b| *b = value);
     mark_initialized(t);
@@ -180,9 +180,9 @@ impl LazyLinear {
     /// materialized with the same size; an error if with another.
     pub fn materialize(&self, in_features: usize) -> Result<(), ModuleError> {
         let got = *self.in_features.get_or_init(|| {
-            materialize_placeholder(&self.weight, &[self.out_features, in_features]);
+            materialize_uninitialized(&self.weight, &[self.out_features, in_features]);
             if let Some(b) = &self.bias {
-                materialize_placeholder(b, &[self.out_features]);
+                materialize_uninitialized(b, &[self.out_features]);
             }
             init::reset_affine(&self.weight, self.bias.as_ref());
             in_features
@@ -320,9 +320,9 @@ impl LazyConv2d {
     /// no-op if already materialized with the same size; an error if with another.
     pub fn materialize(&self, in_channels: usize) -> Result<(), ModuleError> {
         let got = *self.in_channels.get_or_init(|| {
-            materialize_placeholder(&self.weight, &self.geometry.weight_shape(in_channels));
+            materialize_uninitialized(&self.weight, &self.geometry.weight_shape(in_channels));
             if let Some(b) = &self.bias {
-                materialize_placeholder(b, &[self.geometry.out_channels]);
+                materialize_uninitialized(b, &[self.geometry.out_channels]);
             }
             init::reset_affine(&self.weight, self.bias.as_ref());
             in_channels
