@@ -11,12 +11,12 @@ use tracegrad_compiler::autodiff::{append_backward, append_backward_hooked};
 use tracegrad_compiler::graph::{Graph, InputRole, NodeId, NodeKind};
 use tracegrad_compiler::partition::partition;
 use tracegrad_compiler::passes::PassManager;
-use tracegrad_compiler::{Build, OpError, TensorType};
+use tracegrad_compiler::{OpError, TensorType};
 use tracegrad_jit::{Backend, Executable};
 
 use super::compiled::callback_vjp;
 use super::trace::{CallbackSpec, CompileError, Traced};
-use super::train_step::{append_update, StepOptimizer};
+use super::train_step::{append_tail, StepTail};
 use crate::autograd::GradHook;
 use crate::tensor::Tensor;
 
@@ -26,8 +26,9 @@ pub(crate) enum Goal<'a> {
     /// the output gradient as an input. The joint graph is partitioned into the two.
     Call,
     /// `compile_train_step`: one graph computing the scalar loss (the traced output), its
-    /// gradients (seeded with 1) and `optimizer`'s update of every parameter that gets one.
-    TrainStep(&'a StepOptimizer),
+    /// gradients and what the step does with them (`StepTail`: clipping, accumulation and the
+    /// optimizer's update of every parameter that gets one).
+    TrainStep(StepTail<'a>),
 }
 
 /// How to run the pipeline.
@@ -148,7 +149,7 @@ pub(crate) fn run(traced: Traced, opts: &Options<'_>) -> Result<Built, CompileEr
     };
     let mut hooks = Hooks { callbacks: RefCell::new(callbacks), tensor_hooks };
     match opts.goal {
-        Goal::TrainStep(optimizer) => train_step(graph, optimizer, &mut hooks, opts, &mut built)?,
+        Goal::TrainStep(tail) => train_step(graph, tail, &mut hooks, opts, &mut built)?,
         Goal::Call if opts.wrt.is_empty() => forward_only(graph, opts, &mut built)?,
         Goal::Call => forward_backward(graph, &mut hooks, opts, &mut built)?,
     }
@@ -257,17 +258,17 @@ fn forward_backward(
 /// are donated when `opts.donate`.
 fn train_step(
     mut graph: Graph,
-    optimizer: &StepOptimizer,
+    tail: StepTail<'_>,
     hooks: &mut Hooks,
     opts: &Options<'_>,
     built: &mut Built,
 ) -> Result<(), CompileError> {
     let loss = graph.outputs[0].1;
     let ty = graph.ty(loss).clone();
-    let seed = graph.full(1.0, ty.dtype, &ty.shape).map_err(op_error)?;
+    let seed = tail.loss_seed(&mut graph, &ty).map_err(op_error)?;
     let (wrt, grads) = differentiate(&mut graph, loss, seed, &opts.wrt, hooks, opts.hooked)?;
     let params: Vec<NodeId> = wrt.iter().map(|&i| graph.inputs[i]).collect();
-    append_update(&mut graph, optimizer, &params, &grads).map_err(op_error)?;
+    append_tail(&mut graph, tail, &params, &grads).map_err(op_error)?;
     if opts.dump {
         built.snapshots.joint = Some(graph.clone());
     }
