@@ -29,6 +29,7 @@ extern crate self as tracegrad;
 
 pub mod autograd;
 pub mod bench;
+pub mod checkpoint;
 pub mod compile;
 pub mod data;
 mod display;

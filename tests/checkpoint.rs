@@ -129,3 +129,263 @@ fn compiled_load_state_dict_refuses_another_kind_and_changes_nothing() {
     assert!(s.load_state_dict(&wrong_count).is_err());
     assert_eq!(s.state_dict().unwrap(), before);
 }
+
+// --- Checkpoints: resume is exact. ---
+
+use tracegrad::checkpoint::{self, Progress};
+use tracegrad::compile::TrainStep;
+use tracegrad::optim::{CosineAnnealingLR, LrScheduler, StepLR};
+
+/// A checkpoint path of its own for each test, removed when dropped.
+struct TempPath(std::path::PathBuf);
+
+impl TempPath {
+    fn new(name: &str) -> TempPath {
+        let dir = std::env::temp_dir().join(format!("tracegrad-checkpoint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempPath(dir.join(name))
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Eager steps `range` (cycling over `data`), with the scheduler stepped after each.
+fn eager_run(
+    m: &Sequential,
+    opt: &mut dyn Optimizer,
+    mut sched: Option<&mut StepLR>,
+    data: &[(Tensor, Tensor)],
+    range: std::ops::Range<usize>,
+) {
+    for i in range {
+        let (x, y) = &data[i % data.len()];
+        opt.zero_grad();
+        m.call(x).cross_entropy(y).backward();
+        opt.step();
+        if let Some(s) = sched.as_mut() {
+            s.step(opt);
+        }
+    }
+}
+
+fn scheduler(opt: &mut dyn Optimizer, with: bool) -> Option<StepLR> {
+    with.then(|| StepLR::new(opt, 5, 0.5))
+}
+
+fn eager_resume_is_exact(spec: StepOptimizer, with_sched: bool, what: &str) {
+    let data = batches();
+    let path = TempPath::new(&format!("eager-{what}.safetensors"));
+    let m1 = model();
+    let mut o1 = eager_opt(&spec, m1.parameters());
+    let mut s1 = scheduler(&mut *o1, with_sched);
+    eager_run(&m1, &mut *o1, s1.as_mut(), &data, 0..40);
+
+    let m2 = model();
+    let mut o2 = eager_opt(&spec, m2.parameters());
+    let mut s2 = scheduler(&mut *o2, with_sched);
+    eager_run(&m2, &mut *o2, s2.as_mut(), &data, 0..20);
+    let progress = Progress { step: 20, generator: None };
+    checkpoint::save(&path.0, &m2, &*o2, s2.as_ref().map(|s| s as &dyn LrScheduler), progress).unwrap();
+    drop((m2, o2, s2));
+
+    // Fresh objects: other initial weights, and an optimizer and scheduler at step 0.
+    let m3 = model_seeded(77, 32);
+    let mut o3 = eager_opt(&spec, m3.parameters());
+    let mut s3 = scheduler(&mut *o3, with_sched);
+    let p = checkpoint::load(&path.0, &m3, &mut *o3, s3.as_mut().map(|s| s as &mut dyn LrScheduler)).unwrap();
+    assert_eq!(p, progress);
+    eager_run(&m3, &mut *o3, s3.as_mut(), &data, 20..40);
+    assert_eq!(params_of(&m3), params_of(&m1), "{what}: resumed run differs from the uninterrupted one");
+    assert_eq!(o3.lr(), o1.lr());
+}
+
+#[test]
+fn eager_resume_is_exact_sgd_momentum() {
+    eager_resume_is_exact(StepOptimizer::Sgd(sgd()), false, "sgd");
+}
+
+#[test]
+fn eager_resume_is_exact_adam_steplr() {
+    eager_resume_is_exact(StepOptimizer::Adam(adam()), true, "adam");
+}
+
+/// The learning rate of a compiled step under an LR scheduler. Schedulers drive an
+/// [`Optimizer`]; this one (SGD over an unused parameter) only carries the rate between the
+/// scheduler and the step.
+struct Schedule {
+    carrier: Sgd,
+    sched: StepLR,
+}
+
+impl Schedule {
+    fn new(lr: f64) -> Schedule {
+        let mut carrier = Sgd::new(vec![Tensor::zeros(&[1]).requires_grad_(true)], lr);
+        let sched = StepLR::new(&mut carrier, 5, 0.5);
+        Schedule { carrier, sched }
+    }
+
+    fn step(&mut self, step: &mut TrainStep<'_>) {
+        self.carrier.set_lr(step.lr());
+        self.sched.step(&mut self.carrier);
+        step.set_lr(self.carrier.lr());
+    }
+}
+
+fn compiled_run(
+    step: &mut TrainStep<'_>,
+    mut sched: Option<&mut Schedule>,
+    data: &[(Tensor, Tensor)],
+    range: std::ops::Range<usize>,
+) {
+    for i in range {
+        let (x, y) = &data[i % data.len()];
+        step.step(x, y).unwrap();
+        if let Some(s) = sched.as_mut() {
+            s.step(step);
+        }
+    }
+}
+
+fn compiled_resume_is_exact(spec: StepOptimizer, with_sched: bool, what: &str) {
+    let data = batches();
+    let path = TempPath::new(&format!("compiled-{what}.safetensors"));
+    let lr = match &spec {
+        StepOptimizer::Sgd(o) => o.lr,
+        StepOptimizer::Adam(o) => o.lr,
+        StepOptimizer::AdamW(o) => o.lr,
+    };
+    let schedule = || with_sched.then(|| Schedule::new(lr));
+    let m1 = model();
+    let mut t1 = compile_train_step(&m1, |out, y| out.cross_entropy(y), spec.clone());
+    let mut s1 = schedule();
+    compiled_run(&mut t1, s1.as_mut(), &data, 0..40);
+
+    let m2 = model();
+    let mut t2 = compile_train_step(&m2, |out, y| out.cross_entropy(y), spec.clone());
+    let mut s2 = schedule();
+    compiled_run(&mut t2, s2.as_mut(), &data, 0..20);
+    let progress = Progress { step: 20, generator: None };
+    checkpoint::save(&path.0, &m2, &t2, s2.as_ref().map(|s| &s.sched as &dyn LrScheduler), progress).unwrap();
+    drop((t2, s2));
+
+    let m3 = model_seeded(77, 32);
+    let mut t3 = compile_train_step(&m3, |out, y| out.cross_entropy(y), spec);
+    let mut s3 = schedule();
+    let p = checkpoint::load(&path.0, &m3, &mut t3, s3.as_mut().map(|s| &mut s.sched as &mut dyn LrScheduler)).unwrap();
+    assert_eq!(p, progress);
+    compiled_run(&mut t3, s3.as_mut(), &data, 20..40);
+    assert_eq!(params_of(&m3), params_of(&m1), "{what}: resumed run differs from the uninterrupted one");
+    assert_eq!(t3.lr(), t1.lr());
+}
+
+#[test]
+fn compiled_resume_is_exact_sgd_momentum() {
+    compiled_resume_is_exact(StepOptimizer::Sgd(sgd()), false, "sgd");
+}
+
+#[test]
+fn compiled_resume_is_exact_adam_steplr() {
+    compiled_resume_is_exact(StepOptimizer::Adam(adam()), true, "adam");
+}
+
+// --- A mismatched load is an error that changes nothing. ---
+
+/// A saved SGD-with-StepLR checkpoint of `model()` after a few steps.
+fn saved(name: &str) -> TempPath {
+    let path = TempPath::new(name);
+    let m = model();
+    let mut o = Sgd::with_options(m.parameters(), sgd()).unwrap();
+    let mut s = StepLR::new(&mut o, 5, 0.5);
+    eager_run(&m, &mut o, Some(&mut s), &batches(), 0..3);
+    checkpoint::save(&path.0, &m, &o, Some(&s), Progress { step: 3, generator: None }).unwrap();
+    path
+}
+
+/// Loads `path` into `m`, `opt` and `sched`; asserts that it fails with `want` in the message
+/// and that none of the three changed.
+fn refused(
+    path: &TempPath,
+    m: &dyn tracegrad::nn::Module,
+    opt: &mut dyn Optimizer,
+    mut sched: Option<&mut dyn LrScheduler>,
+    want: &str,
+) {
+    let params: Vec<Vec<f32>> = m.parameters().iter().map(Tensor::to_vec_f32).collect();
+    let state = opt.state_dict();
+    let sched_state = sched.as_ref().map(|s| s.state_dict());
+    let e = checkpoint::load(&path.0, m, opt, sched.as_deref_mut()).unwrap_err();
+    assert!(e.contains(want), "{want:?} not in {e:?}");
+    assert_eq!(m.parameters().iter().map(Tensor::to_vec_f32).collect::<Vec<_>>(), params, "the model changed");
+    assert_eq!(opt.state_dict(), state, "the optimizer changed");
+    assert_eq!(sched.as_ref().map(|s| s.state_dict()), sched_state, "the scheduler changed");
+}
+
+#[test]
+fn a_load_with_another_parameter_count_changes_nothing() {
+    let path = saved("count.safetensors");
+    let m = {
+        let _guard = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+        Sequential::new().add(Linear::new(64, 32)).add(ReLU::new()).add(Linear::new(32, 32)).add(Linear::new(32, 10))
+    };
+    let mut o = Sgd::with_options(m.parameters(), sgd()).unwrap();
+    let mut s = StepLR::new(&mut o, 5, 0.5);
+    refused(&path, &m, &mut o, Some(&mut s), "the checkpoint's model has 4 tensors, this model 6");
+}
+
+#[test]
+fn a_load_with_other_shapes_changes_nothing() {
+    let path = saved("shapes.safetensors");
+    let m = model_seeded(3, 16);
+    let mut o = Sgd::with_options(m.parameters(), sgd()).unwrap();
+    let mut s = StepLR::new(&mut o, 5, 0.5);
+    refused(&path, &m, &mut o, Some(&mut s), "size mismatch for 0.weight");
+}
+
+#[test]
+fn a_load_into_another_optimizer_kind_changes_nothing() {
+    let path = saved("kind.safetensors");
+    let m = model_seeded(3, 32);
+    let mut o = Adam::with_options(m.parameters(), adam()).unwrap();
+    eager_run(&m, &mut o, None, &batches(), 0..2);
+    let mut s = StepLR::new(&mut o, 5, 0.5);
+    refused(&path, &m, &mut o, Some(&mut s), "optimizer: loaded state dict is not a Adam state dict");
+    // The compiled step refuses it too.
+    let mut step = compile_train_step(&m, |out, y| out.cross_entropy(y), StepOptimizer::Adam(adam()));
+    let before: Vec<Vec<f32>> = params_of(&m);
+    let e = checkpoint::load(&path.0, &m, &mut step, None).unwrap_err();
+    assert!(e.contains("no scheduler was given"), "{e}");
+    let mut sched = Schedule::new(1e-2);
+    let e = checkpoint::load(&path.0, &m, &mut step, Some(&mut sched.sched)).unwrap_err();
+    assert!(e.contains("not a Adam state dict"), "{e}");
+    assert_eq!(params_of(&m), before);
+    assert!(step.state_dict().unwrap().state.is_empty());
+}
+
+#[test]
+fn a_load_into_another_scheduler_kind_changes_nothing() {
+    let path = saved("scheduler.safetensors");
+    let m = model_seeded(3, 32);
+    let mut o = Sgd::with_options(m.parameters(), sgd()).unwrap();
+    let mut s = CosineAnnealingLR::new(&mut o, 10, 0.0);
+    refused(&path, &m, &mut o, Some(&mut s), "scheduler: ");
+    assert_eq!(s.last_epoch(), 0);
+}
+
+#[test]
+fn files_that_are_not_checkpoints_are_errors() {
+    let path = TempPath::new("plain.safetensors");
+    let m = model();
+    tracegrad::nn::save_safetensors(&m, &path.0).unwrap();
+    let mut o = Sgd::with_options(m.parameters(), sgd()).unwrap();
+    let e = checkpoint::load(&path.0, &m, &mut o, None).unwrap_err();
+    assert!(e.contains("not a tracegrad checkpoint"), "{e}");
+    std::fs::write(&path.0, b"\x10\0\0\0\0\0\0\0{not json").unwrap();
+    assert!(checkpoint::load(&path.0, &m, &mut o, None).is_err());
+    let missing = TempPath::new("missing.safetensors");
+    let e = checkpoint::load(&missing.0, &m, &mut o, None).unwrap_err();
+    assert!(e.contains("missing.safetensors"), "{e}");
+}

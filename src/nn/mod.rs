@@ -39,6 +39,7 @@ pub use module::{
 };
 pub use norm::{BatchNorm1d, BatchNorm2d, LayerNorm};
 pub use pooling::{AvgPool2d, MaxPool2d};
+pub(crate) use state::state_to_safetensors_with;
 pub use state::{
     load_safetensors, save_safetensors, state_from_safetensors, state_to_safetensors, StateError, StateErrorKind,
 };

@@ -210,6 +210,14 @@ fn from_le<T, const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> 
 /// writers do, and no `__metadata__` is written (as with PyTorch's `save_file(state)`), so a
 /// state read from a PyTorch file is written back byte for byte. Duplicate keys are an error.
 pub fn state_to_safetensors(state: &[(String, Tensor)]) -> Result<Vec<u8>, StateError> {
+    state_to_safetensors_with(state, None)
+}
+
+/// [`state_to_safetensors`] with a `__metadata__` map (checkpoints keep their JSON there).
+pub(crate) fn state_to_safetensors_with(
+    state: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, StateError> {
     let mut seen = HashSet::new();
     for (k, _) in state {
         if !seen.insert(k.as_str()) {
@@ -217,7 +225,7 @@ pub fn state_to_safetensors(state: &[(String, Tensor)]) -> Result<Vec<u8>, State
         }
     }
     let raws: Vec<(&str, Raw)> = state.iter().map(|(k, t)| (k.as_str(), to_raw(t))).collect();
-    safetensors::serialize(raws.iter().map(|(k, r)| (*k, r)), None).map_err(StateError::format)
+    safetensors::serialize(raws.iter().map(|(k, r)| (*k, r)), metadata).map_err(StateError::format)
 }
 
 /// Checks, before the `safetensors` crate sees the header, that no declared data offset lies
