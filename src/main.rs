@@ -1,13 +1,13 @@
 //! `tracegrad`: the command-line front end (DESIGN.md's CLI contract). With no arguments it
 //! runs `train` on the embedded digits set.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use tracegrad::data::{self, Labeled};
-use tracegrad::train::{train_mlp, TrainConfig};
+use tracegrad::train::{train_classifier, ModelKind, TrainConfig};
 
 /// Counts heap bytes so `tracegrad bench` can report each workload's peak memory.
 #[global_allocator]
@@ -103,6 +103,7 @@ fn dump(args: DumpArgs) -> Result<(), String> {
 enum Model {
     Mlp,
     Cnn,
+    Transformer,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -120,7 +121,8 @@ enum OptimizerKind {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// Model from the zoo.
+    /// The network: an MLP; a CNN reading each sample as a square one-channel image; or a
+    /// transformer reading each image's rows as tokens (causal block, dropout 0.1).
     #[arg(long, value_enum, default_value = "mlp")]
     model: Model,
     /// `digits` (embedded), `mnist-csv:PATH` or `mnist-idx:DIR`.
@@ -147,6 +149,13 @@ struct TrainArgs {
     /// End stdout with a JSON summary.
     #[arg(long)]
     json: bool,
+    /// Write a checkpoint (model, optimizer, epochs done) here after every epoch.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Continue the run checkpointed here; `--epochs` stays the total, so after 2 of 4
+    /// epochs this trains epochs 3 and 4. Use the saved run's other settings.
+    #[arg(long)]
+    resume: Option<PathBuf>,
 }
 
 impl Default for TrainArgs {
@@ -161,6 +170,8 @@ impl Default for TrainArgs {
             optimizer: OptimizerKind::Sgd,
             seed: 0,
             json: false,
+            save: None,
+            resume: None,
         }
     }
 }
@@ -198,10 +209,28 @@ fn load_split(spec: &str, seed: u64) -> Result<(Labeled, Labeled), String> {
     Err(format!("unknown dataset {spec:?}: expected digits, mnist-csv:PATH or mnist-idx:DIR"))
 }
 
-fn train(args: TrainArgs) -> Result<(), String> {
-    if args.model == Model::Cnn {
-        return Err("--model cnn is not available yet: it needs the Conv2d/MaxPool2d modules; use --model mlp".into());
+/// Checks `--save` and `--resume` before any work: the checkpoint to resume must read as one,
+/// and the directory to save into must exist.
+fn check_paths(args: &TrainArgs) -> Result<(), String> {
+    if let Some(p) = &args.resume {
+        if !p.is_file() {
+            return Err(format!("--resume {}: no such checkpoint file", p.display()));
+        }
+        tracegrad::checkpoint::read(p).map_err(|e| format!("--resume {e}"))?;
     }
+    if let Some(p) = &args.save {
+        if p.is_dir() {
+            return Err(format!("--save {}: is a directory; give a file path", p.display()));
+        }
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(format!("--save {}: directory {} does not exist", p.display(), dir.display()));
+        }
+    }
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> Result<(), String> {
     if args.epochs == 0 {
         return Err("--epochs must be at least 1".into());
     }
@@ -211,6 +240,7 @@ fn train(args: TrainArgs) -> Result<(), String> {
     if !args.lr.is_finite() {
         return Err(format!("--lr must be a finite number, got {}", args.lr));
     }
+    check_paths(&args)?;
     let (train_set, test_set) = load(&args.dataset, args.seed)?;
     let optimizer = match args.optimizer {
         OptimizerKind::Sgd => tracegrad::train::OptimizerKind::Sgd,
@@ -224,13 +254,22 @@ fn train(args: TrainArgs) -> Result<(), String> {
         seed: args.seed,
         optimizer,
         compiled: args.mode == Mode::Compiled,
+        model: match args.model {
+            Model::Mlp => ModelKind::Mlp,
+            Model::Cnn => ModelKind::Cnn,
+            Model::Transformer => ModelKind::Transformer,
+        },
+        save: args.save.clone(),
+        resume: args.resume.clone(),
         ..Default::default()
     };
+    let what = match args.model {
+        Model::Mlp => format!("MLP {}→{}→{}", train_set.x.shape()[1], cfg.hidden, train_set.classes),
+        Model::Cnn => format!("CNN ({} classes)", train_set.classes),
+        Model::Transformer => format!("transformer ({} classes)", train_set.classes),
+    };
     eprintln!(
-        "training MLP {}→{}→{} on {} ({} train / {} test), {}, {:?} lr {}",
-        train_set.x.shape()[1],
-        cfg.hidden,
-        train_set.classes,
+        "training {what} on {} ({} train / {} test), {}, {:?} lr {}",
         args.dataset,
         train_set.len(),
         test_set.len(),
@@ -244,7 +283,7 @@ fn train(args: TrainArgs) -> Result<(), String> {
         ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} steps").unwrap().progress_chars("=> "),
     );
     let epochs = cfg.epochs;
-    let (_model, summary) = train_mlp(
+    let (_model, summary) = train_classifier(
         &train_set,
         &test_set,
         &cfg,
@@ -271,8 +310,10 @@ fn train(args: TrainArgs) -> Result<(), String> {
     );
     if cfg.compiled {
         // The same run eagerly, for the speed-up (same data, seed and step count).
-        let eager_cfg = TrainConfig { compiled: false, ..cfg.clone() };
-        let (_, eager) = train_mlp(&train_set, &test_set, &eager_cfg, |_, _, _| {}, |_| {})?;
+        // (It resumes from the same checkpoint, whose layout is the same eager or compiled,
+        // and saves nothing.)
+        let eager_cfg = TrainConfig { compiled: false, save: None, ..cfg.clone() };
+        let (_, eager) = train_classifier(&train_set, &test_set, &eager_cfg, |_, _, _| {}, |_| {})?;
         println!(
             "speed-up over eager: {:.2}x ({:.0} vs {:.0} steps/s; eager test accuracy {:.4})",
             summary.steps_per_second / eager.steps_per_second,

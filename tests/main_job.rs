@@ -3,13 +3,14 @@
 use std::process::Command;
 
 use tracegrad::data;
-use tracegrad::train::{train_mlp, TrainConfig};
+use tracegrad::train::{train_classifier, TrainConfig};
 
 #[test]
 fn mlp_reaches_95_percent_on_digits() {
     let (train, test) = data::digits().split(0.8, 0);
     let mut epochs_seen = 0;
-    let (_, summary) = train_mlp(&train, &test, &TrainConfig::default(), |_, _, _| {}, |_| epochs_seen += 1).unwrap();
+    let (_, summary) =
+        train_classifier(&train, &test, &TrainConfig::default(), |_, _, _| {}, |_| epochs_seen += 1).unwrap();
     assert_eq!(epochs_seen, 20);
     assert!(summary.test_accuracy >= 0.95, "test accuracy {}", summary.test_accuracy);
     assert!(summary.final_loss < 0.3, "final loss {}", summary.final_loss);
@@ -50,8 +51,8 @@ fn compiled_training_matches_eager_training() {
     let (train, test) = data::digits().split(0.8, 0);
     let eager = TrainConfig { epochs: 3, ..Default::default() };
     let compiled = TrainConfig { compiled: true, ..eager.clone() };
-    let (_, e) = train_mlp(&train, &test, &eager, |_, _, _| {}, |_| {}).unwrap();
-    let (_, c) = train_mlp(&train, &test, &compiled, |_, _, _| {}, |_| {}).unwrap();
+    let (_, e) = train_classifier(&train, &test, &eager, |_, _, _| {}, |_| {}).unwrap();
+    let (_, c) = train_classifier(&train, &test, &compiled, |_, _, _| {}, |_| {}).unwrap();
     assert_eq!(c.mode, "compiled");
     assert!((c.final_loss - e.final_loss).abs() <= 1e-4 * e.final_loss, "{} vs {}", c.final_loss, e.final_loss);
     assert!((c.test_accuracy - e.test_accuracy).abs() <= 0.01);
@@ -62,7 +63,7 @@ fn adam_trains_too() {
     let (train, test) = data::digits().split(0.8, 0);
     let cfg =
         TrainConfig { epochs: 5, lr: 1e-3, optimizer: tracegrad::train::OptimizerKind::Adam, ..Default::default() };
-    let (_, s) = train_mlp(&train, &test, &cfg, |_, _, _| {}, |_| {}).unwrap();
+    let (_, s) = train_classifier(&train, &test, &cfg, |_, _, _| {}, |_| {}).unwrap();
     assert!(s.test_accuracy >= 0.9, "{}", s.test_accuracy);
 }
 
