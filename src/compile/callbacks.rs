@@ -87,6 +87,7 @@ impl CallbackRunner for Runner<'_> {
             CallbackSpec::BackwardPre { output_callback } => self.backward_pre(*output_callback, args),
             CallbackSpec::FullBackward { inputs_callback } => self.full_backward(*inputs_callback, args),
             CallbackSpec::TensorHook { hook } => tensor_hook(hook, args),
+            CallbackSpec::ParamGrads { params } => super::param_hooks::run_param_hooks(params, args),
         }
     }
 }

@@ -85,7 +85,7 @@ pub fn stage_graph(
         return Ok((traced.graph, String::new()));
     }
     let wrt = grad_inputs(inputs, &traced.lifted_inputs, true);
-    let opts = Options { goal: Goal::Call, wrt, hooked: true, donate: false, backend: Backend::Jit, dump: true };
+    let opts = Options { goal: Goal::Call, wrt, donate: false, backend: Backend::Jit, dump: true };
     let built = pipeline::run(traced, &opts)?;
     let snapshot = match stage {
         Stage::Joint => built.snapshots.joint,
