@@ -594,8 +594,12 @@ impl Graph {
                 NodeKind::Callback { label, .. } => (format!("callback: {label}"), ", style=filled, fillcolor=orange"),
             };
             let what: String = what.chars().take(60).collect();
-            let place =
-                if node.path.is_empty() { String::new() } else { format!("\\n{} ({})", node.path, node.module_type) };
+            // `\n` is DOT's line break: escaped with the text around it, it would show as is.
+            let place = if node.path.is_empty() {
+                String::new()
+            } else {
+                format!("\\n{}", esc(&format!("{} ({})", node.path, node.module_type)))
+            };
             let _ = writeln!(
                 s,
                 "  n{} [label=\"%{}: {}\\n{}{}\"{}];",
@@ -603,7 +607,7 @@ impl Graph {
                 n.index(),
                 node.ty,
                 esc(&what),
-                esc(&place),
+                place,
                 extra
             );
         }

@@ -191,6 +191,15 @@ impl Tracer for ActiveTrace {
     }
 }
 
+/// A module path for messages: the root module's is empty.
+pub(crate) fn module_at(path: &str) -> &str {
+    if path.is_empty() {
+        "the root module"
+    } else {
+        path
+    }
+}
+
 /// One traced module call: a scope for the module's nodes, its hooks as callback nodes.
 struct TracedCall<'a> {
     trace: &'a RefCell<TraceState>,
@@ -209,7 +218,7 @@ impl TracedCall<'_> {
         operands: &[&Tensor],
         requires: &[bool],
     ) -> (usize, Vec<Tensor>) {
-        let label = format!("{what} of {} ({})", self.path, self.type_name);
+        let label = format!("{what} of {} ({})", module_at(&self.path), self.type_name);
         self.trace.borrow_mut().callback(spec, &label, operands, requires).unwrap_or_else(|e| panic!("{e}"))
     }
 }

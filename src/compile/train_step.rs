@@ -87,6 +87,11 @@ impl CachedPlan for StepPlan {
 type LossFn<'m> = Box<dyn Fn(&Tensor, &Tensor) -> Tensor + 'm>;
 
 /// A compiled training step (see [`compile_train_step`]).
+///
+/// A `TrainStep` is neither `Send` nor `Sync`: it borrows its module as a `&dyn Module` and
+/// owns the loss closure, and neither is required to be thread-safe. Build one per thread
+/// (each compiles its own plans); a shared module's parameters are updated in place, so two
+/// threads stepping one module need their own synchronisation, as in eager mode.
 pub struct TrainStep<'m> {
     module: &'m dyn Module,
     loss_fn: LossFn<'m>,
