@@ -259,7 +259,10 @@ enum Task {
     Ready(u64, usize),
 }
 
-fn accumulate_leaf(t: &Tensor, g: Tensor) -> Result<(), BackwardError> {
+/// A leaf's accumulation, as the engine runs it: its tensor hooks on `g` (each may replace
+/// it), the sum into `.grad`, then its post-accumulate hooks. A compiled train step runs the
+/// same sequence on its parameters' gradients.
+pub(crate) fn accumulate_leaf(t: &Tensor, g: Tensor) -> Result<(), BackwardError> {
     let hooks: Vec<GradHook> = lock(&t.0.hooks).iter().map(|(_, h)| h.clone()).collect();
     let g = run_hooks(&hooks, g, "a tensor hook")?;
     add_into(&mut lock(&t.0.grad), g)?;
@@ -440,10 +443,11 @@ impl Tensor {
         let id = next_hook_id();
         let hook: GradHook = Arc::new(hook);
         if let Some(tracer) = tracer().filter(|_| self.is_symbolic()) {
-            tracer.tensor_hook(self, hook.clone());
-            // The hook is part of the compiled plan; the plan is rebuilt when the forward is
-            // traced again, which is when a hook registered inside forward can change.
-            return crate::hooks::RemovableHandle::new(|| {});
+            // The hook becomes part of the compiled plan; removing it stops it at once and
+            // makes the plan stale, so the next call traces again.
+            let (handle, removed) = crate::hooks::RemovableHandle::with_flag();
+            tracer.tensor_hook(self, hook, removed);
+            return handle;
         }
         match self.grad_fn() {
             None => {

@@ -8,6 +8,8 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use tracegrad_compiler::graph::NodeId;
 use tracegrad_compiler::{Op, OpResult, TensorType};
@@ -31,8 +33,9 @@ pub(crate) trait Tracer {
     fn emit(&self, op: &Op, inputs: &[&Tensor]) -> OpResult<Tensor>;
     /// Records the in-place write `target ← value` (a module buffer's update).
     fn assign(&self, target: &Tensor, value: &Tensor) -> Result<(), String>;
-    /// Records a gradient hook on the symbolic tensor `t`.
-    fn tensor_hook(&self, t: &Tensor, hook: GradHook);
+    /// Records a gradient hook on the symbolic tensor `t`; `removed` is set when its handle
+    /// is removed.
+    fn tensor_hook(&self, t: &Tensor, hook: GradHook, removed: Arc<AtomicBool>);
     /// The backend that records one call of `m` (its scope and its hooks as callbacks).
     fn module_call<'a>(&'a self, m: &'a dyn Module) -> Box<dyn CallBackend + 'a>;
 }

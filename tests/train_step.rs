@@ -108,20 +108,6 @@ fn a_learning_rate_change_does_not_recompile() {
 }
 
 #[test]
-fn parameter_hooks_are_refused_not_skipped() {
-    let m = model();
-    let data = batches();
-    m.get_parameter("0.weight").unwrap().register_hook(|g| Some(g * 0.0));
-    let mut step = compile_train_step(
-        &m,
-        |out, y| out.cross_entropy(y),
-        StepOptimizer::Sgd(SgdOptions { lr: 0.1, ..Default::default() }),
-    );
-    let e = step.step(&data[0].0, &data[0].1).unwrap_err();
-    assert!(e.to_string().contains("parameter 0.weight has gradient hooks"), "{e}");
-}
-
-#[test]
 fn a_failing_step_leaves_the_parameters_untouched() {
     // The compiled step donates the parameters it replaces (their new values are written
     // over the old storage); a step that fails — here a class index out of range in the

@@ -752,6 +752,10 @@ pub fn batch_norm<B: Build>(
         let ve = e.add_scalar(&rv, eps)?;
         let r = e.unary(UnaryOp::Rsqrt, &ve)?;
         (e.mul(&xc, &r)?, None)
+    } else if s.contains(&0) {
+        // An empty batch has no statistics: PyTorch returns it (through weight and bias) and
+        // leaves the running ones alone.
+        (e.mul_scalar(x, 1.0)?, None)
     } else {
         let (y, stats) = normalize_with_batch_stats(e, x, &s, eps)?;
         (y, Some(stats))

@@ -322,10 +322,19 @@ impl Graph {
                 return Err(format!("output {name} refers to a removed node"));
             }
         }
+        let mut listed = std::collections::HashSet::new();
         for i in &self.inputs {
             if !matches!(self.g.node_weight(*i).map(|n| &n.kind), Some(NodeKind::Input { .. })) {
                 return Err(format!("input %{} is not an input node", i.index()));
             }
+            if !listed.insert(*i) {
+                return Err(format!("input %{} is listed twice", i.index()));
+            }
+        }
+        if let Some(n) =
+            self.g.node_indices().find(|n| matches!(self.g[*n].kind, NodeKind::Input { .. }) && !listed.contains(n))
+        {
+            return Err(format!("%{}: an input node missing from the graph's inputs", n.index()));
         }
         Ok(())
     }
@@ -510,6 +519,16 @@ impl Graph {
             return Err(format!("graph JSON: unsupported format {:?} version {}", j.format, j.version));
         }
         let mut g = Graph::new();
+        // Ids survive the round trip, so the holes between them are allocated: bound them by
+        // the node count (passes leave holes, never this many).
+        let limit = j.nodes.len().saturating_mul(16).max(1 << 16);
+        if let Some(n) = j.nodes.iter().find(|n| n.id >= limit) {
+            return Err(format!(
+                "graph JSON: node id {} is out of range for {} nodes (ids must be below {limit})",
+                n.id,
+                j.nodes.len()
+            ));
+        }
         let max = j.nodes.iter().map(|n| n.id).max().map_or(0, |m| m + 1);
         let mut slots: Vec<Option<&NodeJson>> = vec![None; max];
         for n in &j.nodes {
@@ -575,8 +594,12 @@ impl Graph {
                 NodeKind::Callback { label, .. } => (format!("callback: {label}"), ", style=filled, fillcolor=orange"),
             };
             let what: String = what.chars().take(60).collect();
-            let place =
-                if node.path.is_empty() { String::new() } else { format!("\\n{} ({})", node.path, node.module_type) };
+            // `\n` is DOT's line break: escaped with the text around it, it would show as is.
+            let place = if node.path.is_empty() {
+                String::new()
+            } else {
+                format!("\\n{}", esc(&format!("{} ({})", node.path, node.module_type)))
+            };
             let _ = writeln!(
                 s,
                 "  n{} [label=\"%{}: {}\\n{}{}\"{}];",
@@ -584,7 +607,7 @@ impl Graph {
                 n.index(),
                 node.ty,
                 esc(&what),
-                esc(&place),
+                place,
                 extra
             );
         }

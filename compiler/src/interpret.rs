@@ -42,7 +42,16 @@ pub fn eval_node(
     let node = g.node(n);
     match &node.kind {
         NodeKind::Input { .. } => unreachable!("an input is not evaluated"),
-        NodeKind::Op(op) => op.eval(args, &node.ty).map_err(|e| node_error(g, n, e)),
+        NodeKind::Op(op) => {
+            // A kernel asserts what the validator should have refused; its panic must not
+            // cross the run boundary, so it becomes this node's error.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.eval(args, &node.ty)));
+            let r = r.unwrap_or_else(|payload| {
+                let why = tracegrad_runtime::panic_message(&*payload).unwrap_or("a kernel panicked");
+                Err(op.error(format!("{} (node %{}): kernel panicked: {why}", op.name(), n.index())))
+            });
+            r.map_err(|e| node_error(g, n, e))
+        }
         NodeKind::Callback { id, output, n_outputs, label } => {
             if !results.0.contains_key(id) {
                 let args: Vec<Buffer> = args.iter().map(|&b| b.clone()).collect();

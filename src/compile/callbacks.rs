@@ -10,7 +10,7 @@ use tracegrad_compiler::interpret::CallbackRunner;
 use tracegrad_compiler::TensorType;
 use tracegrad_runtime::Buffer;
 
-use super::trace::CallbackSpec;
+use super::trace::{module_at, CallbackSpec};
 use crate::autograd::GradHook;
 use crate::nn::{ForwardHook, ForwardPreHook, Module, ModuleExt};
 use crate::tensor::{lock, Tensor};
@@ -87,6 +87,7 @@ impl CallbackRunner for Runner<'_> {
             CallbackSpec::BackwardPre { output_callback } => self.backward_pre(*output_callback, args),
             CallbackSpec::FullBackward { inputs_callback } => self.full_backward(*inputs_callback, args),
             CallbackSpec::TensorHook { hook } => tensor_hook(hook, args),
+            CallbackSpec::ParamGrads { params } => super::param_hooks::run_param_hooks(params, args),
         }
     }
 }
@@ -109,7 +110,8 @@ impl Runner<'_> {
         };
         if new.len() != args.len() {
             return Err(format!(
-                "the forward pre-hook of {path} returned {} inputs, expected {}",
+                "the forward pre-hook of {} returned {} inputs, expected {}",
+                module_at(path),
                 new.len(),
                 args.len()
             ));
@@ -194,7 +196,8 @@ fn check_same(path: &str, what: &str, old: &Buffer, new: &Tensor) -> Result<Buff
     let nb = new.buffer();
     if TensorType::of(&nb) != TensorType::of(old) {
         return Err(format!(
-            "the {what} of {path} returned {} where {} was expected (a compiled module's hooks must keep shape and dtype)",
+            "the {what} of {} returned {} where {} was expected (a compiled module's hooks must keep shape and dtype)",
+            module_at(path),
             TensorType::of(&nb),
             TensorType::of(old)
         ));

@@ -3,6 +3,7 @@
 //! when asked, on the reference interpreter. Hooks run at run time as callback nodes, with
 //! real tensors.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tracegrad_compiler::graph::{Graph, NodeId};
@@ -27,6 +28,14 @@ pub(crate) struct Signature {
     global_hooks: u64,
     /// Per module path: hook-set version and hook count.
     hooks: Vec<(String, u64, usize)>,
+    /// A train step's parameters with gradient hooks, which run inside its plan (a compiled
+    /// module's parameters run theirs in the eager engine: empty there).
+    pub(crate) param_hooks: Vec<String>,
+}
+
+/// A cached plan: the removal flags of the tensor hooks its forward registered.
+pub(crate) trait CachedPlan {
+    fn hook_flags(&self) -> &[Arc<AtomicBool>];
 }
 
 /// One compiled specialisation.
@@ -53,6 +62,13 @@ pub struct Plan {
     pub pass_report: String,
     lifted: Vec<Tensor>,
     callbacks: Arc<Vec<CallbackSpec>>,
+    hook_flags: Vec<Arc<AtomicBool>>,
+}
+
+impl CachedPlan for Plan {
+    fn hook_flags(&self) -> &[Arc<AtomicBool>] {
+        &self.hook_flags
+    }
 }
 
 /// A module compiled into static-graph plans (see [`compile`]).
@@ -77,21 +93,34 @@ impl<P> Default for PlanCache<P> {
     }
 }
 
-impl<P> PlanCache<P> {
+impl<P: CachedPlan> PlanCache<P> {
     /// The plan for `sig`; on a miss, `build` makes it and the reason is recorded (and logged
-    /// with `TRACEGRAD_LOG`).
+    /// with `TRACEGRAD_LOG`). A plan one of whose forward's tensor hooks was removed is
+    /// dropped and built again.
     pub(crate) fn get_or_build(
         &mut self,
         module: &dyn Module,
         sig: Signature,
         build: impl FnOnce(&Signature) -> Result<P, CompileError>,
     ) -> Result<&P, CompileError> {
+        let mut stale = None;
+        if let Some(i) = self.plans.iter().position(|(s, _)| *s == sig) {
+            let removed = self.plans[i].1.hook_flags().iter().filter(|f| f.load(Ordering::Acquire)).count();
+            if removed > 0 {
+                self.plans.remove(i);
+                stale = Some(match removed {
+                    1 => "a tensor hook registered inside forward was removed".to_string(),
+                    n => format!("{n} tensor hooks registered inside forward were removed"),
+                });
+            }
+        }
         let idx = match self.plans.iter().position(|(s, _)| *s == sig) {
             Some(i) => i,
             None => {
-                let reason = match &self.last {
-                    None => "first call".to_string(),
-                    Some(old) => describe_change(old, &sig),
+                let reason = match (stale, &self.last) {
+                    (Some(why), _) => why,
+                    (None, None) => "first call".to_string(),
+                    (None, Some(old)) => describe_change(old, &sig),
                 };
                 log_recompile(module, &reason);
                 let plan = build(&sig)?;
@@ -102,6 +131,19 @@ impl<P> PlanCache<P> {
         };
         self.last = Some(sig);
         Ok(&self.plans[idx].1)
+    }
+}
+
+impl<P> PlanCache<P> {
+    /// Files the last-used plan under `sig` instead: for a key that the build itself changed
+    /// (a parameter hook registered inside the traced forward, which the plan runs).
+    pub(crate) fn rekey_last(&mut self, sig: Signature) {
+        if let Some(last) = self.last.take() {
+            if let Some(entry) = self.plans.iter_mut().find(|(s, _)| *s == last) {
+                entry.0 = sig.clone();
+            }
+            self.last = Some(sig);
+        }
     }
 
     /// Drops every plan (the next call compiles afresh).
@@ -203,6 +245,12 @@ pub(crate) fn describe_change(old: &Signature, new: &Signature) -> String {
             });
         }
     }
+    for p in new.param_hooks.iter().filter(|p| !old.param_hooks.contains(p)) {
+        why.push(format!("gradient hook added on parameter {p}"));
+    }
+    for p in old.param_hooks.iter().filter(|p| !new.param_hooks.contains(p)) {
+        why.push(format!("gradient hooks removed from parameter {p}"));
+    }
     if why.is_empty() {
         why.push("new signature".into());
     }
@@ -215,7 +263,7 @@ fn build_plan(module: &dyn Module, sig: &Signature, backend: Backend) -> Result<
     let t0 = std::time::Instant::now();
     let traced = trace_module(module, &sig.inputs)?;
     let wrt = grad_inputs(&sig.inputs, &traced.lifted_inputs, sig.grad_enabled);
-    let opts = Options { goal: Goal::Call, wrt, hooked: true, donate: false, backend, dump: false };
+    let opts = Options { goal: Goal::Call, wrt, donate: false, backend, dump: false };
     let mut built = pipeline::run(traced, &opts)?;
     let exec = built.take_exec()?;
     Ok(Plan {
@@ -229,6 +277,7 @@ fn build_plan(module: &dyn Module, sig: &Signature, backend: Backend) -> Result<
         pass_report: built.report,
         lifted: built.lifted,
         callbacks: Arc::new(built.callbacks),
+        hook_flags: built.hook_flags,
     })
 }
 
@@ -288,6 +337,7 @@ pub(crate) fn signature_of(module: &dyn Module, inputs: &[Tensor]) -> Signature 
         grad_enabled: crate::is_grad_enabled(),
         global_hooks: crate::nn::global_hooks_version(),
         hooks: hook_states(module),
+        param_hooks: Vec::new(),
     }
 }
 

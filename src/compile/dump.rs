@@ -85,7 +85,7 @@ pub fn stage_graph(
         return Ok((traced.graph, String::new()));
     }
     let wrt = grad_inputs(inputs, &traced.lifted_inputs, true);
-    let opts = Options { goal: Goal::Call, wrt, hooked: true, donate: false, backend: Backend::Jit, dump: true };
+    let opts = Options { goal: Goal::Call, wrt, donate: false, backend: Backend::Jit, dump: true };
     let built = pipeline::run(traced, &opts)?;
     let snapshot = match stage {
         Stage::Joint => built.snapshots.joint,
@@ -138,6 +138,11 @@ pub fn dot_to_svg(dot: &str) -> Result<String, String> {
             }
         }
     }
+    dot_to_svg_builtin(dot)
+}
+
+/// DOT → SVG through the pure-Rust layout-rs renderer (what [`dot_to_svg`] falls back to).
+pub fn dot_to_svg_builtin(dot: &str) -> Result<String, String> {
     let mut parser = layout::gv::DotParser::new(dot);
     let ast = parser.process().map_err(|e| format!("DOT parse: {e}"))?;
     let mut builder = layout::gv::GraphBuilder::new();

@@ -4,6 +4,7 @@
 mod callbacks;
 mod compiled;
 pub mod dump;
+mod param_hooks;
 mod pipeline;
 mod trace;
 mod train_step;

@@ -6,8 +6,11 @@
 //! dumped stage is a snapshot of exactly the graph `compile` runs at that point.
 
 use std::cell::RefCell;
+use std::collections::HashSet;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
-use tracegrad_compiler::autodiff::{append_backward, append_backward_hooked};
+use tracegrad_compiler::autodiff::append_backward_hooked;
 use tracegrad_compiler::graph::{Graph, InputRole, NodeId, NodeKind};
 use tracegrad_compiler::partition::partition;
 use tracegrad_compiler::passes::PassManager;
@@ -15,6 +18,7 @@ use tracegrad_compiler::{OpError, TensorType};
 use tracegrad_jit::{Backend, Executable};
 
 use super::compiled::callback_vjp;
+use super::param_hooks::append_param_hooks;
 use super::trace::{CallbackSpec, CompileError, Traced};
 use super::train_step::{append_tail, StepTail};
 use crate::autograd::GradHook;
@@ -37,10 +41,6 @@ pub(crate) struct Options<'a> {
     /// Graph inputs (indices into `Graph::inputs`: data inputs, then lifted tensors) to
     /// differentiate with respect to; see [`grad_inputs`].
     pub(crate) wrt: Vec<usize>,
-    /// Differentiate through callback nodes and run tensor hooks (`compile`), or reject a
-    /// callback on the backward path (the train step: its gradients never leave the graph,
-    /// so a backward hook could not see them).
-    pub(crate) hooked: bool,
     /// Train step: the updated parameters' storage may be overwritten in place.
     pub(crate) donate: bool,
     pub(crate) backend: Backend,
@@ -81,6 +81,9 @@ pub(crate) struct Built {
     pub(crate) lifted: Vec<Tensor>,
     /// The buffers the forward writes (graph outputs `1..=updates.len()`).
     pub(crate) updates: Vec<Tensor>,
+    /// Set when a tensor hook registered inside the traced forward is removed: the plan
+    /// is stale from then on.
+    pub(crate) hook_flags: Vec<Arc<AtomicBool>>,
     /// The pass manager's timings.
     pub(crate) report: String,
     pub(crate) snapshots: Snapshots,
@@ -134,7 +137,7 @@ fn executable(g: &Graph, backend: Backend, donated: &[bool]) -> Result<Executabl
 
 /// Runs the pipeline on `traced` (see [`Goal`] for what it builds).
 pub(crate) fn run(traced: Traced, opts: &Options<'_>) -> Result<Built, CompileError> {
-    let Traced { graph, lifted_inputs, callbacks, updates, tensor_hooks } = traced;
+    let Traced { graph, lifted_inputs, callbacks, updates, tensor_hooks, hook_flags, requires_grad } = traced;
     let mut built = Built {
         forward: Graph::new(),
         backward: None,
@@ -144,10 +147,11 @@ pub(crate) fn run(traced: Traced, opts: &Options<'_>) -> Result<Built, CompileEr
         callbacks: Vec::new(),
         lifted: lifted_inputs,
         updates,
+        hook_flags,
         report: String::new(),
         snapshots: Snapshots::default(),
     };
-    let mut hooks = Hooks { callbacks: RefCell::new(callbacks), tensor_hooks };
+    let mut hooks = Hooks { callbacks: RefCell::new(callbacks), tensor_hooks, requires_grad };
     match opts.goal {
         Goal::TrainStep(tail) => train_step(graph, tail, &mut hooks, opts, &mut built)?,
         Goal::Call if opts.wrt.is_empty() => forward_only(graph, opts, &mut built)?,
@@ -161,6 +165,8 @@ pub(crate) fn run(traced: Traced, opts: &Options<'_>) -> Result<Built, CompileEr
 struct Hooks {
     callbacks: RefCell<Vec<CallbackSpec>>,
     tensor_hooks: Vec<(NodeId, GradHook)>,
+    /// The traced nodes that require grad (eager's recorded nodes).
+    requires_grad: HashSet<NodeId>,
 }
 
 /// Appends the backward of `output` (its gradient held by `seed`) w.r.t. the graph inputs
@@ -171,35 +177,24 @@ fn differentiate(
     seed: NodeId,
     wrt: &[usize],
     hooks: &mut Hooks,
-    hooked: bool,
 ) -> Result<(Vec<usize>, Vec<NodeId>), CompileError> {
     let wrt_nodes: Vec<NodeId> = wrt.iter().map(|&i| g.inputs[i]).collect();
-    let grads = if hooked {
-        let Hooks { callbacks, tensor_hooks } = hooks;
-        append_backward_hooked(
-            g,
-            &[(output, seed)],
-            &wrt_nodes,
-            &mut |g, group, grads| callback_vjp(g, &mut callbacks.borrow_mut(), group, grads),
-            &mut |g, n, mut grad| {
-                for (_, hook) in tensor_hooks.iter().filter(|(node, _)| *node == n) {
-                    let id = callbacks.borrow().len();
-                    callbacks.borrow_mut().push(CallbackSpec::TensorHook { hook: hook.clone() });
-                    let ty = g.ty(grad).clone();
-                    grad = g.add_callback(id, "tensor hook", &[grad], &[ty])[0];
-                }
-                Ok(grad)
-            },
-        )
-    } else {
-        append_backward(g, &[(output, seed)], &wrt_nodes, &mut |g, group, _| {
-            let label = match g.kind(group[0]) {
-                NodeKind::Callback { label, .. } => label.clone(),
-                _ => String::new(),
-            };
-            Err(OpError::new("autodiff", format!("compiled backward through a {label} is not supported yet")))
-        })
-    }
+    let Hooks { callbacks, tensor_hooks, .. } = hooks;
+    let grads = append_backward_hooked(
+        g,
+        &[(output, seed)],
+        &wrt_nodes,
+        &mut |g, group, grads| callback_vjp(g, &mut callbacks.borrow_mut(), group, grads),
+        &mut |g, n, mut grad| {
+            for (_, hook) in tensor_hooks.iter().filter(|(node, _)| *node == n) {
+                let id = callbacks.borrow().len();
+                callbacks.borrow_mut().push(CallbackSpec::TensorHook { hook: hook.clone() });
+                let ty = g.ty(grad).clone();
+                grad = g.add_callback(id, "tensor hook", &[grad], &[ty])[0];
+            }
+            Ok(grad)
+        },
+    )
     .map_err(op_error)?;
     Ok(wrt.iter().zip(grads).filter_map(|(&w, g)| g.map(|g| (w, g))).unzip())
 }
@@ -228,7 +223,7 @@ fn forward_backward(
 ) -> Result<(), CompileError> {
     let y = graph.outputs[0].1;
     let seed = graph.add_input("grad_out", InputRole::Grad, graph.ty(y).clone());
-    let (wrt, grads) = differentiate(&mut graph, y, seed, &opts.wrt, hooks, opts.hooked)?;
+    let (wrt, grads) = differentiate(&mut graph, y, seed, &opts.wrt, hooks)?;
     let fwd_outputs: Vec<NodeId> = graph.outputs.iter().map(|(_, n)| *n).collect();
     if opts.dump {
         let mut joint = graph.clone();
@@ -254,6 +249,35 @@ fn forward_backward(
     Ok(())
 }
 
+/// When a parameter has gradient hooks, the gradients of `params` pass through their
+/// callback ([`append_param_hooks`]) before the update reads them.
+fn parameter_hooks(
+    graph: &mut Graph,
+    loss: NodeId,
+    params: &[NodeId],
+    grads: Vec<NodeId>,
+    lifted: &[Tensor],
+    n_data: usize,
+    hooks: &Hooks,
+) -> Vec<NodeId> {
+    let named: Vec<(NodeId, Tensor, String)> = params
+        .iter()
+        .map(|&p| {
+            let k = graph.inputs.iter().position(|&i| i == p).expect("a parameter is a graph input") - n_data;
+            let name = match graph.kind(p) {
+                NodeKind::Input { name, .. } => name.clone(),
+                _ => String::new(),
+            };
+            (p, lifted[k].clone(), name)
+        })
+        .collect();
+    if !named.iter().any(|(_, t, _)| t.has_grad_hooks()) {
+        return grads;
+    }
+    let callbacks = &mut hooks.callbacks.borrow_mut();
+    append_param_hooks(graph, callbacks, &named, &grads, loss, &hooks.requires_grad)
+}
+
 /// `Goal::TrainStep`: loss, gradients and the update in one graph; the updated parameters
 /// are donated when `opts.donate`.
 fn train_step(
@@ -264,10 +288,12 @@ fn train_step(
     built: &mut Built,
 ) -> Result<(), CompileError> {
     let loss = graph.outputs[0].1;
+    let n_data = graph.inputs.len() - built.lifted.len();
     let ty = graph.ty(loss).clone();
     let seed = tail.loss_seed(&mut graph, &ty).map_err(op_error)?;
-    let (wrt, grads) = differentiate(&mut graph, loss, seed, &opts.wrt, hooks, opts.hooked)?;
+    let (wrt, grads) = differentiate(&mut graph, loss, seed, &opts.wrt, hooks)?;
     let params: Vec<NodeId> = wrt.iter().map(|&i| graph.inputs[i]).collect();
+    let grads = parameter_hooks(&mut graph, loss, &params, grads, &built.lifted[..], n_data, hooks);
     append_tail(&mut graph, tail, &params, &grads).map_err(op_error)?;
     if opts.dump {
         built.snapshots.joint = Some(graph.clone());

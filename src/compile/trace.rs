@@ -9,9 +9,10 @@
 //! forward hooks into callback nodes.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 
 use tracegrad_compiler::graph::{Graph, InputRole, NodeId};
@@ -42,6 +43,9 @@ pub(crate) enum CallbackSpec {
     BackwardPre { output_callback: usize },
     /// A tensor hook on a traced tensor's gradient (backward graph).
     TensorHook { hook: GradHook },
+    /// The train step's accumulation of its parameters' gradients, in eager's order, with
+    /// their gradient and post-accumulate hooks (`param_hooks.rs`).
+    ParamGrads { params: Vec<(String, Tensor)> },
 }
 
 pub(crate) struct TraceState {
@@ -62,6 +66,11 @@ pub(crate) struct TraceState {
     pub(crate) updates: Vec<(Tensor, NodeId)>,
     /// Tensor hooks registered on traced tensors, by node.
     pub(crate) tensor_hooks: Vec<(NodeId, GradHook)>,
+    /// Set when the handle of a hook in `tensor_hooks` is removed.
+    pub(crate) hook_flags: Vec<Arc<AtomicBool>>,
+    /// The nodes whose value requires grad: those eager autograd would have recorded, and
+    /// the inputs that require grad.
+    pub(crate) requires_grad: HashSet<NodeId>,
 }
 
 thread_local! {
@@ -90,6 +99,9 @@ impl TraceState {
                 let scope = std::mem::take(&mut self.graph.scope);
                 let n = self.graph.add_input(&name, role, tensor.tensor_type());
                 self.graph.scope = scope;
+                if tensor.requires_grad() {
+                    self.requires_grad.insert(n);
+                }
                 self.lifted_inputs.push(tensor);
                 n
             }
@@ -100,7 +112,10 @@ impl TraceState {
         Ok(n)
     }
 
-    fn symbolic(&self, n: NodeId, requires_grad: bool) -> Tensor {
+    fn symbolic(&mut self, n: NodeId, requires_grad: bool) -> Tensor {
+        if requires_grad {
+            self.requires_grad.insert(n);
+        }
         Tensor::symbolic(Symbol { trace: self.id, node: n, ty: self.graph.ty(n).clone() }, requires_grad)
     }
 
@@ -158,9 +173,13 @@ impl Tracer for ActiveTrace {
         Ok(())
     }
 
-    fn tensor_hook(&self, t: &Tensor, hook: GradHook) {
+    fn tensor_hook(&self, t: &Tensor, hook: GradHook, removed: Arc<AtomicBool>) {
         let node = t.symbol().expect("a tensor hook is traced on a symbolic tensor").node;
-        self.0.borrow_mut().tensor_hooks.push((node, hook));
+        let st = &mut *self.0.borrow_mut();
+        st.hook_flags.push(removed.clone());
+        // A removed hook stops at once, even in a backward of a call made before the removal.
+        let hook: GradHook = Arc::new(move |g| if removed.load(Ordering::Acquire) { None } else { hook(g) });
+        st.tensor_hooks.push((node, hook));
     }
 
     fn module_call<'a>(&'a self, m: &'a dyn Module) -> Box<dyn CallBackend + 'a> {
@@ -169,6 +188,15 @@ impl Tracer for ActiveTrace {
         let type_name = m.type_name();
         st.graph.scope.push((path.clone(), type_name.clone()));
         Box::new(TracedCall { trace: &self.0, path, type_name, inputs_callback: None })
+    }
+}
+
+/// A module path for messages: the root module's is empty.
+pub(crate) fn module_at(path: &str) -> &str {
+    if path.is_empty() {
+        "the root module"
+    } else {
+        path
     }
 }
 
@@ -190,7 +218,7 @@ impl TracedCall<'_> {
         operands: &[&Tensor],
         requires: &[bool],
     ) -> (usize, Vec<Tensor>) {
-        let label = format!("{what} of {} ({})", self.path, self.type_name);
+        let label = format!("{what} of {} ({})", module_at(&self.path), self.type_name);
         self.trace.borrow_mut().callback(spec, &label, operands, requires).unwrap_or_else(|e| panic!("{e}"))
     }
 }
@@ -282,6 +310,10 @@ pub(crate) struct Traced {
     pub(crate) updates: Vec<Tensor>,
     /// Tensor hooks on traced values, by node.
     pub(crate) tensor_hooks: Vec<(NodeId, GradHook)>,
+    /// One flag per tensor hook, set when its handle is removed: the plan is then stale.
+    pub(crate) hook_flags: Vec<Arc<AtomicBool>>,
+    /// The nodes whose value requires grad (see `TraceState::requires_grad`).
+    pub(crate) requires_grad: HashSet<NodeId>,
 }
 
 /// Traces `module(inputs)` for inputs of the given types.
@@ -323,6 +355,8 @@ pub(crate) fn trace_with(
         callbacks: Vec::new(),
         updates: Vec::new(),
         tensor_hooks: Vec::new(),
+        hook_flags: Vec::new(),
+        requires_grad: HashSet::new(),
     };
     let args: Vec<Tensor> = inputs
         .iter()
@@ -363,5 +397,7 @@ pub(crate) fn trace_with(
         callbacks: st.callbacks,
         updates,
         tensor_hooks: st.tensor_hooks,
+        hook_flags: st.hook_flags,
+        requires_grad: st.requires_grad,
     })
 }

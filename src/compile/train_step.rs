@@ -13,7 +13,8 @@ use tracegrad_compiler::{composite, Build, OpResult, TensorType};
 use tracegrad_jit::{Backend, Executable};
 use tracegrad_runtime::{Buffer, DType};
 
-use super::compiled::{signature_of, PlanCache, Runner, Signature};
+use super::compiled::{signature_of, CachedPlan, CallState, PlanCache, Runner, Signature};
+use super::param_hooks::hooked_parameters;
 use super::pipeline::{self, grad_inputs, op_error, Goal, Options};
 use super::trace::{trace_with, CompileError};
 use crate::nn::{Module, ModuleExt};
@@ -82,12 +83,24 @@ struct StepPlan {
     /// Whether the updated parameters' storage is handed to the executor (no hooks).
     donate: bool,
     callbacks: Vec<super::trace::CallbackSpec>,
+    hook_flags: Vec<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl CachedPlan for StepPlan {
+    fn hook_flags(&self) -> &[std::sync::Arc<std::sync::atomic::AtomicBool>] {
+        &self.hook_flags
+    }
 }
 
 /// A loss of (module output, target).
 type LossFn<'m> = Box<dyn Fn(&Tensor, &Tensor) -> Tensor + 'm>;
 
 /// A compiled training step (see [`compile_train_step`]).
+///
+/// A `TrainStep` is neither `Send` nor `Sync`: it borrows its module as a `&dyn Module` and
+/// owns the loss closure, and neither is required to be thread-safe. Build one per thread
+/// (each compiles its own plans); a shared module's parameters are updated in place, so two
+/// threads stepping one module need their own synchronisation, as in eager mode.
 pub struct TrainStep<'m> {
     module: &'m dyn Module,
     loss_fn: LossFn<'m>,
@@ -294,33 +307,56 @@ impl TrainStep<'_> {
         self.plans.backend()
     }
 
+    /// The plan key of a step on `data` now: the module's, plus its hooked parameters.
+    fn signature(&self, data: &[Tensor]) -> Signature {
+        let mut sig = signature_of(self.module, data);
+        sig.param_hooks = hooked_parameters(&self.module.named_parameters());
+        sig
+    }
+
     /// One training step on `(x, target)`; returns the loss (before the update).
     ///
     /// With [`accumulate(k)`](TrainStep::accumulate), calls 1 to k−1 of each cycle only add
     /// their gradients to the running sums and the k-th applies the update; each returns its
     /// own micro-batch's loss.
+    ///
+    /// Hooks run as in eager training (`zero_grad`, `backward`, `step`): forward and module
+    /// hooks, tensor hooks registered inside forward, and the parameters' own gradient and
+    /// post-accumulate hooks, in the order eager backward runs them. A parameter's `.grad` is
+    /// set to its gradient while its hooks run and stays set after the step; the update
+    /// reads `.grad` as the hooks leave it (a post-accumulate hook may change it in place).
+    /// Parameter hooks together with `accumulate(k)` for k > 1 are an error.
     pub fn step(&mut self, x: &Tensor, target: &Tensor) -> Result<Tensor, CompileError> {
-        // Parameter gradients never leave the graph here, so hooks on them could not fire.
-        for (name, p) in self.module.named_parameters() {
-            if p.has_grad_hooks() {
+        self.check_grad_options()?;
+        let data = [x.detach(), target.detach()];
+        if self.grads.accumulate > 1 {
+            if let Some(name) =
+                self.module.named_parameters().into_iter().find(|(_, p)| p.has_grad_hooks()).map(|(n, _)| n)
+            {
                 return Err(CompileError {
                     op: String::new(),
                     module_path: name.clone(),
                     message: format!(
-                        "compile_train_step: parameter {name} has gradient hooks, which a compiled train step cannot run yet; use compile() with an eager optimizer"
+                        "compile_train_step: parameter {name} has gradient hooks, which a compiled step with accumulate({}) cannot run yet (they would see micro-batch sums); use accumulate(1) or an eager optimizer",
+                        self.grads.accumulate
                     ),
                 });
             }
         }
-        self.check_grad_options()?;
         if self.grads.pending + 1 < self.grads.accumulate {
             return self.accumulate_only(x, target);
         }
-        let sig = signature_of(self.module, &[x.detach(), target.detach()]);
+        let sig = self.signature(&data);
         let (module, backend) = (self.module, self.plans.backend());
         let loss_fn = &self.loss_fn;
         let tail = self.grads.tail(&self.optimizer, false);
-        let plan = self.plans.get_or_build(module, sig, |sig| build_step(module, loss_fn, tail, backend, sig))?;
+        self.plans.get_or_build(module, sig.clone(), |sig| build_step(module, loss_fn, tail, backend, sig))?;
+        // A parameter hook registered inside the traced forward is in the plan already.
+        let now = self.signature(&data);
+        if now != sig {
+            self.plans.rekey_last(now);
+        }
+        let plan = self.plans.last().expect("the plan just built or found");
         let slots = self.optimizer.slots().len();
         // Optimizer state starts at zero (made before any parameter storage is donated).
         for &j in &plan.updated {
@@ -337,7 +373,10 @@ impl TrainStep<'_> {
             let p = &plan.lifted[j];
             args.extend(self.state[&p.id()].iter().cloned());
         }
-        let runner = Runner { root: Some(self.module), specs: &plan.callbacks, state: None };
+        // Backward callbacks (module backward hooks, a forward hook's replay) share one call's
+        // state with the forward callbacks, in this one graph.
+        let state = (!plan.callbacks.is_empty()).then(|| std::sync::Arc::new(CallState::default()));
+        let runner = Runner { root: Some(self.module), specs: &plan.callbacks, state };
         let out = match plan.exec.run_donated(args, &runner) {
             Ok(out) => out,
             Err(e) => {
@@ -400,8 +439,10 @@ fn build_step(
     // The parameters being replaced are donated: their new values may be written over the
     // old storage (only when no hook could observe a parameter mid-step).
     // (A micro-batch that only accumulates replaces no parameter, so donates none.)
-    let donate = traced.callbacks.is_empty() && !tail.accumulate_only;
-    let opts = Options { goal: Goal::TrainStep(tail), wrt, hooked: false, donate, backend, dump: false };
+    let hooked_params = traced.lifted_inputs.iter().any(Tensor::has_grad_hooks);
+    let donate =
+        traced.callbacks.is_empty() && traced.tensor_hooks.is_empty() && !hooked_params && !tail.accumulate_only;
+    let opts = Options { goal: Goal::TrainStep(tail), wrt, donate, backend, dump: false };
     let mut built = pipeline::run(traced, &opts)?;
     Ok(StepPlan {
         exec: built.take_exec()?,
@@ -411,6 +452,7 @@ fn build_step(
         updates: built.updates,
         updated: built.wrt.iter().map(|&i| i - n_data).collect(),
         callbacks: built.callbacks,
+        hook_flags: built.hook_flags,
         donate,
     })
 }

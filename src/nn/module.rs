@@ -50,7 +50,9 @@ pub trait Module: ModuleFields + Send + Sync + 'static {
 
     /// The computation for several inputs.
     fn forward_many(&self, xs: &[Tensor]) -> Tensor {
-        assert_eq!(xs.len(), 1, "{}.forward() takes 1 tensor but {} were given", self.type_name(), xs.len());
+        if xs.len() != 1 {
+            panic!("{}.forward() takes 1 tensor but {} were given", self.type_name(), xs.len());
+        }
         self.forward(&xs[0])
     }
 

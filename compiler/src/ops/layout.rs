@@ -1,17 +1,16 @@
 //! Shape ops: reshape, permute, expand, narrow, cat. Reshape shares storage; the others copy
 //! into a fresh contiguous buffer (tracegrad's views copy).
 
-use super::{sh, Op, OpResult, Props, TensorType};
+use super::{checked_numel, sh, Op, OpResult, Props, TensorType};
 use crate::emitter::{Build, Emitter};
 use tracegrad_runtime::kernels::layout;
-use tracegrad_runtime::shape::numel;
 use tracegrad_runtime::{Buffer, Dims};
 
 pub(super) fn infer(op: &Op, t: &[TensorType]) -> Result<TensorType, String> {
     let x = &t[0];
     match op {
         Op::Reshape(s) => {
-            if numel(s) != x.numel() {
+            if checked_numel(s) != Some(x.numel()) {
                 return Err(format!(
                     "reshape: shape '{}' is invalid for input of size {} (input shape {})",
                     sh(s),
@@ -64,7 +63,7 @@ pub(super) fn infer(op: &Op, t: &[TensorType]) -> Result<TensorType, String> {
             if *dim >= x.rank() {
                 return Err(format!("narrow: dim {dim} out of range for a tensor of shape {}", sh(&x.shape)));
             }
-            if start + len > x.shape[*dim] {
+            if start.checked_add(*len).is_none_or(|end| end > x.shape[*dim]) {
                 return Err(format!(
                     "narrow: start ({start}) + length ({len}) exceeds dimension size ({}) (shape {})",
                     x.shape[*dim],
@@ -79,6 +78,9 @@ pub(super) fn infer(op: &Op, t: &[TensorType]) -> Result<TensorType, String> {
             let d = *dim;
             if x.rank() == 0 {
                 return Err("cat: zero-dimensional tensor (at position 0) cannot be concatenated".into());
+            }
+            if d >= x.rank() {
+                return Err(format!("cat: dim {d} out of range for tensors of shape {}", sh(&x.shape)));
             }
             let mut s = x.shape.clone();
             s[d] = 0;
@@ -109,7 +111,7 @@ pub(super) fn infer(op: &Op, t: &[TensorType]) -> Result<TensorType, String> {
                         ));
                     }
                 }
-                s[d] += p.shape[d];
+                s[d] = s[d].checked_add(p.shape[d]).ok_or("cat: the concatenated size overflows")?;
             }
             Ok(TensorType { dtype: x.dtype, shape: s })
         }

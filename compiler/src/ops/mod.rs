@@ -415,8 +415,16 @@ impl Op {
         } else if inputs.is_empty() {
             return Err(self.error(format!("{}: expected a non-empty list of Tensors", self.name())));
         }
+        // The rules below compute sizes in usize: a shape whose element count does not fit
+        // is refused before any rule sees it (and no rule may produce one).
+        if let Some(t) = inputs.iter().find(|t| checked_numel(&t.shape).is_none()) {
+            return Err(self.error(format!("{}: operand shape {} has too many elements", self.name(), sh(&t.shape))));
+        }
         let r = match self {
             Op::Full { dtype, shape, .. } => Ok(TensorType { dtype: *dtype, shape: shape.clone() }),
+            Op::Constant(b) if checked_numel(b.shape()) != Some(b.numel()) => {
+                Err(format!("constant: shape {} does not match its {} elements", sh(b.shape()), b.numel()))
+            }
             Op::Constant(b) => Ok(TensorType::of(b)),
             Op::StopGradient => Ok(inputs[0].clone()),
             Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Clamp { .. } | Op::Cast(_) => {
@@ -436,7 +444,12 @@ impl Op {
             }
             _ => nn::infer(self, inputs),
         };
-        r.map_err(|m| self.error(m))
+        match r {
+            Ok(t) if checked_numel(&t.shape).is_none() => {
+                Err(self.error(format!("{}: result shape {} has too many elements", self.name(), sh(&t.shape))))
+            }
+            r => r.map_err(|m| self.error(m)),
+        }
     }
 
     /// The reference kernel: computes the output from operand buffers whose types passed
@@ -736,6 +749,11 @@ impl Props {
 /// The dtypes the JIT's kernels compute in.
 pub(crate) fn jit_float(d: DType) -> bool {
     matches!(d, DType::F32 | DType::F64)
+}
+
+/// The element count of `shape`, or `None` when it overflows `usize`.
+pub(crate) fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
 }
 
 /// Formats a shape for messages.

@@ -11,13 +11,49 @@ fn out_size(op: &str, input: usize, k: usize, stride: usize, pad: usize) -> Resu
     if stride == 0 {
         return Err(format!("{op}: stride should be greater than zero"));
     }
-    if input + 2 * pad < k {
+    if k == 0 {
+        return Err(format!("{op}: kernel size should be greater than zero"));
+    }
+    let padded =
+        pad.checked_mul(2).and_then(|p| p.checked_add(input)).ok_or(format!("{op}: padding {pad} overflows"))?;
+    if padded < k {
         return Err(format!(
-            "{op}: Calculated padded input size per channel: ({}). Kernel size: ({k}). Kernel size can't be greater than actual input size",
-            input + 2 * pad
+            "{op}: Calculated padded input size per channel: ({padded}). Kernel size: ({k}). Kernel size can't be greater than actual input size"
         ));
     }
-    Ok((input + 2 * pad - k) / stride + 1)
+    Ok((padded - k) / stride + 1)
+}
+
+/// The output shape of pooling a 4-D `input` (the forward's checks, which the gradients of
+/// pooling repeat against their recorded input).
+fn pool_out(
+    op: &str,
+    input: &TensorType,
+    kernel: &[usize; 2],
+    stride: &[usize; 2],
+    padding: &[usize; 2],
+) -> Result<Dims, String> {
+    require_4d(op, "input", input)?;
+    for i in 0..2 {
+        if padding[i].checked_mul(2).is_none_or(|p| p > kernel[i]) {
+            return Err(format!(
+                "{op}: pad should be at most half of effective kernel size, but got pad={}, kernel_size={}",
+                padding[i], kernel[i]
+            ));
+        }
+    }
+    let oh = out_size(op, input.shape[2], kernel[0], stride[0], padding[0])?;
+    let ow = out_size(op, input.shape[3], kernel[1], stride[1], padding[1])?;
+    Ok(Dims::from_slice(&[input.shape[0], input.shape[1], oh, ow]))
+}
+
+/// A gradient operand must have the shape (and dtype) its forward produced.
+fn require_grad_shape(op: &str, g: &TensorType, like: &TensorType, expected: &[usize]) -> Result<(), String> {
+    require_same_dtype(op, like, g)?;
+    if g.shape.as_slice() != expected {
+        return Err(format!("{op}: grad_output has shape {} where {} was expected", sh(&g.shape), sh(expected)));
+    }
+    Ok(())
 }
 
 fn require_4d(op: &str, what: &str, t: &TensorType) -> Result<(), String> {
@@ -49,34 +85,36 @@ pub(super) fn infer(op: &Op, t: &[TensorType]) -> Result<TensorType, String> {
             let ow = out_size(name, x.shape[3], w.shape[3], stride[1], padding[1])?;
             Ok(TensorType::new(x.dtype, &[x.shape[0], w.shape[0], oh, ow]))
         }
-        Op::Conv2dGradInput { input_hw, .. } => {
+        Op::Conv2dGradInput { input_hw, stride, padding } => {
             let (g, w) = (&t[0], &t[1]);
             require_4d(name, "grad_output", g)?;
             require_4d(name, "weight", w)?;
+            let oh = out_size(name, input_hw[0], w.shape[2], stride[0], padding[0])?;
+            let ow = out_size(name, input_hw[1], w.shape[3], stride[1], padding[1])?;
+            require_grad_shape(name, g, w, &[g.shape[0], w.shape[0], oh, ow])?;
             Ok(TensorType::new(g.dtype, &[g.shape[0], w.shape[1], input_hw[0], input_hw[1]]))
         }
-        Op::Conv2dGradWeight { kernel_hw, .. } => {
+        Op::Conv2dGradWeight { kernel_hw, stride, padding } => {
             let (x, g) = (&t[0], &t[1]);
             require_4d(name, "input", x)?;
             require_4d(name, "grad_output", g)?;
+            let oh = out_size(name, x.shape[2], kernel_hw[0], stride[0], padding[0])?;
+            let ow = out_size(name, x.shape[3], kernel_hw[1], stride[1], padding[1])?;
+            require_grad_shape(name, g, x, &[x.shape[0], g.shape[1], oh, ow])?;
             Ok(TensorType::new(x.dtype, &[g.shape[1], x.shape[1], kernel_hw[0], kernel_hw[1]]))
         }
         Op::MaxPool2d { kernel, stride, padding } | Op::AvgPool2d { kernel, stride, padding, .. } => {
-            require_4d(name, "input", x)?;
-            for i in 0..2 {
-                if padding[i] * 2 > kernel[i] {
-                    return Err(format!(
-                        "{name}: pad should be at most half of effective kernel size, but got pad={}, kernel_size={}",
-                        padding[i], kernel[i]
-                    ));
-                }
-            }
-            let oh = out_size(name, x.shape[2], kernel[0], stride[0], padding[0])?;
-            let ow = out_size(name, x.shape[3], kernel[1], stride[1], padding[1])?;
-            Ok(TensorType::new(x.dtype, &[x.shape[0], x.shape[1], oh, ow]))
+            Ok(TensorType { dtype: x.dtype, shape: pool_out(name, x, kernel, stride, padding)? })
         }
-        Op::MaxPool2dGrad { .. } => Ok(t[0].clone()),
-        Op::AvgPool2dGrad { input_shape, .. } => Ok(TensorType { dtype: x.dtype, shape: input_shape.clone() }),
+        Op::MaxPool2dGrad { kernel, stride, padding } => {
+            require_grad_shape(name, &t[1], x, &pool_out(name, x, kernel, stride, padding)?)?;
+            Ok(x.clone())
+        }
+        Op::AvgPool2dGrad { kernel, stride, padding, input_shape, .. } => {
+            let input = TensorType { dtype: x.dtype, shape: input_shape.clone() };
+            require_grad_shape(name, x, &input, &pool_out(name, &input, kernel, stride, padding)?)?;
+            Ok(input)
+        }
         _ => unreachable!("not an nn op: {}", op.name()),
     }
 }

@@ -53,6 +53,9 @@ pub(super) fn infer(op: &Op, t: &[TensorType]) -> Result<TensorType, String> {
     let x = &t[0];
     match op {
         Op::Reduce { kind, dims, keepdim } => {
+            if dims.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(format!("{}: dims {} must be sorted and unique", kind.name(), sh(dims)));
+            }
             for &d in dims.iter() {
                 if d >= x.rank().max(1) {
                     return Err(format!(
@@ -83,6 +86,13 @@ pub(super) fn infer(op: &Op, t: &[TensorType]) -> Result<TensorType, String> {
         Op::ArgReduce { dim, keepdim, .. } => {
             let shape = match dim {
                 Some(d) => {
+                    if *d >= x.rank().max(1) {
+                        return Err(format!(
+                            "{}: dim {d} out of range for a tensor of shape {}",
+                            op.name(),
+                            sh(&x.shape)
+                        ));
+                    }
                     if x.rank() > 0 && x.shape[*d] == 0 {
                         return Err(format!("{}: Expected reduction dim {d} to have non-zero size", op.name()));
                     }
