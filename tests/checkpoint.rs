@@ -213,37 +213,16 @@ fn eager_resume_is_exact_adam_steplr() {
     eager_resume_is_exact(StepOptimizer::Adam(adam()), true, "adam");
 }
 
-/// The learning rate of a compiled step under an LR scheduler. Schedulers drive an
-/// [`Optimizer`]; this one (SGD over an unused parameter) only carries the rate between the
-/// scheduler and the step.
-struct Schedule {
-    carrier: Sgd,
-    sched: StepLR,
-}
-
-impl Schedule {
-    fn new(lr: f64) -> Schedule {
-        let mut carrier = Sgd::new(vec![Tensor::zeros(&[1]).requires_grad_(true)], lr);
-        let sched = StepLR::new(&mut carrier, 5, 0.5);
-        Schedule { carrier, sched }
-    }
-
-    fn step(&mut self, step: &mut TrainStep<'_>) {
-        self.carrier.set_lr(step.lr());
-        self.sched.step(&mut self.carrier);
-        step.set_lr(self.carrier.lr());
-    }
-}
-
 fn compiled_run(
     step: &mut TrainStep<'_>,
-    mut sched: Option<&mut Schedule>,
+    mut sched: Option<&mut StepLR>,
     data: &[(Tensor, Tensor)],
     range: std::ops::Range<usize>,
 ) {
     for i in range {
         let (x, y) = &data[i % data.len()];
         step.step(x, y).unwrap();
+        // The compiled step is an `LrTarget`: the scheduler drives it as an optimizer.
         if let Some(s) = sched.as_mut() {
             s.step(step);
         }
@@ -253,29 +232,24 @@ fn compiled_run(
 fn compiled_resume_is_exact(spec: StepOptimizer, with_sched: bool, what: &str) {
     let data = batches();
     let path = TempPath::new(&format!("compiled-{what}.safetensors"));
-    let lr = match &spec {
-        StepOptimizer::Sgd(o) => o.lr,
-        StepOptimizer::Adam(o) => o.lr,
-        StepOptimizer::AdamW(o) => o.lr,
-    };
-    let schedule = || with_sched.then(|| Schedule::new(lr));
+    let schedule = |t: &mut TrainStep<'_>| with_sched.then(|| StepLR::new(t, 5, 0.5));
     let m1 = model();
     let mut t1 = compile_train_step(&m1, |out, y| out.cross_entropy(y), spec.clone());
-    let mut s1 = schedule();
+    let mut s1 = schedule(&mut t1);
     compiled_run(&mut t1, s1.as_mut(), &data, 0..40);
 
     let m2 = model();
     let mut t2 = compile_train_step(&m2, |out, y| out.cross_entropy(y), spec.clone());
-    let mut s2 = schedule();
+    let mut s2 = schedule(&mut t2);
     compiled_run(&mut t2, s2.as_mut(), &data, 0..20);
     let progress = Progress { step: 20, generator: None };
-    checkpoint::save(&path.0, &m2, &t2, s2.as_ref().map(|s| &s.sched as &dyn LrScheduler), progress).unwrap();
+    checkpoint::save(&path.0, &m2, &t2, s2.as_ref().map(|s| s as &dyn LrScheduler), progress).unwrap();
     drop((t2, s2));
 
     let m3 = model_seeded(77, 32);
     let mut t3 = compile_train_step(&m3, |out, y| out.cross_entropy(y), spec);
-    let mut s3 = schedule();
-    let p = checkpoint::load(&path.0, &m3, &mut t3, s3.as_mut().map(|s| &mut s.sched as &mut dyn LrScheduler)).unwrap();
+    let mut s3 = schedule(&mut t3);
+    let p = checkpoint::load(&path.0, &m3, &mut t3, s3.as_mut().map(|s| s as &mut dyn LrScheduler)).unwrap();
     assert_eq!(p, progress);
     compiled_run(&mut t3, s3.as_mut(), &data, 20..40);
     assert_eq!(params_of(&m3), params_of(&m1), "{what}: resumed run differs from the uninterrupted one");
@@ -358,8 +332,8 @@ fn a_load_into_another_optimizer_kind_changes_nothing() {
     let before: Vec<Vec<f32>> = params_of(&m);
     let e = checkpoint::load(&path.0, &m, &mut step, None).unwrap_err();
     assert!(e.contains("no scheduler was given"), "{e}");
-    let mut sched = Schedule::new(1e-2);
-    let e = checkpoint::load(&path.0, &m, &mut step, Some(&mut sched.sched)).unwrap_err();
+    let mut sched = StepLR::new(&mut step, 5, 0.5);
+    let e = checkpoint::load(&path.0, &m, &mut step, Some(&mut sched)).unwrap_err();
     assert!(e.contains("not a Adam state dict"), "{e}");
     assert_eq!(params_of(&m), before);
     assert!(step.state_dict().unwrap().state.is_empty());
@@ -449,29 +423,24 @@ fn compiled_resume_with_dropout(spec: StepOptimizer, with_sched: bool, what: &st
     let _guard = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     let data = batches();
     let path = TempPath::new(&format!("dropout-compiled-{what}.safetensors"));
-    let lr = match &spec {
-        StepOptimizer::Sgd(o) => o.lr,
-        StepOptimizer::Adam(o) => o.lr,
-        StepOptimizer::AdamW(o) => o.lr,
-    };
-    let schedule = || with_sched.then(|| Schedule::new(lr));
+    let schedule = |t: &mut TrainStep<'_>| with_sched.then(|| StepLR::new(t, 5, 0.5));
     let m1 = dropout_model(5);
     let mut t1 = compile_train_step(&m1, |out, y| out.cross_entropy(y), spec.clone());
-    let mut s1 = schedule();
+    let mut s1 = schedule(&mut t1);
     compiled_run(&mut t1, s1.as_mut(), &data, 0..20);
     tracegrad::manual_seed(1234);
     compiled_run(&mut t1, s1.as_mut(), &data, 20..40);
 
     let m2 = dropout_model(5);
     let mut t2 = compile_train_step(&m2, |out, y| out.cross_entropy(y), spec.clone());
-    let mut s2 = schedule();
+    let mut s2 = schedule(&mut t2);
     compiled_run(&mut t2, s2.as_mut(), &data, 0..20);
     let progress = Progress { step: 20, generator: None };
-    checkpoint::save(&path.0, &m2, &t2, s2.as_ref().map(|s| &s.sched as &dyn LrScheduler), progress).unwrap();
+    checkpoint::save(&path.0, &m2, &t2, s2.as_ref().map(|s| s as &dyn LrScheduler), progress).unwrap();
     let m3 = dropout_model(77);
     let mut t3 = compile_train_step(&m3, |out, y| out.cross_entropy(y), spec);
-    let mut s3 = schedule();
-    checkpoint::load(&path.0, &m3, &mut t3, s3.as_mut().map(|s| &mut s.sched as &mut dyn LrScheduler)).unwrap();
+    let mut s3 = schedule(&mut t3);
+    checkpoint::load(&path.0, &m3, &mut t3, s3.as_mut().map(|s| s as &mut dyn LrScheduler)).unwrap();
     tracegrad::manual_seed(1234);
     compiled_run(&mut t3, s3.as_mut(), &data, 20..40);
     assert_eq!(params_of(&m3), params_of(&m1), "{what}: resumed compiled run with dropout differs");
@@ -487,4 +456,23 @@ fn compiled_resume_with_dropout_is_exact_sgd_momentum() {
 #[ignore = "needs compiled dropout (helper rand): training-mode Dropout does not trace yet"]
 fn compiled_resume_with_dropout_is_exact_adam_steplr() {
     compiled_resume_with_dropout(StepOptimizer::Adam(adam()), true, "adam");
+}
+
+/// A scheduler drives a compiled step as it drives an eager optimizer: the rates follow
+/// StepLR's, and the step's state dict records `initial_lr` as the eager one does.
+#[test]
+fn a_scheduler_drives_the_compiled_step_like_an_eager_optimizer() {
+    let m = model_seeded(3, 32);
+    let mut step = compile_train_step(&m, |out, y| out.cross_entropy(y), StepOptimizer::Sgd(sgd()));
+    let mut eager = Sgd::with_options(m.parameters(), sgd()).unwrap();
+    let mut s_step = StepLR::new(&mut step, 2, 0.5);
+    let mut s_eager = StepLR::new(&mut eager, 2, 0.5);
+    for _ in 0..5 {
+        s_step.step(&mut step);
+        s_eager.step(&mut eager);
+        assert_eq!(step.lr(), eager.lr());
+    }
+    let (a, b) = (step.state_dict().unwrap(), eager.state_dict());
+    assert_eq!(a.param_groups[0].get("initial_lr"), b.param_groups[0].get("initial_lr"));
+    assert_eq!(a.param_groups[0].get("lr"), b.param_groups[0].get("lr"));
 }

@@ -19,7 +19,7 @@ use super::pipeline::{self, grad_inputs, op_error, Goal, Options};
 use super::trace::{trace_with, CompileError};
 use crate::nn::{Module, ModuleExt};
 use crate::optim::rules::{adam_rule, adam_scalars, sgd_rule, AdamCoeffs, AdamMoments, Nodes, SgdCoeffs, WeightDecay};
-use crate::optim::{Adam, AdamOptions, AdamW, AdamWOptions, Optimizer, OptimizerStateDict, Sgd, SgdOptions};
+use crate::optim::{Adam, AdamOptions, AdamW, AdamWOptions, LrTarget, Optimizer, OptimizerStateDict, Sgd, SgdOptions};
 use crate::tensor::Tensor;
 
 /// The update rule compiled into the step.
@@ -106,6 +106,8 @@ pub struct TrainStep<'m> {
     loss_fn: LossFn<'m>,
     optimizer: StepOptimizer,
     lr: f64,
+    /// The `initial_lr` an LR scheduler recorded (see [`LrTarget`]).
+    initial_lr: Option<f64>,
     step: f32,
     /// Per parameter (by tensor id): its state slots.
     state: std::collections::HashMap<usize, Vec<Buffer>>,
@@ -143,6 +145,7 @@ pub fn compile_train_step<'m>(
         loss_fn: Box::new(loss_fn),
         optimizer,
         lr,
+        initial_lr: None,
         step: 0.0,
         state: Default::default(),
         plans: PlanCache::default(),
@@ -728,7 +731,11 @@ impl TrainStep<'_> {
     /// only when the step's hyperparameters are invalid (the eager optimizer's own text).
     pub fn state_dict(&self) -> Result<OptimizerStateDict, String> {
         let params = self.module.parameters();
-        let mut sd = eager_twin(&self.optimizer, self.lr, params.clone())?.state_dict();
+        let mut twin = eager_twin(&self.optimizer, self.lr, params.clone())?;
+        if let Some(lr) = self.initial_lr {
+            twin.set_initial_lr(lr);
+        }
+        let mut sd = twin.state_dict();
         let slots = self.optimizer.slots();
         if self.step == 0.0 || slots.is_empty() {
             return Ok(sd);
@@ -793,8 +800,29 @@ impl TrainStep<'_> {
             self.drop_plans();
         }
         self.lr = optimizer.lr();
+        self.initial_lr = sd.param_groups.first().and_then(|g| g.get("initial_lr")).and_then(|v| v.as_f64());
         (self.optimizer, self.state, self.step) = (optimizer, state, step);
         self.grads.clear_sums();
         Ok(())
+    }
+}
+
+/// A compiled step is scheduled like an eager optimizer: `StepLR::new(&mut step, ..)` and
+/// `sched.step(&mut step)` change the learning rate, which is a graph input (no recompile).
+impl LrTarget for TrainStep<'_> {
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn initial_lr(&self) -> Option<f64> {
+        self.initial_lr
+    }
+
+    fn set_initial_lr(&mut self, lr: f64) {
+        self.initial_lr.get_or_insert(lr);
     }
 }

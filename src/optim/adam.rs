@@ -9,7 +9,7 @@ use super::rules::{
     adam_rule, adam_scalars, infallible, AdamCoeffs, AdamMoments, AdamScalars, Exact, Scalars, WeightDecay,
 };
 use super::state::{self, OptimizerStateDict};
-use super::{check_grad, check_params, slice_mut, with_fma, OptimError, Optimizer, Real};
+use super::{check_grad, check_params, slice_mut, with_fma, LrTarget, OptimError, Optimizer, Real};
 use crate::tensor::Tensor;
 
 /// Declares the hyperparameters of an Adam variant: the two differ only in what weight decay
@@ -332,7 +332,7 @@ macro_rules! adam_variant {
                 &self.core.params
             }
 
-            /// The hyperparameters (`lr` follows [`Optimizer::set_lr`]).
+            /// The hyperparameters (`lr` follows [`LrTarget::set_lr`]).
             pub fn options(&self) -> $options {
                 let h = &self.core.h;
                 $options {
@@ -351,21 +351,25 @@ macro_rules! adam_variant {
             }
         }
 
-        impl Optimizer for $name {
-            fn step(&mut self) {
-                self.core.step($label);
-            }
-
-            fn zero_grad(&self) {
-                self.core.zero_grad();
-            }
-
-            fn lr(&self) -> f64 {
+        impl $name {
+            /// The learning rate (also [`LrTarget::lr`], here so that no trait import is needed).
+            pub fn lr(&self) -> f64 {
                 self.core.h.lr
             }
 
-            fn set_lr(&mut self, lr: f64) {
+            /// Changes the learning rate (also [`LrTarget::set_lr`]).
+            pub fn set_lr(&mut self, lr: f64) {
                 self.core.h.lr = lr;
+            }
+        }
+
+        impl LrTarget for $name {
+            fn lr(&self) -> f64 {
+                $name::lr(self)
+            }
+
+            fn set_lr(&mut self, lr: f64) {
+                $name::set_lr(self, lr);
             }
 
             fn initial_lr(&self) -> Option<f64> {
@@ -374,6 +378,16 @@ macro_rules! adam_variant {
 
             fn set_initial_lr(&mut self, lr: f64) {
                 self.core.initial_lr.get_or_insert(lr);
+            }
+        }
+
+        impl Optimizer for $name {
+            fn step(&mut self) {
+                self.core.step($label);
+            }
+
+            fn zero_grad(&self) {
+                self.core.zero_grad();
             }
 
             fn state_dict(&self) -> OptimizerStateDict {

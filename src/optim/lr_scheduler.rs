@@ -1,7 +1,7 @@
 //! Learning-rate schedulers (`torch.optim.lr_scheduler`).
 //!
-//! A scheduler reads and writes the learning rate of any [`Optimizer`] through
-//! [`Optimizer::lr`] / [`Optimizer::set_lr`]. As in PyTorch, building one counts as epoch 0
+//! A scheduler reads and writes the learning rate of an [`LrTarget`]: any optimizer, or a
+//! compiled train step. As in PyTorch, building one counts as epoch 0
 //! (the learning rate it finds becomes the base learning rate), and each [`LrScheduler::step`]
 //! advances one epoch and sets the new rate. The updates use PyTorch's recursive ("chainable")
 //! formulas, which start from the optimizer's *current* learning rate, so the sequence of values
@@ -24,12 +24,12 @@ use std::f64::consts::PI;
 
 use serde_json::{json, Map, Value};
 
-use super::Optimizer;
+use super::LrTarget;
 
 /// A rule that changes an optimizer's learning rate once per epoch.
 pub trait LrScheduler {
     /// Advances one epoch and sets the optimizer's learning rate for it.
-    fn step(&mut self, opt: &mut dyn Optimizer);
+    fn step(&mut self, opt: &mut dyn LrTarget);
     /// The learning rate this scheduler last set (`get_last_lr()`, for the single group).
     fn get_last_lr(&self) -> f64;
     /// The current epoch: 0 after construction, incremented by every [`step`](Self::step).
@@ -56,7 +56,7 @@ pub struct Epochs {
 impl Epochs {
     /// Epoch 0: the optimizer's `initial_lr` (set to its current rate unless a scheduler set
     /// it before, as PyTorch's `setdefault`) becomes the base rate.
-    fn new(opt: &mut dyn Optimizer) -> Epochs {
+    fn new(opt: &mut dyn LrTarget) -> Epochs {
         let lr = opt.lr();
         opt.set_initial_lr(lr);
         Epochs { base_lr: opt.initial_lr().unwrap_or(lr), last_epoch: 0, last_lr: lr }
@@ -94,7 +94,7 @@ impl Epochs {
     }
 
     /// Advances one epoch and sets `rule(self, current rate)` as the learning rate.
-    fn advance(&mut self, opt: &mut dyn Optimizer, rule: impl FnOnce(&Epochs, f64) -> f64) {
+    fn advance(&mut self, opt: &mut dyn LrTarget, rule: impl FnOnce(&Epochs, f64) -> f64) {
         self.last_epoch += 1;
         let lr = rule(self, opt.lr());
         opt.set_lr(lr);
@@ -126,7 +126,7 @@ impl<R: Rule> Scheduler<R> {
     /// gamma)`, `CosineAnnealingLR::new(opt, t_max, eta_min)`); `opt`'s current learning rate
     /// becomes the base rate. Panics if the count is 0.
     #[track_caller]
-    pub fn new(opt: &mut dyn Optimizer, count: usize, number: f64) -> Scheduler<R> {
+    pub fn new(opt: &mut dyn LrTarget, count: usize, number: f64) -> Scheduler<R> {
         let [name, count_name, _] = R::NAMES;
         assert!(count > 0, "{name}: {} must be positive", count_name.to_lowercase());
         Scheduler { count, number, epochs: Epochs::new(opt), rule: std::marker::PhantomData }
@@ -139,7 +139,7 @@ impl<R: Rule> Scheduler<R> {
 }
 
 impl<R: Rule> LrScheduler for Scheduler<R> {
-    fn step(&mut self, opt: &mut dyn Optimizer) {
+    fn step(&mut self, opt: &mut dyn LrTarget) {
         let (count, number) = (self.count, self.number);
         self.epochs.advance(opt, |e, lr| R::next_lr(count, number, e, lr));
     }

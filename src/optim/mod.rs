@@ -39,13 +39,11 @@ pub use lr_scheduler::{CosineAnnealingLR, LrScheduler, StepLR};
 pub use sgd::{Sgd, SgdOptions};
 pub use state::OptimizerStateDict;
 
-/// A parameter-update rule.
-pub trait Optimizer {
-    /// Applies one update from the parameters' current gradients. Parameters without a
-    /// gradient are skipped.
-    fn step(&mut self);
-    /// Clears the gradients of every parameter (PyTorch's `zero_grad(set_to_none=True)`).
-    fn zero_grad(&self);
+/// What an LR scheduler drives: a learning rate and the `initial_lr` a scheduler records.
+/// Every [`Optimizer`] is one, and so is the compiled train step
+/// ([`TrainStep`](crate::compile::TrainStep)), so `StepLR::new(&mut step, ..)` schedules a
+/// compiled step exactly as it schedules an eager optimizer.
+pub trait LrTarget {
     /// The learning rate.
     fn lr(&self) -> f64;
     /// Changes the learning rate (schedulers use this).
@@ -55,6 +53,16 @@ pub trait Optimizer {
     /// Records `lr` as `initial_lr` unless one is set already (PyTorch's
     /// `group.setdefault('initial_lr', group['lr'])`).
     fn set_initial_lr(&mut self, lr: f64);
+}
+
+/// A parameter-update rule. Its learning rate is the [`LrTarget`] supertrait's (`Sgd`, `Adam`
+/// and `AdamW` also have `lr()`/`set_lr()` as inherent methods, so no trait import is needed).
+pub trait Optimizer: LrTarget {
+    /// Applies one update from the parameters' current gradients. Parameters without a
+    /// gradient are skipped.
+    fn step(&mut self);
+    /// Clears the gradients of every parameter (PyTorch's `zero_grad(set_to_none=True)`).
+    fn zero_grad(&self);
     /// The state and hyperparameters in PyTorch's `state_dict()` layout.
     fn state_dict(&self) -> OptimizerStateDict;
     /// Restores a [`state_dict`](Optimizer::state_dict): hyperparameters and per-parameter

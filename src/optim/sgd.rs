@@ -7,7 +7,7 @@ use tracegrad_runtime::{dispatch, Buffer};
 
 use super::rules::{infallible, sgd_rule, Scalars, SgdCoeffs, WeightDecay};
 use super::state::{self, OptimizerStateDict};
-use super::{check_grad, check_initialized, check_params, slice_mut, with_fma, OptimError, Optimizer, Real};
+use super::{check_grad, check_initialized, check_params, slice_mut, with_fma, LrTarget, OptimError, Optimizer, Real};
 use crate::tensor::Tensor;
 
 /// Hyperparameters of [`Sgd`]. `Default` gives PyTorch's defaults (`lr = 1e-3`, everything
@@ -114,7 +114,7 @@ impl Sgd {
         &self.params
     }
 
-    /// The hyperparameters (`lr` follows [`Optimizer::set_lr`]).
+    /// The hyperparameters (`lr` follows [`LrTarget::set_lr`]).
     pub fn options(&self) -> &SgdOptions {
         &self.opts
     }
@@ -156,6 +156,36 @@ fn update<T: Real>(p: &mut [T], g: &[T], mut buf: Option<(&mut [T], bool)>, c: &
     }
 }
 
+impl Sgd {
+    /// The learning rate (also [`LrTarget::lr`], here so that no trait import is needed).
+    pub fn lr(&self) -> f64 {
+        self.opts.lr
+    }
+
+    /// Changes the learning rate (also [`LrTarget::set_lr`]).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.opts.lr = lr;
+    }
+}
+
+impl LrTarget for Sgd {
+    fn lr(&self) -> f64 {
+        Sgd::lr(self)
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        Sgd::set_lr(self, lr);
+    }
+
+    fn initial_lr(&self) -> Option<f64> {
+        self.initial_lr
+    }
+
+    fn set_initial_lr(&mut self, lr: f64) {
+        self.initial_lr.get_or_insert(lr);
+    }
+}
+
 impl Optimizer for Sgd {
     fn step(&mut self) {
         let opts = &self.opts;
@@ -182,22 +212,6 @@ impl Optimizer for Sgd {
         for p in &self.params {
             p.zero_grad();
         }
-    }
-
-    fn lr(&self) -> f64 {
-        self.opts.lr
-    }
-
-    fn set_lr(&mut self, lr: f64) {
-        self.opts.lr = lr;
-    }
-
-    fn initial_lr(&self) -> Option<f64> {
-        self.initial_lr
-    }
-
-    fn set_initial_lr(&mut self, lr: f64) {
-        self.initial_lr.get_or_insert(lr);
     }
 
     fn state_dict(&self) -> OptimizerStateDict {
