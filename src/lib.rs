@@ -36,6 +36,8 @@ pub mod hooks;
 pub mod interop;
 pub mod linalg;
 pub mod nn;
+/// ONNX import (`onnx::load`, a trainable module) and export.
+pub mod onnx;
 mod ops;
 pub mod optim;
 pub mod tensor;

@@ -1,0 +1,10 @@
+//! Compiles the vendored `proto/onnx.proto` into Rust types (prost) for `src/onnx/`.
+//!
+//! protox is a pure-Rust protobuf compiler, so the build needs no system `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/onnx.proto");
+    let descriptors = protox::compile(["onnx.proto"], ["proto"])?;
+    prost_build::Config::new().compile_fds(descriptors)?;
+    Ok(())
+}
