@@ -5,6 +5,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/onnx.proto");
     let descriptors = protox::compile(["onnx.proto"], ["proto"])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    // The schema's comments are prose for humans, not rustdoc: left out, they cannot break
+    // `cargo doc` (stray `<tags>`) or become doctests.
+    prost_build::Config::new().disable_comments(["."]).compile_fds(descriptors)?;
     Ok(())
 }

@@ -272,6 +272,7 @@ fn apply_constant(a: &Args) -> R<Vec<Tensor>> {
             let shape = a.ints(0)?.ok_or("input 0 (shape) is required")?;
             let shape = shape.iter().map(|&d| usize::try_from(d).map_err(|_| format!("negative dim {d}")));
             let shape = shape.collect::<R<Vec<_>>>()?;
+            super::tensor_proto::dims_to_shape(&shape.iter().map(|&d| d as i64).collect::<Vec<_>>())?;
             let (v, dt) = match a.attr("value").and_then(|v| v.t.as_ref()) {
                 Some(t) => {
                     let b = to_buffer(t)?;
@@ -621,6 +622,7 @@ fn expand(a: &Args) -> R<Tensor> {
             (a, b) => return Err(format!("cannot expand dim of size {a} to {b}")),
         };
     }
+    super::tensor_proto::dims_to_shape(&out.iter().map(|&d| d as i64).collect::<Vec<_>>())?;
     Ok(x.expand(&isizes(&out)))
 }
 
