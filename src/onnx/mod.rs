@@ -143,12 +143,9 @@ impl OnnxModule {
     /// trace (which is how `forward` is compiled).
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, OnnxError> {
         let g = &self.graph;
-        if inputs.len() != g.inputs.len() {
-            return Err(OnnxError(format!("the model takes {} inputs, got {}", g.inputs.len(), inputs.len())));
-        }
+        self.check_inputs(inputs)?;
         let mut env: HashMap<&str, Value> = HashMap::new();
         for (i, t) in g.inputs.iter().zip(inputs) {
-            check_input(i, t)?;
             env.insert(&i.name, Value::Live(t.clone()));
         }
         for (n, t) in &self.tensors {
@@ -168,6 +165,17 @@ impl OnnxModule {
             }
         }
         Ok(g.outputs.iter().map(|o| env[o.as_str()].tensor().clone()).collect())
+    }
+}
+
+impl OnnxModule {
+    /// Checks `inputs` against the graph inputs' count, dtypes and fixed dims.
+    pub fn check_inputs(&self, inputs: &[Tensor]) -> Result<(), OnnxError> {
+        let g = &self.graph;
+        if inputs.len() != g.inputs.len() {
+            return Err(OnnxError(format!("the model takes {} inputs, got {}", g.inputs.len(), inputs.len())));
+        }
+        g.inputs.iter().zip(inputs).try_for_each(|(i, t)| check_input(i, t))
     }
 }
 
