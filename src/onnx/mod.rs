@@ -12,7 +12,8 @@
 //! `state_dict` keys when the file came from PyTorch (`0.weight` is parameter `weight` of a
 //! child scope `0`):
 //! - floating-point initializers are parameters;
-//! - BatchNormalization's running mean and variance are persistent buffers;
+//! - BatchNormalization's running mean and variance are persistent buffers, and so are the
+//!   initializers a tracegrad export lists as buffers (metadata `tracegrad.buffers`);
 //! - integer initializers and the PyTorch exporter's folded constants (`onnx::…`) are constants,
 //!   outside the state dict;
 //! - an `Identity` of a parameter (the exporter's way of storing equal parameters once) is a
@@ -29,6 +30,7 @@
 //! whatever the module's training flag.
 
 mod eval;
+mod export;
 mod model;
 pub mod npy;
 mod proto;
@@ -40,6 +42,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Arc;
 
+pub use export::{export, export_bytes, EXPORT_OPSET};
 pub use model::{GraphInput, OPSETS};
 
 use crate::nn::{Module, ModuleCore, ModuleExt};

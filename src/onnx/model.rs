@@ -18,6 +18,10 @@ use super::OnnxError;
 /// The default-domain opsets whose operator semantics this importer implements.
 pub const OPSETS: std::ops::RangeInclusive<i64> = 13..=18;
 
+/// The `metadata_props` key under which [`super::export`] lists the initializers that are
+/// buffers (a JSON array of names); [`parse`] makes those buffers too.
+pub(crate) const BUFFERS_KEY: &str = "tracegrad.buffers";
+
 /// One ONNX node, attributes kept as decoded protobuf.
 #[derive(Clone, Debug)]
 pub(crate) struct Node {
@@ -122,7 +126,7 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<OnnxGraph, OnnxError> {
     let opset = default_opset(&m)?;
     let g = m.graph.as_ref().ok_or_else(|| err("the model has no graph"))?;
     let mut nodes = g.node.iter().map(|n| node_of(n, opset)).collect::<Result<Vec<_>, _>>()?;
-    let mut initializers = decode_initializers(g, &nodes)?;
+    let mut initializers = decode_initializers(g, &nodes, &listed_buffers(&m)?)?;
     unshare_initializers(&mut nodes, &mut initializers);
     let init_names: HashSet<&str> = initializers.iter().map(|(n, _, _)| n.as_str()).collect();
     let inputs =
@@ -132,13 +136,25 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<OnnxGraph, OnnxError> {
     Ok(OnnxGraph { opset, inputs, outputs, nodes, initializers })
 }
 
-fn decode_initializers(g: &GraphProto, nodes: &[Node]) -> Result<Vec<(String, Buffer, InitKind)>, OnnxError> {
+fn listed_buffers(m: &ModelProto) -> Result<Vec<String>, OnnxError> {
+    match m.metadata_props.iter().find(|p| p.key() == BUFFERS_KEY) {
+        Some(p) => serde_json::from_str(p.value()).map_err(|e| err(format!("metadata {BUFFERS_KEY}: {e}"))),
+        None => Ok(vec![]),
+    }
+}
+
+fn decode_initializers(
+    g: &GraphProto,
+    nodes: &[Node],
+    listed: &[String],
+) -> Result<Vec<(String, Buffer, InitKind)>, OnnxError> {
     // BatchNormalization's inputs 3 and 4 are running statistics: buffers, as in PyTorch.
-    let stats: HashSet<&str> = nodes
+    let mut buffers: HashSet<&str> = nodes
         .iter()
         .filter(|n| n.op_type == "BatchNormalization")
         .flat_map(|n| n.inputs.iter().skip(3).take(2).flatten().map(String::as_str))
         .collect();
+    buffers.extend(listed.iter().map(String::as_str));
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for t in &g.initializer {
@@ -149,7 +165,7 @@ fn decode_initializers(g: &GraphProto, nodes: &[Node]) -> Result<Vec<(String, Bu
         let buf = to_buffer(t).map_err(|e| err(format!("initializer {name:?}: {e}")))?;
         let kind = if !buf.dtype().is_float() || name.starts_with("onnx::") {
             InitKind::Constant
-        } else if stats.contains(name.as_str()) {
+        } else if buffers.contains(name.as_str()) {
             InitKind::Buffer
         } else {
             InitKind::Parameter

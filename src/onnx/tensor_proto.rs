@@ -119,3 +119,31 @@ pub(crate) fn to_buffer(t: &TensorProto) -> Result<Buffer, String> {
     };
     Ok(Buffer::new(data, &shape))
 }
+/// The ONNX element type of a tracegrad dtype.
+pub(crate) fn onnx_type(d: DType) -> DataType {
+    match d {
+        DType::F32 => DataType::Float,
+        DType::F64 => DataType::Double,
+        DType::I64 => DataType::Int64,
+        DType::U8 => DataType::Uint8,
+        DType::Bool => DataType::Bool,
+    }
+}
+
+/// Encodes a buffer as a named tensor (`raw_data`, little-endian).
+pub(crate) fn from_buffer(name: &str, b: &Buffer) -> TensorProto {
+    let raw: Vec<u8> = match b.data() {
+        Data::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Data::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Data::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Data::U8(v) => v.clone(),
+        Data::Bool(v) => v.iter().map(|&x| x as u8).collect(),
+    };
+    TensorProto {
+        dims: b.shape().iter().map(|&d| d as i64).collect(),
+        data_type: Some(onnx_type(b.dtype()) as i32),
+        name: Some(name.to_string()),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
