@@ -36,7 +36,6 @@ pub mod hooks;
 pub mod interop;
 pub mod linalg;
 pub mod nn;
-/// ONNX import (`onnx::load`, a trainable module) and export.
 pub mod onnx;
 mod ops;
 pub mod optim;
