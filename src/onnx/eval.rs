@@ -324,9 +324,27 @@ fn pow(a: &Args) -> R<Tensor> {
 }
 
 fn clip(a: &Args) -> R<Tensor> {
-    let min = a.scalar(1)?.or_else(|| a.attr("min").map(|v| v.f() as f64));
-    let max = a.scalar(2)?.or_else(|| a.attr("max").map(|v| v.f() as f64));
-    Ok(a.t(0)?.clamp(min, max))
+    let x = a.t(0)?;
+    // Bounds known at trace time become a `clamp`; bounds that are parameters stay tensors.
+    let bound = |i: usize, attr: &str| -> R<Option<Result<f64, Tensor>>> {
+        Ok(match a.values.get(i).and_then(|v| v.as_ref()) {
+            Some(Value::Live(t)) => Some(Err(t.clone())),
+            Some(Value::Known(_)) => a.scalar(i)?.map(Ok),
+            None => a.attr(attr).map(|v| Ok(v.f() as f64)),
+        })
+    };
+    let (lo, hi) = (bound(1, "min")?, bound(2, "max")?);
+    let mut y = match (lo.clone().and_then(Result::ok), hi.clone().and_then(Result::ok)) {
+        (None, None) => x.clone(),
+        (min, max) => x.clamp(min, max),
+    };
+    if let Some(Err(t)) = lo {
+        y = y.maximum(&t);
+    }
+    if let Some(Err(t)) = hi {
+        y = y.minimum(&t);
+    }
+    Ok(y)
 }
 
 fn softmax(a: &Args) -> R<Tensor> {
