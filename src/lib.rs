@@ -37,6 +37,7 @@ pub mod hooks;
 pub mod interop;
 pub mod linalg;
 pub mod nn;
+pub mod onnx;
 mod ops;
 pub mod optim;
 pub mod tensor;

@@ -28,8 +28,10 @@ struct Cli {
 enum Command {
     /// Train a classifier (the default command).
     Train(TrainArgs),
-    /// Print a zoo model's graph at a pipeline stage.
+    /// Print a zoo model's (or an ONNX file's) graph at a pipeline stage.
     Dump(DumpArgs),
+    /// Run an ONNX model on NumPy `.npy` inputs and write its output as `.npy`.
+    Run(RunArgs),
     /// Time the standard workloads, eager vs compiled.
     Bench(tracegrad::bench::BenchArgs),
     /// List the model zoo.
@@ -39,8 +41,11 @@ enum Command {
 #[derive(clap::Args)]
 struct DumpArgs {
     /// Model from the zoo (see `tracegrad models`).
-    #[arg(long)]
-    model: String,
+    #[arg(long, required_unless_present = "onnx", conflicts_with = "onnx")]
+    model: Option<String>,
+    /// An ONNX file instead of a zoo model (symbolic input dims take `--batch`).
+    #[arg(long, value_name = "FILE.onnx")]
+    onnx: Option<std::path::PathBuf>,
     /// traced, joint, forward, backward, optimized, fused, plan or clif.
     #[arg(long, default_value = "optimized")]
     stage: String,
@@ -70,10 +75,32 @@ fn dump(args: DumpArgs) -> Result<(), String> {
         other => return Err(format!("unknown format {other:?}; formats: text, dot, svg, json")),
     };
     tracegrad::manual_seed(0);
-    let z = tracegrad::zoo::build(&args.model, args.batch)?;
-    z.module.train(args.train);
-    let input = tracegrad::TensorType::new(tracegrad::DType::F32, &z.input_shape);
-    let (graph, report) = stage_graph(&*z.module, &[(input, false)], stage).map_err(|e| e.to_string())?;
+    let (module, inputs): (Box<dyn tracegrad::nn::Module>, Vec<tracegrad::TensorType>) = match (&args.model, &args.onnx)
+    {
+        (_, Some(path)) => {
+            if !(1..=tracegrad::zoo::MAX_BATCH).contains(&args.batch) {
+                return Err(format!("batch size {} is outside 1..={}", args.batch, tracegrad::zoo::MAX_BATCH));
+            }
+            let m = tracegrad::onnx::load(path).map_err(|e| e.to_string())?;
+            let types = m
+                .inputs()
+                .iter()
+                .map(|i| {
+                    let dims: Vec<usize> = i.dims.iter().map(|d| d.unwrap_or(args.batch)).collect();
+                    tracegrad::TensorType::new(i.dtype, &dims)
+                })
+                .collect();
+            (Box::new(m), types)
+        }
+        (Some(name), None) => {
+            let z = tracegrad::zoo::build(name, args.batch)?;
+            (z.module, vec![tracegrad::TensorType::new(tracegrad::DType::F32, &z.input_shape)])
+        }
+        (None, None) => return Err("dump needs --model or --onnx".into()),
+    };
+    module.train(args.train);
+    let inputs: Vec<_> = inputs.into_iter().map(|t| (t, false)).collect();
+    let (graph, report) = stage_graph(&*module, &inputs, stage).map_err(|e| e.to_string())?;
     if stage.text_only() {
         if format != Format::Text {
             return Err(format!("--stage {} has only a text form", args.stage));
@@ -97,6 +124,38 @@ fn dump(args: DumpArgs) -> Result<(), String> {
         None => println!("{text}"),
     }
     Ok(())
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The ONNX model.
+    model: std::path::PathBuf,
+    /// One `.npy` file per graph input, in order.
+    #[arg(long = "input", value_name = "X.npy", required = true)]
+    inputs: Vec<std::path::PathBuf>,
+    /// Where to write the (first) output.
+    #[arg(short = 'o', long, value_name = "Y.npy")]
+    output: std::path::PathBuf,
+    /// `eager`, or `compiled` (traced, optimized and JIT-compiled).
+    #[arg(long, value_enum, default_value = "eager")]
+    mode: Mode,
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    use tracegrad::nn::ModuleExt;
+    use tracegrad::onnx::npy;
+    let m = tracegrad::onnx::load(&args.model).map_err(|e| e.to_string())?;
+    m.eval();
+    let xs = args.inputs.iter().map(npy::read_npy).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+    let y = tracegrad::no_grad(|| match args.mode {
+        Mode::Eager => m.run(&xs).map(|mut o| o.swap_remove(0)).map_err(|e| e.to_string()),
+        Mode::Compiled => {
+            // Checked first, so a wrong input is the same clear error in both modes.
+            m.check_inputs(&xs).map_err(|e| e.to_string())?;
+            tracegrad::compile(&m).call_many(&xs).map_err(|e| e.to_string())
+        }
+    })?;
+    npy::write_npy(&args.output, &y).map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -333,6 +392,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Train(args)) => train(args),
         Some(Command::Dump(args)) => dump(args),
+        Some(Command::Run(args)) => run(args),
         Some(Command::Bench(args)) => tracegrad::bench::cli(args),
         Some(Command::Models) => {
             for (name, what) in tracegrad::zoo::MODELS {

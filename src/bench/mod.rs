@@ -21,6 +21,7 @@
 //! benches (`benches/workloads.rs`) time exactly the same code.
 
 mod alloc;
+mod onnx;
 mod reference;
 mod report;
 mod workloads;
@@ -90,6 +91,13 @@ pub struct BenchArgs {
     /// Also write an SVG bar chart of eager vs compiled medians.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Time this ONNX model's forward instead of the standard workloads (needs
+    /// `--input-shape`).
+    #[arg(long, value_name = "FILE.onnx", conflicts_with = "workloads", requires = "input_shape")]
+    pub onnx: Option<PathBuf>,
+    /// The ONNX model's input shape, e.g. `8,3,32,32`.
+    #[arg(long, value_name = "D,D,…", requires = "onnx")]
+    pub input_shape: Option<String>,
     /// Shrink the reference rows (memcpy of 2^20 f32, sgemm 256³) for quick tests.
     #[arg(long, hide = true)]
     pub small_reference: bool,
@@ -336,6 +344,7 @@ pub fn cli(args: BenchArgs) -> Result<(), String> {
         Some(path) => Some(std::fs::File::create(path).map_err(|e| format!("--plot {}: {e}", path.display()))?),
         None => None,
     };
+    let onnx_shape = args.input_shape.as_deref().map(onnx::parse_shape).transpose()?;
     let mut names: Vec<&str> = args.workloads.iter().map(String::as_str).collect();
     if names.is_empty() {
         names = WORKLOADS.to_vec();
@@ -353,7 +362,10 @@ pub fn cli(args: BenchArgs) -> Result<(), String> {
         iters: args.iters.map(|n| n as usize),
         reference: if args.small_reference { ReferenceSize::Small } else { ReferenceSize::Full },
     };
-    let total = 2 + cfg.workloads.len() * cfg.modes.len();
+    let total = match &args.onnx {
+        Some(_) => cfg.modes.len(),
+        None => 2 + cfg.workloads.len() * cfg.modes.len(),
+    };
     let bar = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(total as u64);
         bar.set_style(
@@ -375,15 +387,19 @@ pub fn cli(args: BenchArgs) -> Result<(), String> {
         }
     };
     let started = Instant::now();
+    let mut go = || match (&args.onnx, &onnx_shape) {
+        (Some(path), Some(shape)) => onnx::rows(path, shape, &cfg.modes, cfg.iters, &bar, &mut print_row),
+        _ => Ok(run(&cfg, &bar, &mut print_row)),
+    };
     let rows = match args.threads {
         Some(n) => {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(n as usize)
                 .build()
                 .map_err(|e| format!("--threads {n}: cannot build the thread pool: {e}"))?;
-            pool.install(|| run(&cfg, &bar, &mut print_row))
+            pool.install(go)?
         }
-        None => run(&cfg, &bar, &mut print_row),
+        None => go()?,
     };
     bar.finish_and_clear();
     if !json {
