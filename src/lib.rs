@@ -32,6 +32,7 @@ pub mod bench;
 pub mod compile;
 pub mod data;
 mod display;
+pub mod distributed;
 pub mod hooks;
 pub mod interop;
 pub mod linalg;
