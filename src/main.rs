@@ -147,6 +147,10 @@ struct TrainArgs {
     /// End stdout with a JSON summary.
     #[arg(long)]
     json: bool,
+    /// Data-parallel over the ranks of `mpirun -np N` (the global batch `--batch-size` is split
+    /// across them); only rank 0 prints. Needs a build with `--features mpi`.
+    #[arg(long)]
+    distributed: bool,
 }
 
 impl Default for TrainArgs {
@@ -161,6 +165,7 @@ impl Default for TrainArgs {
             optimizer: OptimizerKind::Sgd,
             seed: 0,
             json: false,
+            distributed: false,
         }
     }
 }
@@ -226,6 +231,9 @@ fn train(args: TrainArgs) -> Result<(), String> {
         compiled: args.mode == Mode::Compiled,
         ..Default::default()
     };
+    if args.distributed {
+        return train_distributed(&args, &cfg, &train_set, &test_set);
+    }
     eprintln!(
         "training MLP {}→{}→{} on {} ({} train / {} test), {}, {:?} lr {}",
         train_set.x.shape()[1],
@@ -283,6 +291,39 @@ fn train(args: TrainArgs) -> Result<(), String> {
     }
     if args.json {
         println!("{}", serde_json::to_string(&summary).map_err(|e| e.to_string())?);
+    }
+    Ok(())
+}
+
+/// `train --distributed`: DDP over the MPI job; only rank 0 prints.
+fn train_distributed(args: &TrainArgs, cfg: &TrainConfig, train: &Labeled, test: &Labeled) -> Result<(), String> {
+    let group = tracegrad::distributed::init().map_err(|e| e.to_string())?;
+    let rank0 = group.rank() == 0;
+    if rank0 {
+        eprintln!("training MLP data-parallel on {} ranks, global batch {}", group.world_size(), cfg.batch_size);
+    }
+    let epochs = cfg.epochs;
+    let result = tracegrad::distributed::train::train_mlp_distributed(&group, train, test, cfg, |r| {
+        if rank0 {
+            println!(
+                "epoch {:>3}/{epochs}  loss {:.4}  test accuracy {:.4}  ({:.2} s)",
+                r.epoch, r.loss, r.test_accuracy, r.seconds
+            );
+        }
+    });
+    let summary = match result {
+        // The other ranks may be waiting in a collective: end the whole job.
+        Err(e) if group.world_size() > 1 => group.abort(&format!("failed: {e}")),
+        other => other?.1,
+    };
+    if rank0 {
+        println!(
+            "final test accuracy {:.4} after {} epochs ({:.2} s training, {:.0} steps/s)",
+            summary.test_accuracy, summary.epochs, summary.train_seconds, summary.steps_per_second
+        );
+        if args.json {
+            println!("{}", serde_json::to_string(&summary).map_err(|e| e.to_string())?);
+        }
     }
     Ok(())
 }

@@ -15,12 +15,13 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use tracegrad_runtime::{Buffer, DType, Data};
 
 use super::{DistError, ProcessGroup, ReduceOp, Work};
 use crate::hooks::RemovableHandle;
-use crate::nn::{Module, ModuleCore, ModuleExt};
+use crate::nn::{AsModule, Module, ModuleCore, ModuleExt};
 use crate::tensor::Tensor;
 
 /// DDP settings (`bucket_cap_mb`, `broadcast_buffers`).
@@ -46,7 +47,7 @@ impl Default for DdpOptions {
 /// In a world of one there is nothing to average: no hook is registered and the wrapper is
 /// the module itself.
 #[derive(Module)]
-pub struct DistributedDataParallel<M: Module> {
+pub struct DistributedDataParallel<M: AsModule + Send + Sync + 'static> {
     /// The wrapped replica.
     #[module]
     pub module: M,
@@ -87,9 +88,11 @@ struct Reducer {
     buckets: Vec<Bucket>,
     round: Mutex<Round>,
     sync: AtomicBool,
+    /// Time spent blocked on bucket averages that had not arrived when the backward ended.
+    waited: Mutex<Duration>,
 }
 
-impl<M: Module> DistributedDataParallel<M> {
+impl<M: AsModule + Send + Sync + 'static> DistributedDataParallel<M> {
     /// Wraps `module` with the default [`DdpOptions`].
     pub fn new(module: M, group: &ProcessGroup) -> Result<Self, DistError> {
         Self::with_options(module, group, DdpOptions::default())
@@ -102,8 +105,8 @@ impl<M: Module> DistributedDataParallel<M> {
         if !(options.bucket_cap_mb.is_finite() && options.bucket_cap_mb > 0.0) {
             return Err(DistError(format!("bucket_cap_mb must be a positive number, got {}", options.bucket_cap_mb)));
         }
-        let params = module.named_parameters();
-        let buffers = module.named_buffers();
+        let params = module.as_module().named_parameters();
+        let buffers = module.as_module().named_buffers();
         let all: Vec<(String, Tensor)> = params.iter().chain(&buffers).cloned().collect();
         check_same_shapes(group, &all)?;
         let works: Vec<Work> = all.iter().map(|(_, t)| group.broadcast_async(t, 0)).collect::<Result<_, _>>()?;
@@ -141,6 +144,12 @@ impl<M: Module> DistributedDataParallel<M> {
         }
     }
 
+    /// Total time backward passes spent waiting for gradient averages still in flight when
+    /// their last gradient was final: the communication the backward did not hide.
+    pub fn communication_wait(&self) -> Duration {
+        self.reducer.as_ref().map_or(Duration::ZERO, |r| *r.waited.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// Until the guard drops, backward passes accumulate gradients locally without
     /// communicating (PyTorch's `no_sync()` context): run the micro-batches of gradient
     /// accumulation under it and the last one outside, whose backward averages the sums.
@@ -156,13 +165,18 @@ impl<M: Module> DistributedDataParallel<M> {
         if self.group.world_size() == 1 {
             return Ok(());
         }
-        let works: Vec<Work> =
-            self.module.buffers().iter().map(|b| self.group.broadcast_async(b, 0)).collect::<Result<_, _>>()?;
+        let works: Vec<Work> = self
+            .module
+            .as_module()
+            .buffers()
+            .iter()
+            .map(|b| self.group.broadcast_async(b, 0))
+            .collect::<Result<_, _>>()?;
         works.into_iter().try_for_each(Work::wait)
     }
 }
 
-impl<M: Module> Drop for DistributedDataParallel<M> {
+impl<M: AsModule + Send + Sync + 'static> Drop for DistributedDataParallel<M> {
     fn drop(&mut self) {
         for h in &self.handles {
             h.remove();
@@ -170,18 +184,18 @@ impl<M: Module> Drop for DistributedDataParallel<M> {
     }
 }
 
-impl<M: Module> Module for DistributedDataParallel<M> {
+impl<M: AsModule + Send + Sync + 'static> Module for DistributedDataParallel<M> {
     fn forward_many(&self, xs: &[Tensor]) -> Tensor {
         // A traced forward (compile_train_step) runs once per plan: nothing to do per step.
         if !crate::trace_seam::is_tracing() {
             if let Some(r) = &self.reducer {
                 r.check_round_finished().unwrap_or_else(|e| panic!("{e}"));
             }
-            if self.broadcast_buffers && self.module.training() {
+            if self.broadcast_buffers && self.module.as_module().training() {
                 self.sync_buffers().unwrap_or_else(|e| panic!("{e}"));
             }
         }
-        self.module.call_many(xs)
+        self.module.as_module().call_many(xs)
     }
 }
 
@@ -262,7 +276,16 @@ impl Reducer {
         }
         let round = Mutex::new(Round::fresh(params.len(), &buckets));
         let (names, params) = params.into_iter().unzip();
-        Reducer { group, names, params, slots, buckets, round, sync: AtomicBool::new(true) }
+        Reducer {
+            group,
+            names,
+            params,
+            slots,
+            buckets,
+            round,
+            sync: AtomicBool::new(true),
+            waited: Mutex::new(Duration::ZERO),
+        }
     }
 
     fn register_hooks(self: &Arc<Self>) -> Vec<RemovableHandle> {
@@ -304,7 +327,10 @@ impl Reducer {
             *round = Round::fresh(self.params.len(), &self.buckets);
             drop(round);
             for (b, work) in in_flight {
-                self.scatter(b, work.wait_buffer()?);
+                let t0 = Instant::now();
+                let flat = work.wait_buffer()?;
+                *self.waited.lock().unwrap_or_else(|e| e.into_inner()) += t0.elapsed();
+                self.scatter(b, flat);
             }
         }
         Ok(())
@@ -327,11 +353,13 @@ impl Reducer {
             match (&mut *data, g.data()) {
                 (Data::F32(dst), Data::F32(src)) => dst[at..at + src.len()].copy_from_slice(src),
                 (Data::F64(dst), Data::F64(src)) => dst[at..at + src.len()].copy_from_slice(src),
-                (_, src) => return Err(DistError(format!(
+                (_, src) => {
+                    return Err(DistError(format!(
                     "DistributedDataParallel: parameter {} has a {} gradient; only f32 and f64 gradients are averaged",
                     self.names[i],
                     src.dtype()
-                ))),
+                )))
+                }
             }
         }
         self.group.all_reduce_async(&Tensor::from_buffer(flat), ReduceOp::Avg)

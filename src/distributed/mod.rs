@@ -18,6 +18,7 @@
 mod ddp;
 #[cfg(feature = "mpi")]
 mod mpi_backend;
+pub mod train;
 
 use std::fmt;
 use std::sync::mpsc;
@@ -188,6 +189,12 @@ impl ProcessGroup {
     /// How long a collective may take before the job is aborted.
     pub fn timeout(&self) -> Duration {
         self.inner.timeout
+    }
+
+    /// Prints `rank R (of N) {why}; aborting the job` and ends every rank (`MPI_Abort`). A
+    /// rank that fails on its own must not finalize: the others may be waiting on it.
+    pub fn abort(&self, why: &str) -> ! {
+        abort_job(self.rank(), self.world_size(), why)
     }
 
     /// Blocks until every rank has reached the barrier.

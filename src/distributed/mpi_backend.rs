@@ -32,6 +32,11 @@ pub(super) struct Mpi {
 impl Mpi {
     /// Starts the communication thread, which joins the job; returns it with (rank, size).
     pub(super) fn start() -> Result<(Mpi, usize, usize), DistError> {
+        // Open MPI busy-polls while it waits; a rank whose compute threads share its cores
+        // must yield instead (unless the user chose otherwise). Read by MPI_Init.
+        if std::env::var_os("OMPI_MCA_mpi_yield_when_idle").is_none() {
+            std::env::set_var("OMPI_MCA_mpi_yield_when_idle", "1");
+        }
         let (jobs, queue) = mpsc::channel::<Job>();
         let (ready_tx, ready) = mpsc::channel::<Result<(usize, usize), DistError>>();
         let worker = std::thread::Builder::new()
