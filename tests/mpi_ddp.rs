@@ -292,6 +292,16 @@ mod ranks {
             losses.push(loss.item());
         }
         drop(step);
+        // The buckets were refilled in the order of the first backward: still every parameter
+        // once, and the same on both ranks.
+        let mut flat: Vec<String> = ddp.buckets().concat();
+        let text: Vec<f32> = flat.join(",").bytes().map(f32::from).collect();
+        let n = text.len();
+        assert!(identical_across_ranks(g, &[Tensor::from_vec(text, &[n])]), "the ranks' buckets differ");
+        flat.sort();
+        let mut names: Vec<String> = ddp.named_parameters().into_iter().map(|(n, _)| n).collect();
+        names.sort();
+        assert_eq!(flat, names, "every parameter is in one bucket");
         (losses, ddp.parameters())
     }
 

@@ -3,7 +3,8 @@
 //! gradients are averaged across the ranks, so every replica takes the same optimizer step.
 //!
 //! Gradients travel in buckets (about 25 MB each by default), filled in reverse parameter
-//! order, the order in which a backward usually finishes them. Each parameter's
+//! order, the order in which a backward usually finishes them, and after the first backward
+//! refilled in the order it actually finished them (rank 0's, so all ranks agree). Each parameter's
 //! post-accumulate-grad hook marks it ready; once every gradient of a bucket is final the
 //! bucket's average is launched without blocking, so it travels while the backward goes on.
 //! Buckets are launched in index order on every rank (a bucket that completes early waits for
@@ -72,21 +73,56 @@ struct Bucket {
     numel: usize,
 }
 
+/// The buckets, filled in a given parameter order up to the cap.
+struct Layout {
+    buckets: Vec<Bucket>,
+    slots: Vec<Slot>,
+}
+
+impl Layout {
+    fn new(params: &[Tensor], order: &[usize], cap_bytes: usize) -> Layout {
+        let mut buckets: Vec<Bucket> = Vec::new();
+        let mut slots = vec![Slot { bucket: 0, offset: 0 }; params.len()];
+        for &i in order {
+            let (dtype, n) = (params[i].dtype(), params[i].numel());
+            let fits = buckets.last().is_some_and(|b| b.dtype == dtype && (b.numel + n) * dtype.size() <= cap_bytes);
+            if !fits {
+                buckets.push(Bucket { params: Vec::new(), dtype, numel: 0 });
+            }
+            let index = buckets.len() - 1;
+            let b = &mut buckets[index];
+            slots[i] = Slot { bucket: index, offset: b.numel };
+            b.params.push(i);
+            b.numel += n;
+        }
+        Layout { buckets, slots }
+    }
+}
+
+/// One backward's progress.
 struct Round {
     ready: Vec<bool>,
     /// Per bucket, how many of its gradients are not final yet.
     missing: Vec<usize>,
     next_launch: usize,
     in_flight: Vec<(usize, Work)>,
+    /// The order in which the gradients became final.
+    order: Vec<usize>,
+}
+
+struct State {
+    layout: Layout,
+    round: Round,
+    /// Whether the buckets were already refilled in the order of a first backward.
+    rebuilt: bool,
 }
 
 struct Reducer {
     group: ProcessGroup,
     names: Vec<String>,
     params: Vec<Tensor>,
-    slots: Vec<Slot>,
-    buckets: Vec<Bucket>,
-    round: Mutex<Round>,
+    cap_bytes: usize,
+    state: Mutex<State>,
     sync: AtomicBool,
     /// Time spent blocked on bucket averages that had not arrived when the backward ended.
     waited: Mutex<Duration>,
@@ -122,7 +158,12 @@ impl<M: AsModule + Send + Sync + 'static> DistributedDataParallel<M> {
             core: ModuleCore::new(),
         };
         if group.world_size() > 1 {
-            let trainable: Vec<(String, Tensor)> = params.into_iter().filter(|(_, p)| p.requires_grad()).collect();
+            // Named as the wrapper names them (`module.…`), for errors and `buckets()`.
+            let trainable: Vec<(String, Tensor)> = params
+                .into_iter()
+                .filter(|(_, p)| p.requires_grad())
+                .map(|(n, p)| (format!("module.{n}"), p))
+                .collect();
             let cap = (options.bucket_cap_mb * 1024.0 * 1024.0) as usize;
             let reducer = Arc::new(Reducer::new(group.clone(), trainable, cap));
             ddp.handles = reducer.register_hooks();
@@ -140,7 +181,9 @@ impl<M: AsModule + Send + Sync + 'static> DistributedDataParallel<M> {
     pub fn buckets(&self) -> Vec<Vec<String>> {
         match &self.reducer {
             None => Vec::new(),
-            Some(r) => r.buckets.iter().map(|b| b.params.iter().map(|&i| r.names[i].clone()).collect()).collect(),
+            Some(r) => {
+                r.lock().layout.buckets.iter().map(|b| b.params.iter().map(|&i| r.names[i].clone()).collect()).collect()
+            }
         }
     }
 
@@ -259,33 +302,25 @@ fn check_same_shapes(group: &ProcessGroup, tensors: &[(String, Tensor)]) -> Resu
 }
 
 impl Reducer {
+    /// Buckets first filled in reverse parameter order, the usual order of a backward.
     fn new(group: ProcessGroup, params: Vec<(String, Tensor)>, cap_bytes: usize) -> Reducer {
-        let mut buckets: Vec<Bucket> = Vec::new();
-        let mut slots = vec![Slot { bucket: 0, offset: 0 }; params.len()];
-        for (i, (_, p)) in params.iter().enumerate().rev() {
-            let (dtype, n) = (p.dtype(), p.numel());
-            let fits = buckets.last().is_some_and(|b| b.dtype == dtype && (b.numel + n) * dtype.size() <= cap_bytes);
-            if !fits {
-                buckets.push(Bucket { params: Vec::new(), dtype, numel: 0 });
-            }
-            let index = buckets.len() - 1;
-            let b = &mut buckets[index];
-            slots[i] = Slot { bucket: index, offset: b.numel };
-            b.params.push(i);
-            b.numel += n;
-        }
-        let round = Mutex::new(Round::fresh(params.len(), &buckets));
-        let (names, params) = params.into_iter().unzip();
+        let (names, params): (Vec<String>, Vec<Tensor>) = params.into_iter().unzip();
+        let order: Vec<usize> = (0..params.len()).rev().collect();
+        let layout = Layout::new(&params, &order, cap_bytes);
+        let round = Round::fresh(params.len(), &layout);
         Reducer {
             group,
             names,
             params,
-            slots,
-            buckets,
-            round,
+            cap_bytes,
+            state: Mutex::new(State { layout, round, rebuilt: false }),
             sync: AtomicBool::new(true),
             waited: Mutex::new(Duration::ZERO),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn register_hooks(self: &Arc<Self>) -> Vec<RemovableHandle> {
@@ -307,7 +342,9 @@ impl Reducer {
         if !self.sync.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let mut round = self.round.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let (layout, round) = (&state.layout, &mut state.round);
         if round.ready[i] {
             return Err(DistError(format!(
                 "DistributedDataParallel: parameter {} got its gradient twice in one round; run each backward to the end before the next (a parameter reused across backward passes needs no_sync())",
@@ -315,30 +352,52 @@ impl Reducer {
             )));
         }
         round.ready[i] = true;
-        round.missing[self.slots[i].bucket] -= 1;
-        while round.next_launch < self.buckets.len() && round.missing[round.next_launch] == 0 {
+        round.order.push(i);
+        round.missing[layout.slots[i].bucket] -= 1;
+        while round.next_launch < layout.buckets.len() && round.missing[round.next_launch] == 0 {
             let b = round.next_launch;
-            let work = self.launch(b)?;
-            round.in_flight.push((b, work));
+            round.in_flight.push((b, self.launch(layout, b)?));
             round.next_launch += 1;
         }
-        if round.next_launch == self.buckets.len() {
-            let in_flight = std::mem::take(&mut round.in_flight);
-            *round = Round::fresh(self.params.len(), &self.buckets);
-            drop(round);
-            for (b, work) in in_flight {
-                let t0 = Instant::now();
-                let flat = work.wait_buffer()?;
-                *self.waited.lock().unwrap_or_else(|e| e.into_inner()) += t0.elapsed();
-                self.scatter(b, flat);
-            }
+        if round.next_launch < layout.buckets.len() {
+            return Ok(());
         }
+        for (b, work) in std::mem::take(&mut round.in_flight) {
+            let t0 = Instant::now();
+            let flat = work.wait_buffer()?;
+            *self.waited.lock().unwrap_or_else(|e| e.into_inner()) += t0.elapsed();
+            self.scatter(layout, b, flat);
+        }
+        let order = std::mem::take(&mut round.order);
+        if !state.rebuilt {
+            state.rebuilt = true;
+            state.layout = Layout::new(&self.params, &self.agreed_order(order)?, self.cap_bytes);
+        }
+        state.round = Round::fresh(self.params.len(), &state.layout);
         Ok(())
     }
 
+    /// After the first backward, buckets are refilled in the order its gradients became final
+    /// (PyTorch's bucket rebuild), so that each bucket completes as early as possible. Rank
+    /// 0's order is used everywhere, so the ranks' buckets stay the same.
+    fn agreed_order(&self, order: Vec<usize>) -> Result<Vec<usize>, DistError> {
+        let t = Tensor::from_vec(order.iter().map(|&i| i as i64).collect::<Vec<i64>>(), &[order.len()]);
+        self.group.broadcast(&t, 0)?;
+        let agreed: Vec<usize> = t.to_vec::<i64>().into_iter().map(|i| i as usize).collect();
+        let mut seen = vec![false; self.params.len()];
+        for &i in &agreed {
+            if i >= seen.len() || std::mem::replace(&mut seen[i], true) {
+                return Err(DistError(
+                    "DistributedDataParallel: rank 0's gradient order is not a permutation of the parameters".into(),
+                ));
+            }
+        }
+        Ok(agreed)
+    }
+
     /// Starts averaging bucket `b`'s gradients.
-    fn launch(&self, b: usize) -> Result<Work, DistError> {
-        let bucket = &self.buckets[b];
+    fn launch(&self, layout: &Layout, b: usize) -> Result<Work, DistError> {
+        let bucket = &layout.buckets[b];
         let mut flat = Buffer::zeros(bucket.dtype, &[bucket.numel]);
         let data = flat.make_mut();
         for &i in &bucket.params {
@@ -349,7 +408,7 @@ impl Reducer {
                 ))
             })?;
             let g = grad.buffer().cast(bucket.dtype);
-            let at = self.slots[i].offset;
+            let at = layout.slots[i].offset;
             match (&mut *data, g.data()) {
                 (Data::F32(dst), Data::F32(src)) => dst[at..at + src.len()].copy_from_slice(src),
                 (Data::F64(dst), Data::F64(src)) => dst[at..at + src.len()].copy_from_slice(src),
@@ -366,10 +425,10 @@ impl Reducer {
     }
 
     /// Writes bucket `b`'s averaged gradients back into `.grad`.
-    fn scatter(&self, b: usize, flat: Buffer) {
-        for &i in &self.buckets[b].params {
+    fn scatter(&self, layout: &Layout, b: usize, flat: Buffer) {
+        for &i in &layout.buckets[b].params {
             let p = &self.params[i];
-            let at = self.slots[i].offset;
+            let at = layout.slots[i].offset;
             let n = p.numel();
             let part = match flat.data() {
                 Data::F32(v) => Buffer::from_vec(v[at..at + n].to_vec(), &p.shape()),
@@ -382,7 +441,8 @@ impl Reducer {
 
     /// A forward must not start while a synced backward left some gradients unaveraged.
     fn check_round_finished(&self) -> Result<(), DistError> {
-        let round = self.round.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.lock();
+        let round = &state.round;
         if round.ready.iter().all(|r| !r) {
             return Ok(());
         }
@@ -395,12 +455,13 @@ impl Reducer {
 }
 
 impl Round {
-    fn fresh(n: usize, buckets: &[Bucket]) -> Round {
+    fn fresh(n: usize, layout: &Layout) -> Round {
         Round {
             ready: vec![false; n],
-            missing: buckets.iter().map(|b| b.params.len()).collect(),
+            missing: layout.buckets.iter().map(|b| b.params.len()).collect(),
             next_launch: 0,
             in_flight: Vec::new(),
+            order: Vec::new(),
         }
     }
 }
