@@ -24,13 +24,14 @@ fn main() {
 
 /// The cases: (name, needs a feature not built yet).
 #[cfg(feature = "mpi")]
-const CASES: [(&str, Option<&str>); 7] = [
+const CASES: [(&str, Option<&str>); 8] = [
     ("collectives", None),
     ("eager_equivalence", None),
     ("no_sync", None),
     ("mismatch", None),
     ("sampler", None),
     ("panic", None),
+    ("exit", None),
     ("compiled_equivalence", Some("needs post-accumulate hooks in compile_train_step")),
 ];
 
@@ -88,6 +89,14 @@ mod launcher {
                     return Err(format!("the output must name the panicking rank\n{out}"));
                 }
                 Ok(())
+            }
+            "exit" => {
+                // mpirun names the process as [[job, app], rank].
+                let named = out.contains(",1],1]") && out.contains("Exit code:    3");
+                match (ok, took > Duration::from_secs(30), named) {
+                    (false, false, true) => Ok(()),
+                    _ => Err(format!("a rank exiting must end the job non-zero within 30 s, naming it\n{out}")),
+                }
             }
             "mismatch" if !(ok && both("construction failed: DistributedDataParallel")) => {
                 Err(format!("a shape mismatch must be an error on both ranks\n{out}"))
@@ -150,7 +159,8 @@ mod ranks {
             "no_sync" => no_sync(&group),
             "mismatch" => mismatch(&group),
             "sampler" => sampler(&group),
-            "panic" => panic_at_step_10(&group),
+            "panic" => fail_at_step_10(&group, false),
+            "exit" => fail_at_step_10(&group, true),
             other => panic!("unknown case {other}"),
         }
         if case != "mismatch" {
@@ -440,12 +450,17 @@ mod ranks {
         }
     }
 
-    fn panic_at_step_10(g: &ProcessGroup) {
+    /// Rank 1 panics, or exits with status 3 without finalizing, at step 10.
+    fn fail_at_step_10(g: &ProcessGroup, exit: bool) {
         let (x, y) = data(false);
         let ddp = DistributedDataParallel::new(model(false, 0), g).unwrap();
         let mut opt = optimizer(false, ddp.parameters());
         for s in 0..STEPS {
             if s == 10 && g.rank() == 1 {
+                if exit {
+                    eprintln!("rank 1 exits at step 10");
+                    std::process::exit(3);
+                }
                 panic!("deliberate failure at step 10");
             }
             let loss = ddp.call(&rows(&x, s * 8, 8)).cross_entropy(&rows(&y, s * 8, 8));
