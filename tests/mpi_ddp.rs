@@ -24,7 +24,7 @@ fn main() {
 
 /// The cases: (name, needs a feature not built yet).
 #[cfg(feature = "mpi")]
-const CASES: [(&str, Option<&str>); 8] = [
+const CASES: [(&str, Option<&str>); 9] = [
     ("collectives", None),
     ("eager_equivalence", None),
     ("no_sync", None),
@@ -32,6 +32,7 @@ const CASES: [(&str, Option<&str>); 8] = [
     ("sampler", None),
     ("panic", None),
     ("exit", None),
+    ("stray", None),
     ("compiled_equivalence", Some("needs post-accumulate hooks in compile_train_step")),
 ];
 
@@ -89,6 +90,14 @@ mod launcher {
                     return Err(format!("the output must name the panicking rank\n{out}"));
                 }
                 Ok(())
+            }
+            "stray" => {
+                match (ok, took > Duration::from_secs(30), out.contains("rank 0 (of 2) waited 3s for all_reduce")) {
+                    (false, false, true) => Ok(()),
+                    _ => Err(format!(
+                        "a collective that never completes must end the job within 30 s, naming the rank\n{out}"
+                    )),
+                }
             }
             "exit" => {
                 // mpirun names the process as [[job, app], rank].
@@ -150,6 +159,9 @@ mod ranks {
     const BATCH: usize = 16;
 
     pub fn run(case: &str) {
+        if case == "stray" {
+            return stray();
+        }
         let group = distributed::init().expect("init");
         assert_eq!(group.world_size(), 2, "the cases run on 2 ranks");
         match case {
@@ -448,6 +460,17 @@ mod ranks {
             }
             assert_ne!(orders[0], orders[1], "set_epoch must change the order");
         }
+    }
+
+    /// Rank 1 never joins rank 0's all_reduce: rank 0 gives up after the group's timeout and
+    /// ends the job instead of hanging.
+    fn stray() {
+        let g = distributed::init_with_timeout(std::time::Duration::from_secs(3)).expect("init");
+        if g.rank() == 1 {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+        let _ = g.all_reduce(&Tensor::vec1(&[1.0]), ReduceOp::Sum);
+        unreachable!("rank {} cannot finish an all_reduce alone", g.rank());
     }
 
     /// Rank 1 panics, or exits with status 3 without finalizing, at step 10.
