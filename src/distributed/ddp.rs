@@ -73,6 +73,9 @@ struct Bucket {
     numel: usize,
 }
 
+/// The cap of the first bucket (PyTorch's `_DEFAULT_FIRST_BUCKET_BYTES`).
+const FIRST_BUCKET_BYTES: usize = 1 << 20;
+
 /// The buckets, filled in a given parameter order up to the cap.
 struct Layout {
     buckets: Vec<Bucket>,
@@ -85,7 +88,10 @@ impl Layout {
         let mut slots = vec![Slot { bucket: 0, offset: 0 }; params.len()];
         for &i in order {
             let (dtype, n) = (params[i].dtype(), params[i].numel());
-            let fits = buckets.last().is_some_and(|b| b.dtype == dtype && (b.numel + n) * dtype.size() <= cap_bytes);
+            // The first bucket is small (PyTorch's 1 MiB), so communication starts early in
+            // the backward instead of after its first 25 MB.
+            let cap = if buckets.len() == 1 { cap_bytes.min(FIRST_BUCKET_BYTES) } else { cap_bytes };
+            let fits = buckets.last().is_some_and(|b| b.dtype == dtype && (b.numel + n) * dtype.size() <= cap);
             if !fits {
                 buckets.push(Bucket { params: Vec::new(), dtype, numel: 0 });
             }

@@ -21,6 +21,7 @@ mod mpi_backend;
 pub mod train;
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -105,6 +106,10 @@ fn abort_job(rank: usize, world_size: usize, why: &str) -> ! {
     }
     std::process::exit(1)
 }
+
+/// How many threads of this process are blocked on a collective's result: the
+/// communication thread drives collectives without pause only while someone waits.
+pub(crate) static WAITERS: AtomicUsize = AtomicUsize::new(0);
 
 /// The live group of this process: MPI joins once, so later `init` calls share it.
 static GROUP: Mutex<Option<Weak<Inner>>> = Mutex::new(None);
@@ -258,7 +263,10 @@ impl ProcessGroup {
     }
 
     fn receive(&self, rx: mpsc::Receiver<Data>, what: &str) -> Result<Data, DistError> {
-        match rx.recv_timeout(self.inner.timeout) {
+        WAITERS.fetch_add(1, Ordering::SeqCst);
+        let got = rx.recv_timeout(self.inner.timeout);
+        WAITERS.fetch_sub(1, Ordering::SeqCst);
+        match got {
             Ok(d) => Ok(d),
             // A collective cannot be cancelled: a rank that stopped taking part leaves the
             // others waiting forever, so end the job rather than hang.

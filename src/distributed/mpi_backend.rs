@@ -5,11 +5,14 @@
 //! MPI is initialized with `MPI_THREAD_MULTIPLE` only so that [`abort`] may be called from
 //! whichever thread gives up; every other call is made on the communication thread.
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use mpi::collective::SystemOperation;
+use mpi::request::{scope, Request, Scope};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use mpi::Threading;
@@ -111,6 +114,41 @@ fn system_op(op: ReduceOp) -> SystemOperation {
     }
 }
 
+/// Between two tests of a collective nobody is blocked on yet.
+const POLL: Duration = Duration::from_micros(50);
+
+/// How long a collective someone is blocked on is tested without pause.
+const MAX_SPIN: Duration = Duration::from_millis(2);
+
+/// Drives a non-blocking collective to completion. While a caller of this process is blocked
+/// on a result its core is free, so the thread tests without pause (for up to [`MAX_SPIN`]);
+/// otherwise (the collective
+/// overlaps the backward) it tests every [`POLL`], so that waiting for a peer that has not
+/// arrived yet does not take a core from the computation. (Open MPI makes progress only
+/// inside MPI calls, and its blocking calls spin.)
+fn complete<'a, D: ?Sized, S: Scope<'a>>(mut request: Request<'a, D, S>) {
+    let mut spinning_since: Option<Instant> = None;
+    loop {
+        match request.test() {
+            Ok(_) => return,
+            Err(r) => request = r,
+        }
+        if super::WAITERS.load(Ordering::SeqCst) == 0 {
+            spinning_since = None;
+            std::thread::sleep(POLL);
+            continue;
+        }
+        // A long wait (a peer far behind, a barrier) goes back to polling: spinning there
+        // would only slow the ranks being waited for, which may share this core.
+        let since = *spinning_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < MAX_SPIN {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
 /// Runs one collective on the communication thread.
 fn run(world: &SimpleCommunicator, collective: Collective, mut data: Data) -> Data {
     macro_rules! each {
@@ -125,10 +163,10 @@ fn run(world: &SimpleCommunicator, collective: Collective, mut data: Data) -> Da
         };
     }
     match collective {
-        Collective::Barrier => world.barrier(),
+        Collective::Barrier => complete(world.immediate_barrier()),
         Collective::Broadcast(root) => {
             let root = world.process_at_rank(root as i32);
-            each!(&mut data, v => root.broadcast_into(&mut v[..]));
+            each!(&mut data, v => scope(|sc| complete(root.immediate_broadcast_into(sc, &mut v[..]))));
         }
         Collective::AllReduce(op) => {
             let op = system_op(op);
@@ -147,6 +185,6 @@ fn run(world: &SimpleCommunicator, collective: Collective, mut data: Data) -> Da
 
 fn reduce<T: Equivalence + Copy + Default>(world: &SimpleCommunicator, v: &[T], op: SystemOperation) -> Vec<T> {
     let mut out = vec![T::default(); v.len()];
-    world.all_reduce_into(v, &mut out[..], op);
+    scope(|sc| complete(world.immediate_all_reduce_into(sc, v, &mut out[..], op)));
     out
 }
