@@ -204,11 +204,21 @@ mod ranks {
         assert!(err.to_string().contains("rank 0 of 3 replicas"), "{err}");
     }
 
+    /// The models of the equivalence cases.
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Net {
+        Mlp,
+        /// BatchNorm2d: each rank normalises its own half (DDP without SyncBatchNorm).
+        CnnBn,
+        /// SyncBatchNorm2d on the ranks, BatchNorm2d over the whole batch in one process.
+        CnnSyncBn,
+    }
+
     /// The data set: the same on every rank.
-    fn data(cnn: bool) -> (Tensor, Tensor) {
+    fn data(net: Net) -> (Tensor, Tensor) {
         let mut gen = Generator::new(7);
         let n = STEPS * BATCH;
-        let shape: Vec<usize> = if cnn { vec![n, 1, 8, 8] } else { vec![n, 20] };
+        let shape: Vec<usize> = if net == Net::Mlp { vec![n, 20] } else { vec![n, 1, 8, 8] };
         let x = Tensor::randn_with(&mut gen, &shape);
         let y = Tensor::randint_with(&mut gen, 0, 5, &[n]);
         (x, y)
@@ -218,23 +228,26 @@ mod ranks {
         nn::Sequential::new().add(nn::Linear::new(20, 32)).add(nn::ReLU::new()).add(nn::Linear::new(32, 5))
     }
 
-    fn cnn_bn() -> nn::Sequential {
+    /// The convolution has no bias: before a BatchNorm its true gradient is zero, and Adam
+    /// would turn the rounding noise standing in for it into full-size steps.
+    fn cnn(norm: impl nn::Module) -> nn::Sequential {
         nn::Sequential::new()
-            .add(nn::Conv2d::new(1, 4, 3).padding(1))
-            .add(nn::BatchNorm2d::new(4))
+            .add(nn::Conv2d::with_bias(1, 4, 3, false).padding(1))
+            .add(norm)
             .add(nn::ReLU::new())
             .add(nn::MaxPool2d::new(2))
             .add(nn::Flatten::new())
             .add(nn::Linear::new(64, 5))
     }
 
-    /// A model whose initial values differ per rank (DDP must broadcast rank 0's).
-    fn model(cnn: bool, seed: u64) -> nn::Sequential {
+    /// The model with initial values from `seed` (DDP must broadcast rank 0's); `group` makes
+    /// the SyncBatchNorm variant synchronised.
+    fn model(net: Net, seed: u64, group: Option<&ProcessGroup>) -> nn::Sequential {
         tracegrad::manual_seed(seed);
-        if cnn {
-            cnn_bn()
-        } else {
-            mlp()
+        match (net, group) {
+            (Net::Mlp, _) => mlp(),
+            (Net::CnnSyncBn, Some(g)) => cnn(distributed::SyncBatchNorm2d::new(4, g)),
+            (Net::CnnBn | Net::CnnSyncBn, _) => cnn(nn::BatchNorm2d::new(4)),
         }
     }
 
@@ -259,16 +272,17 @@ mod ranks {
         t.narrow(0, from, n)
     }
 
-    /// One process at batch B. With BatchNorm, the batch goes through the model as the two
-    /// halves the ranks see, because each rank normalizes over its own half (DDP without
-    /// SyncBatchNorm, as in PyTorch); the loss is their mean.
-    fn reference(cnn: bool, adam: bool) -> (Vec<f64>, Vec<Vec<f32>>) {
-        let (x, y) = data(cnn);
-        let m = model(cnn, 100);
+    /// One process at batch B. With plain BatchNorm, the batch goes through the model as the
+    /// two halves the ranks see, because each rank normalizes over its own half (DDP without
+    /// SyncBatchNorm, as in PyTorch); the loss is their mean. Returns the losses, the final
+    /// parameters and the final buffers.
+    fn reference(net: Net, adam: bool) -> (Vec<f64>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let (x, y) = data(net);
+        let m = model(net, 100, None);
         let mut opt = optimizer(adam, m.parameters());
         let mut losses = Vec::new();
         for s in 0..STEPS {
-            let loss = if cnn {
+            let loss = if net == Net::CnnBn {
                 let h = BATCH / 2;
                 let l0 = m.call(&rows(&x, s * BATCH, h)).cross_entropy(&rows(&y, s * BATCH, h));
                 let l1 = m.call(&rows(&x, s * BATCH + h, h)).cross_entropy(&rows(&y, s * BATCH + h, h));
@@ -281,20 +295,22 @@ mod ranks {
             opt.step();
             losses.push(loss.item());
         }
-        (losses, m.parameters().iter().map(|p| p.to_vec_f32()).collect())
+        let values = |ts: Vec<Tensor>| ts.iter().map(|t| t.to_vec_f64().iter().map(|&v| v as f32).collect()).collect();
+        (losses, values(m.parameters()), values(m.buffers()))
     }
 
     /// This rank's half of each global batch through DDP; the losses are the ranks' mean.
     fn distributed_run(
         g: &ProcessGroup,
-        cnn: bool,
+        net: Net,
         adam: bool,
         compiled: bool,
         cap_mb: f64,
-    ) -> (Vec<f64>, Vec<Tensor>) {
-        let (x, y) = data(cnn);
+    ) -> (Vec<f64>, Vec<Tensor>, Vec<Tensor>) {
+        let (x, y) = data(net);
         let options = DdpOptions { bucket_cap_mb: cap_mb, ..Default::default() };
-        let ddp = DistributedDataParallel::with_options(model(cnn, 100 + g.rank() as u64), g, options).unwrap();
+        let ddp =
+            DistributedDataParallel::with_options(model(net, 100 + g.rank() as u64, Some(g)), g, options).unwrap();
         let h = BATCH / 2;
         let mut losses = Vec::new();
         let mut eager_opt = optimizer(adam, ddp.parameters());
@@ -324,7 +340,7 @@ mod ranks {
         let mut names: Vec<String> = ddp.named_parameters().into_iter().map(|(n, _)| n).collect();
         names.sort();
         assert_eq!(flat, names, "every parameter is in one bucket");
-        (losses, ddp.parameters())
+        (losses, ddp.parameters(), ddp.buffers())
     }
 
     /// Within 1e-5 relative to the tensor's scale: an element near zero has no relative error.
@@ -355,26 +371,47 @@ mod ranks {
     }
 
     fn equivalence(g: &ProcessGroup, compiled: bool) {
-        for (cnn, adam, cap_mb) in
-            [(false, false, 0.002), (false, true, 25.0), (true, false, 0.001), (true, true, 25.0)]
-        {
+        let configs = [
+            (Net::Mlp, false, 0.002),
+            (Net::Mlp, true, 25.0),
+            (Net::CnnBn, false, 0.001),
+            (Net::CnnBn, true, 25.0),
+            (Net::CnnSyncBn, false, 0.001),
+            (Net::CnnSyncBn, true, 25.0),
+        ];
+        for (net, adam, cap_mb) in configs {
+            if compiled && net == Net::CnnSyncBn {
+                continue; // SyncBatchNorm2d is eager only: a compiled graph holds no collective.
+            }
             let what = format!(
-                "{} {} {}",
-                if cnn { "cnn+bn" } else { "mlp" },
+                "{net:?} {} {}",
                 if adam { "adam" } else { "sgd-momentum" },
                 if compiled { "compiled" } else { "eager" }
             );
-            let (ref_losses, ref_params) = reference(cnn, adam);
-            let (losses, params) = distributed_run(g, cnn, adam, compiled, cap_mb);
+            let (ref_losses, ref_params, ref_buffers) = reference(net, adam);
+            let (losses, params, buffers) = distributed_run(g, net, adam, compiled, cap_mb);
             for (s, (a, b)) in ref_losses.iter().zip(&losses).enumerate() {
                 assert!(close(*a, *b), "{what}: step {s}: loss {b} on 2 ranks vs {a} in one process");
             }
             for (p, r) in params.iter().zip(&ref_params) {
                 assert_close(&p.to_vec_f32(), r, &format!("{what}: final parameters"));
             }
+            if net == Net::CnnSyncBn {
+                // The global batch's running statistics, as one process at batch B has them.
+                for (b, r) in buffers.iter().zip(&ref_buffers) {
+                    let got: Vec<f32> = b.to_vec_f64().iter().map(|&v| v as f32).collect();
+                    assert_close(&got, r, &format!("{what}: final buffers"));
+                }
+            }
+            // Plain BatchNorm's running statistics are each rank's own after its forward (rank
+            // 0's again at the next one); SyncBatchNorm's are the global batch's everywhere.
+            let mut both = params.clone();
+            if net == Net::CnnSyncBn {
+                both.extend(buffers.iter().filter(|b| b.dtype().is_float()).cloned());
+            }
             assert!(
-                identical_across_ranks(g, &params),
-                "{what}: parameters differ between the ranks after {STEPS} steps"
+                identical_across_ranks(g, &both),
+                "{what}: parameters or buffers differ between the ranks after {STEPS} steps"
             );
             println!("rank {}: {what}: {STEPS} steps agree (last loss {:.6})", g.rank(), losses[STEPS - 1]);
         }
@@ -383,8 +420,8 @@ mod ranks {
     /// Two micro-batches under no_sync, then one synced: the gradient is the ranks' mean of
     /// the local sums, and under no_sync nothing is averaged.
     fn no_sync(g: &ProcessGroup) {
-        let (x, y) = data(false);
-        let ddp = DistributedDataParallel::new(model(false, 3 + g.rank() as u64), g).unwrap();
+        let (x, y) = data(Net::Mlp);
+        let ddp = DistributedDataParallel::new(model(Net::Mlp, 3 + g.rank() as u64, None), g).unwrap();
         let batch = |rank: usize, k: usize| (rows(&x, (2 * k + rank) * 4, 4), rows(&y, (2 * k + rank) * 4, 4));
         {
             let _guard = ddp.no_sync();
@@ -395,7 +432,7 @@ mod ranks {
         assert!(!identical_across_ranks(g, &local), "under no_sync the ranks' gradients must stay local");
         let (xb, yb) = batch(g.rank(), 1);
         ddp.call(&xb).cross_entropy(&yb).backward();
-        let reference = model(false, 3);
+        let reference = model(Net::Mlp, 3, None);
         let mut total: Option<Tensor> = None;
         for rank in 0..2 {
             for k in 0..2 {
@@ -475,8 +512,8 @@ mod ranks {
 
     /// Rank 1 panics, or exits with status 3 without finalizing, at step 10.
     fn fail_at_step_10(g: &ProcessGroup, exit: bool) {
-        let (x, y) = data(false);
-        let ddp = DistributedDataParallel::new(model(false, 0), g).unwrap();
+        let (x, y) = data(Net::Mlp);
+        let ddp = DistributedDataParallel::new(model(Net::Mlp, 0, None), g).unwrap();
         let mut opt = optimizer(false, ddp.parameters());
         for s in 0..STEPS {
             if s == 10 && g.rank() == 1 {

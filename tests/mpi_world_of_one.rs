@@ -82,3 +82,43 @@ fn bad_options_are_errors() {
     let err = DistributedDataParallel::with_options(mlp(0), &g, bad).err().expect("an error");
     assert_eq!(err.to_string(), "bucket_cap_mb must be a positive number, got 0");
 }
+
+/// Over one rank, SyncBatchNorm2d is BatchNorm2d: outputs, gradients, running statistics.
+#[test]
+fn sync_batch_norm_of_one_rank_is_batch_norm() {
+    let g = distributed::single_process();
+    let sync = distributed::SyncBatchNorm2d::new(3, &g);
+    let plain = nn::BatchNorm2d::new(3);
+    let x = Tensor::randn(&[4, 3, 5, 5]).mul_scalar(2.0).add_scalar(1.0);
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        for (u, v) in a.to_vec_f32().iter().zip(b.to_vec_f32()) {
+            assert!((u - v).abs() <= 1e-5 * (1.0 + v.abs()), "{what}: {u} vs {v}");
+        }
+    };
+    let xs = x.detach().requires_grad_(true);
+    let xp = x.detach().requires_grad_(true);
+    let (ys, yp) = (sync.call(&xs), plain.call(&xp));
+    close(&ys, &yp, "output");
+    let w = Tensor::randn(&[4, 3, 5, 5]);
+    (&ys * &w).sum_all().backward();
+    (&yp * &w).sum_all().backward();
+    close(&xs.grad().unwrap(), &xp.grad().unwrap(), "input gradient");
+    for ((n, a), (_, b)) in sync.named_parameters().iter().zip(plain.named_parameters()) {
+        close(&a.grad().unwrap(), &b.grad().unwrap(), n);
+    }
+    for ((n, a), (_, b)) in sync.named_buffers().iter().zip(plain.named_buffers()) {
+        if a.dtype().is_float() {
+            close(a, &b, n);
+        } else {
+            assert_eq!(a.to_vec::<i64>(), b.to_vec::<i64>(), "{n}");
+        }
+    }
+    sync.eval();
+    plain.eval();
+    close(&sync.call(&x), &plain.call(&x), "eval output");
+    // Eval mode normalises with the running statistics: no collective, so it compiles.
+    assert!(tracegrad::compile(&sync).call(&x).is_ok());
+    sync.train(true);
+    let err = tracegrad::compile(&sync).call(&x).expect_err("training mode cannot compile").to_string();
+    assert!(err.contains("compiled graphs cannot contain collectives"), "{err}");
+}

@@ -18,6 +18,7 @@
 mod ddp;
 #[cfg(feature = "mpi")]
 mod mpi_backend;
+mod sync_batch_norm;
 pub mod train;
 
 use std::fmt;
@@ -31,6 +32,7 @@ use tracegrad_runtime::{Buffer, DType, Data};
 use crate::tensor::Tensor;
 
 pub use ddp::{DdpOptions, DistributedDataParallel, NoSyncGuard};
+pub use sync_batch_norm::SyncBatchNorm2d;
 
 /// How [`ProcessGroup::all_reduce`] combines the ranks' values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
