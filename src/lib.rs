@@ -33,6 +33,7 @@ pub mod checkpoint;
 pub mod compile;
 pub mod data;
 mod display;
+pub mod distributed;
 pub mod hooks;
 pub mod interop;
 pub mod linalg;

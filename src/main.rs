@@ -215,6 +215,10 @@ struct TrainArgs {
     /// epochs this trains epochs 3 and 4. Use the saved run's other settings.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Data-parallel over the ranks of `mpirun -np N` (the global batch `--batch-size` is split
+    /// across them); only rank 0 prints. Needs a build with `--features mpi`.
+    #[arg(long)]
+    distributed: bool,
 }
 
 impl Default for TrainArgs {
@@ -231,6 +235,7 @@ impl Default for TrainArgs {
             json: false,
             save: None,
             resume: None,
+            distributed: false,
         }
     }
 }
@@ -299,6 +304,12 @@ fn train(args: TrainArgs) -> Result<(), String> {
     if !args.lr.is_finite() {
         return Err(format!("--lr must be a finite number, got {}", args.lr));
     }
+    if args.distributed && args.model != Model::Mlp {
+        return Err("--distributed trains --model mlp only (cnn and transformer are single-process for now)".into());
+    }
+    if args.distributed && (args.save.is_some() || args.resume.is_some()) {
+        return Err("--distributed does not checkpoint yet: drop --save/--resume".into());
+    }
     check_paths(&args)?;
     let (train_set, test_set) = load(&args.dataset, args.seed)?;
     let optimizer = match args.optimizer {
@@ -327,6 +338,9 @@ fn train(args: TrainArgs) -> Result<(), String> {
         Model::Cnn => format!("CNN ({} classes)", train_set.classes),
         Model::Transformer => format!("transformer ({} classes)", train_set.classes),
     };
+    if args.distributed {
+        return train_distributed(&args, &cfg, &train_set, &test_set);
+    }
     eprintln!(
         "training {what} on {} ({} train / {} test), {}, {:?} lr {}",
         args.dataset,
@@ -383,6 +397,39 @@ fn train(args: TrainArgs) -> Result<(), String> {
     }
     if args.json {
         println!("{}", serde_json::to_string(&summary).map_err(|e| e.to_string())?);
+    }
+    Ok(())
+}
+
+/// `train --distributed`: DDP over the MPI job; only rank 0 prints.
+fn train_distributed(args: &TrainArgs, cfg: &TrainConfig, train: &Labeled, test: &Labeled) -> Result<(), String> {
+    let group = tracegrad::distributed::init().map_err(|e| e.to_string())?;
+    let rank0 = group.rank() == 0;
+    if rank0 {
+        eprintln!("training MLP data-parallel on {} ranks, global batch {}", group.world_size(), cfg.batch_size);
+    }
+    let epochs = cfg.epochs;
+    let result = tracegrad::distributed::train::train_mlp_distributed(&group, train, test, cfg, |r| {
+        if rank0 {
+            println!(
+                "epoch {:>3}/{epochs}  loss {:.4}  test accuracy {:.4}  ({:.2} s)",
+                r.epoch, r.loss, r.test_accuracy, r.seconds
+            );
+        }
+    });
+    let summary = match result {
+        // The other ranks may be waiting in a collective: end the whole job.
+        Err(e) if group.world_size() > 1 => group.abort(&format!("failed: {e}")),
+        other => other?.1,
+    };
+    if rank0 {
+        println!(
+            "final test accuracy {:.4} after {} epochs ({:.2} s training, {:.0} steps/s)",
+            summary.test_accuracy, summary.epochs, summary.train_seconds, summary.steps_per_second
+        );
+        if args.json {
+            println!("{}", serde_json::to_string(&summary).map_err(|e| e.to_string())?);
+        }
     }
     Ok(())
 }

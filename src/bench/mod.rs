@@ -22,6 +22,7 @@
 
 mod alloc;
 mod onnx;
+pub mod distributed;
 mod reference;
 mod report;
 mod workloads;
@@ -101,6 +102,10 @@ pub struct BenchArgs {
     /// Shrink the reference rows (memcpy of 2^20 f32, sgemm 256³) for quick tests.
     #[arg(long, hide = true)]
     pub small_reference: bool,
+    /// Data-parallel scaling under `mpirun -np N`: step time alone and on N ranks (DDP) at
+    /// equal per-rank batch, communication share, scaling efficiency.
+    #[arg(long)]
+    pub distributed: bool,
 }
 
 /// What [`run`] does.
@@ -339,6 +344,9 @@ pub fn run(cfg: &Config, bar: &ProgressBar, on_row: &mut dyn FnMut(&Row)) -> Vec
 /// `tracegrad bench`: parses nothing (clap did), runs, prints, plots. Fails when the
 /// arguments are unusable or when any run failed (after printing everything else).
 pub fn cli(args: BenchArgs) -> Result<(), String> {
+    if args.distributed {
+        return distributed::cli(&args);
+    }
     // The chart's file is opened before anything is measured, so a bad path fails at once.
     let plot_file = match &args.plot {
         Some(path) => Some(std::fs::File::create(path).map_err(|e| format!("--plot {}: {e}", path.display()))?),

@@ -294,6 +294,29 @@ impl Setup {
     }
 }
 
+/// A training workload's model, batch and loss, for runners built elsewhere (the
+/// distributed bench wraps the model in DDP).
+pub struct TrainParts {
+    /// The model, in training mode.
+    pub module: Box<dyn Module>,
+    /// The input batch.
+    pub x: Tensor,
+    /// The target batch.
+    pub y: Tensor,
+    /// The loss of (output, target).
+    pub loss: fn(&Tensor, &Tensor) -> Tensor,
+}
+
+impl Setup {
+    /// The training workload's parts; `None` for a forward workload.
+    pub fn into_train(self) -> Option<TrainParts> {
+        match self.kind {
+            Kind::Train { module, x, y, loss } => Some(TrainParts { module, x, y, loss }),
+            Kind::Forward { .. } => None,
+        }
+    }
+}
+
 struct EagerForward<'a> {
     module: &'a dyn Module,
     inputs: &'a [Tensor],
