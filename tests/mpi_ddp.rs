@@ -33,7 +33,7 @@ const CASES: [(&str, Option<&str>); 9] = [
     ("panic", None),
     ("exit", None),
     ("stray", None),
-    ("compiled_equivalence", Some("needs post-accumulate hooks in compile_train_step")),
+    ("compiled_equivalence", None),
 ];
 
 #[cfg(feature = "mpi")]
