@@ -93,3 +93,23 @@ fn load_state_dict_by_onnx_names() {
         assert_eq!(*g, (w as f32 * 0.5) as f64);
     }
 }
+
+/// Hooks on an imported module run in eager and compiled mode alike, and adding one is a new
+/// plan.
+#[test]
+fn hooks_work_on_an_imported_module() {
+    let (m, r) = model("cnn");
+    let x = tensor(&r["input"]);
+    let mut compiled = tracegrad::compile(&m);
+    let plain = compiled.call(&x).unwrap();
+    let handle = m.register_forward_hook(|_, _, y| Some(y.mul_scalar(2.0)));
+    let eager = tracegrad::no_grad(|| m.call(&x));
+    let hooked = compiled.call(&x).unwrap();
+    for (a, b) in [(&eager, &plain), (&hooked, &plain)] {
+        for (u, v) in a.to_vec_f64().iter().zip(b.to_vec_f64()) {
+            assert!((u - 2.0 * v).abs() <= 1e-6 * (1.0 + v.abs()), "{u} vs 2·{v}");
+        }
+    }
+    assert_eq!(compiled.plan_count(), 2);
+    drop(handle);
+}
