@@ -13,7 +13,7 @@ use tracegrad_runtime::{Buffer, ShapeDisplay};
 
 pub(crate) use super::callbacks::{CallState, Runner};
 use super::pipeline::{self, grad_inputs, op_error, Goal, Options};
-use super::trace::{trace_module, CallbackSpec, CompileError};
+use super::trace::{trace_module, CallbackSpec, CompileError, RngInput};
 use crate::nn::{Module, ModuleExt};
 use crate::tensor::Tensor;
 
@@ -53,6 +53,7 @@ pub struct Plan {
     pub pass_report: String,
     lifted: Vec<Tensor>,
     callbacks: Arc<Vec<CallbackSpec>>,
+    rng: Option<RngInput>,
 }
 
 /// A module compiled into static-graph plans (see [`compile`]).
@@ -229,6 +230,7 @@ fn build_plan(module: &dyn Module, sig: &Signature, backend: Backend) -> Result<
         pass_report: built.report,
         lifted: built.lifted,
         callbacks: Arc::new(built.callbacks),
+        rng: built.rng,
     })
 }
 
@@ -320,7 +322,10 @@ impl CompiledModule<'_> {
         let plan = self.plans.get_or_build(module, sig, |sig| build_plan(module, sig, backend))?;
         let mut all: Vec<Tensor> = inputs.to_vec();
         all.extend(plan.lifted.iter().cloned());
-        let args: Vec<Buffer> = all.iter().map(|t| t.buffer()).collect();
+        let mut args: Vec<Buffer> = all.iter().map(|t| t.buffer()).collect();
+        if let Some(rng) = &plan.rng {
+            rng.feed(&mut args, inputs.len());
+        }
         let state = plan.backward.as_ref().map(|_| Arc::new(CallState::default()));
         let runner = Runner { root: Some(self.module), specs: &plan.callbacks, state: state.clone() };
         let mut out = plan.exec.run(&args, &runner).map_err(op_error)?;

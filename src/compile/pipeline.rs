@@ -15,7 +15,7 @@ use tracegrad_compiler::{Build, OpError, TensorType};
 use tracegrad_jit::{Backend, Executable};
 
 use super::compiled::callback_vjp;
-use super::trace::{CallbackSpec, CompileError, Traced};
+use super::trace::{CallbackSpec, CompileError, RngInput, Traced};
 use super::train_step::{append_update, StepOptimizer};
 use crate::autograd::GradHook;
 use crate::tensor::Tensor;
@@ -82,6 +82,8 @@ pub(crate) struct Built {
     pub(crate) updates: Vec<Tensor>,
     /// The pass manager's timings.
     pub(crate) report: String,
+    /// The generator-state input, when the trace drew random values.
+    pub(crate) rng: Option<RngInput>,
     pub(crate) snapshots: Snapshots,
 }
 
@@ -133,7 +135,7 @@ fn executable(g: &Graph, backend: Backend, donated: &[bool]) -> Result<Executabl
 
 /// Runs the pipeline on `traced` (see [`Goal`] for what it builds).
 pub(crate) fn run(traced: Traced, opts: &Options<'_>) -> Result<Built, CompileError> {
-    let Traced { graph, lifted_inputs, callbacks, updates, tensor_hooks } = traced;
+    let Traced { graph, lifted_inputs, callbacks, updates, tensor_hooks, rng } = traced;
     let mut built = Built {
         forward: Graph::new(),
         backward: None,
@@ -144,6 +146,7 @@ pub(crate) fn run(traced: Traced, opts: &Options<'_>) -> Result<Built, CompileEr
         lifted: lifted_inputs,
         updates,
         report: String::new(),
+        rng,
         snapshots: Snapshots::default(),
     };
     let mut hooks = Hooks { callbacks: RefCell::new(callbacks), tensor_hooks };

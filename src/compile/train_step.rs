@@ -73,6 +73,7 @@ struct StepPlan {
     /// Whether the updated parameters' storage is handed to the executor (no hooks).
     donate: bool,
     callbacks: Vec<super::trace::CallbackSpec>,
+    rng: Option<super::trace::RngInput>,
 }
 
 /// A loss of (module output, target).
@@ -293,6 +294,9 @@ impl TrainStep<'_> {
         let mut args: Vec<Buffer> = vec![x.buffer(), target.buffer()];
         let donated: Vec<bool> = (0..plan.lifted.len()).map(|j| plan.donate && plan.updated.contains(&j)).collect();
         args.extend(plan.lifted.iter().zip(&donated).map(|(t, &d)| if d { t.take_storage() } else { t.buffer() }));
+        if let Some(rng) = &plan.rng {
+            rng.feed(&mut args, 2);
+        }
         args.push(Buffer::scalar(self.lr, DType::F32));
         args.push(Buffer::scalar(self.step as f64, DType::F32));
         for &j in &plan.updated {
@@ -371,6 +375,7 @@ fn build_step(
         updates: built.updates,
         updated: built.wrt.iter().map(|&i| i - n_data).collect(),
         callbacks: built.callbacks,
+        rng: built.rng,
         donate,
     })
 }
