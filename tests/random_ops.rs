@@ -249,6 +249,15 @@ fn the_plan_saves_no_mask_and_the_backward_regenerates_it() {
         let backward = plan.backward.as_ref().expect("a backward graph");
         let regenerated = backward.topo_order().unwrap().into_iter().filter(|&n| is_mask(backward, n)).count();
         assert_eq!(regenerated, 2, "{backend:?}: the backward regenerates both masks");
+        if backend == Backend::Jit {
+            let fwd = plan.exec.plan_text();
+            let bwd = plan.backward_exec.as_ref().expect("a backward executable").plan_text();
+            // The masks are drawn inside fused kernels (an unfused draw would be a
+            // `dropout_mask` step), forward and backward.
+            for (what, text) in [("forward", &fwd), ("backward", &bwd)] {
+                assert!(!text.contains("dropout_mask") && !text.contains("draws other than"), "{what}:\n{text}");
+            }
+        }
     }
 }
 

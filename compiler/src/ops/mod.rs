@@ -586,6 +586,7 @@ impl Op {
             Op::Reduce { .. } | Op::ArgReduce { .. } | Op::Softmax { .. } => {
                 reduce::jit_lowerable(self, operand_dtypes, out)
             }
+            Op::Random { .. } => random::jit_lowerable(self, out),
             _ => false,
         }
     }

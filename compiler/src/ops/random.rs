@@ -116,11 +116,21 @@ pub(super) fn vjp<E: Emitter>(_op: &Op) -> OpResult<Vec<Option<E::Value>>> {
 pub(super) fn props(op: &Op) -> Props {
     match op {
         // Regenerating a uniform draw or a mask from the saved state is cheaper than saving it.
+        // Element `i` is a function of `i` and the (scalar) state alone, so the draw joins
+        // pointwise kernels: the JIT computes it where it is used.
         Op::Random { dist: Distribution::Uniform | Distribution::DropoutMask { .. }, .. } => {
-            Props { cheap: true, ..Props::NONE }
+            Props { cheap: true, elementwise: true, ..Props::NONE }
         }
         _ => Props::NONE,
     }
+}
+
+/// The JIT computes uniform and mask draws in float kernels (Philox on 32-bit integers, the
+/// same arithmetic as the reference kernel). Normal draws stay on the reference kernel: the
+/// JIT's inline log and cos are polynomials, not libm's, and would not agree bit for bit.
+pub(super) fn jit_lowerable(op: &Op, out: DType) -> bool {
+    matches!(op, Op::Random { dist: Distribution::Uniform | Distribution::DropoutMask { .. }, .. })
+        && matches!(out, DType::F32 | DType::F64)
 }
 
 /// Dropout of `x` with drop probability `p` (in [0, 1)): `x` times the scaled keep mask drawn
