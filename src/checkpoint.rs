@@ -12,12 +12,14 @@
 //!  "optimizer": {"param_groups": [{"lr": 0.1, …, "params": [0, 1, 2, 3]}],
 //!                "state": {"0": ["momentum_buffer"], …}},
 //!  "scheduler": {"step_size": 10, "gamma": 0.5, "base_lrs": [0.1], …} | null,
-//!  "generator": {"seed": 0, "offset": 128} | null}
+//!  "generator": {"seed": 0, "offset": 128, "chacha_words": 5120} | null}
 //! ```
 //!
-//! The generator slot holds a counter-based (Philox) stream's `{seed, offset}`
-//! ([`PhiloxState`]), given by the caller in [`Progress`]; tracegrad's default generator has no
-//! state accessor yet, so nothing fills it implicitly.
+//! The generator slot holds a [`RngState`] given by the caller in [`Progress`], usually
+//! [`get_rng_state()`](crate::get_rng_state) (the default generator: the Philox stream that
+//! dropout and the random tensor ops draw from, and the ChaCha8 stream of initializers and
+//! samplers); after a [`load`], the caller restores it with
+//! [`set_rng_state`](crate::set_rng_state), so a run with dropout resumes bit for bit.
 //!
 //! A load reads and checks the whole file, then restores the model, the optimizer and the
 //! scheduler. If any of them refuses (another parameter count, a shape, another optimizer or
@@ -29,7 +31,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tracegrad_runtime::philox::PhiloxState;
+use tracegrad_runtime::random::RngState;
 
 use crate::compile::TrainStep;
 use crate::nn::{state_from_safetensors, Module, ModuleExt};
@@ -75,8 +77,9 @@ impl OptimizerState for TrainStep<'_> {
 pub struct Progress {
     /// Steps (or whatever unit the caller counts) taken so far.
     pub step: u64,
-    /// The counter-based generator's state, when the run draws from one.
-    pub generator: Option<PhiloxState>,
+    /// The random generator's state ([`get_rng_state()`](crate::get_rng_state)), when the
+    /// run draws random values.
+    pub generator: Option<RngState>,
 }
 
 /// The JSON part of a checkpoint.
@@ -88,7 +91,7 @@ struct Header {
     model: Vec<String>,
     optimizer: OptimizerHeader,
     scheduler: Option<Map<String, Value>>,
-    generator: Option<PhiloxState>,
+    generator: Option<RngState>,
 }
 
 /// An optimizer state dict without its tensors: the groups, and each parameter's slot names.

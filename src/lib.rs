@@ -50,10 +50,10 @@ pub mod zoo;
 pub use autograd::{enable_grad, is_grad_enabled, no_grad, Eager};
 pub use compile::{compile, CompileError, CompiledModule};
 pub use ops::linear;
-pub use tensor::{manual_seed, Tensor};
+pub use tensor::{get_rng_state, manual_seed, set_rng_state, Tensor};
 pub use tracegrad_compiler::composite::LossReduction;
 pub use tracegrad_compiler::{Op, OpError, TensorType};
-pub use tracegrad_runtime::{pool, Buffer, DType, Generator};
+pub use tracegrad_runtime::{pool, Buffer, DType, Generator, RngState};
 
 /// The README's Rust blocks run as doctests, so its API example stays true.
 #[cfg(doctest)]

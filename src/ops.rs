@@ -6,7 +6,7 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 
 use tracegrad_compiler::composite::{self as c, LossReduction};
 use tracegrad_compiler::einsum;
-use tracegrad_compiler::ops::{BinaryOp, CompareOp, ReduceKind, UnaryOp};
+use tracegrad_compiler::ops::{BinaryOp, CompareOp, Distribution, ReduceKind, UnaryOp};
 use tracegrad_compiler::{Build, Emitter, Op};
 use tracegrad_runtime::{Buffer, DType, Generator};
 
@@ -536,29 +536,33 @@ impl Tensor {
         eager(|e| c::layer_norm(e, self, normalized, weight, bias, eps))
     }
 
-    /// Dropout with keep-probability `1-p`, drawing from the default generator. Identity when
-    /// not `training`.
+    /// Dropout with keep-probability `1-p`: each element is kept where a Philox uniform draw
+    /// from the default generator is `>= p`, and scaled by `1/(1-p)`. Identity when not
+    /// `training`. It compiles: the mask is drawn from the graph's generator-state input, so
+    /// eager, interpreted and JIT-compiled runs from one seed draw the same masks.
     #[track_caller]
     pub fn dropout(&self, p: f64, training: bool) -> Tensor {
-        tracegrad_runtime::random::with_default(|g| self.dropout_with(g, p, training))
+        self.dropout_from(None, p, training)
     }
 
-    /// Dropout drawing from `g`.
+    /// Dropout drawing from `g`'s Philox stream (eager only: inside a compiled forward, use
+    /// [`dropout`](Self::dropout), whose draws follow the default generator).
     #[track_caller]
     pub fn dropout_with(&self, g: &mut Generator, p: f64, training: bool) -> Tensor {
+        self.dropout_from(Some(g), p, training)
+    }
+
+    #[track_caller]
+    fn dropout_from(&self, g: Option<&mut Generator>, p: f64, training: bool) -> Tensor {
         assert!((0.0..=1.0).contains(&p), "dropout probability has to be between 0 and 1, but got {p}");
         if !training || p == 0.0 {
             return self.clone();
         }
-        if crate::trace_seam::is_tracing() {
-            panic!("dropout: training-mode dropout cannot be compiled yet (its mask would be frozen into the graph); compile in eval mode");
-        }
         if p == 1.0 {
             return self.mul_scalar(0.0);
         }
-        let keep: Vec<bool> = g.uniform(self.numel(), 0.0, 1.0).into_iter().map(|u| u >= p).collect();
-        let mask = Buffer::from_vec(keep, &self.shape());
-        eager(|e| c::dropout_with_mask(e, self, mask, p))
+        let (state, at) = rng_state(g, Distribution::DropoutMask { p }.blocks(self.numel()), "dropout");
+        eager(|e| tracegrad_compiler::ops::dropout(e, self, &state, at, p))
     }
 
     /// Rows of `weight` selected by this integer tensor.
@@ -798,20 +802,48 @@ impl Tensor {
         Tensor::full_dtype(&self.shape(), value, self.dtype())
     }
 
-    /// U[0, 1) samples with this tensor's shape and (float) dtype.
+    /// U[0, 1) samples with this tensor's shape and (float) dtype, from the default
+    /// generator's Philox stream.
+    #[track_caller]
     pub fn rand_like(&self) -> Tensor {
-        let (shape, dtype) = (self.shape(), self.float_dtype());
-        let n = shape.iter().product();
-        let v = tracegrad_runtime::random::with_default(|g| g.uniform(n, 0.0, 1.0));
-        Tensor::from_buffer(Buffer::from_vec(v, &shape).cast(dtype))
+        random_draw(None, Distribution::Uniform, self.float_dtype(), &self.shape(), "rand_like")
     }
 
-    /// Standard normal samples with this tensor's shape and (float) dtype.
+    /// Standard normal samples with this tensor's shape and (float) dtype, from the default
+    /// generator's Philox stream.
+    #[track_caller]
     pub fn randn_like(&self) -> Tensor {
-        let (shape, dtype) = (self.shape(), self.float_dtype());
-        let n = shape.iter().product();
-        let v = tracegrad_runtime::random::with_default(|g| g.normal(n, 0.0, 1.0));
-        Tensor::from_buffer(Buffer::from_vec(v, &shape).cast(dtype))
+        random_draw(None, Distribution::Normal, self.float_dtype(), &self.shape(), "randn_like")
+    }
+
+    /// `torch.bernoulli(self)`: 1 with probability `self[i]` (a float tensor of probabilities),
+    /// else 0, in this tensor's dtype: `rand_like(self) < self`, from the default generator.
+    #[track_caller]
+    pub fn bernoulli(&self) -> Tensor {
+        self.bernoulli_from(None)
+    }
+
+    /// [`bernoulli`](Self::bernoulli) drawing from `g` (eager only).
+    #[track_caller]
+    pub fn bernoulli_with(&self, g: &mut Generator) -> Tensor {
+        self.bernoulli_from(Some(g))
+    }
+
+    #[track_caller]
+    fn bernoulli_from(&self, g: Option<&mut Generator>) -> Tensor {
+        let dtype = self.dtype();
+        assert!(dtype.is_float(), "bernoulli expects a floating-point tensor of probabilities, but got {dtype}");
+        if !crate::trace_seam::is_tracing() {
+            assert!(
+                self.to_vec_f64().iter().all(|p| (0.0..=1.0).contains(p)),
+                "bernoulli expects all elements of the input to be in [0, 1]"
+            );
+        }
+        let u = random_draw(g, Distribution::Uniform, dtype, &self.shape(), "bernoulli");
+        eager(|e| {
+            let keep = e.compare(CompareOp::Lt, &u, self)?;
+            e.cast(&keep, dtype)
+        })
     }
 
     fn float_dtype(&self) -> DType {
@@ -926,15 +958,20 @@ impl Tensor {
     /// [`normal_tensor_with`](Self::normal_tensor_with)).
     #[track_caller]
     pub fn normal_tensor(mean: &Tensor, std: &Tensor) -> Tensor {
-        tracegrad_runtime::random::with_default(|g| Tensor::normal_tensor_with(g, mean, std))
+        Tensor::normal_tensor_from(None, mean, std)
     }
 
     /// `torch.normal(mean, std, generator=g)`: `mean + std·z` with `z` standard normal draws
-    /// from `g` (ChaCha8, not PyTorch's stream). The result is float (the promoted dtype of the
+    /// from `g`'s Philox stream (not PyTorch's stream; eager only). The result is float (the promoted dtype of the
     /// parameters). It is differentiable by reparameterisation: `d/dmean = 1`, `d/dstd = z`
     /// (PyTorch's `torch.normal` passes zero gradients instead; this is `rsample`'s rule).
     #[track_caller]
     pub fn normal_tensor_with(g: &mut Generator, mean: &Tensor, std: &Tensor) -> Tensor {
+        Tensor::normal_tensor_from(Some(g), mean, std)
+    }
+
+    #[track_caller]
+    fn normal_tensor_from(g: Option<&mut Generator>, mean: &Tensor, std: &Tensor) -> Tensor {
         for (what, t) in [("mean", mean), ("std", std)] {
             assert!(
                 t.dtype().is_float(),
@@ -943,18 +980,52 @@ impl Tensor {
                 t.shape()
             );
         }
-        if crate::trace_seam::is_tracing() {
-            panic!("normal: random sampling cannot be compiled yet (its draws would be frozen into the graph)");
+        if !crate::trace_seam::is_tracing() {
+            // A traced std has no values yet; the compiled draw cannot check it.
+            assert!(std.to_vec_f64().iter().all(|&s| s >= 0.0), "normal expects all elements of std >= 0.0");
         }
-        assert!(std.to_vec_f64().iter().all(|&s| s >= 0.0), "normal expects all elements of std >= 0.0");
         let shape = eager_ok(
             tracegrad_runtime::shape::broadcast_shapes("normal", &mean.shape(), &std.shape())
                 .map_err(|m| tracegrad_compiler::OpError::new("normal", m)),
         );
         let dtype = DType::promote(mean.dtype(), std.dtype());
-        let n = shape.iter().product();
-        let z = Tensor::from_buffer(Buffer::from_vec(g.normal(n, 0.0, 1.0), &shape).cast(dtype));
+        let z = random_draw(g, Distribution::Normal, dtype, &shape, "normal");
         let (m, s) = (mean.to_dtype(dtype), std.to_dtype(dtype));
         m.add(&s.mul(&z))
     }
+}
+
+/// The generator state a random draw of `blocks` Philox blocks reads, and how many blocks into
+/// it the draw starts. While tracing, the graph's state input (draws from an explicit
+/// generator would be frozen into the plan, so they are refused); otherwise `g`'s or the
+/// default generator's state, advanced past the draw now.
+#[track_caller]
+fn rng_state(g: Option<&mut Generator>, blocks: u64, what: &str) -> (Tensor, u64) {
+    match (crate::trace_seam::tracer(), g) {
+        (Some(_), Some(_)) => panic!(
+            "{what}: a compiled forward draws from the default generator; a draw from an explicit generator would be frozen into the graph"
+        ),
+        (Some(t), None) => t.rng(blocks),
+        (None, g) => {
+            let (seed, start) = match g {
+                Some(g) => g.philox_draw(blocks),
+                None => tracegrad_runtime::random::with_default(|g| g.philox_draw(blocks)),
+            };
+            (Tensor::from_vec(vec![seed as i64, start as i64], &[2]), 0)
+        }
+    }
+}
+
+/// A draw of `dist` with `shape` and `dtype` from the Philox stream of `g` (`None`: the
+/// default generator), as an `Op::Random` node: eager mode computes it, a trace records it.
+#[track_caller]
+pub(crate) fn random_draw(
+    g: Option<&mut Generator>,
+    dist: Distribution,
+    dtype: DType,
+    shape: &[usize],
+    what: &str,
+) -> Tensor {
+    let (state, at) = rng_state(g, dist.blocks(shape.iter().product()), what);
+    eager(|e| e.emit(Op::Random { dist, dtype, shape: shape.into(), at }, &[&state]))
 }

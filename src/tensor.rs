@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use tracegrad_compiler::ops::Distribution;
 use tracegrad_compiler::{OpError, TensorType};
 use tracegrad_runtime::random::{self, Generator};
 use tracegrad_runtime::{Buffer, DType, Element};
@@ -188,37 +189,47 @@ impl Tensor {
         Tensor::from_vec(v, &[n, n])
     }
 
-    /// U[0, 1) samples from the default generator (see [`manual_seed`]).
+    /// U[0, 1) samples (f32) from the default generator's Philox stream (see [`manual_seed`]).
+    /// Inside a compiled forward the draw is a graph op fed by the generator on each call.
+    #[track_caller]
     pub fn rand(shape: &[usize]) -> Tensor {
-        random::with_default(|g| Tensor::rand_with(g, shape))
+        crate::ops::random_draw(None, Distribution::Uniform, DType::F32, shape, "rand")
     }
 
-    /// U[0, 1) samples from `g`.
+    /// U[0, 1) samples from `g`'s Philox stream (eager only).
+    #[track_caller]
     pub fn rand_with(g: &mut Generator, shape: &[usize]) -> Tensor {
-        let n = shape.iter().product();
-        Tensor::from_buffer(Buffer::from_vec(g.uniform(n, 0.0, 1.0), shape).cast(DType::F32))
+        crate::ops::random_draw(Some(g), Distribution::Uniform, DType::F32, shape, "rand")
     }
 
-    /// Standard normal samples from the default generator.
+    /// Standard normal samples (f32) from the default generator's Philox stream (Box-Muller).
+    #[track_caller]
     pub fn randn(shape: &[usize]) -> Tensor {
-        random::with_default(|g| Tensor::randn_with(g, shape))
+        crate::ops::random_draw(None, Distribution::Normal, DType::F32, shape, "randn")
     }
 
-    /// Standard normal samples from `g`.
+    /// Standard normal samples from `g`'s Philox stream (eager only).
+    #[track_caller]
     pub fn randn_with(g: &mut Generator, shape: &[usize]) -> Tensor {
-        Tensor::normal_with(g, 0.0, 1.0, shape)
+        crate::ops::random_draw(Some(g), Distribution::Normal, DType::F32, shape, "randn")
     }
 
-    /// N(mean, std²) samples from the default generator.
+    /// N(mean, std²) samples (f32, `mean + std·z`) from the default generator's Philox stream.
+    #[track_caller]
     pub fn normal(mean: f64, std: f64, shape: &[usize]) -> Tensor {
-        random::with_default(|g| Tensor::normal_with(g, mean, std, shape))
+        assert!(std >= 0.0, "normal expects std >= 0.0, but found std {std}");
+        crate::ops::random_draw(None, Distribution::Normal, DType::F32, shape, "normal")
+            .mul_scalar(std)
+            .add_scalar(mean)
     }
 
-    /// N(mean, std²) samples from `g`.
+    /// N(mean, std²) samples from `g`'s Philox stream (eager only).
+    #[track_caller]
     pub fn normal_with(g: &mut Generator, mean: f64, std: f64, shape: &[usize]) -> Tensor {
         assert!(std >= 0.0, "normal expects std >= 0.0, but found std {std}");
-        let n = shape.iter().product();
-        Tensor::from_buffer(Buffer::from_vec(g.normal(n, mean, std), shape).cast(DType::F32))
+        crate::ops::random_draw(Some(g), Distribution::Normal, DType::F32, shape, "normal")
+            .mul_scalar(std)
+            .add_scalar(mean)
     }
 
     /// Integers uniform in `[low, high)` (i64) from the default generator.
@@ -444,9 +455,21 @@ impl Tensor {
     }
 }
 
-/// Reseeds the default generator (`torch.manual_seed`).
+/// Reseeds the default generator, both its Philox stream (the tensor random ops) and its
+/// ChaCha8 stream (initialisation, samplers) (`torch.manual_seed`).
 pub fn manual_seed(seed: u64) {
     random::manual_seed(seed);
+}
+
+/// The default generator's state (`torch.get_rng_state`, as plain serde-serializable data:
+/// seed, Philox offset, ChaCha8 position), for checkpoints.
+pub fn get_rng_state() -> random::RngState {
+    random::get_rng_state()
+}
+
+/// Restores the default generator's state from [`get_rng_state`]: every later draw repeats.
+pub fn set_rng_state(state: &random::RngState) {
+    random::set_rng_state(state)
 }
 
 impl fmt::Debug for Tensor {

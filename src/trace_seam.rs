@@ -36,6 +36,10 @@ pub(crate) trait Tracer {
     /// Records a gradient hook on the symbolic tensor `t`; `removed` is set when its handle
     /// is removed.
     fn tensor_hook(&self, t: &Tensor, hook: GradHook, removed: Arc<AtomicBool>);
+    /// The graph's generator-state input (`[seed, offset]`, `i64[2]`) and where a random draw of
+    /// `blocks` Philox blocks starts past its offset: draws are laid out one after another, as
+    /// eager mode would make them, and each call advances the generator by their total.
+    fn rng(&self, blocks: u64) -> (Tensor, u64);
     /// The backend that records one call of `m` (its scope and its hooks as callbacks).
     fn module_call<'a>(&'a self, m: &'a dyn Module) -> Box<dyn CallBackend + 'a>;
 }

@@ -301,7 +301,8 @@ enum Stepper<'a> {
 
 impl Stepper<'_> {
     fn save(&self, path: &std::path::Path, model: &dyn Module, epochs_done: usize) -> Result<(), String> {
-        let progress = Progress { step: epochs_done as u64, generator: None };
+        // Dropout draws from the default generator: its state is part of where the run is.
+        let progress = Progress { step: epochs_done as u64, generator: Some(crate::get_rng_state()) };
         match self {
             Stepper::Eager(opt) => checkpoint::save(path, model, &**opt, None, progress),
             Stepper::Compiled(step) => checkpoint::save(path, model, &**step, None, progress),
@@ -364,13 +365,17 @@ pub fn train_classifier(
     let mut g = Generator::new(cfg.seed.wrapping_add(1));
     let mut done = 0;
     if let Some(path) = &cfg.resume {
-        done = stepper.load(path, &*model)?.step as usize;
+        let progress = stepper.load(path, &*model)?;
+        done = progress.step as usize;
         if done >= cfg.epochs {
             return Err(format!(
                 "{}: the checkpoint has trained {done} epochs; --epochs is the total, so --epochs {} leaves nothing to train",
                 path.display(),
                 cfg.epochs
             ));
+        }
+        if let Some(state) = &progress.generator {
+            crate::set_rng_state(state);
         }
         // The shuffling replays the epochs already trained, so the rest sees the same batches.
         for _ in 0..done {

@@ -188,7 +188,7 @@ fn eager_resume_is_exact(spec: StepOptimizer, with_sched: bool, what: &str) {
     let mut o2 = eager_opt(&spec, m2.parameters());
     let mut s2 = scheduler(&mut *o2, with_sched);
     eager_run(&m2, &mut *o2, s2.as_mut(), &data, 0..20);
-    let progress = Progress { step: 20, generator: None };
+    let progress = Progress { step: 20, generator: Some(tracegrad::get_rng_state()) };
     checkpoint::save(&path.0, &m2, &*o2, s2.as_ref().map(|s| s as &dyn LrScheduler), progress).unwrap();
     drop((m2, o2, s2));
 
@@ -242,7 +242,7 @@ fn compiled_resume_is_exact(spec: StepOptimizer, with_sched: bool, what: &str) {
     let mut t2 = compile_train_step(&m2, |out, y| out.cross_entropy(y), spec.clone());
     let mut s2 = schedule(&mut t2);
     compiled_run(&mut t2, s2.as_mut(), &data, 0..20);
-    let progress = Progress { step: 20, generator: None };
+    let progress = Progress { step: 20, generator: Some(tracegrad::get_rng_state()) };
     checkpoint::save(&path.0, &m2, &t2, s2.as_ref().map(|s| s as &dyn LrScheduler), progress).unwrap();
     drop((t2, s2));
 
@@ -376,12 +376,11 @@ fn dropout_model(seed: u64) -> Sequential {
         .add(Linear::new(32, 10))
 }
 
-/// Resume with dropout: the masks come from the default generator, so the checkpoint's
-/// generator state must come back too. Until the generator exposes its state (helper "rand"'s
-/// Philox `{seed, offset}`, which [`Progress::generator`] holds), both runs reseed it at the
-/// checkpoint instead, so this checks everything else: model, optimizer and scheduler state
-/// restored under dropout give the uninterrupted run's parameters bit for bit. The whole test
-/// holds the seeding lock, since other tests draw from the same generator.
+/// Resume with dropout: the masks come from the default generator, so the checkpoint keeps its
+/// state ([`Progress::generator`]) and the resumed run restores it after building fresh
+/// objects (which reseeds the generator): model, optimizer, scheduler and generator restored
+/// give the uninterrupted run's parameters bit for bit. The whole test holds the seeding lock,
+/// since other tests draw from the same generator.
 fn eager_resume_with_dropout(spec: StepOptimizer, with_sched: bool, what: &str) {
     let _guard = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     let data = batches();
@@ -389,21 +388,19 @@ fn eager_resume_with_dropout(spec: StepOptimizer, with_sched: bool, what: &str) 
     let m1 = dropout_model(5);
     let mut o1 = eager_opt(&spec, m1.parameters());
     let mut s1 = scheduler(&mut *o1, with_sched);
-    eager_run(&m1, &mut *o1, s1.as_mut(), &data, 0..20);
-    tracegrad::manual_seed(1234);
-    eager_run(&m1, &mut *o1, s1.as_mut(), &data, 20..40);
+    eager_run(&m1, &mut *o1, s1.as_mut(), &data, 0..40);
 
     let m2 = dropout_model(5);
     let mut o2 = eager_opt(&spec, m2.parameters());
     let mut s2 = scheduler(&mut *o2, with_sched);
     eager_run(&m2, &mut *o2, s2.as_mut(), &data, 0..20);
-    let progress = Progress { step: 20, generator: None };
+    let progress = Progress { step: 20, generator: Some(tracegrad::get_rng_state()) };
     checkpoint::save(&path.0, &m2, &*o2, s2.as_ref().map(|s| s as &dyn LrScheduler), progress).unwrap();
     let m3 = dropout_model(77);
     let mut o3 = eager_opt(&spec, m3.parameters());
     let mut s3 = scheduler(&mut *o3, with_sched);
-    checkpoint::load(&path.0, &m3, &mut *o3, s3.as_mut().map(|s| s as &mut dyn LrScheduler)).unwrap();
-    tracegrad::manual_seed(1234);
+    let p = checkpoint::load(&path.0, &m3, &mut *o3, s3.as_mut().map(|s| s as &mut dyn LrScheduler)).unwrap();
+    tracegrad::set_rng_state(&p.generator.expect("the saved generator state"));
     eager_run(&m3, &mut *o3, s3.as_mut(), &data, 20..40);
     assert_eq!(params_of(&m3), params_of(&m1), "{what}: resumed run with dropout differs");
 }
@@ -427,33 +424,29 @@ fn compiled_resume_with_dropout(spec: StepOptimizer, with_sched: bool, what: &st
     let m1 = dropout_model(5);
     let mut t1 = compile_train_step(&m1, |out, y| out.cross_entropy(y), spec.clone());
     let mut s1 = schedule(&mut t1);
-    compiled_run(&mut t1, s1.as_mut(), &data, 0..20);
-    tracegrad::manual_seed(1234);
-    compiled_run(&mut t1, s1.as_mut(), &data, 20..40);
+    compiled_run(&mut t1, s1.as_mut(), &data, 0..40);
 
     let m2 = dropout_model(5);
     let mut t2 = compile_train_step(&m2, |out, y| out.cross_entropy(y), spec.clone());
     let mut s2 = schedule(&mut t2);
     compiled_run(&mut t2, s2.as_mut(), &data, 0..20);
-    let progress = Progress { step: 20, generator: None };
+    let progress = Progress { step: 20, generator: Some(tracegrad::get_rng_state()) };
     checkpoint::save(&path.0, &m2, &t2, s2.as_ref().map(|s| s as &dyn LrScheduler), progress).unwrap();
     let m3 = dropout_model(77);
     let mut t3 = compile_train_step(&m3, |out, y| out.cross_entropy(y), spec);
     let mut s3 = schedule(&mut t3);
-    checkpoint::load(&path.0, &m3, &mut t3, s3.as_mut().map(|s| s as &mut dyn LrScheduler)).unwrap();
-    tracegrad::manual_seed(1234);
+    let p = checkpoint::load(&path.0, &m3, &mut t3, s3.as_mut().map(|s| s as &mut dyn LrScheduler)).unwrap();
+    tracegrad::set_rng_state(&p.generator.expect("the saved generator state"));
     compiled_run(&mut t3, s3.as_mut(), &data, 20..40);
     assert_eq!(params_of(&m3), params_of(&m1), "{what}: resumed compiled run with dropout differs");
 }
 
 #[test]
-#[ignore = "needs compiled dropout (helper rand): training-mode Dropout does not trace yet"]
 fn compiled_resume_with_dropout_is_exact_sgd_momentum() {
     compiled_resume_with_dropout(StepOptimizer::Sgd(sgd()), false, "sgd");
 }
 
 #[test]
-#[ignore = "needs compiled dropout (helper rand): training-mode Dropout does not trace yet"]
 fn compiled_resume_with_dropout_is_exact_adam_steplr() {
     compiled_resume_with_dropout(StepOptimizer::Adam(adam()), true, "adam");
 }

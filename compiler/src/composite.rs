@@ -3,7 +3,7 @@
 
 use crate::emitter::{norm_dim, Build};
 use crate::ops::{softmax_op, CompareOp, Op, OpError, OpResult, ReduceKind, UnaryOp};
-use tracegrad_runtime::{Buffer, DType, Dims, ShapeDisplay};
+use tracegrad_runtime::{DType, Dims, ShapeDisplay};
 
 /// How a loss reduces over the batch, as PyTorch's `reduction=`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -564,14 +564,6 @@ pub fn embedding<B: Build>(e: &mut B, idx: &B::Value, weight: &B::Value) -> OpRe
     let mut out: Vec<usize> = si.to_vec();
     out.push(sw[1]);
     e.reshape(&rows, &out)
-}
-
-/// `dropout` given a keep-mask drawn by the caller (1 = keep): `x·mask/(1-p)`.
-pub fn dropout_with_mask<B: Build>(e: &mut B, x: &B::Value, mask: Buffer, p: f64) -> OpResult<B::Value> {
-    let m = e.constant(mask)?;
-    let m = e.cast(&m, e.dtype(x))?;
-    let y = e.mul(x, &m)?;
-    e.mul_scalar(&y, 1.0 / (1.0 - p))
 }
 
 fn reduce_loss<B: Build>(e: &mut B, l: &B::Value, reduction: LossReduction) -> OpResult<B::Value> {

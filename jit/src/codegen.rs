@@ -63,6 +63,8 @@ struct Gen<'s> {
     out_ptr: Vec<Value>,
     /// Per-row state: base element index of each input.
     base: Vec<Value>,
+    /// Per-row state: the row index (random draws index the flat space by it).
+    row_index: Option<Value>,
     /// Per-row state: scalar values of `Row` nodes.
     row_val: HashMap<usize, Value>,
     /// Per-row state: vector splats of `Row` nodes.
@@ -108,6 +110,7 @@ pub fn emit(
         in_ptr,
         out_ptr,
         base: Vec::new(),
+        row_index: None,
         row_val: HashMap::new(),
         splat: HashMap::new(),
         sweep: 0,
@@ -136,6 +139,7 @@ impl Gen<'_> {
     fn start_row(&mut self, b: &mut FunctionBuilder, r: Value) {
         self.row_val.clear();
         self.splat.clear();
+        self.row_index = Some(r);
         let rows = self.spec.rows;
         self.base = Vec::with_capacity(self.spec.inputs.len());
         for i in 0..self.spec.inputs.len() {
@@ -190,6 +194,7 @@ impl Gen<'_> {
                 VType::Bool => b.ins().iconst(types::I8, i64::from(*c != 0.0)),
             },
             KOp::Reduce(..) => panic!("reduction v{n} read before its sweep"),
+            KOp::Random { .. } => unreachable!("random draw v{n} in row space (lowering keeps draws in Elem space)"),
             op => {
                 let args: Vec<Value> = operands(op).into_iter().map(|o| self.row(b, o)).collect();
                 self.apply(b, op, &args, false)
@@ -274,6 +279,7 @@ impl Gen<'_> {
                     let j = b.ins().iadd(self.base[i], rc);
                     self.load(b, i, j, node.ty, vec)
                 }
+                &KOp::Random { state, at, mask } => self.random(b, state, at, mask, rc, vec),
                 op => {
                     let args: Vec<Value> = operands(op).into_iter().map(|o| self.elem(b, o, rc, vec, memo)).collect();
                     self.apply(b, op, &args, vec)
@@ -441,8 +447,53 @@ impl Gen<'_> {
                     b.ins().select(a[0], one, zero)
                 }
             }
-            KOp::Input(_) | KOp::Const(_) | KOp::Reduce(..) => unreachable!("not pointwise"),
+            KOp::Input(_) | KOp::Const(_) | KOp::Reduce(..) | KOp::Random { .. } => unreachable!("not pointwise"),
         }
+    }
+
+    /// A random draw at column `rc` of the current row (each lane its own element): the
+    /// reference kernel's arithmetic (`tracegrad_compiler::ops::Distribution`) on integers,
+    /// converted to float exactly.
+    fn random(
+        &mut self,
+        b: &mut FunctionBuilder,
+        state: usize,
+        at: u64,
+        mask: Option<(u32, Imm)>,
+        rc: Value,
+        vec: bool,
+    ) -> Value {
+        let r = self.row_index.expect("a row is started before its elements");
+        let row_first = b.ins().imul_imm_s(r, self.spec.cols as i64);
+        let flat = b.ins().iadd(row_first, rc);
+        let seed = b.ins().load(types::I64, flags(), self.in_ptr[state], 0);
+        let offset = b.ins().load(types::I64, flags(), self.in_ptr[state], 8);
+        let start = b.ins().iadd_imm_s(offset, at as i64);
+        let lanes = if vec { self.lanes } else { 1 };
+        let mut out = if vec { Some(self.fconst(b, true, 0.0)) } else { None };
+        let mut scalar = None;
+        for k in 0..lanes {
+            let i = b.ins().iadd_imm_s(flat, k);
+            let bits = philox_bits(b, seed, start, i);
+            let v = match mask {
+                None => {
+                    let f = b.ins().fcvt_from_uint(self.ft, bits);
+                    let unit = self.fconst(b, false, 1.0 / f64::from(1u32 << 24));
+                    b.ins().fmul(f, unit)
+                }
+                Some((threshold, Imm(scale))) => {
+                    let keep = b.ins().icmp_imm_s(IntCC::UnsignedGreaterThanOrEqual, bits, i64::from(threshold));
+                    let one = self.fconst(b, false, scale);
+                    let zero = self.fconst(b, false, 0.0);
+                    b.ins().select(keep, one, zero)
+                }
+            };
+            match out {
+                Some(o) => out = Some(b.ins().insertlane(o, v, k as u8)),
+                None => scalar = Some(v),
+            }
+        }
+        out.or(scalar).expect("at least one lane")
     }
 
     /// `cond ? x : y` on a scalar bool (`i8`) or a vector mask.
@@ -905,7 +956,7 @@ fn expensive(spec: &KernelSpec, n: usize) -> bool {
             {
                 return true
             }
-            KOp::Binary(BinaryOp::Div, ..) | KOp::ExpScaled(..) => return true,
+            KOp::Binary(BinaryOp::Div, ..) | KOp::ExpScaled(..) | KOp::Random { .. } => return true,
             op => stack.extend(operands(op)),
         }
     }
@@ -933,10 +984,50 @@ fn combine(b: &mut FunctionBuilder, k: RowReduction, acc: Value, v: Value) -> Va
     }
 }
 
+/// The top 24 bits (`word >> 8`, as an i32) of Philox4x32-10 word `i` of the draw starting at
+/// block `start` under `seed` (i64 values): the counter is `[block, start + block]` with
+/// `block = i / 4` (each as two 32-bit words, low first), the key the seed's two words, and
+/// the word is lane `i % 4` (`tracegrad_runtime::philox`). The multiplies are 32×32→64 as
+/// `imul` (low half) and `umulhi` (high half); the ten rounds are unrolled.
+fn philox_bits(b: &mut FunctionBuilder, seed: Value, start: Value, i: Value) -> Value {
+    const M0: i64 = 0xD251_1F53;
+    const M1: i64 = 0xCD9E_8D57;
+    const W0: i64 = 0x9E37_79B9;
+    const W1: i64 = 0xBB67_AE85;
+    let lo = |b: &mut FunctionBuilder, x: Value| b.ins().ireduce(types::I32, x);
+    let hi = |b: &mut FunctionBuilder, x: Value| {
+        let h = b.ins().ushr_imm_s(x, 32);
+        b.ins().ireduce(types::I32, h)
+    };
+    let block = b.ins().ushr_imm_s(i, 2);
+    let pos = b.ins().iadd(start, block);
+    let mut c = [lo(b, block), hi(b, block), lo(b, pos), hi(b, pos)];
+    let mut k = [lo(b, seed), hi(b, seed)];
+    let (m0, m1) = (b.ins().iconst(types::I32, M0), b.ins().iconst(types::I32, M1));
+    let (w0, w1) = (b.ins().iconst(types::I32, W0), b.ins().iconst(types::I32, W1));
+    for r in 0..10 {
+        if r > 0 {
+            k = [b.ins().iadd(k[0], w0), b.ins().iadd(k[1], w1)];
+        }
+        let (lo0, hi0) = (b.ins().imul(c[0], m0), b.ins().umulhi(c[0], m0));
+        let (lo1, hi1) = (b.ins().imul(c[2], m1), b.ins().umulhi(c[2], m1));
+        let x0 = b.ins().bxor(hi1, c[1]);
+        let x2 = b.ins().bxor(hi0, c[3]);
+        c = [b.ins().bxor(x0, k[0]), lo1, b.ins().bxor(x2, k[1]), lo0];
+    }
+    let lane = b.ins().band_imm_s(i, 3);
+    let mut word = c[3];
+    for l in (0..3).rev() {
+        let is = b.ins().icmp_imm_s(IntCC::Equal, lane, l);
+        word = b.ins().select(is, c[l as usize], word);
+    }
+    b.ins().ushr_imm_s(word, 8)
+}
+
 /// The operands of a kernel op.
 pub fn operands(op: &KOp) -> Vec<usize> {
     match *op {
-        KOp::Input(_) | KOp::Const(_) => vec![],
+        KOp::Input(_) | KOp::Const(_) | KOp::Random { .. } => vec![],
         KOp::Unary(_, x) | KOp::Clamp(_, _, x) | KOp::ToBool(x) | KOp::ToFloat(x) | KOp::Reduce(_, x) => vec![x],
         KOp::Binary(_, x, y) | KOp::Compare(_, x, y) | KOp::ExpScaled(x, y) => vec![x, y],
         KOp::Where(c, x, y) => vec![c, x, y],

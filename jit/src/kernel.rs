@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
 use tracegrad_compiler::graph::{Graph, NodeId, NodeKind};
-use tracegrad_compiler::ops::{BinaryOp, CompareOp, Op, ReduceKind, UnaryOp};
+use tracegrad_compiler::ops::{keep_scale, keep_threshold, BinaryOp, CompareOp, Distribution, Op, ReduceKind, UnaryOp};
 use tracegrad_runtime::shape::{numel, try_broadcast_strides};
 use tracegrad_runtime::DType;
 
@@ -125,6 +125,19 @@ pub enum KOp {
     Reduce(RowReduction, usize),
     /// `e^x·2^shift` (x, shift), with [`crate::math::exp_scaled`]'s domain: softmax's exp.
     ExpScaled(usize, usize),
+    /// A counter-based draw (`Op::Random`): element `i` of the kernel's space is computed
+    /// from Philox word `i` of the draw starting `at` blocks past the offset in the generator
+    /// state read from input `state` (`[seed, offset]`, two i64s). With `mask`
+    /// `(threshold, scale)`, dropout's mask: `scale` where `word >> 8 >= threshold`, else 0;
+    /// without, the uniform `(word >> 8) / 2^24`.
+    Random {
+        /// The input holding the state.
+        state: usize,
+        /// Blocks between the state's offset and the draw's start.
+        at: u64,
+        /// Dropout's keep threshold and scale.
+        mask: Option<(u32, Imm)>,
+    },
 }
 
 /// A node of the kernel program.
@@ -393,8 +406,10 @@ fn pointwise_space(g: &Graph, nodes: &[NodeId]) -> Result<IterSpace, LowerError>
     let mut leaf_shapes: Vec<Vec<usize>> = Vec::new();
     for &n in nodes {
         space.space_of(g, n)?;
+        // A random draw's state operand is read whole, not over the space.
+        let draws = matches!(g.op(n), Some(Op::Random { .. }));
         for o in g.operands(n) {
-            if !members.contains(&o) && scalar_const(g, o).is_none() {
+            if !members.contains(&o) && scalar_const(g, o).is_none() && !draws {
                 leaf_shapes.push(g.ty(o).shape.to_vec());
             }
         }
@@ -450,6 +465,11 @@ impl Lowering<'_> {
         let g = self.graph;
         let NodeKind::Op(op) = g.kind(n) else { return Err("callback in a kernel".into()) };
         let space = self.space.space_of(g, n)?;
+        if let Op::Random { .. } = op {
+            let k = self.random(n, op, space)?;
+            self.knode.insert(n, k);
+            return Ok(());
+        }
         let ty = vty(g.ty(n).dtype);
         // A reduction reads its operand over the whole row.
         let read_space = if matches!(op, Op::Reduce { .. }) { Space::Elem } else { space };
@@ -558,6 +578,30 @@ impl Lowering<'_> {
             }
             other => return Err(format!("{} is not a kernel op", other.name())),
         })
+    }
+
+    /// A uniform or dropout-mask draw over the kernel's whole space (so its element `i` is the
+    /// kernel's flat position `i`), reading the generator state as an unindexed input.
+    fn random(&mut self, n: NodeId, op: &Op, space: Space) -> Result<usize, LowerError> {
+        let g = self.graph;
+        let Op::Random { dist, at, .. } = op else { unreachable!("random lowers a Random") };
+        if space != Space::Elem || g.ty(n).numel() != self.spec.rows * self.spec.cols {
+            return Err(format!("%{} draws other than over the kernel's space", n.index()));
+        }
+        let mask = match dist {
+            Distribution::Uniform => None,
+            Distribution::DropoutMask { p } => Some((keep_threshold(*p), Imm(keep_scale(*p)))),
+            Distribution::Normal => return Err(format!("%{} normal draws are not a kernel op", n.index())),
+        };
+        let o = g.operands(n)[0];
+        // The state is never indexed: an empty map, read only by this op.
+        let map = InputMap { ty: VType::Float, space: Space::Row, outer: Vec::new(), contiguous: false };
+        let state = *self.input_ids.entry((o, map.clone())).or_insert_with(|| {
+            self.spec.inputs.push(map);
+            self.args.push(o);
+            self.spec.inputs.len() - 1
+        });
+        Ok(self.push(KOp::Random { state, at: *at, mask }, VType::Float, Space::Elem))
     }
 
     /// A sum, max or min over the kernel's rows (the trailing dims of `n`'s operand).

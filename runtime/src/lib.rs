@@ -18,5 +18,5 @@ pub mod shape;
 pub use buffer::{Buffer, Data, Element};
 pub use dtype::DType;
 pub use panic::panic_message;
-pub use random::Generator;
+pub use random::{Generator, RngState};
 pub use shape::{Dims, ShapeDisplay};

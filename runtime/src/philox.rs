@@ -84,11 +84,64 @@ impl PhiloxState {
         Self::block(seed, offset, i / 4)[(i % 4) as usize]
     }
 
+    /// Reserves `blocks` whole blocks and returns the offset the draw starts at.
+    pub fn advance_blocks(&mut self, blocks: u64) -> u64 {
+        let start = self.offset;
+        self.offset = self.offset.wrapping_add(blocks);
+        start
+    }
+
     /// `n` uniform floats in [0, 1), advancing the stream.
     pub fn uniform_f32(&mut self, n: usize) -> Vec<f32> {
         let (seed, start) = (self.seed, self.advance(n));
         (0..n as u64).map(|i| unit_f32(Self::word(seed, start, i))).collect()
     }
+}
+
+/// Blocks a draw of `n` elements of `dist` consumes: one word per uniform element, two per
+/// normal one (Box-Muller), rounded up to whole blocks.
+pub fn blocks_for(n: usize, normal: bool) -> u64 {
+    let words = if normal { 2 * n as u64 } else { n as u64 };
+    words.div_ceil(4)
+}
+
+/// Calls `f(i, word)` for the first `n` words of the draw starting at `offset`, one Philox
+/// call per block.
+pub fn for_words(seed: u64, offset: u64, n: usize, mut f: impl FnMut(usize, u32)) {
+    for b in 0..(n as u64).div_ceil(4) {
+        let words = PhiloxState::block(seed, offset, b);
+        for (lane, &w) in words.iter().enumerate() {
+            let i = (b * 4) as usize + lane;
+            if i < n {
+                f(i, w);
+            }
+        }
+    }
+}
+
+/// The `n` uniform values in [0, 1) of the draw starting at `offset`: element `i` is
+/// [`unit_f32`] of word `i` (24 random bits; an f64 draw holds the same values exactly).
+pub fn uniform(seed: u64, offset: u64, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    for_words(seed, offset, n, |i, w| out[i] = unit_f32(w));
+    out
+}
+
+/// The `n` standard normal values of the draw starting at `offset`, by Box-Muller in f64:
+/// element `i` takes words `2i` and `2i+1` as `u1 = ((w >> 8) + 1) / 2^24` in (0, 1] and
+/// `u2 = (w >> 8) / 2^24` in [0, 1), and is `sqrt(-2 ln u1) * cos(2π u2)`.
+pub fn normal(seed: u64, offset: u64, n: usize) -> Vec<f64> {
+    let mut words = vec![0u32; 2 * n];
+    for_words(seed, offset, 2 * n, |i, w| words[i] = w);
+    let scale = 1.0 / f64::from(1u32 << 24);
+    words
+        .chunks_exact(2)
+        .map(|w| {
+            let u1 = (f64::from(w[0] >> 8) + 1.0) * scale;
+            let u2 = f64::from(w[1] >> 8) * scale;
+            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -119,6 +172,22 @@ mod tests {
         assert!(a.iter().chain(&b).all(|&u| (0.0..1.0).contains(&u)));
         // Any element is computable from its position alone.
         assert_eq!(unit_f32(PhiloxState::word(7, 3, 9)), b[9]);
+    }
+
+    #[test]
+    fn stateless_draws_match_the_stream() {
+        let mut s = PhiloxState::new(11);
+        s.advance(5);
+        let start = s.offset;
+        assert_eq!(uniform(11, start, 9), s.uniform_f32(9));
+        let z = normal(11, 0, 1 << 16);
+        let n = z.len() as f64;
+        let mean = z.iter().sum::<f64>() / n;
+        let var = z.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        assert!(mean.abs() < 4.0 / n.sqrt() && (var - 1.0).abs() < 0.03, "mean {mean} var {var}");
+        assert!(z.iter().all(|x| x.is_finite()));
+        assert_eq!(blocks_for(5, false), 2);
+        assert_eq!(blocks_for(5, true), 3);
     }
 
     #[test]

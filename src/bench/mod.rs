@@ -21,8 +21,8 @@
 //! benches (`benches/workloads.rs`) time exactly the same code.
 
 mod alloc;
-mod onnx;
 pub mod distributed;
+mod onnx;
 mod reference;
 mod report;
 mod workloads;

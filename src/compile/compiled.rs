@@ -14,7 +14,7 @@ use tracegrad_runtime::{Buffer, ShapeDisplay};
 
 pub(crate) use super::callbacks::{CallState, Runner};
 use super::pipeline::{self, grad_inputs, op_error, Goal, Options};
-use super::trace::{trace_module, CallbackSpec, CompileError};
+use super::trace::{trace_module, CallbackSpec, CompileError, RngInput};
 use crate::nn::{Module, ModuleExt};
 use crate::tensor::Tensor;
 
@@ -63,6 +63,7 @@ pub struct Plan {
     lifted: Vec<Tensor>,
     callbacks: Arc<Vec<CallbackSpec>>,
     hook_flags: Vec<Arc<AtomicBool>>,
+    rng: Option<RngInput>,
 }
 
 impl CachedPlan for Plan {
@@ -278,6 +279,7 @@ fn build_plan(module: &dyn Module, sig: &Signature, backend: Backend) -> Result<
         lifted: built.lifted,
         callbacks: Arc::new(built.callbacks),
         hook_flags: built.hook_flags,
+        rng: built.rng,
     })
 }
 
@@ -370,7 +372,10 @@ impl CompiledModule<'_> {
         let plan = self.plans.get_or_build(module, sig, |sig| build_plan(module, sig, backend))?;
         let mut all: Vec<Tensor> = inputs.to_vec();
         all.extend(plan.lifted.iter().cloned());
-        let args: Vec<Buffer> = all.iter().map(|t| t.buffer()).collect();
+        let mut args: Vec<Buffer> = all.iter().map(|t| t.buffer()).collect();
+        if let Some(rng) = &plan.rng {
+            rng.feed(&mut args, inputs.len());
+        }
         let state = plan.backward.as_ref().map(|_| Arc::new(CallState::default()));
         let runner = Runner { root: Some(self.module), specs: &plan.callbacks, state: state.clone() };
         let mut out = plan.exec.run(&args, &runner).map_err(op_error)?;

@@ -19,7 +19,7 @@ use tracegrad_jit::{Backend, Executable};
 
 use super::compiled::callback_vjp;
 use super::param_hooks::append_param_hooks;
-use super::trace::{CallbackSpec, CompileError, Traced};
+use super::trace::{CallbackSpec, CompileError, RngInput, Traced};
 use super::train_step::{append_tail, StepTail};
 use crate::autograd::GradHook;
 use crate::tensor::Tensor;
@@ -86,6 +86,8 @@ pub(crate) struct Built {
     pub(crate) hook_flags: Vec<Arc<AtomicBool>>,
     /// The pass manager's timings.
     pub(crate) report: String,
+    /// The generator-state input, when the trace drew random values.
+    pub(crate) rng: Option<RngInput>,
     pub(crate) snapshots: Snapshots,
 }
 
@@ -137,7 +139,7 @@ fn executable(g: &Graph, backend: Backend, donated: &[bool]) -> Result<Executabl
 
 /// Runs the pipeline on `traced` (see [`Goal`] for what it builds).
 pub(crate) fn run(traced: Traced, opts: &Options<'_>) -> Result<Built, CompileError> {
-    let Traced { graph, lifted_inputs, callbacks, updates, tensor_hooks, hook_flags, requires_grad } = traced;
+    let Traced { graph, lifted_inputs, callbacks, updates, tensor_hooks, hook_flags, requires_grad, rng } = traced;
     let mut built = Built {
         forward: Graph::new(),
         backward: None,
@@ -149,6 +151,7 @@ pub(crate) fn run(traced: Traced, opts: &Options<'_>) -> Result<Built, CompileEr
         updates,
         hook_flags,
         report: String::new(),
+        rng,
         snapshots: Snapshots::default(),
     };
     let mut hooks = Hooks { callbacks: RefCell::new(callbacks), tensor_hooks, requires_grad };

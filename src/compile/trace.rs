@@ -71,6 +71,28 @@ pub(crate) struct TraceState {
     /// The nodes whose value requires grad: those eager autograd would have recorded, and
     /// the inputs that require grad.
     pub(crate) requires_grad: HashSet<NodeId>,
+    /// The generator-state input, once a random op asked for it, and the blocks drawn so far.
+    rng: Option<(NodeId, RngInput)>,
+}
+
+/// Where a plan takes the default generator's Philox state (`[seed, offset]`, an input among
+/// the lifted ones) and how many blocks one call draws. Each call reads the state and
+/// advances it by `blocks`, so successive calls draw fresh values, exactly as eager mode.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RngInput {
+    /// Index of the state among the lifted tensors.
+    pub(crate) lifted: usize,
+    /// Blocks one call consumes.
+    pub(crate) blocks: u64,
+}
+
+impl RngInput {
+    /// Draws this call's state from the default generator into `args`, whose lifted tensors
+    /// start at `first_lifted`.
+    pub(crate) fn feed(&self, args: &mut [tracegrad_runtime::Buffer], first_lifted: usize) {
+        let (seed, start) = tracegrad_runtime::random::with_default(|g| g.philox_draw(self.blocks));
+        args[first_lifted + self.lifted] = tracegrad_runtime::Buffer::from_vec(vec![seed as i64, start as i64], &[2]);
+    }
 }
 
 thread_local! {
@@ -171,6 +193,23 @@ impl Tracer for ActiveTrace {
         st.updates.retain(|(t, _)| !t.same(target));
         st.updates.push((target.clone(), n));
         Ok(())
+    }
+
+    fn rng(&self, blocks: u64) -> (Tensor, u64) {
+        let st = &mut *self.0.borrow_mut();
+        let (graph, lifted) = (&mut st.graph, &mut st.lifted_inputs);
+        let (node, rng) = st.rng.get_or_insert_with(|| {
+            // A placeholder among the lifted tensors: each call replaces its value.
+            let scope = std::mem::take(&mut graph.scope);
+            let n = graph.add_input("rng", InputRole::State, TensorType::new(tracegrad_runtime::DType::I64, &[2]));
+            graph.scope = scope;
+            lifted.push(Tensor::from_vec(vec![0i64, 0], &[2]));
+            (n, RngInput { lifted: lifted.len() - 1, blocks: 0 })
+        });
+        let node = *node;
+        let at = rng.blocks;
+        rng.blocks += blocks;
+        (st.symbolic(node, false), at)
     }
 
     fn tensor_hook(&self, t: &Tensor, hook: GradHook, removed: Arc<AtomicBool>) {
@@ -314,6 +353,8 @@ pub(crate) struct Traced {
     pub(crate) hook_flags: Vec<Arc<AtomicBool>>,
     /// The nodes whose value requires grad (see `TraceState::requires_grad`).
     pub(crate) requires_grad: HashSet<NodeId>,
+    /// The generator-state input, when the trace drew random values.
+    pub(crate) rng: Option<RngInput>,
 }
 
 /// Traces `module(inputs)` for inputs of the given types.
@@ -357,6 +398,7 @@ pub(crate) fn trace_with(
         tensor_hooks: Vec::new(),
         hook_flags: Vec::new(),
         requires_grad: HashSet::new(),
+        rng: None,
     };
     let args: Vec<Tensor> = inputs
         .iter()
@@ -399,5 +441,6 @@ pub(crate) fn trace_with(
         tensor_hooks: st.tensor_hooks,
         hook_flags: st.hook_flags,
         requires_grad: st.requires_grad,
+        rng: st.rng.map(|(_, r)| r),
     })
 }

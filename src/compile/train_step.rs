@@ -84,6 +84,7 @@ struct StepPlan {
     donate: bool,
     callbacks: Vec<super::trace::CallbackSpec>,
     hook_flags: Vec<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    rng: Option<super::trace::RngInput>,
 }
 
 impl CachedPlan for StepPlan {
@@ -370,6 +371,9 @@ impl TrainStep<'_> {
         let donated: Vec<bool> = (0..plan.lifted.len()).map(|j| plan.donate && plan.updated.contains(&j)).collect();
         args.extend(plan.lifted.iter().zip(&donated).map(|(t, &d)| if d { t.take_storage() } else { t.buffer() }));
         args.extend(self.grads.sum_args(plan));
+        if let Some(rng) = &plan.rng {
+            rng.feed(&mut args, 2);
+        }
         args.push(Buffer::scalar(self.lr, DType::F32));
         args.push(Buffer::scalar(self.step as f64, DType::F32));
         for &j in &plan.updated {
@@ -456,6 +460,7 @@ fn build_step(
         updated: built.wrt.iter().map(|&i| i - n_data).collect(),
         callbacks: built.callbacks,
         hook_flags: built.hook_flags,
+        rng: built.rng,
         donate,
     })
 }
@@ -664,6 +669,10 @@ impl TrainStep<'_> {
         let plan = grads.plans.get_or_build(module, sig, |sig| build_step(module, loss_fn, tail, backend, sig))?;
         let mut args: Vec<Buffer> = vec![x.buffer(), target.buffer()];
         args.extend(plan.lifted.iter().map(Tensor::buffer));
+        // Each micro-batch draws fresh random values, as eager's k backward passes do.
+        if let Some(rng) = &plan.rng {
+            rng.feed(&mut args, 2);
+        }
         for &j in &plan.updated {
             let p = &plan.lifted[j];
             args.push(grads.sums.entry(p.id()).or_insert_with(|| Buffer::zeros(p.dtype(), &p.shape())).clone());

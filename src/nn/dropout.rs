@@ -6,7 +6,8 @@ use crate::tensor::Tensor;
 
 /// Zeroes each element with probability `p` in training mode and scales the rest by
 /// `1 / (1 - p)`; the identity in eval mode (`torch.nn.Dropout`). Masks come from the default
-/// generator.
+/// generator's Philox stream, in compiled mode too: a compiled call draws the mask eager mode
+/// would, and the backward regenerates it.
 ///
 /// ```
 /// use tracegrad::nn::{Dropout, ModuleExt};

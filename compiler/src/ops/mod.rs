@@ -15,11 +15,13 @@ mod layout;
 mod linalg;
 mod nn;
 mod pointwise;
+mod random;
 mod reduce;
 mod scatter;
 
 pub(crate) use linalg::torch_type;
 pub use pointwise::{BinaryOp, CompareOp, FloatElement, UnaryOp};
+pub use random::{dropout, keep_scale, keep_threshold, Distribution};
 pub use reduce::{softmax_op, ReduceKind};
 pub use scatter::ScatterReduce;
 
@@ -323,6 +325,19 @@ pub enum Op {
         /// The forward input's shape.
         input_shape: Dims,
     },
+    /// A counter-based random draw of `shape` (see `ops/random.rs`): operand 0 is the
+    /// generator state `[seed, offset]` (`i64[2]`); the draw starts `at` Philox blocks after
+    /// `offset`.
+    Random {
+        /// What each element is.
+        dist: Distribution,
+        /// Element type (float).
+        dtype: DType,
+        /// Shape.
+        shape: Dims,
+        /// Blocks between the state's offset and the draw's start.
+        at: u64,
+    },
 }
 
 impl Op {
@@ -379,6 +394,9 @@ impl Op {
             Op::MaxPool2dGrad { .. } => "max_pool2d_grad",
             Op::AvgPool2d { .. } => "avg_pool2d",
             Op::AvgPool2dGrad { .. } => "avg_pool2d_grad",
+            Op::Random { dist: Distribution::Uniform, .. } => "rand",
+            Op::Random { dist: Distribution::Normal, .. } => "randn",
+            Op::Random { dist: Distribution::DropoutMask { .. }, .. } => "dropout_mask",
         }
     }
 
@@ -394,7 +412,7 @@ impl Op {
             | Op::ArgReduce { .. } => 1,
             Op::Softmax { .. } | Op::Reshape(_) | Op::Permute(_) | Op::Expand(_) | Op::Narrow { .. } => 1,
             Op::MaxPool2d { .. } | Op::AvgPool2d { .. } | Op::AvgPool2dGrad { .. } => 1,
-            Op::VectorNorm { .. } | Op::Det | Op::Inv => 1,
+            Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Random { .. } => 1,
             Op::Solve => 2,
             Op::SvdVals | Op::SvdU | Op::SvdVh => 1,
             Op::Scatter { .. } | Op::ScatterReduce { .. } => 3,
@@ -439,6 +457,7 @@ impl Op {
                 index::infer(self, inputs)
             }
             Op::Scatter { .. } | Op::ScatterReduce { .. } => scatter::infer(self, inputs),
+            Op::Random { .. } => random::infer(self, inputs),
             Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve | Op::SvdVals | Op::SvdU | Op::SvdVh => {
                 linalg::infer_ext(self, inputs)
             }
@@ -477,6 +496,7 @@ impl Op {
                 index::eval(self, inputs)
             }
             Op::Scatter { .. } | Op::ScatterReduce { .. } => scatter::eval(self, inputs),
+            Op::Random { .. } => random::eval(self, inputs, out),
             _ => Ok(nn::eval(self, inputs, out)),
         };
         r.map_err(|m| self.error(format!("{}: {m}", self.name())))
@@ -507,6 +527,7 @@ impl Op {
                 index::vjp(self, e, inputs, grad)
             }
             Op::Scatter { .. } | Op::ScatterReduce { .. } => scatter::vjp(self, e, inputs, output, grad),
+            Op::Random { .. } => random::vjp::<E>(self),
             Op::VectorNorm { .. } | Op::Det | Op::Inv | Op::Solve | Op::SvdVals | Op::SvdU | Op::SvdVh => {
                 linalg::vjp_ext(self, e, inputs, output, grad)
             }
@@ -537,6 +558,7 @@ impl Op {
                 index::props(self)
             }
             Op::Scatter { .. } | Op::ScatterReduce { .. } => scatter::props(self),
+            Op::Random { .. } => random::props(self),
             _ => nn::props(self),
         }
     }
@@ -577,6 +599,7 @@ impl Op {
             Op::Reduce { .. } | Op::ArgReduce { .. } | Op::Softmax { .. } => {
                 reduce::jit_lowerable(self, operand_dtypes, out)
             }
+            Op::Random { .. } => random::jit_lowerable(self, out),
             _ => false,
         }
     }
@@ -681,6 +704,11 @@ impl Op {
                 w.push(*count_include_pad as u64);
                 dims(&mut w, &[kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1]]);
                 dims(&mut w, input_shape);
+            }
+            Op::Random { dist, dtype, shape, at } => {
+                w.extend(dist.code());
+                w.extend([*dtype as u64, *at]);
+                dims(&mut w, shape);
             }
         }
         OpKey { variant: discriminant(self), unary, words: w }
