@@ -13,7 +13,9 @@
 //! child scope `0`):
 //! - floating-point initializers are parameters;
 //! - BatchNormalization's running mean and variance are persistent buffers, and so are the
-//!   initializers a tracegrad export lists as buffers (metadata `tracegrad.buffers`);
+//!   initializers a tracegrad export lists as buffers (metadata `tracegrad.buffers`); a
+//!   BatchNormalization over `P.running_mean` also gets PyTorch's `P.num_batches_tracked`
+//!   (0), which the exporter drops, so the state dict has PyTorch's keys;
 //! - integer initializers and the PyTorch exporter's folded constants (`onnx::…`) are constants,
 //!   outside the state dict;
 //! - an `Identity` of a parameter (the exporter's way of storing equal parameters once) is a
@@ -123,7 +125,32 @@ impl OnnxModule {
             .map_err(bad)?;
             self.tensors.push((name.clone(), t));
         }
+        self.register_batch_counts(&mut scopes)?;
         Ok(self)
+    }
+
+    /// PyTorch's BatchNorm also keeps `num_batches_tracked`, which the exporter drops (no
+    /// inference node reads it). A BatchNormalization whose running mean is `P.running_mean`
+    /// gets the buffer `P.num_batches_tracked` (0, a fresh module's count, i64 as in PyTorch),
+    /// so the state dict has PyTorch's keys and a PyTorch checkpoint loads into it whole.
+    fn register_batch_counts(&mut self, scopes: &mut HashMap<String, Arc<OnnxScope>>) -> Result<(), OnnxError> {
+        let graph = self.graph.clone();
+        for node in graph.nodes.iter().filter(|n| n.op_type == "BatchNormalization") {
+            let Some(Some(mean)) = node.inputs.get(3) else { continue };
+            let Some(prefix) = mean.strip_suffix(".running_mean") else { continue };
+            let name = format!("{prefix}.num_batches_tracked");
+            let taken = |k: &str| self.tensors.iter().chain(&self.constants).any(|(n, _)| n == k);
+            if taken(&name) {
+                continue;
+            }
+            let t = Tensor::from_vec(vec![0i64], &[]);
+            let bad = |e: crate::nn::ModuleError| OnnxError(format!("buffer {name:?}: {e}"));
+            let owner: &dyn Module =
+                if prefix.is_empty() { &*self } else { &**scope(self, scopes, prefix).map_err(bad)? };
+            owner.register_buffer("num_batches_tracked", Some(t.clone()), true).map_err(bad)?;
+            self.tensors.push((name, t));
+        }
+        Ok(())
     }
 
     /// The graph inputs (name, dtype, dims; `None` for a symbolic dim such as `batch`).
