@@ -56,8 +56,9 @@ pub fn svdvals(a: &Tensor) -> Tensor {
 }
 
 /// `torch.linalg.svd(a, full_matrices=False)`: `(U, S, Vh)` with `a = U·diag(S)·Vh`. Gradients
-/// flow through `S`; a backward that reaches `U` or `Vh` is an error (their rule is not
-/// implemented yet).
+/// flow through all three with PyTorch's `svd_backward` rule. As in PyTorch, a loss through `U`
+/// or `Vh` should not depend on the factors' signs (they are not unique), and repeated
+/// singular values make the gradient through them infinite or NaN.
 #[track_caller]
 pub fn svd(a: &Tensor) -> (Tensor, Tensor, Tensor) {
     eager(|e| c::svd(e, a))

@@ -104,10 +104,71 @@ fn gradchecks_with_distinct_singular_values() {
     }
 }
 
+/// `L = sum((U·Vh) ∘ C) + sum(U² ∘ W) + sum(Vh² ∘ W2)`: a loss through the factors that does
+/// not depend on their signs, for `A` (wide) and `Aᵀ` (tall), against PyTorch's gradients.
+fn factor_loss(x: &Tensor) -> Tensor {
+    let (u, _, vh) = linalg::svd(x);
+    let ramp = |shape: &[usize], div: f64, add: f64| {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|i| i as f64 / div + add).collect::<Vec<_>>(), shape)
+    };
+    let c = ramp(&x.shape(), 7.0, -0.3);
+    let w = ramp(&u.shape(), 5.0, 0.1);
+    let w2 = ramp(&vh.shape(), 3.0, -0.2);
+    let l = u.matmul(&vh).mul(&c).sum_all();
+    let l = l.add(&u.mul(&u).mul(&w).sum_all());
+    l.add(&vh.mul(&vh).mul(&w2).sum_all())
+}
+
 #[test]
-fn a_gradient_through_u_is_an_error() {
-    let x = a();
-    let (u, _, _) = linalg::svd(&x);
-    let e = u.sum_all().try_backward().unwrap_err();
-    assert!(e.to_string().contains("the derivative for 'linalg.svd.U' is not implemented"), "{e}");
+fn gradients_through_u_and_vh_match_the_recorded_case() {
+    let cases: [(&str, f64, [f64; 6]); 2] = [
+        (
+            "wide",
+            1.9188019045582063,
+            [
+                -0.1068560140582865,
+                0.10174214093590198,
+                -0.27241302902395154,
+                0.14872758465018548,
+                -0.09662295819255032,
+                0.23908735296314756,
+            ],
+        ),
+        (
+            "tall",
+            1.7476489865531681,
+            [
+                -0.12961462681458244,
+                0.06730580662629004,
+                0.13842626115193776,
+                -0.15708646888391126,
+                -0.15808248231635827,
+                0.23518427947345524,
+            ],
+        ),
+    ];
+    for (name, loss, grad) in cases {
+        let x = if name == "wide" {
+            a()
+        } else {
+            Tensor::from_vec(a().detach().transpose(0, 1).to_vec_f64(), &[3, 2]).requires_grad_(true)
+        };
+        let l = factor_loss(&x);
+        close(&format!("{name} loss"), &[l.item()], &[loss], 1e-12);
+        l.backward();
+        close(&format!("{name} dA"), &x.grad().unwrap().to_vec_f64(), &grad, 1e-10);
+    }
+}
+
+#[test]
+fn gradchecks_through_u_and_vh() {
+    for (seed, shape) in [(21, vec![3, 4]), (22, vec![4, 3]), (23, vec![3, 3]), (24, vec![2, 4, 3])] {
+        let x = rnd(seed, &shape);
+        gradcheck(&format!("svd factors {shape:?}"), &[&x], |x| vec![factor_loss(&x[0])]);
+        gradcheck(&format!("U·Vh {shape:?}"), &[&x], |x| {
+            let (u, _, vh) = linalg::svd(&x[0]);
+            vec![u.matmul(&vh)]
+        });
+    }
 }

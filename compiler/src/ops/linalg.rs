@@ -228,6 +228,83 @@ fn zero_where<E: Emitter>(e: &mut E, cond: &E::Value, v: &E::Value) -> OpResult<
     e.where_(cond, &z, v)
 }
 
+/// `A`'s thin SVD factors `(U, S, Vh)` as nodes.
+fn svd_parts<E: Emitter>(e: &mut E, a: &E::Value) -> OpResult<(E::Value, E::Value, E::Value)> {
+    Ok((e.emit(Op::SvdU, &[a])?, e.emit(Op::SvdVals, &[a])?, e.emit(Op::SvdVh, &[a])?))
+}
+
+/// `s` (`[..., k]`) reshaped to a row `[..., 1, k]` (`at = 1`) or a column `[..., k, 1]` (`at = 0`).
+fn as_matrix<E: Emitter>(e: &mut E, s: &E::Value, at: usize) -> OpResult<E::Value> {
+    let mut shape = e.shape(s).to_vec();
+    shape.insert(shape.len() - at, 1);
+    e.reshape(s, &shape)
+}
+
+/// The gap matrix of PyTorch's `svd_backward`: `E[j, k] = S[k]² − S[j]²` off the diagonal and 1
+/// on it. Repeated singular values make an off-diagonal entry 0, and the gradient then infinite
+/// or NaN, as in PyTorch (the factors are not differentiable there).
+fn svd_gaps<E: Emitter>(e: &mut E, s: &E::Value) -> OpResult<E::Value> {
+    let s2 = e.mul(s, s)?;
+    let (row, col) = (as_matrix(e, &s2, 1)?, as_matrix(e, &s2, 0)?);
+    let d = e.sub(&row, &col)?;
+    let k = *e.shape(s).last().expect("singular values have a last dim");
+    let eye: Vec<f64> = (0..k * k).map(|i| if i % (k + 1) == 0 { 1.0 } else { 0.0 }).collect();
+    let eye = e.constant(Buffer::from_vec(eye, &[k, k]))?;
+    let eye = e.cast(&eye, e.dtype(s))?;
+    e.add(&d, &eye)
+}
+
+/// The `U` part of PyTorch's `svd_backward` (real case; the rule is linear in `(gU, gS, gVh)`,
+/// so each factor's part is its own VJP): `gA = U·((skew(Uᵀ·gU) / E)·S)·Vh`, plus
+/// `(I − U·Uᵀ)·gU·S⁻¹·Vh` when `A` has more rows than columns.
+fn svd_u_vjp<E: Emitter>(e: &mut E, a: &E::Value, g: &E::Value) -> OpResult<E::Value> {
+    let (u, s, vh) = svd_parts(e, a)?;
+    let uhgu = e.matmul_t(&u, g, true, false)?;
+    let uhgu_t = mt(e, &uhgu)?;
+    let skew = e.sub(&uhgu, &uhgu_t)?;
+    let gaps = svd_gaps(e, &s)?;
+    let s_row = as_matrix(e, &s, 1)?;
+    let t = e.div(&skew, &gaps)?;
+    let t = e.mul(&t, &s_row)?;
+    let ut = e.matmul_t(&u, &t, false, false)?;
+    let mut ga = e.matmul_t(&ut, &vh, false, false)?;
+    let (us, k) = (e.shape(&u).to_vec(), *e.shape(&s).last().expect("k"));
+    let m = us[us.len() - 2];
+    if m > k {
+        let proj = e.matmul_t(&u, &uhgu, false, false)?;
+        let r = e.sub(g, &proj)?;
+        let r = e.div(&r, &s_row)?;
+        let r = e.matmul_t(&r, &vh, false, false)?;
+        ga = e.add(&ga, &r)?;
+    }
+    Ok(ga)
+}
+
+/// The `Vh` part of PyTorch's `svd_backward`: `gA = U·(S·(skew(Vh·gVhᵀ) / E))·Vh`, plus
+/// `U·S⁻¹·gVh·(I − V·Vh)` when `A` has more columns than rows.
+fn svd_vh_vjp<E: Emitter>(e: &mut E, a: &E::Value, g: &E::Value) -> OpResult<E::Value> {
+    let (u, s, vh) = svd_parts(e, a)?;
+    let vhgv = e.matmul_t(&vh, g, false, true)?;
+    let vhgv_t = mt(e, &vhgv)?;
+    let skew = e.sub(&vhgv, &vhgv_t)?;
+    let gaps = svd_gaps(e, &s)?;
+    let s_col = as_matrix(e, &s, 0)?;
+    let t = e.div(&skew, &gaps)?;
+    let t = e.mul(&s_col, &t)?;
+    let ut = e.matmul_t(&u, &t, false, false)?;
+    let mut ga = e.matmul_t(&ut, &vh, false, false)?;
+    let (k, n) = (*e.shape(&s).last().expect("k"), *e.shape(&vh).last().expect("n"));
+    if n > k {
+        let gv = e.matmul_t(g, &vh, false, true)?;
+        let proj = e.matmul_t(&gv, &vh, false, false)?;
+        let r = e.sub(g, &proj)?;
+        let r = e.div(&r, &s_col)?;
+        let r = e.matmul_t(&u, &r, false, false)?;
+        ga = e.add(&ga, &r)?;
+    }
+    Ok(ga)
+}
+
 /// Derivative rules of the torch.linalg ops.
 pub(super) fn vjp_ext<E: Emitter>(
     op: &Op,
@@ -268,7 +345,8 @@ pub(super) fn vjp_ext<E: Emitter>(
             let ug = e.mul(&u, &gs)?;
             vec![Some(e.matmul_t(&ug, &vh, false, false)?)]
         }
-        Op::SvdU | Op::SvdVh => return Err(op.no_derivative()),
+        Op::SvdU => vec![Some(svd_u_vjp(e, a, g)?)],
+        Op::SvdVh => vec![Some(svd_vh_vjp(e, a, g)?)],
         Op::VectorNorm { ord, dims, keepdim } => {
             let ord = *ord;
             let xs = e.shape(a);
