@@ -4,8 +4,8 @@
 //! status and output. Built without the `mpi` feature it only says that it was skipped.
 //!
 //! Run: `cargo test --release --features mpi --test mpi_ddp` (Open MPI installed; as root
-//! the launcher adds `--allow-run-as-root`). `-- --include-ignored` also runs the compiled
-//! cases, which need post-accumulate hooks inside `compile_train_step`.
+//! the launcher adds `--allow-run-as-root`). `-- --include-ignored` also runs any case marked
+//! ignored in `CASES` (none is today).
 
 #[cfg(not(feature = "mpi"))]
 fn main() {
