@@ -2,7 +2,8 @@
 //! [`crate::train::mlp`] (the single-process job is [`crate::train::train_classifier`])
 //! wrapped in [`DistributedDataParallel`]. The global batch is `batch_size`, split evenly
 //! across the ranks; each rank reads its shard of every epoch through a
-//! [`DistributedSampler`](crate::data::DistributedSampler) whose epoch is set before each pass, so the ranks together see every sample once per epoch.
+//! [`DistributedSampler`](crate::data::DistributedSampler) whose epoch is set before each
+//! pass, so the ranks together see every sample once per epoch.
 
 use std::time::Instant;
 
