@@ -146,6 +146,7 @@ impl UnaryOp {
     }
 
     /// The scalar function (the reference kernel).
+    #[inline(always)]
     pub fn apply<T: FloatElement>(self, x: T) -> T {
         let c = |v: f64| T::from(v).unwrap();
         match self {
@@ -388,7 +389,23 @@ pub(super) fn eval(op: &Op, x: &[&Buffer], out: &TensorType) -> Buffer {
             let u = *u;
             match x[0].data() {
                 tracegrad_runtime::Data::I64(v) => Buffer::from_vec(map(v, |a| u.apply_i64(a)), shape),
-                d => dispatch!(float, d, u.name(), |v: T| Buffer::from_vec(map(v, |a: T| u.apply(a)), shape)),
+                d => dispatch!(float, d, u.name(), |v: T| {
+                    // One element loop per op, the op a constant inside it (as for binary ops),
+                    // so the loop does not dispatch on the op per element and can vectorize.
+                    macro_rules! per_op {
+                        ($($op:ident),*) => {
+                            match u {
+                                $(UnaryOp::$op => map(v, |a: T| UnaryOp::$op.apply(a)),)*
+                                UnaryOp::PowScalar(e) => map(v, |a: T| UnaryOp::PowScalar(e).apply(a)),
+                            }
+                        };
+                    }
+                    let out = per_op!(
+                        Neg, Abs, Sign, Exp, Log, Sqrt, Rsqrt, Sin, Cos, Tanh, Sigmoid, Relu, Gelu, GeluTanh, Silu,
+                        Erf, Square, Reciprocal
+                    );
+                    Buffer::from_vec(out, shape)
+                }),
             }
         }
         Op::Binary(b) => {
