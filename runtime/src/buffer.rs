@@ -364,6 +364,15 @@ fn empty_vec_or_panic<T>(n: usize, dtype: DType) -> Vec<T> {
     })
 }
 
+/// `vec![value; n]` for kernel outputs and scratch: a refused allocation is a normal,
+/// catchable panic naming the size (the executors turn it into the node's error), not an abort.
+#[track_caller]
+pub fn vec_or_panic<T: Clone>(n: usize, value: T) -> Vec<T> {
+    try_filled_vec(n, value).unwrap_or_else(|_| {
+        panic!("out of memory allocating {n} elements ({} bytes)", n.saturating_mul(std::mem::size_of::<T>()))
+    })
+}
+
 /// `vec![value; n]` that reports allocation failure instead of aborting.
 fn try_filled_vec<T: Clone>(n: usize, value: T) -> Result<Vec<T>, std::collections::TryReserveError> {
     let mut v = try_empty_vec(n)?;
@@ -552,11 +561,11 @@ impl<'de> serde::Deserialize<'de> for Buffer {
             data: Vec<f64>,
         }
         let r = Raw::deserialize(d)?;
-        if r.data.len() != numel(&r.shape) {
+        let n = crate::shape::checked_numel(&r.shape).map_err(serde::de::Error::custom)?;
+        if r.data.len() != n {
             return Err(serde::de::Error::custom(format!(
-                "buffer of shape {} needs {} elements, found {}",
+                "buffer of shape {} needs {n} elements, found {}",
                 ShapeDisplay(&r.shape),
-                numel(&r.shape),
                 r.data.len()
             )));
         }
