@@ -280,7 +280,16 @@ fn check_paths(args: &TrainArgs) -> Result<(), String> {
         if !p.is_file() {
             return Err(format!("--resume {}: no such checkpoint file", p.display()));
         }
-        tracegrad::checkpoint::read(p).map_err(|e| format!("--resume {e}"))?;
+        let ck = tracegrad::checkpoint::read(p).map_err(|e| format!("--resume {e}"))?;
+        // Corrupt weight bytes still parse; resuming from them would train to NaN with exit 0.
+        for (name, t) in &ck.model {
+            if t.dtype().is_float() && t.to_vec_f64().iter().any(|v| !v.is_finite()) {
+                return Err(format!(
+                    "--resume {}: tensor {name:?} holds NaN or infinite values (a corrupt or diverged checkpoint)",
+                    p.display()
+                ));
+            }
+        }
     }
     if let Some(p) = &args.save {
         if p.is_dir() {
@@ -440,6 +449,11 @@ fn main() -> ExitCode {
         Some(Command::Train(args)) => train(args),
         Some(Command::Dump(args)) => dump(args),
         Some(Command::Run(args)) => run(args),
+        // The distributed bench measures the standard workloads only; an ONNX model given to it
+        // would otherwise be ignored silently.
+        Some(Command::Bench(args)) if args.distributed && (args.onnx.is_some() || args.input_shape.is_some()) => {
+            Err("bench --distributed measures the standard workloads only: drop --onnx/--input-shape".into())
+        }
         Some(Command::Bench(args)) => tracegrad::bench::cli(args),
         Some(Command::Models) => {
             for (name, what) in tracegrad::zoo::MODELS {

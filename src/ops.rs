@@ -8,7 +8,7 @@ use tracegrad_compiler::composite::{self as c, LossReduction};
 use tracegrad_compiler::einsum;
 use tracegrad_compiler::ops::{BinaryOp, CompareOp, Distribution, ReduceKind, UnaryOp};
 use tracegrad_compiler::{Build, Emitter, Op};
-use tracegrad_runtime::{Buffer, DType, Generator};
+use tracegrad_runtime::{Buffer, DType, Generator, ShapeDisplay};
 
 use crate::autograd::{eager, is_grad_enabled};
 use crate::tensor::{eager_ok, Tensor};
@@ -1026,6 +1026,21 @@ pub(crate) fn random_draw(
     shape: &[usize],
     what: &str,
 ) -> Tensor {
-    let (state, at) = rng_state(g, dist.blocks(shape.iter().product()), what);
-    eager(|e| e.emit(Op::Random { dist, dtype, shape: shape.into(), at }, &[&state]))
+    // Size checked before the generator advances, so a refused shape leaves the stream as it was.
+    if let Err(e) = tracegrad_runtime::shape::checked_bytes(shape, dtype.size()) {
+        panic!("{what}: {e}");
+    }
+    let (state, at) = rng_state(g, dist.blocks(tracegrad_runtime::shape::numel(shape)), what);
+    // The output allocation can fail in the kernel, which only knows an element count: say
+    // which draw and shape it was.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        eager(|e| e.emit(Op::Random { dist, dtype, shape: shape.into(), at }, &[&state]))
+    }))
+    .unwrap_or_else(|p| {
+        panic!(
+            "{what} of shape {}: {}",
+            ShapeDisplay(shape),
+            tracegrad_runtime::panic_message(&*p).unwrap_or("panicked")
+        )
+    })
 }

@@ -120,7 +120,7 @@ impl Tensor {
     /// A tensor from a vector and a shape. Panics if the element count does not match.
     #[track_caller]
     pub fn from_vec<T: Element>(values: Vec<T>, shape: &[usize]) -> Tensor {
-        let n: usize = shape.iter().product();
+        let n = tracegrad_runtime::shape::checked_numel(shape).unwrap_or_else(|e| panic!("from_vec: {e}"));
         assert_eq!(values.len(), n, "from_vec: {} values cannot have shape {:?}", values.len(), shape);
         Tensor::from_buffer(Buffer::from_vec(values, shape))
     }

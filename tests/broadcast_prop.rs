@@ -133,8 +133,14 @@ fn check(c: &Case, kind: Kind) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// `ci` cases (the CI count), or `PROPTEST_CASES` when set: the README's "Tests" section runs
+/// the suites at 100 000 cases this way (an explicit `cases` would otherwise ignore it).
+fn cases_or(ci: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(ci)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases_or(256), ..ProptestConfig::default() })]
 
     #[test]
     fn add_broadcasts_like_the_reference(c in case()) {

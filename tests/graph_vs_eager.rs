@@ -75,8 +75,14 @@ fn close(a: &[f64], b: &[f64], what: &str) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// `ci` cases (the CI count), or `PROPTEST_CASES` when set: the README's "Tests" section runs
+/// the suites at 100 000 cases this way (an explicit `cases` would otherwise ignore it).
+fn cases_or(ci: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(ci)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases_or(1000), ..ProptestConfig::default() })]
 
     #[test]
     fn interpreter_and_autodiff_match_eager(steps in prop::collection::vec((any::<u8>(), any::<u16>(), any::<u16>()), 1..10), seed in any::<u64>()) {

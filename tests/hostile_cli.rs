@@ -197,3 +197,122 @@ fn bench_and_dump_bounds_fail_before_any_work() {
     fails_with(&["dump", "--model", "mlp", "--format", "pdf"], "unknown format");
     fails_with(&["dump", "--model", "mlp", "-o", "/nonexistent/dir/g.txt"], "/nonexistent/dir/g.txt");
 }
+
+/// Files for the ONNX, `.npy` and checkpoint cases: garbage, empty, random bytes, a directory.
+fn hostile_files(dir: &Path) {
+    write(&dir.join("bad.onnx"), b"garbage");
+    write(&dir.join("empty.onnx"), b"");
+    let noise: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    write(&dir.join("rand.onnx"), &noise);
+    write(&dir.join("rand.ckpt"), &noise[..3000]);
+    write(&dir.join("bad.npy"), b"\x93NUMPY\x01\x00garbage");
+    write(&dir.join("bad.ckpt"), b"not a checkpoint");
+    write(&dir.join("empty.ckpt"), b"");
+    std::fs::create_dir_all(dir.join("adir")).unwrap();
+}
+
+/// Corrupt variants of the real checkpoint `a.ckpt`: cut in half, its last tensor bytes
+/// overwritten with 0xff (NaN weights that still parse), and a header length of 2^63.
+fn corrupt_checkpoints(dir: &Path) {
+    let good = std::fs::read(dir.join("a.ckpt")).unwrap();
+    write(&dir.join("half.ckpt"), &good[..good.len() / 2]);
+    let mut nan = good.clone();
+    let n = nan.len();
+    nan[n - 20..].fill(0xff);
+    write(&dir.join("nan.ckpt"), &nan);
+    let mut hdr = good;
+    hdr[..8].copy_from_slice(&(1u64 << 63).to_le_bytes());
+    write(&dir.join("hdr.ckpt"), &hdr);
+}
+
+/// 59 failing cases of our own (57 calls, one of them looping over 3 files) and one real
+/// `--save` run; with the earlier tests' cases, over 90 in this file. ONNX files for `run`, `dump
+/// --onnx` and `bench --onnx`; the CNN and transformer models; `--save`/`--resume` with bad
+/// paths and corrupt checkpoints; malformed numbers and names. Each must end in one clear
+/// `error:` line and a non-zero exit (`fails_with`: the program's own error, exit 1;
+/// `usage_error`: clap's, exit 2).
+#[test]
+fn hostile_files_and_arguments_for_every_subcommand() {
+    let dir = scratch("files");
+    hostile_files(&dir);
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let (bad, empty, rand, npy, adir) = (p("bad.onnx"), p("empty.onnx"), p("rand.onnx"), p("bad.npy"), p("adir"));
+    let out = p("out.npy");
+    // run FILE.onnx
+    fails_with(&["run", &bad, "--input", &npy, "-o", &out], "not a valid ONNX model");
+    fails_with(&["run", &empty, "--input", &npy, "-o", &out], "imports no ai.onnx opset");
+    fails_with(&["run", &rand, "--input", &npy, "-o", &out], "not a valid ONNX model");
+    fails_with(&["run", "/nonexistent.onnx", "--input", &npy, "-o", &out], "/nonexistent.onnx");
+    fails_with(&["run", &adir, "--input", &npy, "-o", &out], "adir");
+    fails_with(&["run", &bad, "--input", &npy, "-o", "/nonexistent/dir/y.npy"], "bad.onnx");
+    usage_error(&["run", &bad, "--input", &npy, "-o", &out, "--mode", "jit"], "invalid value 'jit'");
+    usage_error(&["run", &bad], "required arguments were not provided");
+    // dump --onnx
+    fails_with(&["dump", "--onnx", &bad], "not a valid ONNX model");
+    fails_with(&["dump", "--onnx", &empty], "imports no ai.onnx opset");
+    fails_with(&["dump", "--onnx", "/nonexistent.onnx"], "/nonexistent.onnx");
+    fails_with(&["dump", "--onnx", &adir], "adir");
+    fails_with(&["dump", "--onnx", &rand, "--stage", "plan"], "not a valid ONNX model");
+    fails_with(&["dump", "--onnx", &bad, "--batch", "0"], "batch size 0 is outside");
+    fails_with(&["dump", "--onnx", &bad, "--format", "pdf"], "unknown format");
+    usage_error(&["dump", "--model", "mlp", "--onnx", &bad], "cannot be used with");
+    usage_error(&["dump"], "required arguments were not provided");
+    fails_with(&["dump", "--model", "mlp", "--stage", "clif", "--format", "svg"], "only a text form");
+    // bench --onnx
+    usage_error(&["bench", "--onnx", &bad, "--iters", "1"], "required arguments were not provided");
+    usage_error(&["bench", "--input-shape", "1,2", "--iters", "1"], "required arguments were not provided");
+    fails_with(&["bench", "--onnx", &empty, "--input-shape", "1,2", "--iters", "1"], "imports no ai.onnx opset");
+    fails_with(&["bench", "--onnx", &bad, "--input-shape", "1,2", "--iters", "1"], "not a valid ONNX model");
+    fails_with(&["bench", "--onnx", &bad, "--input-shape", "x,y", "--iters", "1"], "--input-shape");
+    fails_with(&["bench", "--onnx", &bad, "--input-shape", "", "--iters", "1"], "--input-shape");
+    fails_with(&["bench", "--onnx", &bad, "--input-shape", "1,,2", "--iters", "1"], "--input-shape");
+    fails_with(&["bench", "--onnx", &bad, "--input-shape", "0,18446744073709551615", "--iters", "1"], "--input-shape");
+    fails_with(&["bench", "--onnx", &bad, "--input-shape", "1,2", "--iters", "1", "--distributed"], "--distributed");
+    // --model cnn|transformer
+    fails_with(&["train", "--model", "cnn", "--dataset", "mnist-csv:/nonexistent.csv"], "/nonexistent.csv");
+    fails_with(&["train", "--model", "transformer", "--dataset", "mnist-idx:/nonexistent"], "no train-images");
+    fails_with(&["train", "--model", "cnn", "--batch-size", "0"], "--batch-size must be positive");
+    fails_with(&["train", "--model", "transformer", "--lr=-1"], "Invalid learning rate");
+    fails_with(&["train", "--model", "cnn", "--lr", "inf"], "--lr must be a finite number");
+    fails_with(&["train", "--model", "cnn", "--dataset", "mnist-csv:/dev/null"], "no samples");
+    fails_with(&["train", "--model", "cnn", "--distributed"], "--distributed trains --model mlp only");
+    usage_error(&["train", "--model", "rnn"], "invalid value 'rnn'");
+    // --save / --resume
+    for ck in ["bad.ckpt", "empty.ckpt", "rand.ckpt"] {
+        fails_with(&["train", "--resume", &p(ck), "--epochs", "2"], "invalid safetensors data");
+    }
+    fails_with(&["train", "--resume", "/nonexistent.ckpt"], "no such checkpoint file");
+    fails_with(&["train", "--resume", &adir], "no such checkpoint file");
+    fails_with(&["train", "--save", "/nonexistent/dir/x.ckpt"], "does not exist");
+    fails_with(&["train", "--save", &adir], "is a directory");
+    usage_error(&["train", "--save"], "a value is required");
+    let (code, err) = run(&["train", "--epochs", "1", "--save", &p("a.ckpt")], Duration::from_secs(120));
+    assert_eq!(code, 0, "a real checkpoint: {err}");
+    corrupt_checkpoints(&dir);
+    let a = p("a.ckpt");
+    fails_with(&["train", "--model", "cnn", "--resume", &a, "--epochs", "2"], "has 4 tensors, this model 6");
+    fails_with(&["train", "--optimizer", "adam", "--resume", &a, "--epochs", "2"], "not a Adam state dict");
+    fails_with(&["train", "--resume", &a, "--epochs", "1"], "leaves noth");
+    fails_with(&["train", "--resume", &p("half.ckpt"), "--epochs", "2"], "beyond the end");
+    fails_with(&["train", "--resume", &p("nan.ckpt"), "--epochs", "2"], "NaN or infinite");
+    fails_with(&["train", "--resume", &p("hdr.ckpt"), "--epochs", "2"], "header too large");
+    fails_with(&["train", "--resume", &a, "--save", "/nonexistent/d/b.ckpt", "--epochs", "2"], "does not exist");
+    // malformed numbers and names
+    fails_with(&["train", "--dataset", "nope:x"], "unknown dataset");
+    fails_with(&["train", "--dataset", "mnist-csv:"], "No such file");
+    fails_with(&["train", "--dataset", "mnist-idx:"], "no train-images");
+    fails_with(&["train", "--lr", "1e400"], "--lr must be a finite number");
+    usage_error(&["train", "--seed", "-1"], "unexpected argument '-1'");
+    usage_error(&["train", "--batch-size", "1.5"], "invalid value '1.5'");
+    usage_error(&["train", "--optimizer", "lbfgs"], "invalid value 'lbfgs'");
+    usage_error(&["models", "extra"], "unexpected argument 'extra'");
+    // A gzip holding one 1 GiB line (1 MiB compressed): the line bound fires while decoding.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let chunk = vec![b'1'; 1 << 20];
+    for _ in 0..1024 {
+        gz.write_all(&chunk).unwrap();
+    }
+    write(&dir.join("line.csv.gz"), &gz.finish().unwrap());
+    fails_with(&["train", "--dataset", &format!("mnist-csv:{}", p("line.csv.gz"))], "longer than");
+    let _ = std::fs::remove_dir_all(&dir);
+}

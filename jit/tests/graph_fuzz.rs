@@ -4,8 +4,9 @@
 //! real graphs (layers, layouts, convolutions and pooling with their gradients, indexing)
 //! with numbers, arrays and names changed at random. Every case runs under `catch_unwind`.
 //! A graph that passes validation but whose values would need more than `BYTE_BUDGET` bytes
-//! is validated but not run: a legitimately huge tensor aborts the process on allocation,
-//! which no test can catch in-process.
+//! runs in a child process (this test binary, filtered to [`large_graph_child`]) with
+//! `TRACEGRAD_MAX_ALLOC` at the budget: storage allocation is fallible, so every oversized
+//! tensor must come back as an `Err` from the run; an abort would show as the child's exit.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -123,7 +124,7 @@ fn run_case(text: &str) -> Result<&'static str, String> {
     catch_unwind(AssertUnwindSafe(|| {
         let Ok(g) = Graph::from_json(text) else { return "refused" };
         if bytes(&g) > BYTE_BUDGET {
-            return "valid, too large to run";
+            return TOO_LARGE;
         }
         let args = inputs_for(&g);
         let _ = interpret(&g, &args, &NoCallbacks);
@@ -135,6 +136,78 @@ fn run_case(text: &str) -> Result<&'static str, String> {
         "ran"
     }))
     .map_err(|p| tracegrad_runtime::panic_message(&*p).unwrap_or("a panic").to_string())
+}
+
+/// The outcome of a valid graph over `BYTE_BUDGET`, which runs in the child process instead.
+const TOO_LARGE: &str = "valid, too large to run";
+
+/// The most too-large graphs one child run takes (each is refused within milliseconds at the
+/// first oversized allocation, but a budget keeps the child's time bounded under load).
+const MAX_LARGE_RUNS: usize = 400;
+
+/// Writes `texts` to a file and runs [`large_graph_child`] on them in a child process with
+/// the allocation ceiling at `BYTE_BUDGET`; the child must exit 0 (no escaped panic, no abort).
+fn run_large_graphs_in_child(texts: &[String]) {
+    let path = std::env::temp_dir().join(format!("graph_fuzz_large_{}.json", std::process::id()));
+    std::fs::write(&path, serde_json::to_string(texts).unwrap()).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["large_graph_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("GRAPH_FUZZ_LARGE_FILE", &path)
+        .env("TRACEGRAD_MAX_ALLOC", BYTE_BUDGET.to_string())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // 101 is a failed child test (an escaped panic); no code at all is a signal (SIGABRT).
+    assert_eq!(out.status.code(), Some(0), "the too-large graphs' child run failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&format!("large graphs: {} run", texts.len())), "{stdout}");
+}
+
+/// One too-large graph in the child: inputs over the ceiling are refused before anything
+/// runs; otherwise the interpreter and both backends must return `Ok` or `Err`.
+fn run_large_case(text: &str) -> Result<&'static str, String> {
+    catch_unwind(AssertUnwindSafe(|| {
+        let g = Graph::from_json(text).expect("the parent saw this graph validate");
+        let mut args = Vec::new();
+        for &i in &g.inputs {
+            let ty = g.ty(i);
+            match Buffer::try_full(0.5, ty.dtype, &ty.shape) {
+                Ok(b) => args.push(b),
+                Err(_) => return "inputs over the ceiling",
+            }
+        }
+        let mut errs = 0;
+        errs += usize::from(interpret(&g, &args, &NoCallbacks).is_err());
+        for backend in [Backend::Jit, Backend::Interpreter] {
+            match Executable::new(&g, backend) {
+                Ok(exe) => errs += usize::from(exe.run(&args, &NoCallbacks).is_err()),
+                Err(_) => errs += 1,
+            }
+        }
+        if errs == 0 {
+            "ran"
+        } else {
+            "errors"
+        }
+    }))
+    .map_err(|p| tracegrad_runtime::panic_message(&*p).unwrap_or("a panic").to_string())
+}
+
+/// The child side of [`run_large_graphs_in_child`] (reads `GRAPH_FUZZ_LARGE_FILE`).
+#[test]
+#[ignore = "child-process entry, run by mutated_graphs_are_refused_or_run_without_panicking"]
+fn large_graph_child() {
+    let path = std::env::var("GRAPH_FUZZ_LARGE_FILE").expect("GRAPH_FUZZ_LARGE_FILE is set by the parent test");
+    let texts: Vec<String> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut counts = std::collections::BTreeMap::new();
+    for (k, text) in texts.iter().enumerate() {
+        match run_large_case(text) {
+            Ok(what) => *counts.entry(what).or_insert(0usize) += 1,
+            Err(why) => panic!("too-large graph {k} panicked: {why}\n{text}"),
+        }
+    }
+    println!("large graphs: {} run: {counts:?}", texts.len());
 }
 
 const HOSTILE_NUMBERS: [u64; 12] = [0, 1, 2, 3, 7, 9, 255, 1 << 31, 1 << 32, u64::MAX, (1 << 63) + 3, 10_000_000_000];
@@ -291,6 +364,7 @@ fn mutated_graphs_are_refused_or_run_without_panicking() {
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let cases: usize = std::env::var("GRAPH_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(12_000);
     let (mut panics, mut counts) = (Vec::new(), std::collections::BTreeMap::new());
+    let mut large = Vec::new();
     for case in 0..cases {
         let mut v = seeds[case % seeds.len()].clone();
         for _ in 0..rng.random_range(1..4) {
@@ -306,11 +380,17 @@ fn mutated_graphs_are_refused_or_run_without_panicking() {
         }
         let text = v.to_string();
         match run_case(&text) {
-            Ok(what) => *counts.entry(what).or_insert(0usize) += 1,
+            Ok(what) => {
+                if what == TOO_LARGE && large.len() < MAX_LARGE_RUNS {
+                    large.push(text);
+                }
+                *counts.entry(what).or_insert(0usize) += 1
+            }
             Err(why) => panics.push((case, why, text)),
         }
     }
-    eprintln!("graph fuzz: {cases} cases: {counts:?}");
+    eprintln!("graph fuzz: {cases} cases: {counts:?}; {} too-large graphs run in a child process", large.len());
+    run_large_graphs_in_child(&large);
     // Every kind of outcome is exercised: the mutations are neither all fatal nor all harmless.
     assert!(counts.get("refused").copied().unwrap_or(0) > cases / 10, "{counts:?}");
     assert!(counts.get("ran").copied().unwrap_or(0) > cases / 20, "{counts:?}");

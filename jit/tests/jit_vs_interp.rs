@@ -264,8 +264,14 @@ fn check(seed: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// `ci` cases (the CI count), or `PROPTEST_CASES` when set: the README's "Tests" section runs
+/// the suites at 100 000 cases this way (an explicit `cases` would otherwise ignore it).
+fn cases_or(ci: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(ci)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases_or(2000), failure_persistence: None, ..ProptestConfig::default() })]
     #[test]
     fn jit_matches_the_interpreter(seed in any::<u64>()) {
         if let Err(e) = check(seed) {

@@ -60,30 +60,45 @@ impl Data {
     }
 
     /// Zero-filled storage of `n` elements of `dtype` (fresh pages from the allocator are
-    /// zeroed lazily, so this is cheap until written).
+    /// zeroed lazily, so this is cheap until written). Panics with the size when the
+    /// allocation fails or exceeds [`crate::shape::max_alloc_bytes`], instead of aborting.
+    #[track_caller]
     pub fn zeroed(dtype: DType, n: usize) -> Data {
-        match dtype {
-            DType::Bool => Data::Bool(vec![false; n]),
-            DType::U8 => Data::U8(vec![0; n]),
-            DType::I64 => Data::I64(vec![0; n]),
-            DType::F32 => Data::F32(vec![0.0; n]),
-            DType::F64 => Data::F64(vec![0.0; n]),
-        }
+        Data::try_zeroed(dtype, n).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Data::zeroed`] that returns the allocation failure as an error.
+    pub fn try_zeroed(dtype: DType, n: usize) -> Result<Data, String> {
+        crate::shape::checked_bytes(&[n], dtype.size())?;
+        let fail =
+            || format!("out of memory allocating {n} {dtype} elements ({} bytes)", n.saturating_mul(dtype.size()));
+        Ok(match dtype {
+            DType::Bool => Data::Bool(try_zeroed_vec(n).ok_or_else(fail)?),
+            DType::U8 => Data::U8(try_zeroed_vec(n).ok_or_else(fail)?),
+            DType::I64 => Data::I64(try_zeroed_vec(n).ok_or_else(fail)?),
+            DType::F32 => Data::F32(try_zeroed_vec(n).ok_or_else(fail)?),
+            DType::F64 => Data::F64(try_zeroed_vec(n).ok_or_else(fail)?),
+        })
     }
 
     /// Empty storage with room for `n` elements of `dtype`, for a kernel that writes every
     /// element before [`Data::set_len`] declares them: unlike [`Data::zeroed`], no memset. A
     /// large block comes from the [`crate::pool`] cache when it holds one of that size.
+    /// Panics with the size when the allocation fails, instead of aborting.
+    #[track_caller]
     pub fn with_capacity(dtype: DType, n: usize) -> Data {
         if let Some(d) = crate::pool::take(dtype, n) {
             return d;
         }
+        if let Err(e) = crate::shape::checked_bytes(&[n], dtype.size()) {
+            panic!("{e}");
+        }
         match dtype {
-            DType::Bool => Data::Bool(Vec::with_capacity(n)),
-            DType::U8 => Data::U8(Vec::with_capacity(n)),
-            DType::I64 => Data::I64(Vec::with_capacity(n)),
-            DType::F32 => Data::F32(Vec::with_capacity(n)),
-            DType::F64 => Data::F64(Vec::with_capacity(n)),
+            DType::Bool => Data::Bool(empty_vec_or_panic(n, dtype)),
+            DType::U8 => Data::U8(empty_vec_or_panic(n, dtype)),
+            DType::I64 => Data::I64(empty_vec_or_panic(n, dtype)),
+            DType::F32 => Data::F32(empty_vec_or_panic(n, dtype)),
+            DType::F64 => Data::F64(empty_vec_or_panic(n, dtype)),
         }
     }
 
@@ -308,6 +323,63 @@ impl Drop for Buffer {
     }
 }
 
+/// Element types whose all-zero bit pattern is a valid value (false, 0, 0.0); sealed, so
+/// [`try_zeroed_vec`] can hand out zeroed memory without a fill.
+trait ZeroIsValid: Copy {}
+impl ZeroIsValid for bool {}
+impl ZeroIsValid for u8 {}
+impl ZeroIsValid for i64 {}
+impl ZeroIsValid for f32 {}
+impl ZeroIsValid for f64 {}
+
+/// `vec![0; n]` that returns `None` when the allocator refuses, where `vec!` would abort.
+fn try_zeroed_vec<T: ZeroIsValid>(n: usize) -> Option<Vec<T>> {
+    let layout = std::alloc::Layout::array::<T>(n).ok()?;
+    if layout.size() == 0 {
+        return Some(Vec::new());
+    }
+    // SAFETY: the layout has a non-zero size, as alloc_zeroed requires.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: p comes from the global allocator with the layout of [T; n] (so capacity n is
+    // exact), and its n elements are all-zero bytes, a valid T by ZeroIsValid.
+    Some(unsafe { Vec::from_raw_parts(p, n, n) })
+}
+
+/// `Vec::with_capacity(n)` that reports allocation failure instead of aborting.
+fn try_empty_vec<T>(n: usize) -> Result<Vec<T>, std::collections::TryReserveError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)?;
+    Ok(v)
+}
+
+/// `Vec::with_capacity(n)` that panics with the size (a normal, catchable panic) where the
+/// allocator refuses, instead of aborting the process.
+#[track_caller]
+fn empty_vec_or_panic<T>(n: usize, dtype: DType) -> Vec<T> {
+    try_empty_vec(n).unwrap_or_else(|_| {
+        panic!("out of memory allocating {n} {dtype} elements ({} bytes)", n.saturating_mul(dtype.size()))
+    })
+}
+
+/// `vec![value; n]` for kernel outputs and scratch: a refused allocation is a normal,
+/// catchable panic naming the size (the executors turn it into the node's error), not an abort.
+#[track_caller]
+pub fn vec_or_panic<T: Clone>(n: usize, value: T) -> Vec<T> {
+    try_filled_vec(n, value).unwrap_or_else(|_| {
+        panic!("out of memory allocating {n} elements ({} bytes)", n.saturating_mul(std::mem::size_of::<T>()))
+    })
+}
+
+/// `vec![value; n]` that reports allocation failure instead of aborting.
+fn try_filled_vec<T: Clone>(n: usize, value: T) -> Result<Vec<T>, std::collections::TryReserveError> {
+    let mut v = try_empty_vec(n)?;
+    v.resize(n, value);
+    Ok(v)
+}
+
 impl Buffer {
     /// Wraps storage with a shape. Panics if the element count does not match the shape.
     pub fn new(data: Data, shape: &[usize]) -> Buffer {
@@ -331,17 +403,32 @@ impl Buffer {
         Buffer::full(value, dtype, &[])
     }
 
-    /// A buffer filled with `value`, converted to `dtype`.
+    /// A buffer filled with `value`, converted to `dtype`. Panics with a message naming the
+    /// shape when it cannot be allocated (see [`Buffer::try_full`]).
+    #[track_caller]
     pub fn full(value: f64, dtype: DType, shape: &[usize]) -> Buffer {
+        Buffer::try_full(value, dtype, shape).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A buffer filled with `value`, or an error naming the shape when its size overflows,
+    /// exceeds `TRACEGRAD_MAX_ALLOC` or the allocator refuses it (never a process abort).
+    pub fn try_full(value: f64, dtype: DType, shape: &[usize]) -> Result<Buffer, String> {
+        let bytes = crate::shape::checked_bytes(shape, dtype.size())?;
         let n = numel(shape);
-        let data = match dtype {
-            DType::Bool => Data::Bool(vec![value != 0.0; n]),
-            DType::U8 => Data::U8(vec![value as u8; n]),
-            DType::I64 => Data::I64(vec![value as i64; n]),
-            DType::F32 => Data::F32(vec![value as f32; n]),
-            DType::F64 => Data::F64(vec![value; n]),
+        let oom =
+            || format!("out of memory allocating a {dtype} tensor of shape {} ({bytes} bytes)", ShapeDisplay(shape));
+        let data = if value == 0.0 {
+            Data::try_zeroed(dtype, n).map_err(|_| oom())?
+        } else {
+            match dtype {
+                DType::Bool => Data::Bool(try_filled_vec(n, value != 0.0).map_err(|_| oom())?),
+                DType::U8 => Data::U8(try_filled_vec(n, value as u8).map_err(|_| oom())?),
+                DType::I64 => Data::I64(try_filled_vec(n, value as i64).map_err(|_| oom())?),
+                DType::F32 => Data::F32(try_filled_vec(n, value as f32).map_err(|_| oom())?),
+                DType::F64 => Data::F64(try_filled_vec(n, value).map_err(|_| oom())?),
+            }
         };
-        Buffer::new(data, shape)
+        Ok(Buffer::new(data, shape))
     }
 
     /// A zero-filled buffer.
@@ -474,11 +561,11 @@ impl<'de> serde::Deserialize<'de> for Buffer {
             data: Vec<f64>,
         }
         let r = Raw::deserialize(d)?;
-        if r.data.len() != numel(&r.shape) {
+        let n = crate::shape::checked_numel(&r.shape).map_err(serde::de::Error::custom)?;
+        if r.data.len() != n {
             return Err(serde::de::Error::custom(format!(
-                "buffer of shape {} needs {} elements, found {}",
+                "buffer of shape {} needs {n} elements, found {}",
                 ShapeDisplay(&r.shape),
-                numel(&r.shape),
                 r.data.len()
             )));
         }

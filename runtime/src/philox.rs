@@ -122,26 +122,42 @@ pub fn for_words(seed: u64, offset: u64, n: usize, mut f: impl FnMut(usize, u32)
 /// The `n` uniform values in [0, 1) of the draw starting at `offset`: element `i` is
 /// [`unit_f32`] of word `i` (24 random bits; an f64 draw holds the same values exactly).
 pub fn uniform(seed: u64, offset: u64, n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n];
+    let mut out = out_vec::<f32>(n);
     for_words(seed, offset, n, |i, w| out[i] = unit_f32(w));
     out
+}
+
+/// A zeroed output of `n` values, panicking with the size (a normal, catchable panic) where
+/// the allocator refuses, instead of aborting the process.
+#[track_caller]
+fn out_vec<T: Clone + Default>(n: usize) -> Vec<T> {
+    let mut v = Vec::new();
+    if v.try_reserve_exact(n).is_err() {
+        panic!("out of memory allocating {n} random values ({} bytes)", n.saturating_mul(std::mem::size_of::<T>()));
+    }
+    v.resize(n, T::default());
+    v
 }
 
 /// The `n` standard normal values of the draw starting at `offset`, by Box-Muller in f64:
 /// element `i` takes words `2i` and `2i+1` as `u1 = ((w >> 8) + 1) / 2^24` in (0, 1] and
 /// `u2 = (w >> 8) / 2^24` in [0, 1), and is `sqrt(-2 ln u1) * cos(2π u2)`.
 pub fn normal(seed: u64, offset: u64, n: usize) -> Vec<f64> {
-    let mut words = vec![0u32; 2 * n];
-    for_words(seed, offset, 2 * n, |i, w| words[i] = w);
     let scale = 1.0 / f64::from(1u32 << 24);
-    words
-        .chunks_exact(2)
-        .map(|w| {
-            let u1 = (f64::from(w[0] >> 8) + 1.0) * scale;
-            let u2 = f64::from(w[1] >> 8) * scale;
-            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-        })
-        .collect()
+    let mut out = out_vec::<f64>(n);
+    // Words arrive in order, so each odd word completes the pair begun by the even one before
+    // it: no scratch array of 2n words.
+    let mut first = 0u32;
+    for_words(seed, offset, n.saturating_mul(2), |i, w| {
+        if i % 2 == 0 {
+            first = w;
+        } else {
+            let u1 = (f64::from(first >> 8) + 1.0) * scale;
+            let u2 = f64::from(w >> 8) * scale;
+            out[i / 2] = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        }
+    });
+    out
 }
 
 #[cfg(test)]

@@ -22,18 +22,61 @@ impl fmt::Display for ShapeDisplay<'_> {
     }
 }
 
-/// Number of elements of a shape (1 for a scalar).
+/// Number of elements of a shape (1 for a scalar), or an error naming the shape when the
+/// product overflows `usize`. The one place element counts are computed: everything else
+/// ([`numel`], [`checked_bytes`], `TensorType::numel`) goes through here, so a wrapped product
+/// can never pass a size check.
+pub fn checked_numel(shape: &[usize]) -> Result<usize, String> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
+        format!("shape {} has more elements than fit in a usize (the product overflows)", ShapeDisplay(shape))
+    })
+}
+
+/// Storage bytes of a tensor of `shape` with `elem_size`-byte elements, checked against
+/// overflow, against `isize::MAX` (Rust's limit for one allocation) and against
+/// [`max_alloc_bytes`]; the error names the shape.
+pub fn checked_bytes(shape: &[usize], elem_size: usize) -> Result<usize, String> {
+    let n = checked_numel(shape)?;
+    let limit = max_alloc_bytes();
+    match n.checked_mul(elem_size) {
+        Some(b) if b <= limit => Ok(b),
+        Some(b) => Err(format!(
+            "a tensor of shape {} needs {b} bytes, more than the {limit}-byte limit on one allocation (TRACEGRAD_MAX_ALLOC)",
+            ShapeDisplay(shape)
+        )),
+        None => Err(format!(
+            "a tensor of shape {} needs more than {} bytes: too large to allocate",
+            ShapeDisplay(shape),
+            usize::MAX
+        )),
+    }
+}
+
+/// The most bytes one tensor's storage may take: `TRACEGRAD_MAX_ALLOC` (bytes) when set to a
+/// number, else `isize::MAX`. Read on each call, so a test or program can lower it at run time.
+pub fn max_alloc_bytes() -> usize {
+    std::env::var("TRACEGRAD_MAX_ALLOC")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(isize::MAX as usize, |v| v.min(isize::MAX as usize))
+}
+
+/// Number of elements of a shape (1 for a scalar). Panics, naming the shape, when the product
+/// overflows; use [`checked_numel`] where the caller can return an error.
+#[track_caller]
 pub fn numel(shape: &[usize]) -> usize {
-    shape.iter().product()
+    checked_numel(shape).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Row-major contiguous strides, in elements.
 pub fn contiguous_strides(shape: &[usize]) -> Dims {
     let mut strides: Dims = SmallVec::from_elem(0, shape.len());
-    let mut acc = 1;
+    // Saturating: a stride past an overflowing product is never used, because such a shape
+    // has no storage (checked_numel refuses it before anything is allocated).
+    let mut acc: usize = 1;
     for i in (0..shape.len()).rev() {
         strides[i] = acc;
-        acc *= shape[i];
+        acc = acc.saturating_mul(shape[i]);
     }
     strides
 }

@@ -52,9 +52,11 @@ impl TensorType {
         self.shape.len()
     }
 
-    /// Number of elements.
+    /// Number of elements; panics naming the shape if the product overflows (the graph
+    /// validator and the eager ops refuse such shapes first, via `shape::checked_numel`).
+    #[track_caller]
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        tracegrad_runtime::shape::numel(&self.shape)
     }
 
     /// The type of a buffer.

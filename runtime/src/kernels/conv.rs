@@ -198,7 +198,7 @@ fn conv_dims(x: &[usize], w: &[usize]) -> (usize, usize, [usize; 3], [usize; 2])
 
 fn conv2d_typed<T: ConvFloat>(x: &[T], w: &[T], n: usize, o: usize, g: &Conv) -> Vec<T> {
     let (ckk, l, chw) = (g.ckk(), g.l(), g.chw());
-    let mut y = vec![T::zero(); n * o * l];
+    let mut y = crate::buffer::vec_or_panic(n * o * l, T::zero());
     if y.is_empty() || ckk == 0 {
         return y;
     }
@@ -231,7 +231,7 @@ fn conv2d_typed<T: ConvFloat>(x: &[T], w: &[T], n: usize, o: usize, g: &Conv) ->
 
 fn conv2d_grad_input_typed<T: ConvFloat>(gy: &[T], w: &[T], n: usize, o: usize, g: &Conv) -> Vec<T> {
     let (ckk, l, chw) = (g.ckk(), g.l(), g.chw());
-    let mut dx = vec![T::zero(); n * chw];
+    let mut dx = crate::buffer::vec_or_panic(n * chw, T::zero());
     if dx.is_empty() || l == 0 || o == 0 {
         return dx;
     }
@@ -263,7 +263,7 @@ fn conv2d_grad_input_typed<T: ConvFloat>(gy: &[T], w: &[T], n: usize, o: usize, 
 
 fn conv2d_grad_weight_typed<T: ConvFloat>(x: &[T], gy: &[T], n: usize, o: usize, g: &Conv) -> Vec<T> {
     let (ckk, l, chw) = (g.ckk(), g.l(), g.chw());
-    let mut dw = vec![T::zero(); o * ckk];
+    let mut dw = crate::buffer::vec_or_panic(o * ckk, T::zero());
     if dw.is_empty() || n == 0 || l == 0 {
         return dw;
     }
@@ -291,7 +291,7 @@ fn conv2d_grad_weight_typed<T: ConvFloat>(x: &[T], gy: &[T], n: usize, o: usize,
             let partials: Vec<Vec<T>> = (0..n.div_ceil(chunk))
                 .into_par_iter()
                 .map(|ci| {
-                    let mut part = vec![T::zero(); o * ckk];
+                    let mut part = crate::buffer::vec_or_panic(o * ckk, T::zero());
                     accumulate(ci * chunk..((ci + 1) * chunk).min(n), &mut part, &mut Vec::new(), Parallelism::None);
                     part
                 })
@@ -478,7 +478,7 @@ fn window_max<T: ConvFloat>(
 }
 
 fn max_pool_typed<T: ConvFloat>(p: &Pool, x: &[T]) -> Vec<T> {
-    let mut y = vec![T::zero(); p.planes * p.out_plane()];
+    let mut y = crate::buffer::vec_or_panic(p.planes * p.out_plane(), T::zero());
     p.for_each_plane(&mut y, p.out_plane(), |i, yp| {
         let xp = &x[i * p.in_plane()..][..p.in_plane()];
         for (oh, &rows) in p.rows.iter().enumerate() {
@@ -491,7 +491,7 @@ fn max_pool_typed<T: ConvFloat>(p: &Pool, x: &[T]) -> Vec<T> {
 }
 
 fn max_pool_grad_typed<T: ConvFloat>(p: &Pool, x: &[T], g: &[T]) -> Vec<T> {
-    let mut dx = vec![T::zero(); p.planes * p.in_plane()];
+    let mut dx = crate::buffer::vec_or_panic(p.planes * p.in_plane(), T::zero());
     p.for_each_plane(&mut dx, p.in_plane(), |i, dxp| {
         let xp = &x[i * p.in_plane()..][..p.in_plane()];
         let gp = &g[i * p.out_plane()..][..p.out_plane()];
@@ -512,7 +512,7 @@ fn as_real<T: ConvFloat>(n: usize) -> T {
 }
 
 fn avg_pool_typed<T: ConvFloat>(p: &Pool, x: &[T], count_include_pad: bool) -> Vec<T> {
-    let mut y = vec![T::zero(); p.planes * p.out_plane()];
+    let mut y = crate::buffer::vec_or_panic(p.planes * p.out_plane(), T::zero());
     p.for_each_plane(&mut y, p.out_plane(), |i, yp| {
         let xp = &x[i * p.in_plane()..][..p.in_plane()];
         for (oh, &(hs, he)) in p.rows.iter().enumerate() {
@@ -532,7 +532,7 @@ fn avg_pool_typed<T: ConvFloat>(p: &Pool, x: &[T], count_include_pad: bool) -> V
 }
 
 fn avg_pool_grad_typed<T: ConvFloat>(p: &Pool, g: &[T], count_include_pad: bool) -> Vec<T> {
-    let mut dx = vec![T::zero(); p.planes * p.in_plane()];
+    let mut dx = crate::buffer::vec_or_panic(p.planes * p.in_plane(), T::zero());
     p.for_each_plane(&mut dx, p.in_plane(), |i, dxp| {
         let gp = &g[i * p.out_plane()..][..p.out_plane()];
         for (oh, &(hs, he)) in p.rows.iter().enumerate() {

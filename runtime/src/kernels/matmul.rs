@@ -419,7 +419,7 @@ mod tests {
         let (pa, pb) = (pad(ba), pad(bb));
         let batch: Vec<usize> = (0..rank).map(|i| if pa[i] == 1 { pb[i] } else { pa[i] }).collect();
         let nb: usize = batch.iter().product();
-        let mut out = vec![0.0; nb * m * n];
+        let mut out = crate::buffer::vec_or_panic(nb * m * n, 0.0);
         for bi in 0..nb {
             // Unravel bi, then ravel into a's and b's batch with broadcasting.
             let mut rem = bi;

@@ -107,7 +107,7 @@ pub fn offset(mut linear: usize, shape: &[usize], strides: &[usize]) -> usize {
 pub fn strided_rows<U: Element>(out: &[usize], fill: impl Fn(usize, usize, &mut [U]) + Sync + Send) -> Vec<U> {
     let n = numel(out);
     let row = if out.is_empty() { 1 } else { out[out.len() - 1].max(1) };
-    let mut dst = vec![U::default(); n];
+    let mut dst = crate::buffer::vec_or_panic(n, U::default());
     if n == 0 {
         return dst;
     }

@@ -29,7 +29,7 @@ pub fn fold<T: Element, A: Copy + Send + Sync, U: Element>(
     step: impl Fn(A, T, usize) -> A + Sync + Send,
     finish: impl Fn(A) -> U + Sync + Send,
 ) -> Vec<U> {
-    let mut out = vec![U::default(); outer * inner];
+    let mut out = crate::buffer::vec_or_panic(outer * inner, U::default());
     if outer * inner == 0 {
         return out;
     }

@@ -9,7 +9,7 @@ use super::pointwise::PAR_THRESHOLD;
 
 /// Softmax (or log-softmax when `log`) along the middle axis of `[outer, r, inner]`.
 pub fn softmax<T: Element + Float>(x: &[T], outer: usize, r: usize, inner: usize, log: bool) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = crate::buffer::vec_or_panic(x.len(), T::zero());
     if x.is_empty() {
         return out;
     }
