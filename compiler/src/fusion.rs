@@ -51,12 +51,6 @@ fn row_reduction(g: &Graph, n: NodeId) -> Option<usize> {
     g.op(n)?.row_length(&g.ty(input).shape)
 }
 
-/// Whether the kernels assigned so far (nodes not yet assigned count as their own kernels)
-/// can be ordered.
-fn kernels_acyclic(g: &Graph, group_of: &HashMap<NodeId, usize>) -> bool {
-    kernel_graph_acyclic(g, |n| group_of.get(&n).map_or(usize::MAX - n.index(), |&k| k))
-}
-
 /// Whether the graph of kernels, with an edge wherever a value crosses from one kernel to
 /// another, is acyclic; `kernel_of` names each node's kernel.
 fn kernel_graph_acyclic(g: &Graph, kernel_of: impl Fn(NodeId) -> usize) -> bool {
@@ -85,6 +79,12 @@ fn kernel_graph_acyclic(g: &Graph, kernel_of: impl Fn(NodeId) -> usize) -> bool 
     }
     done == indeg.len()
 }
+
+/// The most nodes one kernel takes. A longer pointwise chain becomes several kernels: Cranelift's
+/// register allocation grows faster than linearly in a function's size (a 2000-op chain in one
+/// function compiled 6x slower per op than a 500-op one), and past a few hundred ops the extra
+/// buffer pass between kernels costs far less than one more op's arithmetic.
+pub const MAX_KERNEL_NODES: usize = 256;
 
 /// The kernels of `g`, in topological order of their first node.
 pub fn fuse(g: &Graph) -> Vec<FusionGroup> {
@@ -160,6 +160,9 @@ impl Grouping<'_> {
         let numel = self.graph.ty(n).numel();
         for &o in operands {
             let Some(&og) = self.group_of.get(&o) else { continue };
+            if self.groups[og].nodes.len() >= MAX_KERNEL_NODES {
+                continue;
+            }
             if self.fits(o, og, numel, pointwise, row_red) && self.joins_acyclic(n, og) {
                 return Some(og);
             }
@@ -189,10 +192,51 @@ impl Grouping<'_> {
 
     /// Whether `n` can join kernel `k` with the kernels still acyclic.
     fn joins_acyclic(&mut self, n: NodeId, k: usize) -> bool {
-        self.group_of.insert(n, k);
-        let ok = kernels_acyclic(self.graph, &self.group_of);
-        self.group_of.remove(&n);
-        ok
+        self.merge_acyclic(n, &[k])
+    }
+
+    /// Whether the kernels `members` and the node `n` (being placed: its users are not) can
+    /// become one kernel with the kernel graph still acyclic. The graph is acyclic now, so a
+    /// new cycle leaves the merged kernel and comes back; it leaves from a smaller member or
+    /// from the largest, and the search walks out from the small side only (forward from the
+    /// smaller members, backward from them and from `n`'s other operand kernels), never
+    /// through the largest member, so growing one long kernel costs O(1) per node rather
+    /// than a walk over the whole graph.
+    fn merge_acyclic(&self, n: NodeId, members: &[usize]) -> bool {
+        let largest = members.iter().copied().max_by_key(|&k| self.groups[k].nodes.len());
+        let small: Vec<usize> = members.iter().copied().filter(|&k| Some(k) != largest).collect();
+        let inside = |k: usize| members.contains(&k);
+        let outside_operands = self.graph.operands(n).into_iter().filter_map(|o| self.group_of.get(&o).copied());
+        let mut back: Vec<usize> = outside_operands.filter(|&k| !inside(k)).collect();
+        back.extend(small.iter().copied());
+        !self.reaches(&small, members, n, true) && !self.reaches(&back, members, n, false)
+    }
+
+    /// Whether a kernel path of at least one edge (`forward`: along uses, else along operands)
+    /// from a kernel in `from` through kernels outside `members` reaches a member or `n`.
+    fn reaches(&self, from: &[usize], members: &[usize], n: NodeId, forward: bool) -> bool {
+        let mut seen: HashSet<usize> = from.iter().copied().collect();
+        let mut stack: Vec<usize> = from.to_vec();
+        while let Some(k) = stack.pop() {
+            // Edges out of a member into the merged kernel are internal, not a path.
+            let from_member = members.contains(&k);
+            for &m in &self.groups[k].nodes {
+                let next = if forward { self.graph.users(m) } else { self.graph.operands(m) };
+                for x in next {
+                    let xk = if x == n { None } else { self.group_of.get(&x).copied() };
+                    let into_merged = x == n || xk.is_some_and(|xk| members.contains(&xk));
+                    if into_merged && !from_member {
+                        return true;
+                    }
+                    if let Some(xk) = xk.filter(|_| !into_merged) {
+                        if seen.insert(xk) {
+                            stack.push(xk);
+                        }
+                    }
+                }
+            }
+        }
+        false
     }
 
     /// Adds the row reduction `n` of `input` to `og`, which becomes a row kernel.
@@ -216,19 +260,16 @@ impl Grouping<'_> {
             if ob == og || self.groups[ob].kind != GroupKind::Pointwise || self.graph.ty(o).numel() != numel {
                 continue;
             }
-            self.group_of.insert(n, og);
-            for &m in &self.groups[ob].nodes {
-                self.group_of.insert(m, og);
+            if self.groups[og].nodes.len() + self.groups[ob].nodes.len() > MAX_KERNEL_NODES {
+                continue;
             }
-            if kernels_acyclic(self.graph, &self.group_of) {
+            if self.merge_acyclic(n, &[og, ob]) {
                 let moved = std::mem::take(&mut self.groups[ob].nodes);
-                self.groups[og].nodes.extend(moved);
-            } else {
-                for &m in &self.groups[ob].nodes {
-                    self.group_of.insert(m, ob);
+                for &m in &moved {
+                    self.group_of.insert(m, og);
                 }
+                self.groups[og].nodes.extend(moved);
             }
-            self.group_of.remove(&n);
         }
     }
 
