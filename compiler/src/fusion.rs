@@ -391,6 +391,52 @@ mod tests {
     }
 
     #[test]
+    fn a_long_chain_splits_into_kernels_of_at_most_the_cap() {
+        let mut g = Graph::new();
+        let mut y = input(&mut g, "x", &[64]);
+        let ops = 2 * MAX_KERNEL_NODES + 10;
+        for _ in 0..ops {
+            y = g.unary(UnaryOp::Tanh, &y).unwrap();
+        }
+        g.add_output("y", y);
+        let sizes: Vec<usize> = kernel_groups(&g).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [MAX_KERNEL_NODES, MAX_KERNEL_NODES, 10]);
+    }
+
+    #[test]
+    fn random_graphs_fuse_into_acyclic_kernels() {
+        // Random DAGs of pointwise ops, broadcasts and row sums: the local cycle check must
+        // leave the whole kernel graph acyclic, whatever merges it allowed.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: usize| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) as usize % n
+        };
+        for _ in 0..300 {
+            let mut g = Graph::new();
+            let mut wide = vec![input(&mut g, "x", &[8, 4]), input(&mut g, "y", &[8, 4])];
+            let mut narrow = vec![input(&mut g, "z", &[8, 1])];
+            for _ in 0..4 + next(20) {
+                let a = wide[next(wide.len())];
+                let v = match next(4) {
+                    0 => g.unary(UnaryOp::Tanh, &a).unwrap(),
+                    1 => g.add(&a, &wide[next(wide.len())]).unwrap(),
+                    2 => g.mul(&a, &narrow[next(narrow.len())]).unwrap(),
+                    _ => {
+                        let r = g.reduce(ReduceKind::Sum, &a, &[1], true).unwrap();
+                        narrow.push(r);
+                        continue;
+                    }
+                };
+                wide.push(v);
+            }
+            g.add_output("out", *wide.last().unwrap());
+            g.add_output("row", *narrow.last().unwrap());
+            check_kernels(&g, &fuse(&g)).unwrap_or_else(|e| panic!("{e}\n{}", g.to_text()));
+        }
+    }
+
+    #[test]
     fn decomposed_softmax_is_one_row_sweep() {
         // exp(x - max) / sum(exp(x - max)) over the last dim of [8, 16].
         let mut g = Graph::new();
