@@ -51,12 +51,6 @@ fn row_reduction(g: &Graph, n: NodeId) -> Option<usize> {
     g.op(n)?.row_length(&g.ty(input).shape)
 }
 
-/// Whether the kernels assigned so far (nodes not yet assigned count as their own kernels)
-/// can be ordered.
-fn kernels_acyclic(g: &Graph, group_of: &HashMap<NodeId, usize>) -> bool {
-    kernel_graph_acyclic(g, |n| group_of.get(&n).map_or(usize::MAX - n.index(), |&k| k))
-}
-
 /// Whether the graph of kernels, with an edge wherever a value crosses from one kernel to
 /// another, is acyclic; `kernel_of` names each node's kernel.
 fn kernel_graph_acyclic(g: &Graph, kernel_of: impl Fn(NodeId) -> usize) -> bool {
@@ -85,6 +79,12 @@ fn kernel_graph_acyclic(g: &Graph, kernel_of: impl Fn(NodeId) -> usize) -> bool 
     }
     done == indeg.len()
 }
+
+/// The most nodes one kernel takes. A longer pointwise chain becomes several kernels: Cranelift's
+/// register allocation grows faster than linearly in a function's size (a 2000-op chain in one
+/// function compiled 6x slower per op than a 500-op one), and past a few hundred ops the extra
+/// buffer pass between kernels costs far less than one more op's arithmetic.
+pub const MAX_KERNEL_NODES: usize = 256;
 
 /// The kernels of `g`, in topological order of their first node.
 pub fn fuse(g: &Graph) -> Vec<FusionGroup> {
@@ -160,6 +160,9 @@ impl Grouping<'_> {
         let numel = self.graph.ty(n).numel();
         for &o in operands {
             let Some(&og) = self.group_of.get(&o) else { continue };
+            if self.groups[og].nodes.len() >= MAX_KERNEL_NODES {
+                continue;
+            }
             if self.fits(o, og, numel, pointwise, row_red) && self.joins_acyclic(n, og) {
                 return Some(og);
             }
@@ -189,10 +192,51 @@ impl Grouping<'_> {
 
     /// Whether `n` can join kernel `k` with the kernels still acyclic.
     fn joins_acyclic(&mut self, n: NodeId, k: usize) -> bool {
-        self.group_of.insert(n, k);
-        let ok = kernels_acyclic(self.graph, &self.group_of);
-        self.group_of.remove(&n);
-        ok
+        self.merge_acyclic(n, &[k])
+    }
+
+    /// Whether the kernels `members` and the node `n` (being placed: its users are not) can
+    /// become one kernel with the kernel graph still acyclic. The graph is acyclic now, so a
+    /// new cycle leaves the merged kernel and comes back; it leaves from a smaller member or
+    /// from the largest, and the search walks out from the small side only (forward from the
+    /// smaller members, backward from them and from `n`'s other operand kernels), never
+    /// through the largest member, so growing one long kernel costs O(1) per node rather
+    /// than a walk over the whole graph.
+    fn merge_acyclic(&self, n: NodeId, members: &[usize]) -> bool {
+        let largest = members.iter().copied().max_by_key(|&k| self.groups[k].nodes.len());
+        let small: Vec<usize> = members.iter().copied().filter(|&k| Some(k) != largest).collect();
+        let inside = |k: usize| members.contains(&k);
+        let outside_operands = self.graph.operands(n).into_iter().filter_map(|o| self.group_of.get(&o).copied());
+        let mut back: Vec<usize> = outside_operands.filter(|&k| !inside(k)).collect();
+        back.extend(small.iter().copied());
+        !self.reaches(&small, members, n, true) && !self.reaches(&back, members, n, false)
+    }
+
+    /// Whether a kernel path of at least one edge (`forward`: along uses, else along operands)
+    /// from a kernel in `from` through kernels outside `members` reaches a member or `n`.
+    fn reaches(&self, from: &[usize], members: &[usize], n: NodeId, forward: bool) -> bool {
+        let mut seen: HashSet<usize> = from.iter().copied().collect();
+        let mut stack: Vec<usize> = from.to_vec();
+        while let Some(k) = stack.pop() {
+            // Edges out of a member into the merged kernel are internal, not a path.
+            let from_member = members.contains(&k);
+            for &m in &self.groups[k].nodes {
+                let next = if forward { self.graph.users(m) } else { self.graph.operands(m) };
+                for x in next {
+                    let xk = if x == n { None } else { self.group_of.get(&x).copied() };
+                    let into_merged = x == n || xk.is_some_and(|xk| members.contains(&xk));
+                    if into_merged && !from_member {
+                        return true;
+                    }
+                    if let Some(xk) = xk.filter(|_| !into_merged) {
+                        if seen.insert(xk) {
+                            stack.push(xk);
+                        }
+                    }
+                }
+            }
+        }
+        false
     }
 
     /// Adds the row reduction `n` of `input` to `og`, which becomes a row kernel.
@@ -216,19 +260,16 @@ impl Grouping<'_> {
             if ob == og || self.groups[ob].kind != GroupKind::Pointwise || self.graph.ty(o).numel() != numel {
                 continue;
             }
-            self.group_of.insert(n, og);
-            for &m in &self.groups[ob].nodes {
-                self.group_of.insert(m, og);
+            if self.groups[og].nodes.len() + self.groups[ob].nodes.len() > MAX_KERNEL_NODES {
+                continue;
             }
-            if kernels_acyclic(self.graph, &self.group_of) {
+            if self.merge_acyclic(n, &[og, ob]) {
                 let moved = std::mem::take(&mut self.groups[ob].nodes);
-                self.groups[og].nodes.extend(moved);
-            } else {
-                for &m in &self.groups[ob].nodes {
-                    self.group_of.insert(m, ob);
+                for &m in &moved {
+                    self.group_of.insert(m, og);
                 }
+                self.groups[og].nodes.extend(moved);
             }
-            self.group_of.remove(&n);
         }
     }
 
@@ -347,6 +388,52 @@ mod tests {
         let k = kernel_groups(&g);
         assert_eq!(k.len(), 1, "{}", fused_text(&g));
         assert_eq!(k[0].len(), 7);
+    }
+
+    #[test]
+    fn a_long_chain_splits_into_kernels_of_at_most_the_cap() {
+        let mut g = Graph::new();
+        let mut y = input(&mut g, "x", &[64]);
+        let ops = 2 * MAX_KERNEL_NODES + 10;
+        for _ in 0..ops {
+            y = g.unary(UnaryOp::Tanh, &y).unwrap();
+        }
+        g.add_output("y", y);
+        let sizes: Vec<usize> = kernel_groups(&g).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [MAX_KERNEL_NODES, MAX_KERNEL_NODES, 10]);
+    }
+
+    #[test]
+    fn random_graphs_fuse_into_acyclic_kernels() {
+        // Random DAGs of pointwise ops, broadcasts and row sums: the local cycle check must
+        // leave the whole kernel graph acyclic, whatever merges it allowed.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: usize| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) as usize % n
+        };
+        for _ in 0..300 {
+            let mut g = Graph::new();
+            let mut wide = vec![input(&mut g, "x", &[8, 4]), input(&mut g, "y", &[8, 4])];
+            let mut narrow = vec![input(&mut g, "z", &[8, 1])];
+            for _ in 0..4 + next(20) {
+                let a = wide[next(wide.len())];
+                let v = match next(4) {
+                    0 => g.unary(UnaryOp::Tanh, &a).unwrap(),
+                    1 => g.add(&a, &wide[next(wide.len())]).unwrap(),
+                    2 => g.mul(&a, &narrow[next(narrow.len())]).unwrap(),
+                    _ => {
+                        let r = g.reduce(ReduceKind::Sum, &a, &[1], true).unwrap();
+                        narrow.push(r);
+                        continue;
+                    }
+                };
+                wide.push(v);
+            }
+            g.add_output("out", *wide.last().unwrap());
+            g.add_output("row", *narrow.last().unwrap());
+            check_kernels(&g, &fuse(&g)).unwrap_or_else(|e| panic!("{e}\n{}", g.to_text()));
+        }
     }
 
     #[test]

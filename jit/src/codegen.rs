@@ -246,46 +246,64 @@ impl Gen<'_> {
     }
 
     /// The value of `Elem` node `n` at column `j` (vector of lanes starting there, or scalar).
+    /// The value of node `n` at element `rc`. Iterative (an explicit post-order stack) so a
+    /// fused chain of any length needs no native stack; operands are still emitted first to
+    /// last, depth first, as a recursive walk would, so the CLIF is unchanged.
     fn elem(
         &mut self,
         b: &mut FunctionBuilder,
-        n: usize,
+        root: usize,
         rc: Value,
         vec: bool,
         memo: &mut HashMap<usize, Value>,
     ) -> Value {
-        if let Some(&v) = memo.get(&n) {
-            return v;
+        let mut stack = vec![(root, false)];
+        while let Some((n, operands_done)) = stack.pop() {
+            if memo.contains_key(&n) {
+                continue;
+            }
+            if operands_done {
+                let op = self.spec.nodes[n].op.clone();
+                let args: Vec<Value> = operands(&op).into_iter().map(|o| memo[&o]).collect();
+                let v = self.apply(b, &op, &args, vec);
+                self.finish(b, n, v, rc, memo);
+            } else if let Some(v) = self.leaf(b, n, rc, vec) {
+                self.finish(b, n, v, rc, memo);
+            } else {
+                stack.push((n, true));
+                let ops = operands(&self.spec.nodes[n].op);
+                stack.extend(ops.into_iter().rev().filter(|o| !memo.contains_key(o)).map(|o| (o, false)));
+            }
         }
+        memo[&root]
+    }
+
+    /// The value of `n` when it needs no operand values: reloaded from scratch, a row value,
+    /// an input load or a random draw. `None` for an op whose operands come first.
+    fn leaf(&mut self, b: &mut FunctionBuilder, n: usize, rc: Value, vec: bool) -> Option<Value> {
         if let Some(&(_, home)) = self.scratch.get(&n) {
             if self.sweep > home {
                 let a = self.addr(b, self.scratch_addr[&n], rc, self.shift);
-                let v = b.ins().load(if vec { self.vt } else { self.ft }, flags(), a, 0);
-                memo.insert(n, v);
-                return v;
+                return Some(b.ins().load(if vec { self.vt } else { self.ft }, flags(), a, 0));
             }
         }
         let node = &self.spec.nodes[n];
-        let v = if node.space == Space::Row {
-            if vec {
-                self.row_splat(b, n)
-            } else {
-                self.row(b, n)
+        if node.space == Space::Row {
+            return Some(if vec { self.row_splat(b, n) } else { self.row(b, n) });
+        }
+        match node.op {
+            KOp::Input(i) => {
+                let ty = node.ty;
+                let j = b.ins().iadd(self.base[i], rc);
+                Some(self.load(b, i, j, ty, vec))
             }
-        } else {
-            match &node.op {
-                KOp::Input(i) => {
-                    let i = *i;
-                    let j = b.ins().iadd(self.base[i], rc);
-                    self.load(b, i, j, node.ty, vec)
-                }
-                &KOp::Random { state, at, mask } => self.random(b, state, at, mask, rc, vec),
-                op => {
-                    let args: Vec<Value> = operands(op).into_iter().map(|o| self.elem(b, o, rc, vec, memo)).collect();
-                    self.apply(b, op, &args, vec)
-                }
-            }
-        };
+            KOp::Random { state, at, mask } => Some(self.random(b, state, at, mask, rc, vec)),
+            _ => None,
+        }
+    }
+
+    /// Records `v` as the value of `n`, storing it to scratch in its home sweep.
+    fn finish(&mut self, b: &mut FunctionBuilder, n: usize, v: Value, rc: Value, memo: &mut HashMap<usize, Value>) {
         if let Some(&(_, home)) = self.scratch.get(&n) {
             if self.sweep == home {
                 let a = self.addr(b, self.scratch_addr[&n], rc, self.shift);
@@ -293,7 +311,6 @@ impl Gen<'_> {
             }
         }
         memo.insert(n, v);
-        v
     }
 
     fn load(&mut self, b: &mut FunctionBuilder, i: usize, index: Value, ty: VType, vec: bool) -> Value {
