@@ -34,6 +34,7 @@ pub mod compile;
 pub mod data;
 mod display;
 pub mod distributed;
+pub mod eager_kernels;
 pub mod hooks;
 pub mod interop;
 pub mod linalg;

@@ -27,6 +27,25 @@ macro_rules! unary_methods {
     };
 }
 
+/// Unary ops whose reference kernel calls a scalar transcendental per element: on a large
+/// input the eager call runs the JIT's compiled kernel instead (`crate::eager_kernels`).
+macro_rules! fused_unary_methods {
+    ($($(#[$doc:meta])* $name:ident => $op:expr;)*) => {
+        impl Tensor {
+            $(
+                $(#[$doc])*
+                #[track_caller]
+                pub fn $name(&self) -> Tensor {
+                    if let Some(y) = crate::eager_kernels::run(stringify!($name), String::new, &[self], &|t| t[0].$name()) {
+                        return y;
+                    }
+                    eager(|e| e.unary($op, self))
+                }
+            )*
+        }
+    };
+}
+
 unary_methods! {
     /// `-x`.
     neg => UnaryOp::Neg;
@@ -34,14 +53,23 @@ unary_methods! {
     abs => UnaryOp::Abs;
     /// Sign: -1, 0 or 1.
     sign => UnaryOp::Sign;
-    /// `e^x`.
-    exp => UnaryOp::Exp;
-    /// Natural logarithm.
-    log => UnaryOp::Log;
     /// Square root.
     sqrt => UnaryOp::Sqrt;
     /// `1/sqrt(x)`.
     rsqrt => UnaryOp::Rsqrt;
+    /// `max(x, 0)`.
+    relu => UnaryOp::Relu;
+    /// `x²`.
+    square => UnaryOp::Square;
+    /// `1/x`.
+    reciprocal => UnaryOp::Reciprocal;
+}
+
+fused_unary_methods! {
+    /// `e^x`.
+    exp => UnaryOp::Exp;
+    /// Natural logarithm.
+    log => UnaryOp::Log;
     /// Sine.
     sin => UnaryOp::Sin;
     /// Cosine.
@@ -50,8 +78,6 @@ unary_methods! {
     tanh => UnaryOp::Tanh;
     /// Logistic sigmoid.
     sigmoid => UnaryOp::Sigmoid;
-    /// `max(x, 0)`.
-    relu => UnaryOp::Relu;
     /// Exact (erf) GELU.
     gelu => UnaryOp::Gelu;
     /// GELU, tanh approximation (`approximate='tanh'`).
@@ -60,10 +86,6 @@ unary_methods! {
     silu => UnaryOp::Silu;
     /// Error function.
     erf => UnaryOp::Erf;
-    /// `x²`.
-    square => UnaryOp::Square;
-    /// `1/x`.
-    reciprocal => UnaryOp::Reciprocal;
 }
 
 macro_rules! binary_methods {
@@ -289,18 +311,30 @@ impl Tensor {
     /// `log(sum(exp(x)))` over `dims`, stable for large inputs.
     #[track_caller]
     pub fn logsumexp(&self, dims: &[isize], keepdim: bool) -> Tensor {
+        let params = || format!("{dims:?} {keepdim}");
+        if let Some(y) = crate::eager_kernels::run("logsumexp", params, &[self], &|t| t[0].logsumexp(dims, keepdim)) {
+            return y;
+        }
         eager(|e| c::logsumexp(e, self, dims, keepdim))
     }
 
     /// Softmax along `dim`.
     #[track_caller]
     pub fn softmax(&self, dim: isize) -> Tensor {
+        if let Some(y) = crate::eager_kernels::run("softmax", || dim.to_string(), &[self], &|t| t[0].softmax(dim)) {
+            return y;
+        }
         eager(|e| c::softmax(e, self, dim))
     }
 
     /// Log-softmax along `dim`.
     #[track_caller]
     pub fn log_softmax(&self, dim: isize) -> Tensor {
+        if let Some(y) =
+            crate::eager_kernels::run("log_softmax", || dim.to_string(), &[self], &|t| t[0].log_softmax(dim))
+        {
+            return y;
+        }
         eager(|e| c::log_softmax(e, self, dim))
     }
 
@@ -533,6 +567,17 @@ impl Tensor {
     /// Layer normalisation over the trailing `normalized` dims.
     #[track_caller]
     pub fn layer_norm(&self, normalized: &[usize], weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f64) -> Tensor {
+        let (w, b) = (weight.is_some(), bias.is_some());
+        let inputs: Vec<&Tensor> = [Some(self), weight, bias].into_iter().flatten().collect();
+        let params = || format!("{normalized:?} {eps:?} {w} {b}");
+        let def = |t: &[Tensor]| {
+            let weight = w.then(|| &t[1]);
+            let bias = b.then(|| &t[t.len() - 1]);
+            t[0].layer_norm(normalized, weight, bias, eps)
+        };
+        if let Some(y) = crate::eager_kernels::run("layer_norm", params, &inputs, &def) {
+            return y;
+        }
         eager(|e| c::layer_norm(e, self, normalized, weight, bias, eps))
     }
 
@@ -580,6 +625,11 @@ impl Tensor {
     /// Cross-entropy with a reduction and label smoothing (ignore_index -100).
     #[track_caller]
     pub fn cross_entropy_with(&self, target: &Tensor, reduction: LossReduction, label_smoothing: f64) -> Tensor {
+        let params = || format!("{reduction:?} {label_smoothing:?}");
+        let def = |t: &[Tensor]| t[0].cross_entropy_with(&t[1], reduction, label_smoothing);
+        if let Some(y) = crate::eager_kernels::run("cross_entropy", params, &[self, target], &def) {
+            return y;
+        }
         eager(|e| c::cross_entropy(e, self, target, reduction, label_smoothing, -100))
     }
 

@@ -5,12 +5,13 @@ mod callbacks;
 mod compiled;
 pub mod dump;
 mod param_hooks;
-mod pipeline;
+pub(crate) mod pipeline;
 mod trace;
 mod train_step;
 
 pub use crate::trace_seam::{is_tracing, Symbol};
 pub use compiled::{compile, compile_dyn, CompiledModule, Plan};
+pub(crate) use trace::trace_with;
 pub use trace::CompileError;
 pub use tracegrad_jit::{Backend, Executable};
 pub use train_step::{compile_train_step, StepOptimizer, TrainStep};
