@@ -477,8 +477,43 @@ fn window_max<T: ConvFloat>(
     Some((best, idx))
 }
 
+/// [`window_max`] of the unclipped 2×2 window whose top-left element is `xp[i0]`, in the same
+/// row-major order, with the same tie and NaN rules.
+#[inline(always)]
+fn max_2x2<T: ConvFloat>(xp: &[T], w: usize, i0: usize) -> (T, usize) {
+    let (mut best, mut idx) = (xp[i0], i0);
+    for k in [i0 + 1, i0 + w, i0 + w + 1] {
+        let v = xp[k];
+        if v > best || v.is_nan() {
+            best = v;
+            idx = k;
+        }
+    }
+    (best, idx)
+}
+
+impl Pool {
+    /// Whether every window is a whole 2×2 block at stride 2 (kernel 2, stride 2, no padding
+    /// reaching a window): the common CNN pooling, which gets a loop without window bounds.
+    fn is_2x2_stride_2(&self) -> bool {
+        let whole = |ws: &[(usize, usize)]| ws.iter().enumerate().all(|(o, &(lo, hi))| lo == 2 * o && hi == 2 * o + 2);
+        whole(&self.rows) && whole(&self.cols)
+    }
+}
+
 fn max_pool_typed<T: ConvFloat>(p: &Pool, x: &[T]) -> Vec<T> {
     let mut y = crate::buffer::vec_or_panic(p.planes * p.out_plane(), T::zero());
+    if p.is_2x2_stride_2() {
+        p.for_each_plane(&mut y, p.out_plane(), |i, yp| {
+            let xp = &x[i * p.in_plane()..][..p.in_plane()];
+            for (oh, yr) in yp.chunks_exact_mut(p.ow).enumerate() {
+                for (ow, y) in yr.iter_mut().enumerate() {
+                    *y = max_2x2(xp, p.w, 2 * oh * p.w + 2 * ow).0;
+                }
+            }
+        });
+        return y;
+    }
     p.for_each_plane(&mut y, p.out_plane(), |i, yp| {
         let xp = &x[i * p.in_plane()..][..p.in_plane()];
         for (oh, &rows) in p.rows.iter().enumerate() {
@@ -492,6 +527,18 @@ fn max_pool_typed<T: ConvFloat>(p: &Pool, x: &[T]) -> Vec<T> {
 
 fn max_pool_grad_typed<T: ConvFloat>(p: &Pool, x: &[T], g: &[T]) -> Vec<T> {
     let mut dx = crate::buffer::vec_or_panic(p.planes * p.in_plane(), T::zero());
+    if p.is_2x2_stride_2() {
+        p.for_each_plane(&mut dx, p.in_plane(), |i, dxp| {
+            let xp = &x[i * p.in_plane()..][..p.in_plane()];
+            let gp = &g[i * p.out_plane()..][..p.out_plane()];
+            for (oh, gr) in gp.chunks_exact(p.ow).enumerate() {
+                for (ow, &gv) in gr.iter().enumerate() {
+                    dxp[max_2x2(xp, p.w, 2 * oh * p.w + 2 * ow).1] += gv;
+                }
+            }
+        });
+        return dx;
+    }
     p.for_each_plane(&mut dx, p.in_plane(), |i, dxp| {
         let xp = &x[i * p.in_plane()..][..p.in_plane()];
         let gp = &g[i * p.out_plane()..][..p.out_plane()];
@@ -607,6 +654,51 @@ pub fn avg_pool2d_grad(
 mod tests {
     use super::*;
     use crate::dtype::DType;
+
+    /// The 2×2 stride-2 loops against the general window walk, on values with ties, NaNs and
+    /// -inf, and on odd sizes (the last row and column are dropped, as floor mode does).
+    #[test]
+    fn max_pool_2x2_fast_path_matches_the_window_walk() {
+        for (h, w) in [(28, 28), (7, 9), (2, 2), (5, 4)] {
+            let shape = [3, 2, h, w];
+            let n: usize = shape.iter().product();
+            let x: Vec<f32> = lcg(h as u64 * 31 + w as u64, n)
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| match i % 11 {
+                    3 => f32::NAN,
+                    5 => f32::NEG_INFINITY,
+                    7 => 0.5,
+                    _ => (v * 4.0).round() as f32 * 0.25,
+                })
+                .collect();
+            let g: Vec<f32> = lcg(7, n / 4 + 1).iter().map(|&v| v as f32).collect();
+            let p = Pool::new(&shape, [2, 2], [2, 2], [0, 0]);
+            assert!(p.is_2x2_stride_2());
+            let (mut y, mut dx) = (Vec::new(), vec![0.0f32; n]);
+            for i in 0..p.planes {
+                let xp = &x[i * p.in_plane()..][..p.in_plane()];
+                for (oh, &rows) in p.rows.iter().enumerate() {
+                    for (ow, &cols) in p.cols.iter().enumerate() {
+                        let (v, idx) = window_max(xp, p.w, rows, cols).unwrap();
+                        y.push(v);
+                        dx[i * p.in_plane() + idx] += g[i * p.out_plane() + oh * p.ow + ow];
+                    }
+                }
+            }
+            let fast = max_pool_typed(&p, &x);
+            assert_eq!(fast.len(), y.len());
+            for (a, b) in fast.iter().zip(&y) {
+                assert!(a == b || (a.is_nan() && b.is_nan()), "max_pool {h}x{w}: {a} vs {b}");
+            }
+            let g = &g[..p.planes * p.out_plane()];
+            assert_eq!(max_pool_grad_typed(&p, &x, g), dx, "max_pool grad {h}x{w}");
+        }
+        // A padded or overlapping pool takes the window walk.
+        assert!(!Pool::new(&[1, 1, 6, 6], [2, 2], [2, 2], [1, 1]).is_2x2_stride_2());
+        assert!(!Pool::new(&[1, 1, 6, 6], [3, 3], [2, 2], [0, 0]).is_2x2_stride_2());
+        assert!(!Pool::new(&[1, 1, 6, 6], [2, 2], [1, 1], [0, 0]).is_2x2_stride_2());
+    }
 
     /// Deterministic values in [-1, 1) from a 64-bit LCG.
     fn lcg(seed: u64, n: usize) -> Vec<f64> {

@@ -74,6 +74,30 @@ pub fn zip3<C: Element, A: Element, B: Element, U: Element>(
     out: &[usize],
     f: impl Fn(C, A, B) -> U + Sync + Send,
 ) -> Vec<U> {
+    // Contiguous fast paths (`where(mask, g, 0)` in a ReLU's backward, a masked fill): with one
+    // operand a scalar the loop is a two-operand zip, which vectorizes.
+    let n = numel(out);
+    if c.len() == n && a.len() == n && b.len() == 1 {
+        let y = b[0];
+        return zip(c, csh, a, ash, out, |cv, av| f(cv, av, y));
+    }
+    if c.len() == n && a.len() == 1 && b.len() == n {
+        let x = a[0];
+        return zip(c, csh, b, bsh, out, |cv, bv| f(cv, x, bv));
+    }
+    if c.len() == n && a.len() == n && b.len() == n {
+        if n < PAR_THRESHOLD {
+            return c.iter().zip(a).zip(b).map(|((&cv, &av), &bv)| f(cv, av, bv)).collect();
+        }
+        let mut v = crate::pool::take_vec(n);
+        c.par_iter()
+            .with_min_len(MIN_CHUNK)
+            .zip(a.par_iter())
+            .zip(b.par_iter())
+            .map(|((&cv, &av), &bv)| f(cv, av, bv))
+            .collect_into_vec(&mut v);
+        return v;
+    }
     let sc = broadcast_strides(csh, out);
     let sa = broadcast_strides(ash, out);
     let sb = broadcast_strides(bsh, out);
