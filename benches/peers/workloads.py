@@ -8,7 +8,8 @@ plus a `memcpy` row (a copy of 2^25 f32) with "gbps", "isa" and "threads". With 
 prints an aligned table instead.
 
 * Inputs are standard normal from numpy's default_rng(1); weights use PyTorch's default
-  Linear/Conv2d initialisation (uniform in +-1/sqrt(fan_in)), from default_rng(0).
+  Linear/Conv2d initialisation (uniform in +-1/sqrt(fan_in)), from default_rng(0)
+  (common.arrays; workloads_torch.py uses the same numbers).
 * Train steps are one jitted function: forward, loss, jax.value_and_grad, SGD (lr 0.1); the
   parameters are donated so the update can happen in place, as tracegrad's does.
 * compile_ms is the time of jit(f).lower(*args).compile(); the timed calls use the compiled
@@ -19,72 +20,18 @@ prints an aligned table instead.
 """
 
 import argparse
-import json
 import math
-import os
-import statistics
 import sys
 import time
 
-WORKLOADS = {
-    # name: default iterations (as in tracegrad bench)
-    "pointwise_chain": 10,
-    "softmax_rows": 150,
-    "layernorm": 150,
-    "mlp_train_step": 3000,
-    "mlp_train_step_large": 300,
-    "mlp_inference_b1": 50000,
-    "cnn_train_step": 500,
-    "transformer_block_train_step": 200,
-}
-LR = 0.1
-MEMCPY_LEN = 1 << 25
-
-
-def isa():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    if "avx512f" in flags:
-        return "avx512"
-    if "avx2" in flags:
-        return "avx2"
-    return "sse"
-
-
-def threads():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count()
-
-
-def stats(times):
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
-
-
-def linear_params(rng, np, fan_in, fan_out):
-    bound = 1.0 / math.sqrt(fan_in)
-    w = rng.uniform(-bound, bound, (fan_in, fan_out)).astype(np.float32)
-    b = rng.uniform(-bound, bound, (fan_out,)).astype(np.float32)
-    return {"w": w, "b": b}
-
-
-def conv_params(rng, np, cin, cout, k):
-    bound = 1.0 / math.sqrt(cin * k * k)
-    w = rng.uniform(-bound, bound, (cout, cin, k, k)).astype(np.float32)
-    b = rng.uniform(-bound, bound, (cout,)).astype(np.float32)
-    return {"w": w, "b": b}
+import common
+from common import LR, MEMCPY_LEN, WORKLOADS, isa, stats, threads
 
 
 def build(name, np, jax, jnp):
     """Returns (kind, fn, args): kind "fn" (args are the inputs) or "train" (args are
     (params, x, y); fn(params, x, y) -> (new_params, loss))."""
-    rng_w = np.random.default_rng(0)
-    rng = np.random.default_rng(1)
-    randn = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
+    params, inputs = common.arrays(name, np)
     lax = jax.lax
 
     def dense(p, x):
@@ -104,36 +51,25 @@ def build(name, np, jax, jnp):
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
         return (x - mean) * lax.rsqrt(var + eps) * w + b
 
-    def sgd(loss_fn):
+    def train(loss_fn):
+        """The train step of loss_fn(params, x, y): loss and gradients, then SGD."""
         def step(params, x, y):
             loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
             return jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads), loss
 
-        return step
+        return "train", step, (params, *inputs)
 
     if name == "pointwise_chain":
-        n = 1 << 24
-        x, a, b = randn(n), randn(n), randn(n)
-        return "fn", lambda x, a, b: jnp.tanh(a * x + b) * jax.nn.sigmoid(x) + 0.5 * x, (x, a, b)
+        return "fn", lambda x, a, b: jnp.tanh(a * x + b) * jax.nn.sigmoid(x) + 0.5 * x, inputs
     if name == "softmax_rows":
-        return "fn", lambda x: jax.nn.softmax(x, axis=-1), (randn(4096, 1024),)
+        return "fn", lambda x: jax.nn.softmax(x, axis=-1), inputs
     if name == "layernorm":
-        return "fn", layer_norm, (randn(4096, 1024), randn(1024), randn(1024))
+        return "fn", layer_norm, inputs
     if name in ("mlp_train_step", "mlp_train_step_large"):
-        batch, sizes = (64, [784, 256, 10]) if name == "mlp_train_step" else (256, [784, 512, 512, 10])
-        params = [linear_params(rng_w, np, i, o) for i, o in zip(sizes, sizes[1:])]
-        x, y = randn(batch, 784), rng.integers(0, 10, batch)
-        return "train", sgd(lambda p, x, y: cross_entropy(mlp(p, x), y)), (params, x, y)
+        return train(lambda p, x, y: cross_entropy(mlp(p, x), y))
     if name == "mlp_inference_b1":
-        params = [linear_params(rng_w, np, 784, 256), linear_params(rng_w, np, 256, 10)]
-        return "fn", mlp, (params, randn(1, 784))
+        return "fn", mlp, (params, *inputs)
     if name == "cnn_train_step":
-        params = {
-            "c1": conv_params(rng_w, np, 1, 8, 3),
-            "c2": conv_params(rng_w, np, 8, 16, 3),
-            "fc": linear_params(rng_w, np, 784, 10),
-        }
-
         def conv(p, x):
             y = lax.conv_general_dilated(x, p["w"], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW"))
             return y + p["b"][None, :, None, None]
@@ -146,19 +82,10 @@ def build(name, np, jax, jnp):
             x = pool(jax.nn.relu(conv(p["c2"], x)))
             return dense(p["fc"], x.reshape(x.shape[0], -1))
 
-        x, y = randn(32, 1, 28, 28), rng.integers(0, 10, 32)
-        return "train", sgd(lambda p, x, y: cross_entropy(cnn(p, x), y)), (params, x, y)
+        return train(lambda p, x, y: cross_entropy(cnn(p, x), y))
     if name == "transformer_block_train_step":
-        B, T, D, H = 8, 64, 128, 4
+        B, T, D, H = (common.TRANSFORMER[k] for k in "BTDH")
         dh = D // H
-        params = {
-            "ln1": {"w": np.ones(D, np.float32), "b": np.zeros(D, np.float32)},
-            "qkv": linear_params(rng_w, np, D, 3 * D),
-            "proj": linear_params(rng_w, np, D, D),
-            "ln2": {"w": np.ones(D, np.float32), "b": np.zeros(D, np.float32)},
-            "fc1": linear_params(rng_w, np, D, 4 * D),
-            "fc2": linear_params(rng_w, np, 4 * D, D),
-        }
         causal = np.triu(np.ones((T, T), dtype=bool), k=1)  # True above the diagonal: masked
 
         def block(p, x):
@@ -172,8 +99,7 @@ def build(name, np, jax, jnp):
             h = layer_norm(x, p["ln2"]["w"], p["ln2"]["b"])
             return x + dense(p["fc2"], jax.nn.gelu(dense(p["fc1"], h), approximate=True))
 
-        x, target = randn(B, T, D), randn(B, T, D)
-        return "train", sgd(lambda p, x, y: jnp.mean(jnp.square(block(p, x) - y))), (params, x, target)
+        return train(lambda p, x, y: jnp.mean(jnp.square(block(p, x) - y)))
     raise ValueError(f"unknown workload {name!r}; the workloads are: {', '.join(WORKLOADS)}")
 
 
@@ -195,17 +121,8 @@ def bench_workload(name, iters, np, jax, jnp):
             state["params"] = params
             jax.block_until_ready((params, loss))
 
-    warm = time.perf_counter()
-    calls = 0
-    while calls < 1 or (calls < iters and time.perf_counter() - warm < 0.2):
-        call()
-        calls += 1
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - t) * 1e3)
-    return {"workload": name, "mode": "jax", **stats(times), "peak_bytes": None, "compile_ms": compile_ms}
+    return {"workload": name, "mode": "jax", **common.measure(call, iters), "peak_bytes": None,
+            "compile_ms": compile_ms}
 
 
 def bench_memcpy(iters, np, jax, jnp):
@@ -236,36 +153,11 @@ def bench_memcpy(iters, np, jax, jnp):
             "isa": isa(), "threads": threads()}
 
 
-def fmt_ms(v):
-    return f"{v:.1f}" if v >= 100 else f"{v:.2f}" if v >= 10 else f"{v:.3f}" if v >= 1 else f"{v:.4f}"
-
-
-def print_table(rows, file=sys.stdout):
-    head = ["workload", "iters", "median ms", "(min..max)", "compile ms", "extra"]
-    cells = [head]
-    for r in rows:
-        extra = f"{r['gbps']:.1f} GB/s, {r['isa']}, {r['threads']} threads" if "gbps" in r else ""
-        cells.append([r["workload"], str(r["iters"]), fmt_ms(r["median_ms"]),
-                      f"{fmt_ms(r['min_ms'])}..{fmt_ms(r['max_ms'])}",
-                      "-" if r["compile_ms"] is None else fmt_ms(r["compile_ms"]), extra])
-    widths = [max(len(row[c]) for row in cells) for c in range(len(head))]
-    for i, row in enumerate(cells):
-        line = row[0].ljust(widths[0]) + "".join("  " + cell.rjust(w) for cell, w in zip(row[1:], widths[1:]))
-        print(line.rstrip(), file=file)
-        if i == 0:
-            print("-" * (sum(widths) + 2 * (len(widths) - 1)), file=file)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", action="append", choices=list(WORKLOADS), metavar="W",
-                   help=f"workload to run, repeatable (default: all): {', '.join(WORKLOADS)}")
-    p.add_argument("--iters", type=int, help="timed iterations per workload (default: per workload)")
-    p.add_argument("--no-memcpy", action="store_true", help="skip the memcpy reference row")
-    p.add_argument("--table", action="store_true", help="print an aligned table instead of JSON lines")
+    common.add_arguments(p)
     args = p.parse_args()
-    if args.iters is not None and args.iters < 1:
-        p.error("--iters must be at least 1")
+    names = common.selected(p, args)
 
     import numpy as np
     import jax
@@ -273,21 +165,14 @@ def main():
 
     print(f"jax {jax.__version__} on {', '.join(str(d) for d in jax.devices())}, numpy {np.__version__}, "
           f"{threads()} cpus, {isa()}", file=sys.stderr)
-    rows = []
-
-    def emit(row, iters):
-        rows.append({**row, "iters": iters})
-        if not args.table:
-            print(json.dumps(row), flush=True)
-
+    out = common.Output(args.table)
     if not args.no_memcpy:
-        iters = args.iters or 20
-        emit(bench_memcpy(iters, np, jax, jnp), iters)
-    for name in args.workload or WORKLOADS:
+        iters = args.iters or common.MEMCPY_ITERS
+        out.emit(bench_memcpy(iters, np, jax, jnp), iters)
+    for name in names:
         iters = args.iters or WORKLOADS[name]
-        emit(bench_workload(name, iters, np, jax, jnp), iters)
-    if args.table:
-        print_table(rows)
+        out.emit(bench_workload(name, iters, np, jax, jnp), iters)
+    out.finish()
 
 
 if __name__ == "__main__":
