@@ -9,7 +9,7 @@ use super::rules::{
     adam_rule, adam_scalars, infallible, AdamCoeffs, AdamMoments, AdamScalars, Exact, Scalars, WeightDecay,
 };
 use super::state::{self, OptimizerStateDict};
-use super::{check_grad, check_params, slice_mut, with_fma, LrTarget, OptimError, Optimizer, Real};
+use super::{check_grad, check_params, slice_mut, LrTarget, OptimError, Optimizer, Real};
 use crate::tensor::Tensor;
 
 /// Declares the hyperparameters of an Adam variant: the two differ only in what weight decay
@@ -273,11 +273,36 @@ impl Core {
                     let m = slice_mut::<T>(&mut st.exp_avg);
                     let v = slice_mut::<T>(&mut st.exp_avg_sq);
                     let vmax = st.max_exp_avg_sq.as_mut().map(slice_mut::<T>);
-                    with_fma(|| update::<T>(pv, gv, m, v, vmax, &c))
+                    update_fast::<T>(pv, gv, m, v, vmax, &c)
                 })
             });
         }
     }
+}
+
+/// [`update`] compiled for the CPU's FMA instructions when it has them, so that
+/// [`Real::madd`] is one instruction instead of a call into libm (same results either way).
+/// `update` is `#[inline(always)]`, so it is compiled inside the `target_feature` function
+/// (a closure handed to such a function is not reliably inlined into it: the SGD loop once
+/// ran libm `fmaf` per element that way).
+fn update_fast<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], vmax: Option<&mut [T]>, c: &AdamCoeffs<T>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        #[target_feature(enable = "fma")]
+        unsafe fn fma<T: Real>(
+            p: &mut [T],
+            g: &[T],
+            m: &mut [T],
+            v: &mut [T],
+            vmax: Option<&mut [T]>,
+            c: &AdamCoeffs<T>,
+        ) {
+            update::<T>(p, g, m, v, vmax, c)
+        }
+        // SAFETY: the CPU supports FMA, checked just above.
+        return unsafe { fma::<T>(p, g, m, v, vmax, c) };
+    }
+    update::<T>(p, g, m, v, vmax, c)
 }
 
 /// One parameter's update, element by element through [`adam_rule`].

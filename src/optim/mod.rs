@@ -247,24 +247,6 @@ macro_rules! real {
 real!(f32);
 real!(f64);
 
-/// Runs an update loop compiled for the CPU's FMA instructions when it has them, so that
-/// [`Real::madd`] is one instruction instead of a call into libm (same results either way).
-#[inline(always)]
-pub(crate) fn with_fma<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "fma")]
-        unsafe fn fma<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports FMA, checked just above.
-            return unsafe { fma(f) };
-        }
-    }
-    f()
-}
-
 /// The elements of a floating buffer as `T` (copying the storage first if it is shared).
 pub(crate) fn slice_mut<T: tracegrad_runtime::Element>(b: &mut tracegrad_runtime::Buffer) -> &mut [T] {
     let dtype = b.dtype();

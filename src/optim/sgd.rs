@@ -7,7 +7,7 @@ use tracegrad_runtime::{dispatch, Buffer};
 
 use super::rules::{infallible, sgd_rule, Scalars, SgdCoeffs, WeightDecay};
 use super::state::{self, OptimizerStateDict};
-use super::{check_grad, check_initialized, check_params, slice_mut, with_fma, LrTarget, OptimError, Optimizer, Real};
+use super::{check_grad, check_initialized, check_params, slice_mut, LrTarget, OptimError, Optimizer, Real};
 use crate::tensor::Tensor;
 
 /// Hyperparameters of [`Sgd`]. `Default` gives PyTorch's defaults (`lr = 1e-3`, everything
@@ -138,6 +138,24 @@ fn coeffs<T: Real>(o: &SgdOptions) -> SgdCoeffs<T> {
     }
 }
 
+/// [`update`] compiled for the CPU's FMA instructions when it has them, so that
+/// [`Real::madd`] is one instruction instead of a call into libm (same results either way).
+/// `update` is `#[inline(always)]`, so it is compiled inside the `target_feature` function
+/// (a closure handed to such a function is not reliably inlined into it: the SGD loop once
+/// ran libm `fmaf` per element that way).
+fn update_fast<T: Real>(p: &mut [T], g: &[T], buf: Option<(&mut [T], bool)>, c: &SgdCoeffs<T>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        #[target_feature(enable = "fma")]
+        unsafe fn fma<T: Real>(p: &mut [T], g: &[T], buf: Option<(&mut [T], bool)>, c: &SgdCoeffs<T>) {
+            update::<T>(p, g, buf, c)
+        }
+        // SAFETY: the CPU supports FMA, checked just above.
+        return unsafe { fma::<T>(p, g, buf, c) };
+    }
+    update::<T>(p, g, buf, c)
+}
+
 /// One parameter's update, element by element through [`sgd_rule`]. `buf` is the momentum
 /// buffer (when momentum ≠ 0) and whether it is new.
 #[inline(always)]
@@ -202,7 +220,7 @@ impl Optimizer for Sgd {
                 dispatch!(float, g.data(), "SGD", |gv: T| {
                     let buf = state.map(|b| (slice_mut::<T>(b), fresh));
                     let (pv, c) = (slice_mut::<T>(w), coeffs::<T>(opts));
-                    with_fma(|| update::<T>(pv, gv, buf, &c))
+                    update_fast::<T>(pv, gv, buf, &c)
                 })
             });
         }
