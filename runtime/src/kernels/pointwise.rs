@@ -55,9 +55,20 @@ pub fn zip<A: Element, B: Element, U: Element>(
     let sb = broadcast_strides(bsh, out);
     strided_rows(out, |row_start, len, dst: &mut [U]| {
         let (oa, ob) = (offset(row_start, out, &sa), offset(row_start, out, &sb));
-        let (ia, ib) = (last_stride(&sa), last_stride(&sb));
-        for (j, d) in dst.iter_mut().enumerate().take(len) {
-            *d = f(a[oa + j * ia], b[ob + j * ib]);
+        let dst = &mut dst[..len];
+        // Rows of a bias add or a broadcast row run over slices (strides 1 or 0), which
+        // vectorize; other strides index element by element.
+        match (last_stride(&sa), last_stride(&sb)) {
+            (1, 1) => dst.iter_mut().zip(&a[oa..oa + len]).zip(&b[ob..ob + len]).for_each(|((d, &x), &y)| *d = f(x, y)),
+            (1, 0) => {
+                let y = b[ob];
+                dst.iter_mut().zip(&a[oa..oa + len]).for_each(|(d, &x)| *d = f(x, y));
+            }
+            (0, 1) => {
+                let x = a[oa];
+                dst.iter_mut().zip(&b[ob..ob + len]).for_each(|(d, &y)| *d = f(x, y));
+            }
+            (ia, ib) => dst.iter_mut().enumerate().for_each(|(j, d)| *d = f(a[oa + j * ia], b[ob + j * ib])),
         }
     })
 }
@@ -103,9 +114,21 @@ pub fn zip3<C: Element, A: Element, B: Element, U: Element>(
     let sb = broadcast_strides(bsh, out);
     strided_rows(out, |row_start, len, dst: &mut [U]| {
         let (oc, oa, ob) = (offset(row_start, out, &sc), offset(row_start, out, &sa), offset(row_start, out, &sb));
-        let (ic, ia, ib) = (last_stride(&sc), last_stride(&sa), last_stride(&sb));
-        for (j, d) in dst.iter_mut().enumerate().take(len) {
-            *d = f(c[oc + j * ic], a[oa + j * ia], b[ob + j * ib]);
+        let dst = &mut dst[..len];
+        let cs = &c[oc..];
+        // As in `zip`: slices where the strides are 1 or 0 (a masked fill's rows).
+        match (last_stride(&sc), last_stride(&sa), last_stride(&sb)) {
+            (1, 1, 0) => {
+                let y = b[ob];
+                dst.iter_mut().zip(&cs[..len]).zip(&a[oa..oa + len]).for_each(|((d, &cv), &x)| *d = f(cv, x, y));
+            }
+            (1, 0, 1) => {
+                let x = a[oa];
+                dst.iter_mut().zip(&cs[..len]).zip(&b[ob..ob + len]).for_each(|((d, &cv), &y)| *d = f(cv, x, y));
+            }
+            (ic, ia, ib) => {
+                dst.iter_mut().enumerate().for_each(|(j, d)| *d = f(c[oc + j * ic], a[oa + j * ia], b[ob + j * ib]))
+            }
         }
     })
 }
