@@ -115,6 +115,21 @@ pub struct TrainSummary {
     pub steps_per_second: f64,
 }
 
+impl TrainSummary {
+    /// The summary of a run of `cfg` whose last epoch was `last`, after `steps` steps taking
+    /// `train_seconds` in all.
+    pub(crate) fn new(cfg: &TrainConfig, last: &EpochReport, train_seconds: f64, steps: usize) -> TrainSummary {
+        TrainSummary {
+            mode: if cfg.compiled { "compiled" } else { "eager" }.into(),
+            epochs: cfg.epochs,
+            final_loss: last.loss,
+            test_accuracy: last.test_accuracy,
+            train_seconds,
+            steps_per_second: steps as f64 / train_seconds.max(1e-9),
+        }
+    }
+}
+
 /// An MLP `d → hidden → classes` with ReLU.
 pub fn mlp(d: usize, hidden: usize, classes: usize) -> nn::Sequential {
     nn::Sequential::new().add(nn::Linear::new(d, hidden)).add(nn::ReLU::new()).add(nn::Linear::new(hidden, classes))
@@ -294,7 +309,7 @@ pub fn accuracy(model: &dyn Module, data: &Labeled) -> f64 {
 }
 
 /// How each step runs: an eager optimizer, or the compiled train step.
-enum Stepper<'a> {
+pub(crate) enum Stepper<'a> {
     Eager(Box<dyn Optimizer>),
     Compiled(Box<crate::compile::TrainStep<'a>>),
 }
@@ -317,8 +332,8 @@ impl Stepper<'_> {
     }
 }
 
-/// The stepper of `cfg` for `model`.
-fn setup<'a>(model: &'a dyn Module, cfg: &TrainConfig) -> Result<Stepper<'a>, String> {
+/// The stepper of `cfg` for `model` (also `train --distributed`'s, over the DDP wrapper).
+pub(crate) fn setup<'a>(model: &'a dyn Module, cfg: &TrainConfig) -> Result<Stepper<'a>, String> {
     // The optimizer's own validation runs first in both modes, so a bad hyperparameter is the
     // same error eager or compiled, before any work.
     let eager_opt: Box<dyn Optimizer> = match cfg.optimizer {
@@ -414,13 +429,5 @@ pub fn train_classifier(
         on_epoch(&last);
     }
     drop(stepper);
-    let summary = TrainSummary {
-        mode: if cfg.compiled { "compiled" } else { "eager" }.into(),
-        epochs: cfg.epochs,
-        final_loss: last.loss,
-        test_accuracy: last.test_accuracy,
-        train_seconds,
-        steps_per_second: steps as f64 / train_seconds.max(1e-9),
-    };
-    Ok((model, summary))
+    Ok((model, TrainSummary::new(cfg, &last, train_seconds, steps)))
 }

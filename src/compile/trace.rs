@@ -199,7 +199,8 @@ impl Tracer for ActiveTrace {
         let st = &mut *self.0.borrow_mut();
         let (graph, lifted) = (&mut st.graph, &mut st.lifted_inputs);
         let (node, rng) = st.rng.get_or_insert_with(|| {
-            // A placeholder among the lifted tensors: each call replaces its value.
+            // The generator-state input is a lifted slot that `RngInput::feed` fills with the
+            // default generator's (seed, offset) on every call; these zeros are never read.
             let scope = std::mem::take(&mut graph.scope);
             let n = graph.add_input("rng", InputRole::State, TensorType::new(tracegrad_runtime::DType::I64, &[2]));
             graph.scope = scope;

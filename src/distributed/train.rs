@@ -8,40 +8,13 @@
 use std::time::Instant;
 
 use super::{DistError, DistributedDataParallel, ProcessGroup, ReduceOp};
-use crate::compile::{compile_train_step, StepOptimizer, TrainStep};
 use crate::data::{Labeled, Sampler};
 use crate::nn::{ModuleExt, Sequential};
-use crate::optim::{Adam, AdamOptions, AdamW, AdamWOptions, Optimizer, Sgd, SgdOptions};
 use crate::tensor::Tensor;
-use crate::train::{accuracy, mlp, EpochReport, OptimizerKind, TrainConfig, TrainSummary};
+use crate::train::{accuracy, mlp, setup, EpochReport, Stepper, TrainConfig, TrainSummary};
 
 fn dist(e: DistError) -> String {
     e.to_string()
-}
-
-enum Stepper<'a> {
-    Eager(Box<dyn Optimizer>),
-    Compiled(Box<TrainStep<'a>>),
-}
-
-fn stepper<'a>(ddp: &'a DistributedDataParallel<Sequential>, cfg: &TrainConfig) -> Result<Stepper<'a>, String> {
-    let params = ddp.parameters();
-    let eager: Box<dyn Optimizer> = match cfg.optimizer {
-        OptimizerKind::Sgd => Box::new(
-            Sgd::with_options(params, SgdOptions { lr: cfg.lr, ..Default::default() }).map_err(|e| e.to_string())?,
-        ),
-        OptimizerKind::Adam => Box::new(Adam::new(params, cfg.lr).map_err(|e| e.to_string())?),
-        OptimizerKind::AdamW => Box::new(AdamW::new(params, cfg.lr).map_err(|e| e.to_string())?),
-    };
-    if !cfg.compiled {
-        return Ok(Stepper::Eager(eager));
-    }
-    let spec = match cfg.optimizer {
-        OptimizerKind::Sgd => StepOptimizer::Sgd(SgdOptions { lr: cfg.lr, ..Default::default() }),
-        OptimizerKind::Adam => StepOptimizer::Adam(AdamOptions { lr: cfg.lr, ..Default::default() }),
-        OptimizerKind::AdamW => StepOptimizer::AdamW(AdamWOptions { lr: cfg.lr, ..Default::default() }),
-    };
-    Ok(Stepper::Compiled(Box::new(compile_train_step(ddp, |out, y| out.cross_entropy(y), spec))))
 }
 
 /// Trains data-parallel over `group`: every rank calls this with the same data and settings.
@@ -63,7 +36,7 @@ pub fn train_mlp_distributed(
     let ddp = DistributedDataParallel::new(model, group).map_err(dist)?;
     let sampler = group.sampler(train.len()).map_err(dist)?.seed(cfg.seed);
     group.check_sampler(&sampler).map_err(dist)?;
-    let mut stepper = stepper(&ddp, cfg)?;
+    let mut stepper = setup(&ddp, cfg)?;
     let (mut train_seconds, mut steps) = (0.0, 0usize);
     let mut last = EpochReport { epoch: 0, loss: f64::NAN, test_accuracy: 0.0, seconds: 0.0 };
     for epoch in 1..=cfg.epochs {
@@ -95,13 +68,5 @@ pub fn train_mlp_distributed(
         on_epoch(&last);
     }
     drop(stepper);
-    let summary = TrainSummary {
-        mode: if cfg.compiled { "compiled" } else { "eager" }.into(),
-        epochs: cfg.epochs,
-        final_loss: last.loss,
-        test_accuracy: last.test_accuracy,
-        train_seconds,
-        steps_per_second: steps as f64 / train_seconds.max(1e-9),
-    };
-    Ok((ddp, summary))
+    Ok((ddp, TrainSummary::new(cfg, &last, train_seconds, steps)))
 }
