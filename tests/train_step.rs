@@ -1,6 +1,6 @@
 //! `compile_train_step` against eager training: 50 steps on the digits set track eager's
-//! losses within 1e-4 relative for SGD with momentum, Adam and AdamW(amsgrad), on the JIT and
-//! on the interpreter.
+//! losses within 1e-4 relative for plain SGD, SGD with momentum, Adam and AdamW(amsgrad), on
+//! the JIT and on the interpreter.
 
 use tracegrad::compile::{compile_train_step, Backend, StepOptimizer};
 use tracegrad::data;
@@ -60,6 +60,13 @@ fn track_on(
     let reasons = step.recompile_reasons();
     assert_eq!(reasons.len(), 2, "{what}: {reasons:?}");
     assert_eq!(reasons[1], "input 0 shape [32, 64] -> [30, 64]; input 1 shape [32] -> [30]");
+}
+
+#[test]
+fn plain_sgd_tracks_eager() {
+    // Plain SGD is the update the JIT fuses into the weight gradients' products.
+    let o = SgdOptions { lr: 0.1, ..Default::default() };
+    track(&mut |p| Box::new(Sgd::with_options(p, o.clone()).unwrap()), StepOptimizer::Sgd(o.clone()), "plain sgd");
 }
 
 #[test]

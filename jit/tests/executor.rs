@@ -81,6 +81,81 @@ fn a_donated_input_is_overwritten_only_when_the_executor_owns_it() {
     assert_ne!(out[0].data().as_ptr(), addr);
 }
 
+/// `p − s·(gᵀ·x)`: SGD on a weight whose gradient is a product.
+fn sgd_update_graph(extra_use: bool) -> Graph {
+    let mut g = Graph::new();
+    let p = input(&mut g, "p", &[24, 40]);
+    let gr = input(&mut g, "g", &[96, 24]);
+    let x = input(&mut g, "x", &[96, 40]);
+    let s = g.add_input("lr", InputRole::State, TensorType::new(DType::F32, &[]));
+    let prod = g.matmul_t(&gr, &x, true, false).unwrap();
+    let scaled = g.mul(&s, &prod).unwrap();
+    let np = g.sub(&p, &scaled).unwrap();
+    g.add_output("p", np);
+    if extra_use {
+        g.add_output("grad", prod);
+    }
+    g
+}
+
+#[test]
+fn an_sgd_update_of_a_product_accumulates_into_the_parameter() {
+    let g = sgd_update_graph(false);
+    let exe = Executable::with_donation(&g, Backend::Jit, &[true, false, false, false]).unwrap();
+    let plan = exe.plan_text();
+    assert!(plan.contains("matmul_accumulate") && plan.contains("(in place of"), "{plan}");
+    // Neither the product nor a new parameter is ever allocated.
+    assert_eq!(exe.peak_bytes(), 0, "{plan}");
+    let inputs = [ramp(&[24, 40], 1.0), ramp(&[96, 24], 0.5), ramp(&[96, 40], 0.25), Buffer::scalar(0.01, DType::F32)];
+    let want = interpret(&g, &inputs, &NoCallbacks).unwrap();
+    let close = |got: &Buffer| {
+        for (p, q) in got.to_vec::<f32>().iter().zip(want[0].to_vec::<f32>()) {
+            assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "{p} vs {q}");
+        }
+    };
+
+    // The caller keeps p: the update goes to a copy and p is unchanged.
+    let kept = inputs[0].clone();
+    let out = exe.run_donated(inputs.to_vec(), &NoCallbacks).ok().unwrap();
+    close(&out[0]);
+    assert!(!out[0].shares_storage(&kept));
+    assert_eq!(kept, ramp(&[24, 40], 1.0));
+
+    // Sole owner: the update is written over p's storage.
+    let mut owned = inputs.to_vec();
+    owned[0] = ramp(&[24, 40], 1.0);
+    let addr = owned[0].data().as_ptr();
+    let out = exe.run_donated(owned, &NoCallbacks).ok().unwrap();
+    close(&out[0]);
+    assert_eq!(out[0].data().as_ptr(), addr, "written in place");
+
+    // Without donation p is never written; the step still accumulates into a copy.
+    let plain = Executable::new(&g, Backend::Jit).unwrap();
+    assert!(plain.plan_text().contains("matmul_accumulate"), "{}", plain.plan_text());
+    let mut owned = inputs.to_vec();
+    owned[0] = ramp(&[24, 40], 1.0);
+    let addr = owned[0].data().as_ptr();
+    let out = plain.run_donated(owned, &NoCallbacks).ok().unwrap();
+    close(&out[0]);
+    assert_ne!(out[0].data().as_ptr(), addr);
+}
+
+#[test]
+fn a_product_used_elsewhere_is_materialized() {
+    let g = sgd_update_graph(true);
+    let exe = Executable::with_donation(&g, Backend::Jit, &[true, false, false, false]).unwrap();
+    let plan = exe.plan_text();
+    assert!(!plan.contains("matmul_accumulate"), "{plan}");
+    let inputs = [ramp(&[24, 40], 1.0), ramp(&[96, 24], 0.5), ramp(&[96, 40], 0.25), Buffer::scalar(0.01, DType::F32)];
+    let want = interpret(&g, &inputs, &NoCallbacks).unwrap();
+    let got = exe.run(&inputs, &NoCallbacks).unwrap();
+    for (a, b) in got.iter().zip(&want) {
+        for (p, q) in a.to_vec::<f32>().iter().zip(b.to_vec::<f32>()) {
+            assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "{p} vs {q}");
+        }
+    }
+}
+
 struct Panicky;
 
 impl CallbackRunner for Panicky {

@@ -72,7 +72,7 @@ fn choose_in_place(g: &Graph, p: &mut Plan, donated: &[bool], last_use: &[Option
         .rposition(|s| match s {
             Step::Callback { .. } => true,
             Step::Eval { node, .. } => g.op(*node).is_some_and(Op::is_fallible),
-            Step::Kernel { .. } => false,
+            Step::Kernel { .. } | Step::Accumulate { .. } => false,
         })
         .map_or(0, |i| i + 1);
     let donated_vals: HashSet<usize> = p
@@ -85,7 +85,19 @@ fn choose_in_place(g: &Graph, p: &mut Plan, donated: &[bool], last_use: &[Option
     let graph_inputs: HashSet<usize> = p.inputs.iter().copied().collect();
     let const_vals: HashSet<usize> = p.constants.iter().map(|(v, _)| *v).collect();
     let types = &p.types;
+    let owned = |si: usize, a: usize| {
+        if graph_inputs.contains(&a) {
+            donated_vals.contains(&a) && si >= last_fallible && last_use[a] == Some(si)
+        } else {
+            free_after[si].contains(&a) && !const_vals.contains(&a)
+        }
+    };
     for (si, s) in p.steps.iter_mut().enumerate() {
+        if let Step::Accumulate { args, in_place, .. } = s {
+            // The update overwrites `p` (args[0]) only if nothing reads it afterwards.
+            *in_place = owned(si, args[0]);
+            continue;
+        }
         let Step::Kernel { kernel, args, outs, reuse, .. } = s else { continue };
         let spec = &p.specs[*kernel];
         let mut taken = HashSet::new();
@@ -97,12 +109,7 @@ fn choose_in_place(g: &Graph, p: &mut Plan, donated: &[bool], last_use: &[Option
                     return None;
                 }
                 let ok = |a: usize| {
-                    let owned = if graph_inputs.contains(&a) {
-                        donated_vals.contains(&a) && si >= last_fallible && last_use[a] == Some(si)
-                    } else {
-                        free_after[si].contains(&a)
-                    };
-                    types[a] == types[out] && owned && !const_vals.contains(&a) && !taken.contains(&a)
+                    types[a] == types[out] && owned(si, a) && !const_vals.contains(&a) && !taken.contains(&a)
                 };
                 // Prefer a donated input: the intermediate is then freed instead.
                 let inputs_first = args.iter().filter(|a| graph_inputs.contains(a));
@@ -147,8 +154,9 @@ fn simulate(g: &Graph, p: &Plan, free_after: &[Vec<usize>]) -> (Vec<bool>, Vec<u
                     counted[o] = true;
                 }
             }
+            Step::Accumulate { args, out, in_place: true, .. } => counted[*out] = std::mem::take(&mut counted[args[0]]),
             Step::Eval { node, .. } if aliasing(*node) => {}
-            Step::Eval { out, .. } | Step::Callback { out, .. } => {
+            Step::Eval { out, .. } | Step::Callback { out, .. } | Step::Accumulate { out, .. } => {
                 allocated[si] += nbytes(&types[*out]);
                 counted[*out] = true;
             }

@@ -219,6 +219,22 @@ impl Executable {
                 let name = self.graph.op(*node).map_or("?", |op| op.name());
                 format!("{name} v{out}: {} <- {} ; %{}", types[*out], value_list(args), node.index())
             }
+            Step::Accumulate { args, out, trans, negate, in_place, nodes } => {
+                let members: Vec<String> = nodes.iter().map(|n| format!("%{}", n.index())).collect();
+                format!(
+                    "matmul_accumulate v{out}: {}{} = v{} {} v{}·(v{}{} · v{}{}) ; nodes {}",
+                    types[*out],
+                    if *in_place { format!(" (in place of v{})", args[0]) } else { String::new() },
+                    args[0],
+                    if *negate { "-" } else { "+" },
+                    args[3],
+                    args[1],
+                    if trans.0 { "ᵀ" } else { "" },
+                    args[2],
+                    if trans.1 { "ᵀ" } else { "" },
+                    members.join(" ")
+                )
+            }
             Step::Callback { node, args, out } => {
                 let label = match self.graph.kind(*node) {
                     NodeKind::Callback { label, .. } => label.as_str(),

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use tracegrad_compiler::fusion::{fuse_with, GroupKind};
 use tracegrad_compiler::graph::{node_error, Graph, NodeId};
-use tracegrad_compiler::ops::TensorType;
+use tracegrad_compiler::ops::{BinaryOp, Op, TensorType};
 use tracegrad_runtime::Buffer;
 
 use crate::kernel::{is_row_op, lower, supported, KernelSpec};
@@ -27,13 +27,21 @@ pub(super) enum Step {
     Eval { node: NodeId, args: Vec<usize>, out: usize },
     /// A hook.
     Callback { node: NodeId, args: Vec<usize>, out: usize },
+    /// A matmul whose only use is `p ± s·product` (SGD's `p − lr·g` on a weight gradient),
+    /// run as one gemm that accumulates `±s·op(a)·op(b)` into a copy of `p`, or into `p`'s own
+    /// storage when the memory phase lets it take `p` over: the product is never
+    /// materialized. `args` are `[p, a, b, s]`; `nodes` the matmul, the scaling and the update.
+    Accumulate { args: Vec<usize>, out: usize, trans: (bool, bool), negate: bool, in_place: bool, nodes: Vec<NodeId> },
 }
 
 impl Step {
     /// The values the step reads.
     pub(super) fn args(&self) -> &[usize] {
         match self {
-            Step::Kernel { args, .. } | Step::Eval { args, .. } | Step::Callback { args, .. } => args,
+            Step::Kernel { args, .. }
+            | Step::Eval { args, .. }
+            | Step::Callback { args, .. }
+            | Step::Accumulate { args, .. } => args,
         }
     }
 }
@@ -146,6 +154,10 @@ impl Planner<'_> {
             }
             GroupKind::Single => self.node_by_node(nodes),
             GroupKind::Epilogue => {
+                if let Some(step) = self.accumulate(nodes) {
+                    self.plan.steps.push(step);
+                    return Ok(());
+                }
                 // The head (a matmul or conv) runs on the runtime's kernels, its epilogue fused.
                 self.node_by_node(&nodes[..1]);
                 self.kernel(&nodes[1..], false);
@@ -157,6 +169,48 @@ impl Planner<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The [`Step::Accumulate`] for an epilogue group that is exactly `p ± s·(a·b)` over a 2-D
+    /// float product used nowhere else, with `s` a scalar and `p` of the product's type.
+    fn accumulate(&self, nodes: &[NodeId]) -> Option<Step> {
+        let g = self.graph;
+        let &[mm, mul, upd] = nodes else { return None };
+        let Some(&Op::MatMul { trans_a, trans_b }) = g.op(mm) else { return None };
+        let ty = g.ty(mm);
+        let [a, b] = g.operands(mm)[..] else { return None };
+        if ty.rank() != 2 || g.ty(a).rank() != 2 || g.ty(b).rank() != 2 || !ty.dtype.is_float() {
+            return None;
+        }
+        let only_use = |n: NodeId, user: NodeId| {
+            g.users(n).into_iter().filter(|u| self.live.contains(u)).all(|u| u == user)
+                && !g.outputs.iter().any(|(_, o)| *o == n)
+        };
+        if g.op(mul) != Some(&Op::Binary(BinaryOp::Mul)) || !only_use(mm, mul) || !only_use(mul, upd) {
+            return None;
+        }
+        let s = match g.operands(mul)[..] {
+            [x, s] | [s, x] if x == mm && s != mm => s,
+            _ => return None,
+        };
+        let (p, negate) = match (g.op(upd)?, &g.operands(upd)[..]) {
+            (Op::Binary(BinaryOp::Add), &[p, m] | &[m, p]) if m == mul && p != mul => (p, false),
+            (Op::Binary(BinaryOp::Sub), &[p, m]) if m == mul && p != mul => (p, true),
+            _ => return None,
+        };
+        let scalar = g.ty(s);
+        if scalar.rank() != 0 || scalar.dtype != ty.dtype || g.ty(p) != ty || g.ty(upd) != ty || [a, b, s].contains(&p)
+        {
+            return None;
+        }
+        Some(Step::Accumulate {
+            args: self.ids(&[p, a, b, s]),
+            out: self.plan.value[&upd],
+            trans: (trans_a, trans_b),
+            negate,
+            in_place: false,
+            nodes: nodes.to_vec(),
+        })
     }
 
     /// Evaluates a source group's constants now (inputs have nothing to evaluate).

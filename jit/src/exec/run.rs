@@ -7,6 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use rayon::prelude::*;
 use tracegrad_compiler::interpret::{eval_node, interpret, CallbackResults, CallbackRunner};
 use tracegrad_compiler::ops::{OpError, OpResult, TensorType};
+use tracegrad_runtime::kernels::matmul::matmul_accumulate;
 use tracegrad_runtime::{panic_message, Buffer, DType, Data};
 
 use super::plan::Step;
@@ -74,6 +75,15 @@ impl Executable {
             match step {
                 Step::Kernel { kernel, args, outs, reuse, .. } => {
                     self.run_kernel(*kernel, args, outs, reuse, vals, &mut pool);
+                }
+                Step::Accumulate { args, out, trans, negate, in_place, .. } => {
+                    let taken = if *in_place { vals[args[0]].take() } else { vals[args[0]].clone() };
+                    let mut dst = taken.expect("live argument");
+                    let arg = |i: usize| vals[args[i]].as_ref().expect("live argument");
+                    let s = arg(3).item();
+                    // A shared `p` (the caller still holds it) is copied by `make_mut` first.
+                    matmul_accumulate(dst.make_mut(), arg(1), arg(2), trans.0, trans.1, if *negate { -s } else { s });
+                    vals[*out] = Some(dst);
                 }
                 Step::Eval { node, args, out } | Step::Callback { node, args, out } => {
                     let a: Vec<&Buffer> = args.iter().map(|&x| vals[x].as_ref().expect("live argument")).collect();

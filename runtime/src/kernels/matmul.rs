@@ -9,7 +9,7 @@
 //! product, between blocks of its output columns (each a single-threaded gemm), never both at
 //! once.
 
-use crate::buffer::Buffer;
+use crate::buffer::{Buffer, Data};
 use crate::shape::{broadcast_shapes, broadcast_strides, numel, Dims, ShapeDisplay};
 use gemm::Parallelism;
 use num_traits::{One, Zero};
@@ -104,7 +104,7 @@ pub fn gemm_strided<T: 'static + Copy + Send + Sync + Zero + One>(
     let op = Operands::checked(m, n, k, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs);
     // SAFETY: `dst` is an exclusive borrow of exactly m×n initialised elements (so it may be
     // read when accumulating), which cannot alias the shared `lhs`/`rhs`.
-    unsafe { op.run(dst.as_mut_ptr(), accumulate, par) }
+    unsafe { op.run(dst.as_mut_ptr(), accumulate, T::one(), par) }
 }
 
 /// [`gemm_strided`] into storage that need not be initialised: `dst = lhs·rhs`.
@@ -130,7 +130,7 @@ pub fn gemm_strided_uninit<T: 'static + Copy + Send + Sync + Zero + One>(
     // SAFETY: `dst` is an exclusive borrow of exactly m×n elements, which cannot alias the
     // shared `lhs`/`rhs`; without accumulation nothing reads it before it is written, and every
     // element is written (`Operands::run`), with valid values of `T`.
-    unsafe { op.run(dst.as_mut_ptr().cast::<T>(), false, par) }
+    unsafe { op.run(dst.as_mut_ptr().cast::<T>(), false, T::one(), par) }
 }
 
 /// A checked product's operands: sizes, base pointers and strides.
@@ -180,13 +180,13 @@ impl<T: 'static + Copy + Send + Sync + Zero + One> Operands<T> {
         Operands { m, n, k, lhs: lhs.as_ptr(), lhs_rs, lhs_cs, rhs: rhs.as_ptr(), rhs_rs, rhs_cs }
     }
 
-    /// `dst = (accumulate ? dst : 0) + lhs·rhs`, writing every element of the m×n row-major
-    /// `dst`.
+    /// `dst = (accumulate ? dst : 0) + beta·lhs·rhs`, writing every element of the m×n
+    /// row-major `dst`.
     ///
     /// # Safety
     /// `dst` must be valid for writes of m×n elements (and reads, when accumulating: then
     /// initialised), and must not overlap the operands.
-    unsafe fn run(&self, dst: *mut T, accumulate: bool, par: Parallelism) {
+    unsafe fn run(&self, dst: *mut T, accumulate: bool, beta: T, par: Parallelism) {
         let (m, n, k) = (self.m, self.n, self.k);
         if m == 0 || n == 0 {
             return;
@@ -210,7 +210,7 @@ impl<T: 'static + Copy + Send + Sync + Zero + One> Operands<T> {
         let blocks = n.div_ceil(cols) * m.div_ceil(rows);
         if threads == 1 || blocks == 1 {
             // SAFETY: forwarded.
-            return unsafe { self.block(dst, accumulate, 0, m, 0, n) };
+            return unsafe { self.block(dst, accumulate, beta, 0, m, 0, n) };
         }
         let out = Dst(dst);
         let out = &out;
@@ -218,7 +218,7 @@ impl<T: 'static + Copy + Send + Sync + Zero + One> Operands<T> {
             let (i0, j0) = if cols < n { (0, b * cols) } else { (b * rows, 0) };
             let (mb, nb) = (rows.min(m - i0), cols.min(n - j0));
             // SAFETY: the blocks are disjoint sets of elements of `dst`.
-            unsafe { self.block(out.0, accumulate, i0, mb, j0, nb) };
+            unsafe { self.block(out.0, accumulate, beta, i0, mb, j0, nb) };
         });
     }
 
@@ -226,7 +226,8 @@ impl<T: 'static + Copy + Send + Sync + Zero + One> Operands<T> {
     ///
     /// # Safety
     /// As [`Operands::run`], for that block of `dst`.
-    unsafe fn block(&self, dst: *mut T, accumulate: bool, i0: usize, mb: usize, j0: usize, nb: usize) {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(&self, dst: *mut T, accumulate: bool, beta: T, i0: usize, mb: usize, j0: usize, nb: usize) {
         let n_stride = isize::try_from(self.n).expect("gemm_strided: n overflows isize");
         // SAFETY: T is f32 or f64 (checked in `Operands::checked`), the only types gemm is asked
         // to handle here. The block's elements of `dst` (offsets i·n + j) lie inside the m×n
@@ -234,7 +235,7 @@ impl<T: 'static + Copy + Send + Sync + Zero + One> Operands<T> {
         // i0 ≤ i < i0 + mb, p < k) and `rhs` (p·rhs_rs + j·rhs_cs, j0 ≤ j < j0 + nb) lies within
         // the operand slices: strides are non-negative and the largest offset + 1 (`span`) was
         // checked against the slice lengths. m, n, k are non-zero. With read_dst = false gemm
-        // never reads dst, and alpha only scales dst.
+        // never reads dst, and alpha only scales dst; beta scales the product.
         unsafe {
             gemm::gemm(
                 mb,
@@ -251,7 +252,7 @@ impl<T: 'static + Copy + Send + Sync + Zero + One> Operands<T> {
                 self.rhs_cs,
                 self.rhs_rs,
                 T::one(),
-                T::one(),
+                beta,
                 false,
                 false,
                 false,
@@ -385,6 +386,62 @@ pub fn matmul(a: &Buffer, b: &Buffer, trans_a: bool, trans_b: bool) -> Buffer {
     })
 }
 
+/// `dst += beta · op(a)·op(b)` in place, for 2-D `a` and `b` (transposes read through
+/// strides) and a row-major m×n `dst` of their dtype: an SGD step `p −= lr·(gᵀx)` without
+/// the gradient ever being materialized. The product is accumulated in gemm's registers and
+/// added to `dst` once per block of the inner dimension.
+///
+/// # Panics
+/// If an operand is not 2-D, the dtypes differ or are not float, or the sizes do not agree.
+pub fn matmul_accumulate(dst: &mut Data, a: &Buffer, b: &Buffer, trans_a: bool, trans_b: bool, beta: f64) {
+    let (sa, sb) = (a.shape(), b.shape());
+    assert!(
+        sa.len() == 2 && sb.len() == 2,
+        "matmul_accumulate: operands must be 2-D, got {} and {}",
+        ShapeDisplay(sa),
+        ShapeDisplay(sb)
+    );
+    let (m, k) = if trans_a { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
+    let (kb, n) = if trans_b { (sb[1], sb[0]) } else { (sb[0], sb[1]) };
+    assert_eq!(k, kb, "matmul_accumulate: inner dimensions differ ({} and {})", ShapeDisplay(sa), ShapeDisplay(sb));
+    let (lhs_rs, lhs_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
+    let (rhs_rs, rhs_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+    let par = gemm_parallelism(m, n, k);
+    match (dst, a.data(), b.data()) {
+        (Data::F32(d), Data::F32(x), Data::F32(y)) => {
+            accumulate_into(m, n, k, d, x, lhs_rs, lhs_cs, y, rhs_rs, rhs_cs, beta as f32, par)
+        }
+        (Data::F64(d), Data::F64(x), Data::F64(y)) => {
+            accumulate_into(m, n, k, d, x, lhs_rs, lhs_cs, y, rhs_rs, rhs_cs, beta, par)
+        }
+        (d, x, y) => {
+            panic!("matmul_accumulate: needs one float dtype, got {} += {} x {}", d.dtype(), x.dtype(), y.dtype())
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn accumulate_into<T: 'static + Copy + Send + Sync + Zero + One>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    lhs: &[T],
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: &[T],
+    rhs_rs: isize,
+    rhs_cs: isize,
+    beta: T,
+    par: Parallelism,
+) {
+    assert_eq!(dst.len(), m * n, "matmul_accumulate: dst must hold exactly m*n = {}x{} elements", m, n);
+    let op = Operands::checked(m, n, k, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs);
+    // SAFETY: `dst` is an exclusive borrow of exactly m×n initialised elements, read and
+    // written in place, which cannot alias the shared `lhs`/`rhs`.
+    unsafe { op.run(dst.as_mut_ptr(), true, beta, par) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,6 +538,37 @@ mod tests {
                 let sa: &[usize] = if ta { &[2, 4, 3] } else { &[2, 3, 4] };
                 let sb: &[usize] = if tb { &[2, 5, 4] } else { &[2, 4, 5] };
                 check(sa, sb, ta, tb, Some(&[2, 3, 5]));
+            }
+        }
+    }
+
+    #[test]
+    fn accumulate_adds_the_scaled_product_in_place() {
+        // Sizes past gemm's threading threshold too, so the column-block split accumulates.
+        for (m, n, k) in [(3, 5, 4), (96, 200, 64)] {
+            for ta in [false, true] {
+                for tb in [false, true] {
+                    let sa: Vec<usize> = if ta { vec![k, m] } else { vec![m, k] };
+                    let sb: Vec<usize> = if tb { vec![n, k] } else { vec![k, n] };
+                    let (a, b) = (buf64(m as u64 + 3, &sa), buf64(n as u64 + 11, &sb));
+                    let (prod, _) = naive(a.as_slice(), &sa, b.as_slice(), &sb, ta, tb);
+                    let p0 = lcg(5, m * n);
+                    let mut d = Data::F64(p0.clone());
+                    matmul_accumulate(&mut d, &a, &b, ta, tb, -0.25);
+                    let Data::F64(got) = d else { unreachable!() };
+                    for i in 0..m * n {
+                        let want = p0[i] - 0.25 * prod[i];
+                        assert!((got[i] - want).abs() <= 1e-12 * (1.0 + want.abs()), "{m}x{n}x{k} {ta} {tb} [{i}]");
+                    }
+                    let mut d32 = Data::F32(p0.iter().map(|&x| x as f32).collect());
+                    let (a32, b32) = (a.cast(crate::dtype::DType::F32), b.cast(crate::dtype::DType::F32));
+                    matmul_accumulate(&mut d32, &a32, &b32, ta, tb, -0.25);
+                    let Data::F32(got) = d32 else { unreachable!() };
+                    for i in 0..m * n {
+                        let want = p0[i] - 0.25 * prod[i];
+                        assert!((got[i] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "f32 [{i}]");
+                    }
+                }
             }
         }
     }
