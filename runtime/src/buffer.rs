@@ -87,6 +87,7 @@ impl Data {
     /// Panics with the size when the allocation fails, instead of aborting.
     #[track_caller]
     pub fn with_capacity(dtype: DType, n: usize) -> Data {
+        crate::pool::tune_system_allocator();
         if let Some(d) = crate::pool::take(dtype, n) {
             return d;
         }
@@ -390,6 +391,7 @@ impl Buffer {
             data.len(),
             ShapeDisplay(shape)
         );
+        crate::pool::tune_system_allocator();
         Buffer { data: Arc::new(data), shape: shape.into() }
     }
 

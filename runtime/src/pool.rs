@@ -9,13 +9,17 @@
 //! a loop writes into warm memory. Only storage that no buffer references
 //! any more enters the cache, and a block leaves it before it is written, so no two owners
 //! ever see one block. [`empty_cache`] returns everything to the system allocator.
+//!
+//! Smaller blocks go to the system allocator, which reuses them well only if it keeps what is
+//! freed: see [`tune_system_allocator`].
 
 use crate::buffer::{Data, Element};
 use crate::dtype::DType;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// Blocks smaller than this are left to the system allocator (which reuses them well).
+/// Blocks smaller than this are left to the system allocator (tuned to reuse them, see
+/// [`tune_system_allocator`]).
 pub const MIN_BYTES: usize = 8 << 20;
 
 /// Default bound on the bytes kept.
@@ -75,6 +79,51 @@ pub(crate) fn give(mut d: Data) {
     };
     // Freed outside the lock.
     drop(evicted);
+}
+
+/// Heap blocks up to this size come from glibc's heap rather than `mmap`.
+pub const MMAP_THRESHOLD: usize = 32 << 20;
+
+/// glibc returns the top of its heap to the system only when this much of it is free.
+pub const TRIM_THRESHOLD: usize = 128 << 20;
+
+static TUNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets glibc's allocator, once per process, to keep freed storage for the next step: blocks
+/// below [`MMAP_THRESHOLD`] come from the heap, and the heap is trimmed only past
+/// [`TRIM_THRESHOLD`] free bytes. Called on the first [`Buffer`](crate::Buffer) or
+/// [`Data::with_capacity`]; `TRACEGRAD_MALLOC=system` in the environment leaves glibc's
+/// defaults. Only Linux with glibc; elsewhere it does nothing.
+///
+/// glibc starts with a 128 KiB mmap threshold and trims its heap whenever 128 KiB at the top
+/// are free. It raises both once the process frees a large mapped block (up to 32 MiB and
+/// 64 MiB), but a training step whose buffers are a few hundred KiB never frees one: every
+/// step then gets its memory fresh from the kernel and faults on every page. An eager
+/// transformer_block_train_step in a fresh process took 13.9 ms with glibc's defaults and
+/// 8.9 ms with the heap kept (3,300 page faults a step → about 30), cnn_train_step 4.2 → 3.4;
+/// the peak resident set did not change.
+pub fn tune_system_allocator() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var("TRACEGRAD_MALLOC").is_ok_and(|v| v == "system") {
+            return;
+        }
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            // SAFETY: mallopt only changes glibc's allocation parameters (it takes the arena
+            // lock itself); both values are in range for a c_int.
+            let ok = unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int) == 1
+                    && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as libc::c_int) == 1
+            };
+            TUNED.store(ok, Ordering::Relaxed);
+        }
+    });
+}
+
+/// Whether [`tune_system_allocator`] has set glibc's parameters in this process.
+pub fn system_allocator_tuned() -> bool {
+    TUNED.load(Ordering::Relaxed)
 }
 
 impl Cache {
