@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tracegrad_compiler::{Build, Emitter, Op, OpResult, TensorType};
-use tracegrad_runtime::{Buffer, ShapeDisplay};
+use tracegrad_runtime::{Buffer, DType, ShapeDisplay};
 
 use crate::tensor::{eager_ok, lock, Tensor, TensorImpl};
 use crate::trace_seam::tracer;
@@ -188,7 +188,10 @@ impl Emitter for Eager {
         let types: Vec<TensorType> = bufs.iter().map(TensorType::of).collect();
         let out_type = op.infer(&types)?;
         let refs: Vec<&Buffer> = bufs.iter().collect();
-        let out = op.eval(&refs, &out_type)?;
+        let out = match vector_math(&op, &refs) {
+            Some(out) => out,
+            None => op.eval(&refs, &out_type)?,
+        };
         let record = out_type.dtype.is_float() && is_grad_enabled() && inputs.iter().any(|t| t.requires_grad());
         Ok(if record {
             let node = new_node(NodeKind::Op { op, output: out.clone() }, inputs.iter().map(|&t| t.clone()).collect());
@@ -201,6 +204,17 @@ impl Emitter for Eager {
     fn value_type(&self, v: &Tensor) -> TensorType {
         v.tensor_type()
     }
+}
+
+/// An f32 transcendental (exp, log, tanh, sigmoid, silu, erf, gelu, gelu_tanh) on the JIT's own
+/// vector math at the machine's full width (`tracegrad_jit::lanes`): bit for bit what a
+/// compiled kernel computes, within the same documented error bounds. f64 keeps the reference
+/// kernels (libm), as does `TRACEGRAD_EAGER_KERNELS=reference`.
+fn vector_math(op: &Op, inputs: &[&Buffer]) -> Option<Buffer> {
+    if inputs.first()?.dtype() != DType::F32 || !crate::eager_kernels::enabled() {
+        return None;
+    }
+    tracegrad_jit::lanes::eval_unary(op, inputs)
 }
 
 /// Runs a rule on the eager emitter, panicking with the op's message on misuse.

@@ -11,9 +11,10 @@
 //! (the JIT's kernels and vector math), and the op is still defined once, in
 //! `tracegrad-compiler`.
 //!
-//! Small inputs (under [`MIN_ELEMENTS`] elements) keep the reference kernels, where a plan's
-//! fixed cost would dominate, and so do f64 inputs, whose libm accuracy the JIT's f32
-//! polynomials would not keep. A call the pipeline refuses (a shape error, an op the JIT does
+//! Small inputs (under [`MIN_ELEMENTS`] elements) keep the reference path, where a plan's
+//! fixed cost would dominate (its f32 transcendentals still run the JIT's math, through
+//! `tracegrad_jit::lanes`, in the eager emitter), and so do f64 inputs, which keep libm's
+//! accuracy. A call the pipeline refuses (a shape error, an op the JIT does
 //! not lower) falls back to the reference path, which reports misuse exactly as before. Set
 //! `TRACEGRAD_EAGER_KERNELS=reference` (or call [`set_enabled`]`(false)`) to run every eager
 //! op on the reference kernels.

@@ -200,3 +200,59 @@ fn module_hooks_fire_once_and_compiled_modules_still_trace() {
     let z = compiled.call(&x).unwrap();
     assert_close("compiled LayerNorm vs eager", &z, &y, 1e-5, 1e-5);
 }
+
+/// A unary tensor function.
+type Unary = fn(&Tensor) -> Tensor;
+
+/// A module applying one unary function.
+#[derive(nn::Module)]
+struct Apply {
+    core: nn::ModuleCore,
+    f: Unary,
+}
+
+impl nn::Module for Apply {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        (self.f)(x)
+    }
+}
+
+#[test]
+fn small_transcendentals_compute_what_compiled_kernels_compute() {
+    // Below MIN_ELEMENTS eager f32 transcendentals run tracegrad_jit::lanes at the machine's
+    // full width: the JIT's math, so bit for bit the compiled kernel's results.
+    let _l = lock();
+    let x = input(3, &[33, 31], -12.0, 12.0);
+    let pos = input(4, &[33, 31], 1e-30, 1e30);
+    let cases: [(&str, Unary); 8] = [
+        ("exp", Tensor::exp),
+        ("log", Tensor::log),
+        ("tanh", Tensor::tanh),
+        ("sigmoid", Tensor::sigmoid),
+        ("silu", Tensor::silu),
+        ("erf", Tensor::erf),
+        ("gelu", Tensor::gelu),
+        ("gelu_tanh", Tensor::gelu_tanh),
+    ];
+    for (name, f) in cases {
+        let arg = if name == "log" { &pos } else { &x };
+        let eager = f(arg);
+        let m = Apply { core: nn::ModuleCore::new(), f };
+        let compiled = tracegrad::no_grad(|| tracegrad::compile(&m).call(arg)).unwrap();
+        let (e, c) = (eager.to_vec_f32(), compiled.to_vec_f32());
+        for (i, (a, b)) in e.iter().zip(&c).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{name}: element {i} (x = {}): eager {a:e}, compiled {b:e}",
+                arg.to_vec_f32()[i]
+            );
+        }
+        // The reference kernels agree to a few ulps, or absolutely where their formula loses
+        // the relative accuracy (gelu below zero: 1 + erf(x/√2) cancels in f32).
+        eager_kernels::set_enabled(false);
+        let reference = f(arg);
+        eager_kernels::set_enabled(true);
+        assert_close(&format!("{name} vs the reference kernel"), &eager, &reference, 1e-6, 4e-7);
+    }
+}

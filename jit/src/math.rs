@@ -5,6 +5,10 @@
 //! so a kernel's vector body and its scalar tail give bit-identical results. No libm call is
 //! ever emitted. The emitters panic on any other type.
 //!
+//! Each algorithm is written once, generic over `Arith` (the `*_g` functions): the public
+//! emitters run it on `Em`, which emits Cranelift IR, and [`crate::lanes`] runs it on Rust
+//! values at the machine's full vector width, with the same results bit for bit.
+//!
 //! # Instructions and ISA requirements
 //!
 //! The emitted IR uses only `fadd fsub fmul fdiv fabs fneg sqrt fcmp select bitselect bitcast
@@ -122,7 +126,11 @@ pub fn mul_add(b: &mut FunctionBuilder, m: &MathCtx, x: Value, y: Value, z: Valu
 /// the thresholds themselves). `exp(±0) = 1`, `exp(−inf) = +0`, `exp(+inf) = +inf`,
 /// `exp(NaN) = NaN`.
 pub fn exp(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
-    let mut e = Em::new(b, m, x);
+    exp_g(&mut Em::new(b, m, x), x)
+}
+
+#[inline(always)]
+pub(crate) fn exp_g<A: Arith>(e: &mut A, x: A::V) -> A::V {
     let ep = e.exp_parts(x, None, true, Clamp::BOTH);
     let p1 = e.mul(ep.p, ep.s1);
     e.mul(p1, ep.s2.unwrap())
@@ -140,11 +148,15 @@ pub fn exp(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
 /// round them to zero; rows with no finite max get a NaN shift instead. `+inf` gives `+inf`
 /// (shift 0), NaN gives NaN.
 pub fn exp_scaled(b: &mut FunctionBuilder, m: &MathCtx, x: Value, shift: Value) -> Value {
-    let mut e = Em::new(b, m, x);
+    exp_scaled_g(&mut Em::new(b, m, x), x, shift)
+}
+
+#[inline(always)]
+pub(crate) fn exp_scaled_g<A: Arith>(e: &mut A, x: A::V, shift: A::V) -> A::V {
     // The upper clamp keeps k ≤ 128 (1024); e^x = (2·e^r)·2^(k−1) keeps the scale finite up
     // to the overflow threshold, where the product rounds to +inf as it should. The lower
     // threshold keeps 2^(k−1) normal.
-    let (lo0, hi) = if e.wide { (-706.0, 710.0) } else { (-86.0, 89.0) };
+    let (lo0, hi) = if e.wide() { (-706.0, 710.0) } else { (-86.0, 89.0) };
     let xc = e.min_const(x, hi);
     let nln2 = e.c(-std::f64::consts::LN_2);
     let lo0 = e.c(lo0);
@@ -153,7 +165,7 @@ pub fn exp_scaled(b: &mut FunctionBuilder, m: &MathCtx, x: Value, shift: Value) 
     let below = e.cmp(FloatCC::LessThan, xc, lo);
     let xc = e.sel(below, lo, xc);
     let (k, r) = e.reduce_ln2(xc);
-    let c = if e.wide { &EXP_F64[..] } else { &EXP_F32[..] };
+    let c = if e.wide() { &EXP_F64[..] } else { &EXP_F32[..] };
     // 2·e^r = 2 + r·2H(r), H = 1 + r·P(r): the doubled coefficients give exactly twice exp's
     // values.
     let coeffs: Vec<f64> = std::iter::once(1.0).chain(c.iter().copied()).map(|k| 2.0 * k).collect();
@@ -161,12 +173,12 @@ pub fn exp_scaled(b: &mut FunctionBuilder, m: &MathCtx, x: Value, shift: Value) 
     let two = e.c(2.0);
     let p = e.fma(h, r, two);
     // 2^(k − 1 + shift): the exponent bits of k + (magic − 1 + shift).
-    let (magic, sh) = if e.wide { (2f64.powi(52) + 1022.0, 52) } else { (2f64.powi(23) + 126.0, 23) };
+    let (magic, sh) = if e.wide() { (2f64.powi(52) + 1022.0, 52) } else { (2f64.powi(23) + 126.0, 23) };
     let magic = e.c(magic);
     let bias = e.add(magic, shift);
     let t = e.add(k, bias);
     let t = e.bits(t);
-    let t = e.b.ins().ishl_imm_u(t, sh);
+    let t = e.shl(t, sh);
     let s1 = e.float(t);
     e.mul(p, s1)
 }
@@ -177,10 +189,14 @@ pub fn exp_scaled(b: &mut FunctionBuilder, m: &MathCtx, x: Value, shift: Value) 
 /// `log(±0) = −inf`, `log(x < 0) = NaN` (`log(−inf)` too), `log(+inf) = +inf`,
 /// `log(NaN) = NaN`, `log(1) = +0`.
 pub fn log(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
-    let mut e = Em::new(b, m, x);
+    log_g(&mut Em::new(b, m, x), x)
+}
+
+#[inline(always)]
+pub(crate) fn log_g<A: Arith>(e: &mut A, x: A::V) -> A::V {
     // (exponent shift, sqrt(1/2) bits, 1.0 bits, smallest normal, subnormal scale, its log2,
     //  mantissa mask, the float 2^m whose low mantissa bits will hold k + bias)
-    let (shift, sqrt_half, one_bits, min_pos, scale, scale_log2, mant_mask, two_m) = if e.wide {
+    let (shift, sqrt_half, one_bits, min_pos, scale, scale_log2, mant_mask, two_m) = if e.wide() {
         (
             52,
             0x3fe6_a09e_667f_3bcd_u64,
@@ -216,20 +232,20 @@ pub fn log(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
     // exponent field of the sum is k + bias, then rebuild m from the mantissa bits.
     let ix = e.bits(xs);
     let off = e.ci(one_bits - sqrt_half);
-    let ix = e.b.ins().iadd(ix, off);
+    let ix = e.iadd(ix, off);
     // k + bias as the low bits of 2^m, i.e. the float 2^m + k + bias.
-    let kb = e.b.ins().ushr_imm_u(ix, shift);
+    let kb = e.shr(ix, shift);
     let two_m_bits = e.ci(e.float_bits(two_m));
-    let kb = e.b.ins().bor(kb, two_m_bits);
+    let kb = e.bor(kb, two_m_bits);
     let kf = e.float(kb);
-    let bias = if e.wide { 1023.0 } else { 127.0 };
+    let bias = if e.wide() { 1023.0 } else { 127.0 };
     let magic = e.c(two_m + bias);
     let kf = e.sub(kf, magic);
     let kf = e.add(kf, kadj);
     let mask = e.ci(mant_mask);
-    let mi = e.b.ins().band(ix, mask);
+    let mi = e.band(ix, mask);
     let sh = e.ci(sqrt_half);
-    let mi = e.b.ins().iadd(mi, sh);
+    let mi = e.iadd(mi, sh);
     let mf = e.float(mi);
     let one = e.c(1.0);
     let f = e.sub(mf, one);
@@ -238,13 +254,13 @@ pub fn log(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
     let den = e.add(two, f);
     let s = e.div(f, den);
     let z = e.mul(s, s);
-    let coeffs: &[f64] = if e.wide { &LOG_F64 } else { &LOG_F32 };
+    let coeffs: &[f64] = if e.wide() { &LOG_F64 } else { &LOG_F32 };
     let pz = e.poly(z, coeffs);
     let r = e.mul(z, pz);
     let half = e.c(0.5);
     let hf = e.mul(half, f);
     let hfsq = e.mul(hf, f);
-    let (ln2_hi, ln2_lo) = if e.wide { (LN2_HI_F64, LN2_LO_F64) } else { (LOG_LN2_HI_F32, LOG_LN2_LO_F32) };
+    let (ln2_hi, ln2_lo) = if e.wide() { (LN2_HI_F64, LN2_LO_F64) } else { (LOG_LN2_HI_F32, LOG_LN2_LO_F32) };
     let ln2_lo = e.c(ln2_lo);
     let klo = e.mul(kf, ln2_lo);
     let hr = e.add(hfsq, r);
@@ -258,11 +274,11 @@ pub fn log(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
     let ninf = e.c(f64::NEG_INFINITY);
     let inf = e.c(f64::INFINITY);
     let is_zero = e.cmp(FloatCC::Equal, x, zero);
-    let root = e.b.ins().sqrt(x);
+    let root = e.sqrt(x);
     let special = e.sel(is_zero, ninf, root);
     let pos = e.cmp(FloatCC::GreaterThan, x, zero);
     let fin = e.cmp(FloatCC::LessThan, x, inf);
-    let ok = e.b.ins().band(pos, fin);
+    let ok = e.mand(pos, fin);
     e.sel(ok, res, special)
 }
 
@@ -273,17 +289,21 @@ pub fn log(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
 /// `1 − 2/(e^{2|x|} + 1)`, which saturates to exactly ±1 (from |x| = 9.01 in f32, 19.06 in
 /// f64). Odd, keeps the sign of zero: `tanh(±0) = ±0`, `tanh(±inf) = ±1`, `tanh(NaN) = NaN`.
 pub fn tanh(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
-    let mut e = Em::new(b, m, x);
-    let ax = e.b.ins().fabs(x);
+    tanh_g(&mut Em::new(b, m, x), x)
+}
+
+#[inline(always)]
+pub(crate) fn tanh_g<A: Arith>(e: &mut A, x: A::V) -> A::V {
+    let ax = e.abs(x);
     let sign = e.sign_bits(x);
     let t = e.mul(ax, ax);
-    let coeffs: &[f64] = if e.wide { &TANH_F64 } else { &TANH_F32 };
+    let coeffs: &[f64] = if e.wide() { &TANH_F64 } else { &TANH_F32 };
     let pt = e.poly(t, coeffs);
     let ax3 = e.mul(ax, t);
     let small = e.fma(ax3, pt, ax);
     // tanh is ±1 to the last bit beyond 9.01 (f32) / 19.06 (f64); the clamp keeps e^{2|x|} finite
     // (so exp's own clamps are not needed: 0 ≤ 2|x| ≤ 40).
-    let axc = e.min_const(ax, if e.wide { 20.0 } else { 10.0 });
+    let axc = e.min_const(ax, if e.wide() { 20.0 } else { 10.0 });
     let two_ax = e.add(axc, axc);
     let ep = e.exp_parts(two_ax, None, false, Clamp::NONE);
     // e^{2|x|} + 1 = (1 + q)·s1 + 1 = q·s1 + (s1 + 1), one rounding (s1 + 1 is exact while it
@@ -307,7 +327,11 @@ pub fn tanh(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
 /// below x = −103.97 in f32, −745.13 in f64, as the correctly rounded one).
 /// `sigmoid(+inf) = 1`, `sigmoid(−inf) = +0`, `sigmoid(±0) = 0.5`, `sigmoid(NaN) = NaN`.
 pub fn sigmoid(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
-    let mut e = Em::new(b, m, x);
+    sigmoid_g(&mut Em::new(b, m, x), x)
+}
+
+#[inline(always)]
+pub(crate) fn sigmoid_g<A: Arith>(e: &mut A, x: A::V) -> A::V {
     e.scaled_sigmoid(None, x, None)
 }
 
@@ -317,7 +341,11 @@ pub fn sigmoid(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
 /// subnormals). `silu(±0) = ±0`, `silu(+inf) = +inf`, `silu(NaN) = NaN` and `silu(−inf) = NaN`:
 /// the IEEE value of `−inf·0`, as tracegrad's reference kernel `x/(1 + e^{−x})` gives.
 pub fn silu(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
-    let mut e = Em::new(b, m, x);
+    silu_g(&mut Em::new(b, m, x), x)
+}
+
+#[inline(always)]
+pub(crate) fn silu_g<A: Arith>(e: &mut A, x: A::V) -> A::V {
     e.scaled_sigmoid(Some(x), x, None)
 }
 
@@ -329,18 +357,22 @@ pub fn silu(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
 /// `erf(±0) = ±0`; saturates to exactly ±1 (from |x| = 3.92 in f32, 5.93 in f64),
 /// `erf(±inf) = ±1`, `erf(NaN) = NaN`.
 pub fn erf(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
-    let mut e = Em::new(b, m, x);
-    let ax = e.b.ins().fabs(x);
+    erf_g(&mut Em::new(b, m, x), x)
+}
+
+#[inline(always)]
+pub(crate) fn erf_g<A: Arith>(e: &mut A, x: A::V) -> A::V {
+    let ax = e.abs(x);
     let sign = e.sign_bits(x);
     let t = e.mul(ax, ax);
     let small = e.erf_small(ax, t);
     // Beyond the clamp erf is 1 to the last bit; clamping keeps e^{−x²} normal (single scale).
-    let axc = e.min_const(ax, if e.wide { 26.0 } else { 9.0 });
+    let axc = e.min_const(ax, if e.wide() { 26.0 } else { 9.0 });
     let t2 = e.mul(axc, axc);
-    let nt2 = e.b.ins().fneg(t2);
+    let nt2 = e.neg(t2);
     // −x² ≥ −81 (f32) / −676 (f64): inside exp's range, no clamp.
     let ep = e.exp_parts(nt2, None, false, Clamp::NONE);
-    let cen = e.c(if e.wide { ERFC_CEN_F64 } else { ERFC_CEN_F32 });
+    let cen = e.c(if e.wide() { ERFC_CEN_F64 } else { ERFC_CEN_F32 });
     let d = e.sub(axc, cen);
     let one = e.c(1.0);
     let v = e.div(one, t2);
@@ -365,7 +397,11 @@ pub fn erf(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
 /// `gelu(NaN) = NaN` and `gelu(−inf) = NaN` (the IEEE value of `−inf·0`, as tracegrad's
 /// reference kernel gives).
 pub fn gelu(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
-    let mut e = Em::new(b, m, x);
+    gelu_g(&mut Em::new(b, m, x), x)
+}
+
+#[inline(always)]
+pub(crate) fn gelu_g<A: Arith>(e: &mut A, x: A::V) -> A::V {
     let half = e.c(0.5);
     let hx = e.mul(half, x);
     let rs2 = e.c(std::f64::consts::FRAC_1_SQRT_2);
@@ -377,8 +413,8 @@ pub fn gelu(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
     let opu = e.add(one, erf_u);
     let g_small = e.mul(hx, opu); // not fma(hx, erf_u, hx): that would turn −0 into +0
                                   // Otherwise erfc(|u|) = e^{−x²/2}·R(|u|), with x² split exactly into hi + lo.
-    let ax = e.b.ins().fabs(x);
-    let xmax = if e.wide { GELU_XMAX_F64 } else { GELU_XMAX_F32 };
+    let ax = e.abs(x);
+    let xmax = if e.wide() { GELU_XMAX_F64 } else { GELU_XMAX_F32 };
     let axc = e.min_const(ax, xmax);
     let (h, l) = e.two_square(axc);
     let mhalf = e.c(-0.5);
@@ -391,14 +427,14 @@ pub fn gelu(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
     let zero = e.c(0.0);
     let s2 = e.sel(beyond, zero, ep.s2.unwrap());
     let auc = e.mul(axc, rs2);
-    let ncen = e.c(-(if e.wide { ERFC_CEN_F64 } else { ERFC_CEN_F32 }));
+    let ncen = e.c(-(if e.wide() { ERFC_CEN_F64 } else { ERFC_CEN_F32 }));
     let d = e.fma(axc, rs2, ncen);
     let two = e.c(2.0);
     let v = e.div(two, h); // 1/u²
     let g = e.erfc_g(auc, d, v);
     // x < 0: 0.5·x·erfc(|u|) = −G(|u|)·e^{−x²/2} exactly (0.5·x·√2/|u| = −1), rounded once
     // (even when subnormal): fma(−G, q, −G) = −G·e^r, then the exact scalings.
-    let mg = e.b.ins().fneg(g);
+    let mg = e.neg(g);
     let qp = e.fma(mg, ep.q, mg);
     let qp1 = e.mul(qp, ep.s1);
     let g_neg = e.mul(qp1, s2);
@@ -420,7 +456,7 @@ pub fn gelu(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
     let lo = e.c(-0.5);
     let above = e.cmp(FloatCC::GreaterThan, u, lo);
     let below = e.cmp(FloatCC::LessThan, u, one);
-    let is_small = e.b.ins().band(above, below);
+    let is_small = e.mand(above, below);
     e.sel(is_small, g_small, g_big)
 }
 
@@ -434,12 +470,16 @@ pub fn gelu(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
 /// `gelu_tanh(+inf) = +inf`, `gelu_tanh(NaN) = NaN` and `gelu_tanh(−inf) = NaN` (IEEE
 /// `−inf·0`, as tracegrad's reference kernel gives).
 pub fn gelu_tanh(b: &mut FunctionBuilder, m: &MathCtx, x: Value) -> Value {
-    let mut e = Em::new(b, m, x);
+    gelu_tanh_g(&mut Em::new(b, m, x), x)
+}
+
+#[inline(always)]
+pub(crate) fn gelu_tanh_g<A: Arith>(e: &mut A, x: A::V) -> A::V {
     // Beyond ±GELU_TANH_XMAX sigmoid(w) is exactly 0 or 1; the clamp keeps the splits finite.
-    let xmax = if e.wide { 30.0 } else { 16.0 };
+    let xmax = if e.wide() { 30.0 } else { 16.0 };
     let xc = e.min_const(x, xmax);
     let xc = e.max_const(xc, -xmax);
-    let (c1h, c1l, c2h, c2l) = if e.wide { GELU_TANH_C_F64 } else { GELU_TANH_C_F32 };
+    let (c1h, c1l, c2h, c2l) = if e.wide() { GELU_TANH_C_F64 } else { GELU_TANH_C_F32 };
     // x² = h2 + l2 exactly; c2·x² = p + plo.
     let (h2, l2) = e.two_square(xc);
     let c2h = e.c(c2h);
@@ -682,20 +722,20 @@ struct Em<'a, 'b> {
 }
 
 /// The pieces of `e^x = p·s1·s2` (or `p·s1` when built with a single scale).
-struct ExpParts {
+pub(crate) struct ExpParts<V> {
     /// `e^r` for the reduced argument, in about [0.7, 1.42].
-    p: Value,
+    p: V,
     /// `e^r − 1` (more accurate than `p − 1`: `x·e^r` is best computed as `fma(x, q, x)`).
-    q: Value,
+    q: V,
     /// A power of two (normal).
-    s1: Value,
+    s1: V,
     /// The second power of two, when requested.
-    s2: Option<Value>,
+    s2: Option<V>,
 }
 
 /// Which of exp's argument clamps [`Em::exp_parts`] applies.
 #[derive(Clone, Copy)]
-struct Clamp {
+pub(crate) struct Clamp {
     lo: bool,
     hi: bool,
 }
@@ -716,12 +756,25 @@ impl<'a, 'b> Em<'a, 'b> {
         };
         Em { b, m: *m, ty, ity: ty.as_int(), wide }
     }
+}
+
+impl Arith for Em<'_, '_> {
+    type V = Value;
+    type I = Value;
+    type M = Value;
+
+    fn wide(&self) -> bool {
+        self.wide
+    }
+
+    fn has_fma(&self) -> bool {
+        self.m.has_fma
+    }
 
     fn c(&mut self, v: f64) -> Value {
         constant(self.b, self.ty, v)
     }
 
-    /// An integer constant of the integer twin type (bits given unsigned).
     fn ci(&mut self, v: u64) -> Value {
         let lane = self.ity.lane_type();
         let v = if lane == types::I32 { v & 0xffff_ffff } else { v };
@@ -730,15 +783,6 @@ impl<'a, 'b> Em<'a, 'b> {
             self.b.ins().splat(self.ity, s)
         } else {
             s
-        }
-    }
-
-    /// The bit pattern of `v` in this precision.
-    fn float_bits(&self, v: f64) -> u64 {
-        if self.wide {
-            v.to_bits()
-        } else {
-            u64::from((v as f32).to_bits())
         }
     }
 
@@ -758,8 +802,20 @@ impl<'a, 'b> Em<'a, 'b> {
         self.b.ins().fdiv(a, b)
     }
 
-    fn fma(&mut self, a: Value, b: Value, c: Value) -> Value {
-        mul_add(self.b, &self.m, a, b, c)
+    fn fma_native(&mut self, a: Value, b: Value, c: Value) -> Value {
+        self.b.ins().fma(a, b, c)
+    }
+
+    fn neg(&mut self, a: Value) -> Value {
+        self.b.ins().fneg(a)
+    }
+
+    fn abs(&mut self, a: Value) -> Value {
+        self.b.ins().fabs(a)
+    }
+
+    fn sqrt(&mut self, a: Value) -> Value {
+        self.b.ins().sqrt(a)
     }
 
     fn bits(&mut self, v: Value) -> Value {
@@ -770,12 +826,36 @@ impl<'a, 'b> Em<'a, 'b> {
         self.b.ins().bitcast(self.ty, MemFlagsData::new(), v)
     }
 
+    fn iadd(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().iadd(a, b)
+    }
+
+    fn band(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().band(a, b)
+    }
+
+    fn bor(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().bor(a, b)
+    }
+
+    fn shl(&mut self, a: Value, n: u32) -> Value {
+        self.b.ins().ishl_imm_u(a, i64::from(n))
+    }
+
+    fn shr(&mut self, a: Value, n: u32) -> Value {
+        self.b.ins().ushr_imm_u(a, i64::from(n))
+    }
+
     /// A comparison mask: `I8` for scalars, all-ones/zero lanes of the integer twin for vectors.
     fn cmp(&mut self, cc: FloatCC, a: Value, b: Value) -> Value {
         self.b.ins().fcmp(cc, a, b)
     }
 
-    /// `mask ? a : b`, lane-wise; `a`, `b` of the float type or its integer twin.
+    fn mand(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().band(a, b)
+    }
+
+    /// `mask ? a : b`, lane-wise.
     fn sel(&mut self, mask: Value, a: Value, b: Value) -> Value {
         if self.ty.is_vector() {
             let vt = self.b.func.dfg.value_type(a);
@@ -789,70 +869,180 @@ impl<'a, 'b> Em<'a, 'b> {
             self.b.ins().select(mask, a, b)
         }
     }
+}
+
+/// The operations the algorithms above are written in, over a float value type `V`, its
+/// integer twin `I` (same lanes, same width) and a lane mask `M`. Two backends implement them:
+/// [`Em`] emits Cranelift IR (scalars, F32X4, F64X2), and [`crate::lanes`] evaluates them on
+/// Rust `f32`/`f64` values inside loops that rustc compiles for AVX2 and AVX-512. Every
+/// operation is exact IEEE arithmetic or bit manipulation, so the backends agree bit for bit
+/// when they agree on [`Arith::has_fma`].
+pub(crate) trait Arith {
+    /// A float value (or vector).
+    type V: Copy;
+    /// The integer twin of `V`.
+    type I: Copy;
+    /// A comparison result.
+    type M: Copy;
+
+    /// f64 lanes (else f32).
+    fn wide(&self) -> bool;
+    /// Whether [`Arith::fma`] fuses.
+    fn has_fma(&self) -> bool;
+    /// A constant, rounded to the precision.
+    fn c(&mut self, v: f64) -> Self::V;
+    /// An integer constant of the twin type (bits given unsigned, truncated to the lane).
+    fn ci(&mut self, v: u64) -> Self::I;
+    /// `a + b`.
+    fn add(&mut self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a − b`.
+    fn sub(&mut self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a·b`.
+    fn mul(&mut self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a / b`.
+    fn div(&mut self, a: Self::V, b: Self::V) -> Self::V;
+    /// `a·b + c` rounded once (only called when [`Arith::has_fma`]).
+    fn fma_native(&mut self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `−a`.
+    fn neg(&mut self, a: Self::V) -> Self::V;
+    /// `|a|`.
+    fn abs(&mut self, a: Self::V) -> Self::V;
+    /// `√a` (NaN below zero).
+    fn sqrt(&mut self, a: Self::V) -> Self::V;
+    /// The bits of `v`.
+    fn bits(&mut self, v: Self::V) -> Self::I;
+    /// The float with bits `i`.
+    fn float(&mut self, i: Self::I) -> Self::V;
+    /// Wrapping integer `a + b`.
+    fn iadd(&mut self, a: Self::I, b: Self::I) -> Self::I;
+    /// `a & b`.
+    fn band(&mut self, a: Self::I, b: Self::I) -> Self::I;
+    /// `a | b`.
+    fn bor(&mut self, a: Self::I, b: Self::I) -> Self::I;
+    /// `a << n`.
+    fn shl(&mut self, a: Self::I, n: u32) -> Self::I;
+    /// `a >> n`, logical.
+    fn shr(&mut self, a: Self::I, n: u32) -> Self::I;
+    /// `a cc b` (`LessThan`, `GreaterThan` or `Equal`; false when either is NaN).
+    fn cmp(&mut self, cc: FloatCC, a: Self::V, b: Self::V) -> Self::M;
+    /// Both masks.
+    fn mand(&mut self, a: Self::M, b: Self::M) -> Self::M;
+    /// `mask ? a : b`.
+    fn sel(&mut self, mask: Self::M, a: Self::V, b: Self::V) -> Self::V;
+
+    /// The bit pattern of `v` in this precision.
+    #[inline(always)]
+    fn float_bits(&self, v: f64) -> u64 {
+        if self.wide() {
+            v.to_bits()
+        } else {
+            u64::from((v as f32).to_bits())
+        }
+    }
+
+    /// `x·y + z`: a fused multiply-add if [`Arith::has_fma`], else `mul` then `add` (two
+    /// roundings).
+    #[inline(always)]
+    fn fma(&mut self, a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        if self.has_fma() {
+            self.fma_native(a, b, c)
+        } else {
+            let p = self.mul(a, b);
+            self.add(p, c)
+        }
+    }
 
     /// `min(x, c)` that returns `x` when it is NaN (lowers to `minps c, x` on x64).
-    fn min_const(&mut self, x: Value, c: f64) -> Value {
+    #[inline(always)]
+    fn min_const(&mut self, x: Self::V, c: f64) -> Self::V {
         let c = self.c(c);
         let lt = self.cmp(FloatCC::LessThan, c, x);
         self.sel(lt, c, x)
     }
 
     /// `max(x, c)` that returns `x` when it is NaN (lowers to `maxps c, x` on x64).
-    fn max_const(&mut self, x: Value, c: f64) -> Value {
+    #[inline(always)]
+    fn max_const(&mut self, x: Self::V, c: f64) -> Self::V {
         let c = self.c(c);
         let lt = self.cmp(FloatCC::LessThan, x, c);
         self.sel(lt, c, x)
     }
 
     /// Horner's scheme, `coeffs` lowest order first.
-    fn poly(&mut self, x: Value, coeffs: &[f64]) -> Value {
-        let (last, rest) = coeffs.split_last().expect("empty polynomial");
-        let mut acc = self.c(*last);
-        for &k in rest.iter().rev() {
-            let k = self.c(k);
+    #[inline(always)]
+    fn poly(&mut self, x: Self::V, coeffs: &[f64]) -> Self::V {
+        let (&last, rest) = coeffs.split_last().expect("empty polynomial");
+        let mut acc = self.c(last);
+        // Plain index loops: with the coefficients a constant array, rustc unrolls them fully,
+        // which lets the lanes backend's element loops vectorize.
+        let mut i = rest.len();
+        while i > 0 {
+            i -= 1;
+            let k = self.c(rest[i]);
             acc = self.fma(acc, x, k);
         }
         acc
     }
 
+    /// [`Arith::poly`] of the coefficients `lead, rest…`, each multiplied by `scale` (exactly,
+    /// in f64, before rounding to the precision), without building the list.
+    #[inline(always)]
+    fn poly_lead(&mut self, x: Self::V, lead: f64, rest: &[f64], scale: f64) -> Self::V {
+        let Some(&last) = rest.last() else { return self.c(scale * lead) };
+        let mut acc = self.c(scale * last);
+        let mut i = rest.len() - 1;
+        while i > 0 {
+            i -= 1;
+            let k = self.c(scale * rest[i]);
+            acc = self.fma(acc, x, k);
+        }
+        let k = self.c(scale * lead);
+        self.fma(acc, x, k)
+    }
+
     /// `y` rounded to an integer (ties to even), for |y| < 2^22 (f32) / 2^51 (f64).
-    fn round_int(&mut self, y: Value) -> Value {
-        let magic = self.c(if self.wide { 1.5 * 2f64.powi(52) } else { 1.5 * 2f64.powi(23) });
+    #[inline(always)]
+    fn round_int(&mut self, y: Self::V) -> Self::V {
+        let magic = self.c(if self.wide() { 1.5 * 2f64.powi(52) } else { 1.5 * 2f64.powi(23) });
         let t = self.add(y, magic);
         self.sub(t, magic)
     }
 
     /// `2^n` for an integer-valued `n` in the normal exponent range.
-    fn pow2(&mut self, n: Value) -> Value {
-        let (magic, shift) = if self.wide { (2f64.powi(52) + 1023.0, 52) } else { (2f64.powi(23) + 127.0, 23) };
+    #[inline(always)]
+    fn pow2(&mut self, n: Self::V) -> Self::V {
+        let (magic, shift) = if self.wide() { (2f64.powi(52) + 1023.0, 52) } else { (2f64.powi(23) + 127.0, 23) };
         let magic = self.c(magic);
         let t = self.add(n, magic);
         let t = self.bits(t);
-        let t = self.b.ins().ishl_imm_u(t, shift);
+        let t = self.shl(t, shift);
         self.float(t)
     }
 
     /// The sign bit of `x`, as the integer twin.
-    fn sign_bits(&mut self, x: Value) -> Value {
+    #[inline(always)]
+    fn sign_bits(&mut self, x: Self::V) -> Self::I {
         let xb = self.bits(x);
-        let m = self.ci(if self.wide { 1 << 63 } else { 1 << 31 });
-        self.b.ins().band(xb, m)
+        let m = self.ci(if self.wide() { 1 << 63 } else { 1 << 31 });
+        self.band(xb, m)
     }
 
     /// `v` with `sign` (from [`Self::sign_bits`]) or-ed into its sign bit.
-    fn or_sign(&mut self, v: Value, sign: Value) -> Value {
+    #[inline(always)]
+    fn or_sign(&mut self, v: Self::V, sign: Self::I) -> Self::V {
         let vb = self.bits(v);
-        let r = self.b.ins().bor(vb, sign);
+        let r = self.bor(vb, sign);
         self.float(r)
     }
 
     /// `x·x` exactly, as `hi + lo` (FMA, or Dekker's product with Veltkamp's split). `x` must be
     /// small enough for the split not to overflow (|x| < 2^100 is plenty).
-    fn two_square(&mut self, x: Value) -> (Value, Value) {
+    #[inline(always)]
+    fn two_square(&mut self, x: Self::V) -> (Self::V, Self::V) {
         let h = self.mul(x, x);
-        if self.m.has_fma {
-            let nh = self.b.ins().fneg(h);
-            let l = self.b.ins().fma(x, x, nh);
+        if self.has_fma() {
+            let nh = self.neg(h);
+            let l = self.fma_native(x, x, nh);
             (h, l)
         } else {
             let (xh, xl) = self.split(x);
@@ -869,12 +1059,13 @@ impl<'a, 'b> Em<'a, 'b> {
     /// exp's argument reduction: `k = round(x/ln 2)` and `r = x − k·ln 2` (Cody–Waite, two
     /// FMAs), |r| ≤ ln 2 / 2. With FMA, `x·log2(e) + 1.5·2^23` is one rounding, straight to the
     /// integer (one instruction fewer than multiplying, then rounding with the magic number).
-    fn reduce_ln2(&mut self, x: Value) -> (Value, Value) {
+    #[inline(always)]
+    fn reduce_ln2(&mut self, x: Self::V) -> (Self::V, Self::V) {
         let log2e = self.c(LOG2E);
-        let magic = self.c(if self.wide { 1.5 * 2f64.powi(52) } else { 1.5 * 2f64.powi(23) });
+        let magic = self.c(if self.wide() { 1.5 * 2f64.powi(52) } else { 1.5 * 2f64.powi(23) });
         let t = self.fma(x, log2e, magic);
         let k = self.sub(t, magic);
-        let (hi_c, lo_c) = if self.wide { (LN2_HI_F64, LN2_LO_F64) } else { (EXP_LN2_HI_F32, EXP_LN2_LO_F32) };
+        let (hi_c, lo_c) = if self.wide() { (LN2_HI_F64, LN2_LO_F64) } else { (EXP_LN2_HI_F32, EXP_LN2_LO_F32) };
         let nhi = self.c(-hi_c);
         let nlo = self.c(-lo_c);
         let r = self.fma(k, nhi, x);
@@ -889,20 +1080,18 @@ impl<'a, 'b> Em<'a, 'b> {
     /// bound (every caller but `exp` itself) turns that clamp off with `clamp`. With two scales `2^k` is split as
     /// `2^⌊k/2⌉·2^(k−⌊k/2⌉)`, so that `p·s1` is normal and the final product rounds once, even
     /// into the subnormals. With one scale the caller guarantees x ≥ −87 (f32) / −708 (f64).
-    fn exp_parts(&mut self, x: Value, lo: Option<Value>, two_scales: bool, clamp: Clamp) -> ExpParts {
-        let (xlo, xhi) = if self.wide { (EXP_MIN_F64, 710.0) } else { (EXP_MIN_F32, 89.0) };
+    #[inline(always)]
+    fn exp_parts(&mut self, x: Self::V, lo: Option<Self::V>, two_scales: bool, clamp: Clamp) -> ExpParts<Self::V> {
+        let (xlo, xhi) = if self.wide() { (EXP_MIN_F64, 710.0) } else { (EXP_MIN_F32, 89.0) };
         let xc = if clamp.hi { self.min_const(x, xhi) } else { x };
         let xc = if clamp.lo { self.max_const(xc, xlo) } else { xc };
         let (k, mut r) = self.reduce_ln2(xc);
         if let Some(l) = lo {
             r = self.add(r, l);
         }
-        let c = if self.wide { &EXP_F64[..] } else { &EXP_F32[..] };
-        let mut coeffs = Vec::with_capacity(c.len() + 1);
-        coeffs.push(1.0);
-        coeffs.extend_from_slice(c);
+        let c = if self.wide() { &EXP_F64[..] } else { &EXP_F32[..] };
         // e^r = 1 + r·H(r), H = 1 + r·P(r)
-        let h = self.poly(r, &coeffs);
+        let h = self.poly_lead(r, 1.0, c, 1.0);
         let q = self.mul(h, r);
         let one = self.c(1.0);
         let p = self.fma(h, r, one);
@@ -932,13 +1121,14 @@ impl<'a, 'b> Em<'a, 'b> {
     /// possibly subnormal, scaling by s2 comes after the division, so the result rounds once
     /// there too. Using E = e^{−|w|} for all w < 0 would be cheaper but costs an ulp where E
     /// and the result lie in different binades.
-    fn scaled_sigmoid(&mut self, pref: Option<Value>, w: Value, w_lo: Option<Value>) -> Value {
-        let nt = self.c(if self.wide { -36.0 } else { -15.9 });
+    #[inline(always)]
+    fn scaled_sigmoid(&mut self, pref: Option<Self::V>, w: Self::V, w_lo: Option<Self::V>) -> Self::V {
+        let nt = self.c(if self.wide() { -36.0 } else { -15.9 });
         let lower = self.cmp(FloatCC::LessThan, w, nt);
-        let nw = self.b.ins().fneg(w);
+        let nw = self.neg(w);
         let arg = self.sel(lower, w, nw);
         let arg_lo = w_lo.map(|l| {
-            let nl = self.b.ins().fneg(l);
+            let nl = self.neg(l);
             self.sel(lower, l, nl)
         });
         // arg ≤ T: only the lower clamp matters.
@@ -960,7 +1150,7 @@ impl<'a, 'b> Em<'a, 'b> {
             None => s2,
             Some(_) => {
                 let zero = self.c(0.0);
-                let xlo = self.c(if self.wide { EXP_MIN_F64 } else { EXP_MIN_F32 });
+                let xlo = self.c(if self.wide() { EXP_MIN_F64 } else { EXP_MIN_F32 });
                 let under = self.cmp(FloatCC::LessThan, w, xlo);
                 self.sel(under, zero, s2)
             }
@@ -971,16 +1161,18 @@ impl<'a, 'b> Em<'a, 'b> {
     }
 
     /// `erf(u)` for |u| ≤ 1, given `t = u²`: `u + u·P(t)`.
-    fn erf_small(&mut self, u: Value, t: Value) -> Value {
-        let coeffs: &[f64] = if self.wide { &ERF_F64 } else { &ERF_F32 };
+    #[inline(always)]
+    fn erf_small(&mut self, u: Self::V, t: Self::V) -> Self::V {
+        let coeffs: &[f64] = if self.wide() { &ERF_F64 } else { &ERF_F32 };
         let p = self.poly(t, coeffs);
         self.fma(u, p, u)
     }
 
     /// `G(u) = u·e^{u²}·erfc(u)/√2` for 0.49 ≤ u ≤ 10.3 (f32) / 27.3 (f64), given
     /// `d = u − ERFC_CEN` and `v = 1/u²`: a polynomial in d below ERFC_U1, in v above.
-    fn erfc_g(&mut self, u: Value, d: Value, v: Value) -> Value {
-        let (u1, near, far): (f64, &[f64], &[f64]) = if self.wide {
+    #[inline(always)]
+    fn erfc_g(&mut self, u: Self::V, d: Self::V, v: Self::V) -> Self::V {
+        let (u1, near, far): (f64, &[f64], &[f64]) = if self.wide() {
             (ERFC_U1_F64, &ERFC_NEAR_F64, &ERFC_FAR_F64)
         } else {
             (ERFC_U1_F32, &ERFC_NEAR_F32, &ERFC_FAR_F32)
@@ -994,11 +1186,12 @@ impl<'a, 'b> Em<'a, 'b> {
 
     /// `a·b` exactly, as `hi + lo` (FMA, or Dekker's product with Veltkamp's splits). The
     /// operands must be small enough for the splits not to overflow.
-    fn two_prod(&mut self, a: Value, b: Value) -> (Value, Value) {
+    #[inline(always)]
+    fn two_prod(&mut self, a: Self::V, b: Self::V) -> (Self::V, Self::V) {
         let h = self.mul(a, b);
-        if self.m.has_fma {
-            let nh = self.b.ins().fneg(h);
-            let l = self.b.ins().fma(a, b, nh);
+        if self.has_fma() {
+            let nh = self.neg(h);
+            let l = self.fma_native(a, b, nh);
             (h, l)
         } else {
             let (ah, al) = self.split(a);
@@ -1015,7 +1208,8 @@ impl<'a, 'b> Em<'a, 'b> {
     }
 
     /// `a + b` exactly, as `hi + lo` (Knuth's TwoSum).
-    fn two_sum(&mut self, a: Value, b: Value) -> (Value, Value) {
+    #[inline(always)]
+    fn two_sum(&mut self, a: Self::V, b: Self::V) -> (Self::V, Self::V) {
         let s = self.add(a, b);
         let bb = self.sub(s, a);
         let ab = self.sub(s, bb);
@@ -1025,8 +1219,9 @@ impl<'a, 'b> Em<'a, 'b> {
     }
 
     /// Veltkamp's split of `a` into two halves of at most 12 (f32) / 26 (f64) bits.
-    fn split(&mut self, a: Value) -> (Value, Value) {
-        let k = self.c(if self.wide { 134217729.0 } else { 4097.0 });
+    #[inline(always)]
+    fn split(&mut self, a: Self::V) -> (Self::V, Self::V) {
+        let k = self.c(if self.wide() { 134217729.0 } else { 4097.0 });
         let c = self.mul(k, a);
         let d = self.sub(c, a);
         let ah = self.sub(c, d);

@@ -20,6 +20,7 @@ use cranelift_codegen::settings::{self, Configurable};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, Linkage, Module};
+use tracegrad_jit::lanes::{Func, LaneFloat, Width};
 use tracegrad_jit::math::{self, MathCtx};
 
 // ---------------------------------------------------------------------------------------------
@@ -818,7 +819,17 @@ const GELU_TANH: Bound = Bound { fma: 2.1, no_fma: 2.2 };
 /// Runs `emit` over `xs` for every feature set; checks vector = scalar, feature sets that should
 /// agree do agree, and the error against `reference` is within the bound (printed with
 /// `--nocapture`).
-fn check<T: Flt>(name: &str, emit: Emit, xs: &[T], reference: fn(f64) -> Ref, bound: Bound) {
+///
+/// With `func`, the same function of [`tracegrad_jit::lanes`] runs at every width this machine
+/// has, each bit for bit equal to the JIT kernels of the same rounding (FMA or not).
+fn check<T: Flt + LaneFloat>(
+    name: &str,
+    emit: Emit,
+    func: Option<Func>,
+    xs: &[T],
+    reference: fn(f64) -> Ref,
+    bound: Bound,
+) {
     let refs: Vec<Ref> = xs.iter().map(|x| reference(x.to_f64())).collect();
     let mut outs: Vec<(Cfg, bool, Vec<T>)> = Vec::new();
     for cfg in CFGS {
@@ -847,6 +858,19 @@ fn check<T: Flt>(name: &str, emit: Emit, xs: &[T], reference: fn(f64) -> Ref, bo
             }
         } else {
             outs.push((cfg, has_fma, yv));
+        }
+    }
+    for w in Width::ALL.into_iter().filter(|w| func.is_some() && w.supported()) {
+        let mut ys = vec![T::from_f64(0.0); xs.len()];
+        T::apply_at(func.unwrap(), w, xs, &mut ys);
+        let (cfg, _, y0) = outs.iter().find(|(_, f, _)| *f == w.has_fma()).expect("a JIT kernel of this rounding");
+        for (i, x) in xs.iter().enumerate() {
+            assert!(
+                same(ys[i], y0[i]),
+                "{name}: lanes {w:?} and JIT {cfg:?} differ at x = {x:?}: {:?} vs {:?}",
+                ys[i],
+                y0[i]
+            );
         }
     }
     for (cfg, has_fma, ys) in &outs {
@@ -963,13 +987,13 @@ const ERF_EXTRA32: [f32; 3] = [0.5, 3.919_206, 9.0];
 #[test]
 fn exp_f32() {
     let xs = samples32((0.25, 110.0), (1e-10, 110.0), true, &[88.72284, -103.97208, -87.33655, -88.72284, 0.346_573_6]);
-    check("exp f32", math::exp, &xs, ref32::exp, EXP);
+    check("exp f32", math::exp, Some(Func::Exp), &xs, ref32::exp, EXP);
 }
 
 #[test]
 fn exp_f64() {
     let xs = samples64(1e-20, 750.0, true, &[709.782712893384, -745.1332191019412, -708.3964185322641]);
-    check("exp f64", math::exp, &xs, ref64::exp, EXP);
+    check("exp f64", math::exp, Some(Func::Exp), &xs, ref64::exp, EXP);
 }
 
 /// `exp_scaled` with a constant shift (0 or 64).
@@ -1003,12 +1027,12 @@ fn exp_scaled_f32() {
     // Shift 0: any x (above the threshold: exp's accuracy; overflow at the same point).
     let lo = exp_scaled_lo(false, 0);
     let (inside, below): (Vec<f32>, Vec<f32>) = xs.iter().partition(|&&x| f64::from(x) >= lo || x.is_nan());
-    check("exp_scaled(·, 0) f32", exp_scaled_by::<0>, &inside, ref32::exp, EXP);
+    check("exp_scaled(·, 0) f32", exp_scaled_by::<0>, None, &inside, ref32::exp, EXP);
     clamped_below(exp_scaled_by::<0>, &below, lo as f32);
     // Shift 64: x ≤ 0.
     let lo = exp_scaled_lo(false, 64);
     let (inside, below): (Vec<f32>, Vec<f32>) = xs.iter().filter(|&&x| x <= 0.0).partition(|&&x| f64::from(x) >= lo);
-    check("exp_scaled(·, 64) f32", exp_scaled_by::<64>, &inside, |x| Ref::f(x.exp() * 2f64.powi(64)), EXP);
+    check("exp_scaled(·, 64) f32", exp_scaled_by::<64>, None, &inside, |x| Ref::f(x.exp() * 2f64.powi(64)), EXP);
     clamped_below(exp_scaled_by::<64>, &below, lo as f32);
 }
 
@@ -1017,7 +1041,7 @@ fn exp_scaled_f64() {
     let xs = samples64(1e-20, 760.0, true, &[709.782712893384, 709.5, -706.0, -750.36]);
     let lo = exp_scaled_lo(true, 0);
     let (inside, below): (Vec<f64>, Vec<f64>) = xs.iter().partition(|&&x| x >= lo || x.is_nan());
-    check("exp_scaled(·, 0) f64", exp_scaled_by::<0>, &inside, ref64::exp, EXP);
+    check("exp_scaled(·, 0) f64", exp_scaled_by::<0>, None, &inside, ref64::exp, EXP);
     clamped_below(exp_scaled_by::<0>, &below, lo);
     let lo = exp_scaled_lo(true, 64);
     let (inside, below): (Vec<f64>, Vec<f64>) = xs.iter().filter(|&&x| x <= 0.0).partition(|&&x| x >= lo);
@@ -1025,7 +1049,7 @@ fn exp_scaled_f64() {
         let r = ref64::exp(x);
         Ref { m: r.m, k: r.k + 64 }
     };
-    check("exp_scaled(·, 64) f64", exp_scaled_by::<64>, &inside, shifted, EXP);
+    check("exp_scaled(·, 64) f64", exp_scaled_by::<64>, None, &inside, shifted, EXP);
     clamped_below(exp_scaled_by::<64>, &below, lo);
 }
 
@@ -1037,7 +1061,7 @@ fn log_f32() {
         false,
         &[1.0, std::f32::consts::FRAC_1_SQRT_2, std::f32::consts::SQRT_2],
     );
-    check("log f32", math::log, &xs, ref32::log, LOG);
+    check("log f32", math::log, Some(Func::Log), &xs, ref32::log, LOG);
 }
 
 #[test]
@@ -1045,79 +1069,79 @@ fn log_f64() {
     let mut xs = samples64(5e-324, f64::MAX, false, &[1.0, std::f64::consts::FRAC_1_SQRT_2, std::f64::consts::SQRT_2]);
     let mut rng = Rng(3);
     xs.extend((0..20_000).map(|_| 0.9 + 0.2 * rng.unit()));
-    check("log f64", math::log, &xs, ref64::log, LOG);
+    check("log f64", math::log, Some(Func::Log), &xs, ref64::log, LOG);
 }
 
 #[test]
 fn tanh_f32() {
     let xs = samples32((0.125, 12.0), (0.0, 12.0), true, &[0.55, 9.01]);
-    check("tanh f32", math::tanh, &xs, ref32::tanh, TANH);
+    check("tanh f32", math::tanh, Some(Func::Tanh), &xs, ref32::tanh, TANH);
 }
 
 #[test]
 fn tanh_f64() {
     let xs = samples64(1e-300, 25.0, true, &[0.55, 19.06]);
-    check("tanh f64", math::tanh, &xs, ref64::tanh, TANH);
+    check("tanh f64", math::tanh, Some(Func::Tanh), &xs, ref64::tanh, TANH);
 }
 
 #[test]
 fn sigmoid_f32() {
     let xs = samples32((0.25, 110.0), (0.0, 110.0), true, &[-87.33655, -103.2789, 16.635532]);
-    check("sigmoid f32", math::sigmoid, &xs, ref32::sigmoid, SIGMOID);
+    check("sigmoid f32", math::sigmoid, Some(Func::Sigmoid), &xs, ref32::sigmoid, SIGMOID);
 }
 
 #[test]
 fn sigmoid_f64() {
     let xs = samples64(1e-20, 750.0, true, &[-708.3964185322641, -744.440_071_921_381_2, 36.7368005696771]);
-    check("sigmoid f64", math::sigmoid, &xs, ref64::sigmoid, SIGMOID);
+    check("sigmoid f64", math::sigmoid, Some(Func::Sigmoid), &xs, ref64::sigmoid, SIGMOID);
 }
 
 #[test]
 fn silu_f32() {
     let xs = samples32((0.25, 120.0), (0.0, 1e6), true, &[-87.33655, -103.2789, 16.635532]);
-    check("silu f32", math::silu, &xs, ref32::silu, SILU);
+    check("silu f32", math::silu, Some(Func::Silu), &xs, ref32::silu, SILU);
 }
 
 #[test]
 fn silu_f64() {
     let xs = samples64(1e-20, 800.0, true, &[-708.3964185322641, -740.0, 36.7368005696771]);
-    check("silu f64", math::silu, &xs, ref64::silu, SILU);
+    check("silu f64", math::silu, Some(Func::Silu), &xs, ref64::silu, SILU);
 }
 
 #[test]
 fn erf_f32() {
     let xs = samples32((0.125, 4.5), (0.0, 10.0), true, &ERF_EXTRA32);
-    check("erf f32", math::erf, &xs, ref32::erf, ERF);
+    check("erf f32", math::erf, Some(Func::Erf), &xs, ref32::erf, ERF);
 }
 
 #[test]
 fn erf_f64() {
     let xs = samples64(1e-300, 7.0, true, &[0.5, 5.9215871957945, 26.0]);
-    check("erf f64", math::erf, &xs, ref64::erf, ERF);
+    check("erf f64", math::erf, Some(Func::Erf), &xs, ref64::erf, ERF);
 }
 
 #[test]
 fn gelu_f32() {
     let xs = samples32((0.125, 16.0), (0.0, 1e6), true, &[0.70710677, -14.57, -14.2]);
-    check("gelu f32", math::gelu, &xs, ref32::gelu, GELU);
+    check("gelu f32", math::gelu, Some(Func::Gelu), &xs, ref32::gelu, GELU);
 }
 
 #[test]
 fn gelu_f64() {
     let xs = samples64(1e-300, 40.0, true, &[std::f64::consts::FRAC_1_SQRT_2, -38.61, -37.7]);
-    check("gelu f64", math::gelu, &xs, ref64::gelu, GELU);
+    check("gelu f64", math::gelu, Some(Func::Gelu), &xs, ref64::gelu, GELU);
 }
 
 #[test]
 fn gelu_tanh_f32() {
     let xs = samples32((0.125, 14.0), (0.0, 1e6), true, &[-3.0, -10.0]);
-    check("gelu_tanh f32", math::gelu_tanh, &xs, ref32::gelu_tanh, GELU_TANH);
+    check("gelu_tanh f32", math::gelu_tanh, Some(Func::GeluTanh), &xs, ref32::gelu_tanh, GELU_TANH);
 }
 
 #[test]
 fn gelu_tanh_f64() {
     let xs = samples64(1e-300, 40.0, true, &[-3.0, -20.0]);
-    check("gelu_tanh f64", math::gelu_tanh, &xs, ref64::gelu_tanh, GELU_TANH);
+    check("gelu_tanh f64", math::gelu_tanh, Some(Func::GeluTanh), &xs, ref64::gelu_tanh, GELU_TANH);
 }
 
 #[test]
@@ -1158,7 +1182,7 @@ fn rejects_integer_types() {
 #[test]
 #[ignore]
 fn exhaustive_f32() {
-    type Case = (&'static str, Emit, fn(f64) -> Ref, Bound);
+    type Case = (&'static str, Emit, Option<Func>, fn(f64) -> Ref, Bound);
     // exp_scaled with shift 0 (shift 64 is the same code with another bias, over x ≤ 0: the
     // dense samples of `exp_scaled_f32` cover it): e^x above −86, e^−86 below (clamped).
     fn exp_scaled0(x: f64) -> Ref {
@@ -1169,25 +1193,30 @@ fn exhaustive_f32() {
         }
     }
     let fns: [Case; 9] = [
-        ("exp", math::exp, ref32::exp, EXP),
-        ("exp_scaled", exp_scaled_by::<0>, exp_scaled0, EXP),
-        ("log", math::log, ref32::log, LOG),
-        ("tanh", math::tanh, ref32::tanh, TANH),
-        ("sigmoid", math::sigmoid, ref32::sigmoid, SIGMOID),
-        ("silu", math::silu, ref32::silu, SILU),
-        ("erf", math::erf, ref32::erf, ERF),
-        ("gelu", math::gelu, ref32::gelu, GELU),
-        ("gelu_tanh", math::gelu_tanh, ref32::gelu_tanh, GELU_TANH),
+        ("exp", math::exp, Some(Func::Exp), ref32::exp, EXP),
+        ("exp_scaled", exp_scaled_by::<0>, None, exp_scaled0, EXP),
+        ("log", math::log, Some(Func::Log), ref32::log, LOG),
+        ("tanh", math::tanh, Some(Func::Tanh), ref32::tanh, TANH),
+        ("sigmoid", math::sigmoid, Some(Func::Sigmoid), ref32::sigmoid, SIGMOID),
+        ("silu", math::silu, Some(Func::Silu), ref32::silu, SILU),
+        ("erf", math::erf, Some(Func::Erf), ref32::erf, ERF),
+        ("gelu", math::gelu, Some(Func::Gelu), ref32::gelu, GELU),
+        ("gelu_tanh", math::gelu_tanh, Some(Func::GeluTanh), ref32::gelu_tanh, GELU_TANH),
     ];
     let only = std::env::var("MATH_EXHAUSTIVE").ok();
     let mut fails = Vec::new();
-    for (name, emit, reference, bound) in fns {
+    for (name, emit, func, reference, bound) in fns {
         if only.as_deref().is_some_and(|o| !o.split(',').any(|n| n == name)) {
             continue;
         }
         for cfg in [Cfg::Native, Cfg::NativeNoFma] {
             let c = compile::<f32>(cfg, emit);
             let kernel = c.vector;
+            // The lanes paths of this rounding, compared bit for bit with the kernel.
+            let has_fma = cfg == Cfg::Native && MathCtx::native().has_fma;
+            let widths: Vec<Width> =
+                Width::ALL.into_iter().filter(|w| func.is_some() && w.supported() && w.has_fma() == has_fma).collect();
+            let widths = &widths;
             let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
             let per = (1u64 << 32) / threads;
             let worst = std::thread::scope(|s| {
@@ -1202,6 +1231,13 @@ fn exhaustive_f32() {
                                     *x = f32::from_bits((b + i as u64) as u32);
                                 }
                                 let ys = run(kernel, &xs);
+                                for &w in widths {
+                                    let mut yl = vec![0.0f32; xs.len()];
+                                    f32::apply_at(func.unwrap(), w, &xs, &mut yl);
+                                    if let Some(i) = (0..xs.len()).find(|&i| !same(yl[i], ys[i])) {
+                                        panic!("{name}: lanes {w:?} differ from the {cfg:?} kernel at x = {:e}: {:e} vs {:e}", xs[i], yl[i], ys[i]);
+                                    }
+                                }
                                 for (x, y) in xs.iter().zip(&ys) {
                                     let e = err_ulps(*y, &reference(*x as f64));
                                     if e.is_nan() || e > worst.0 {
@@ -1217,7 +1253,10 @@ fn exhaustive_f32() {
                 hs.into_iter().map(|h| h.join().unwrap()).fold((0.0f64, 0.0f32), |a, b| if b.0 > a.0 { b } else { a })
             });
             let limit = if cfg == Cfg::Native && MathCtx::native().has_fma { bound.fma } else { bound.no_fma };
-            println!("{name:>10} f32 {cfg:?}: max error {:.3} ulp at x = {:e} (bound {limit})", worst.0, worst.1);
+            println!(
+                "{name:>10} f32 {cfg:?}: max error {:.3} ulp at x = {:e} (bound {limit}); lanes {widths:?} bit-identical",
+                worst.0, worst.1
+            );
             if worst.0.is_nan() || worst.0 > limit {
                 fails.push(format!("{name} {cfg:?}: {:.3} ulp at x = {:e}", worst.0, worst.1));
             }

@@ -1,0 +1,352 @@
+//! [`crate::math`]'s functions on slices of Rust `f32`/`f64`, at the machine's full vector
+//! width.
+//!
+//! The algorithms are written once, over `math::Arith`: the JIT emits them as Cranelift IR (128-bit
+//! vectors, the widest Cranelift's x64 backend lowers), and here the same generic code runs on
+//! Rust scalars inside loops that rustc compiles three times, for AVX-512 (16 f32 lanes), AVX2
+//! (8 lanes) and plain x86-64, picked at run time ([`Width::native`]). Each operation is an
+//! exactly rounded IEEE operation or bit manipulation, and the fused multiply-add is used
+//! exactly when the JIT uses it ([`crate::math::MathCtx::native`]), so every width gives the
+//! JIT's results bit for bit, with the same documented error bounds (`jit/tests/math.rs`
+//! checks both).
+//!
+//! Eager mode evaluates the transcendental unary ops here ([`eval_unary`]), so eager and
+//! compiled mode share one math library.
+
+use cranelift_codegen::ir::condcodes::FloatCC;
+use rayon::prelude::*;
+use tracegrad_compiler::ops::{Op, UnaryOp};
+use tracegrad_runtime::{Buffer, Data};
+
+use crate::math::{self, Arith};
+
+/// A function of [`crate::math`] that the lanes evaluate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Func {
+    /// `e^x`.
+    Exp,
+    /// `ln x`.
+    Log,
+    /// `tanh x`.
+    Tanh,
+    /// `1/(1 + e^{−x})`.
+    Sigmoid,
+    /// `x·sigmoid(x)`.
+    Silu,
+    /// `erf x`.
+    Erf,
+    /// Exact GELU.
+    Gelu,
+    /// GELU's tanh approximation.
+    GeluTanh,
+}
+
+impl Func {
+    /// Every function.
+    pub const ALL: [Func; 8] =
+        [Func::Exp, Func::Log, Func::Tanh, Func::Sigmoid, Func::Silu, Func::Erf, Func::Gelu, Func::GeluTanh];
+
+    /// The function computing `op`, if it is one of them.
+    pub fn of(op: UnaryOp) -> Option<Func> {
+        Some(match op {
+            UnaryOp::Exp => Func::Exp,
+            UnaryOp::Log => Func::Log,
+            UnaryOp::Tanh => Func::Tanh,
+            UnaryOp::Sigmoid => Func::Sigmoid,
+            UnaryOp::Silu => Func::Silu,
+            UnaryOp::Erf => Func::Erf,
+            UnaryOp::Gelu => Func::Gelu,
+            UnaryOp::GeluTanh => Func::GeluTanh,
+            _ => return None,
+        })
+    }
+}
+
+/// A compiled path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Width {
+    /// Plain x86-64 (SSE2) without FMA: what the JIT computes without FMA.
+    Plain,
+    /// 128-bit with FMA (the JIT's own width and rounding).
+    Fma128,
+    /// AVX2 with FMA: 8 f32 lanes.
+    Avx2,
+    /// AVX-512F with FMA: 16 f32 lanes.
+    Avx512,
+}
+
+impl Width {
+    /// Every path, narrowest first.
+    pub const ALL: [Width; 4] = [Width::Plain, Width::Fma128, Width::Avx2, Width::Avx512];
+
+    /// Whether this machine can run the path.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let fma = std::arch::is_x86_feature_detected!("fma");
+            match self {
+                Width::Plain => true,
+                Width::Fma128 => fma,
+                Width::Avx2 => fma && std::arch::is_x86_feature_detected!("avx2"),
+                Width::Avx512 => fma && std::arch::is_x86_feature_detected!("avx512f"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Width::Plain
+        }
+    }
+
+    /// Whether the path fuses multiply-adds (all but [`Width::Plain`]).
+    pub fn has_fma(self) -> bool {
+        self != Width::Plain
+    }
+
+    /// The widest path this machine runs; its rounding is the JIT's (FMA exactly when the
+    /// JIT's [`crate::math::MathCtx::native`] has it).
+    pub fn native() -> Width {
+        static NATIVE: std::sync::OnceLock<Width> = std::sync::OnceLock::new();
+        *NATIVE.get_or_init(|| Width::ALL.into_iter().rev().find(|w| w.supported()).unwrap_or(Width::Plain))
+    }
+}
+
+/// The [`Arith`] backend on Rust values: `f32` (or `f64`) lanes, their bits as `u32`
+/// (`u64`), masks as `bool`. `FMA` selects fused multiply-adds.
+#[derive(Clone, Copy, Default)]
+struct Lane<T, const FMA: bool>(std::marker::PhantomData<T>);
+
+macro_rules! lane_arith {
+    ($t:ty, $i:ty, $wide:expr) => {
+        impl<const FMA: bool> Arith for Lane<$t, FMA> {
+            type V = $t;
+            type I = $i;
+            type M = bool;
+
+            #[inline(always)]
+            fn wide(&self) -> bool {
+                $wide
+            }
+            #[inline(always)]
+            fn has_fma(&self) -> bool {
+                FMA
+            }
+            #[inline(always)]
+            fn c(&mut self, v: f64) -> $t {
+                v as $t
+            }
+            #[inline(always)]
+            fn ci(&mut self, v: u64) -> $i {
+                v as $i
+            }
+            #[inline(always)]
+            fn add(&mut self, a: $t, b: $t) -> $t {
+                a + b
+            }
+            #[inline(always)]
+            fn sub(&mut self, a: $t, b: $t) -> $t {
+                a - b
+            }
+            #[inline(always)]
+            fn mul(&mut self, a: $t, b: $t) -> $t {
+                a * b
+            }
+            #[inline(always)]
+            fn div(&mut self, a: $t, b: $t) -> $t {
+                a / b
+            }
+            #[inline(always)]
+            fn fma_native(&mut self, a: $t, b: $t, c: $t) -> $t {
+                a.mul_add(b, c)
+            }
+            #[inline(always)]
+            fn neg(&mut self, a: $t) -> $t {
+                -a
+            }
+            #[inline(always)]
+            fn abs(&mut self, a: $t) -> $t {
+                a.abs()
+            }
+            #[inline(always)]
+            fn sqrt(&mut self, a: $t) -> $t {
+                a.sqrt()
+            }
+            #[inline(always)]
+            fn bits(&mut self, v: $t) -> $i {
+                v.to_bits()
+            }
+            #[inline(always)]
+            fn float(&mut self, i: $i) -> $t {
+                <$t>::from_bits(i)
+            }
+            #[inline(always)]
+            fn iadd(&mut self, a: $i, b: $i) -> $i {
+                a.wrapping_add(b)
+            }
+            #[inline(always)]
+            fn band(&mut self, a: $i, b: $i) -> $i {
+                a & b
+            }
+            #[inline(always)]
+            fn bor(&mut self, a: $i, b: $i) -> $i {
+                a | b
+            }
+            #[inline(always)]
+            fn shl(&mut self, a: $i, n: u32) -> $i {
+                a << n
+            }
+            #[inline(always)]
+            fn shr(&mut self, a: $i, n: u32) -> $i {
+                a >> n
+            }
+            #[inline(always)]
+            fn cmp(&mut self, cc: FloatCC, a: $t, b: $t) -> bool {
+                match cc {
+                    FloatCC::LessThan => a < b,
+                    FloatCC::GreaterThan => a > b,
+                    FloatCC::Equal => a == b,
+                    _ => unreachable!("math uses <, > and == only"),
+                }
+            }
+            #[inline(always)]
+            fn mand(&mut self, a: bool, b: bool) -> bool {
+                a & b
+            }
+            #[inline(always)]
+            fn sel(&mut self, mask: bool, a: $t, b: $t) -> $t {
+                if mask {
+                    a
+                } else {
+                    b
+                }
+            }
+        }
+    };
+}
+
+lane_arith!(f32, u32, false);
+lane_arith!(f64, u64, true);
+
+/// `y[i] = f(x[i])` through backend `A`, written so that the loop vectorizes at the width of
+/// the function it is inlined into.
+#[inline(always)]
+fn map<A: Arith + Default>(f: Func, x: &[A::V], y: &mut [A::V]) {
+    macro_rules! each {
+        ($g:path) => {
+            for (a, b) in x.iter().zip(y.iter_mut()) {
+                *b = $g(&mut A::default(), *a);
+            }
+        };
+    }
+    match f {
+        Func::Exp => each!(math::exp_g),
+        Func::Log => each!(math::log_g),
+        Func::Tanh => each!(math::tanh_g),
+        Func::Sigmoid => each!(math::sigmoid_g),
+        Func::Silu => each!(math::silu_g),
+        Func::Erf => each!(math::erf_g),
+        Func::Gelu => each!(math::gelu_g),
+        Func::GeluTanh => each!(math::gelu_tanh_g),
+    }
+}
+
+macro_rules! paths {
+    ($t:ty, $plain:ident, $fma128:ident, $avx2:ident, $avx512:ident) => {
+        fn $plain(f: Func, x: &[$t], y: &mut [$t]) {
+            map::<Lane<$t, false>>(f, x, y)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "fma")]
+        fn $fma128(f: Func, x: &[$t], y: &mut [$t]) {
+            map::<Lane<$t, true>>(f, x, y)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $avx2(f: Func, x: &[$t], y: &mut [$t]) {
+            map::<Lane<$t, true>>(f, x, y)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,fma")]
+        fn $avx512(f: Func, x: &[$t], y: &mut [$t]) {
+            map::<Lane<$t, true>>(f, x, y)
+        }
+    };
+}
+
+paths!(f32, plain_f32, fma128_f32, avx2_f32, avx512_f32);
+paths!(f64, plain_f64, fma128_f64, avx2_f64, avx512_f64);
+
+/// A float type the lanes handle.
+pub trait LaneFloat: Copy {
+    /// `y = f(x)` elementwise on path `w`.
+    ///
+    /// # Panics
+    /// If `x` and `y` differ in length, or this machine cannot run `w`.
+    fn apply_at(f: Func, w: Width, x: &[Self], y: &mut [Self]);
+}
+
+macro_rules! lane_float {
+    ($t:ty, $plain:ident, $fma128:ident, $avx2:ident, $avx512:ident) => {
+        impl LaneFloat for $t {
+            fn apply_at(f: Func, w: Width, x: &[$t], y: &mut [$t]) {
+                assert_eq!(x.len(), y.len(), "lanes: input and output lengths differ");
+                assert!(w.supported(), "lanes: this machine cannot run the {w:?} path");
+                match w {
+                    Width::Plain => $plain(f, x, y),
+                    // SAFETY: `w.supported()` checked that the CPU has every feature the path
+                    // was compiled for.
+                    #[cfg(target_arch = "x86_64")]
+                    Width::Fma128 => unsafe { $fma128(f, x, y) },
+                    // SAFETY: as above.
+                    #[cfg(target_arch = "x86_64")]
+                    Width::Avx2 => unsafe { $avx2(f, x, y) },
+                    // SAFETY: as above.
+                    #[cfg(target_arch = "x86_64")]
+                    Width::Avx512 => unsafe { $avx512(f, x, y) },
+                    #[cfg(not(target_arch = "x86_64"))]
+                    _ => unreachable!("only the plain path is supported here"),
+                }
+            }
+        }
+    };
+}
+
+lane_float!(f32, plain_f32, fma128_f32, avx2_f32, avx512_f32);
+lane_float!(f64, plain_f64, fma128_f64, avx2_f64, avx512_f64);
+
+/// `y = f(x)` elementwise at this machine's full width ([`Width::native`]).
+///
+/// # Panics
+/// If `x` and `y` differ in length.
+pub fn apply<T: LaneFloat>(f: Func, x: &[T], y: &mut [T]) {
+    T::apply_at(f, Width::native(), x, y)
+}
+
+/// Elements per parallel chunk of [`eval_unary`] (and the size from which it splits).
+const CHUNK: usize = 1 << 14;
+
+/// Evaluates `op` on `inputs` here if it is a unary function of [`Func`] on f32 or f64, at the
+/// native width (split over rayon from `2·CHUNK` elements); `None` for anything else (the
+/// caller runs the op's reference kernel).
+pub fn eval_unary(op: &Op, inputs: &[&Buffer]) -> Option<Buffer> {
+    let Op::Unary(u) = op else { return None };
+    let f = Func::of(*u)?;
+    let [x] = inputs else { return None };
+    fn run<T: LaneFloat + Send + Sync + Default + Clone>(f: Func, v: &[T]) -> Vec<T> {
+        let mut o = vec![T::default(); v.len()];
+        if v.len() >= 2 * CHUNK {
+            o.par_chunks_mut(CHUNK).zip(v.par_chunks(CHUNK)).for_each(|(o, v)| apply(f, v, o));
+        } else {
+            apply(f, v, &mut o);
+        }
+        o
+    }
+    let data = match x.data() {
+        Data::F32(v) => Data::F32(run(f, v)),
+        Data::F64(v) => Data::F64(run(f, v)),
+        _ => return None,
+    };
+    Some(Buffer::new(data, x.shape()))
+}
