@@ -14,8 +14,10 @@
 //! Small inputs (under [`MIN_ELEMENTS`] elements) keep the reference path, where a plan's
 //! fixed cost would dominate (its f32 transcendentals still run the JIT's math, through
 //! `tracegrad_jit::lanes`, in the eager emitter), and so do f64 inputs, which keep libm's
-//! accuracy. A call the pipeline refuses (a shape error, an op the JIT does
-//! not lower) falls back to the reference path, which reports misuse exactly as before. Set
+//! accuracy. An f32 transcendental unary call that records no gradient never comes here: the
+//! lanes compute it at full width, faster than the 128-bit kernel. A call the pipeline refuses
+//! (a shape error, an op the JIT does not lower) falls back to the reference path, which
+//! reports misuse exactly as before. Set
 //! `TRACEGRAD_EAGER_KERNELS=reference` (or call [`set_enabled`]`(false)`) to run every eager
 //! op on the reference kernels.
 

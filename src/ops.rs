@@ -36,8 +36,18 @@ macro_rules! fused_unary_methods {
                 $(#[$doc])*
                 #[track_caller]
                 pub fn $name(&self) -> Tensor {
-                    if let Some(y) = crate::eager_kernels::run(stringify!($name), String::new, &[self], &|t| t[0].$name()) {
-                        return y;
+                    // A call that records no gradient runs the full-width vector math in the
+                    // eager emitter (`tracegrad_jit::lanes`, the JIT's math bit for bit); one
+                    // that does takes the compiled kernel, whose backward is fused.
+                    let lanes = tracegrad_jit::lanes::Func::of($op).is_some()
+                        && self.dtype() == tracegrad_runtime::DType::F32
+                        && !(self.requires_grad() && crate::autograd::is_grad_enabled());
+                    if !lanes {
+                        if let Some(y) =
+                            crate::eager_kernels::run(stringify!($name), String::new, &[self], &|t| t[0].$name())
+                        {
+                            return y;
+                        }
                     }
                     eager(|e| e.unary($op, self))
                 }

@@ -15,8 +15,9 @@
 
 use cranelift_codegen::ir::condcodes::FloatCC;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use tracegrad_compiler::ops::{Op, UnaryOp};
-use tracegrad_runtime::{Buffer, Data};
+use tracegrad_runtime::{Buffer, DType, Data};
 
 use crate::math::{self, Arith};
 
@@ -227,13 +228,13 @@ lane_arith!(f32, u32, false);
 lane_arith!(f64, u64, true);
 
 /// `y[i] = f(x[i])` through backend `A`, written so that the loop vectorizes at the width of
-/// the function it is inlined into.
+/// the function it is inlined into. Every element of `y` is written.
 #[inline(always)]
-fn map<A: Arith + Default>(f: Func, x: &[A::V], y: &mut [A::V]) {
+fn map<A: Arith + Default>(f: Func, x: &[A::V], y: &mut [MaybeUninit<A::V>]) {
     macro_rules! each {
         ($g:path) => {
             for (a, b) in x.iter().zip(y.iter_mut()) {
-                *b = $g(&mut A::default(), *a);
+                b.write($g(&mut A::default(), *a));
             }
         };
     }
@@ -251,25 +252,25 @@ fn map<A: Arith + Default>(f: Func, x: &[A::V], y: &mut [A::V]) {
 
 macro_rules! paths {
     ($t:ty, $plain:ident, $fma128:ident, $avx2:ident, $avx512:ident) => {
-        fn $plain(f: Func, x: &[$t], y: &mut [$t]) {
+        fn $plain(f: Func, x: &[$t], y: &mut [MaybeUninit<$t>]) {
             map::<Lane<$t, false>>(f, x, y)
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "fma")]
-        fn $fma128(f: Func, x: &[$t], y: &mut [$t]) {
+        fn $fma128(f: Func, x: &[$t], y: &mut [MaybeUninit<$t>]) {
             map::<Lane<$t, true>>(f, x, y)
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
-        fn $avx2(f: Func, x: &[$t], y: &mut [$t]) {
+        fn $avx2(f: Func, x: &[$t], y: &mut [MaybeUninit<$t>]) {
             map::<Lane<$t, true>>(f, x, y)
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,fma")]
-        fn $avx512(f: Func, x: &[$t], y: &mut [$t]) {
+        fn $avx512(f: Func, x: &[$t], y: &mut [MaybeUninit<$t>]) {
             map::<Lane<$t, true>>(f, x, y)
         }
     };
@@ -280,17 +281,29 @@ paths!(f64, plain_f64, fma128_f64, avx2_f64, avx512_f64);
 
 /// A float type the lanes handle.
 pub trait LaneFloat: Copy {
-    /// `y = f(x)` elementwise on path `w`.
+    /// `y = f(x)` elementwise on path `w`, writing every element of `y` (which need not be
+    /// initialised).
     ///
     /// # Panics
     /// If `x` and `y` differ in length, or this machine cannot run `w`.
-    fn apply_at(f: Func, w: Width, x: &[Self], y: &mut [Self]);
+    fn apply_uninit_at(f: Func, w: Width, x: &[Self], y: &mut [MaybeUninit<Self>]);
+
+    /// `y = f(x)` elementwise on path `w`.
+    ///
+    /// # Panics
+    /// As [`LaneFloat::apply_uninit_at`].
+    fn apply_at(f: Func, w: Width, x: &[Self], y: &mut [Self]) {
+        // SAFETY: `MaybeUninit<T>` has `T`'s layout, and the callee only writes initialised
+        // values of `T` through the view.
+        let y = unsafe { &mut *(y as *mut [Self] as *mut [MaybeUninit<Self>]) };
+        Self::apply_uninit_at(f, w, x, y)
+    }
 }
 
 macro_rules! lane_float {
     ($t:ty, $plain:ident, $fma128:ident, $avx2:ident, $avx512:ident) => {
         impl LaneFloat for $t {
-            fn apply_at(f: Func, w: Width, x: &[$t], y: &mut [$t]) {
+            fn apply_uninit_at(f: Func, w: Width, x: &[$t], y: &mut [MaybeUninit<$t>]) {
                 assert_eq!(x.len(), y.len(), "lanes: input and output lengths differ");
                 assert!(w.supported(), "lanes: this machine cannot run the {w:?} path");
                 match w {
@@ -334,19 +347,26 @@ pub fn eval_unary(op: &Op, inputs: &[&Buffer]) -> Option<Buffer> {
     let Op::Unary(u) = op else { return None };
     let f = Func::of(*u)?;
     let [x] = inputs else { return None };
-    fn run<T: LaneFloat + Send + Sync + Default + Clone>(f: Func, v: &[T]) -> Vec<T> {
-        let mut o = vec![T::default(); v.len()];
+    /// `f` of `v` into `out`'s spare capacity (fresh or pooled storage, no memset).
+    fn run<T: LaneFloat + Send + Sync>(f: Func, v: &[T], out: &mut Vec<T>) {
+        let w = Width::native();
+        let spare = &mut out.spare_capacity_mut()[..v.len()];
         if v.len() >= 2 * CHUNK {
-            o.par_chunks_mut(CHUNK).zip(v.par_chunks(CHUNK)).for_each(|(o, v)| apply(f, v, o));
+            spare.par_chunks_mut(CHUNK).zip(v.par_chunks(CHUNK)).for_each(|(o, v)| T::apply_uninit_at(f, w, v, o));
         } else {
-            apply(f, v, &mut o);
+            T::apply_uninit_at(f, w, v, spare);
         }
-        o
+        // SAFETY: `apply_uninit_at` wrote all `v.len()` elements of the spare capacity.
+        unsafe { out.set_len(v.len()) };
     }
-    let data = match x.data() {
-        Data::F32(v) => Data::F32(run(f, v)),
-        Data::F64(v) => Data::F64(run(f, v)),
+    if !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return None;
+    }
+    let mut data = Data::with_capacity(x.dtype(), x.numel());
+    match (x.data(), &mut data) {
+        (Data::F32(v), Data::F32(out)) => run(f, v, out),
+        (Data::F64(v), Data::F64(out)) => run(f, v, out),
         _ => return None,
-    };
+    }
     Some(Buffer::new(data, x.shape()))
 }
