@@ -9,7 +9,9 @@
 //! twice and rotated (the exit test sits at the bottom, behind one guard), then one-vector
 //! steps, then a scalar tail. Loads and stores never assume alignment. Row-constant values
 //! (broadcast operands, per-row reduction results, constants) are computed once per row and
-//! splatted. Transcendentals come from [`crate::math`], inline, never as calls.
+//! splatted. Transcendentals come from [`crate::math`], inline; on machines with vectors wider
+//! than 128 bits a pointwise kernel instead hands them, a tile at a time, to
+//! [`crate::lanes::kernel_entry`] (the same math, bit for bit, at full width).
 
 use std::collections::HashMap;
 
@@ -23,6 +25,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use tracegrad_compiler::ops::{BinaryOp, CompareOp, UnaryOp};
 
 use crate::kernel::{Float, Imm, KOp, KernelSpec, RowReduction, Space, VType};
+use crate::lanes;
 use crate::math::{self, MathCtx};
 
 /// One loop step: `(generator, builder, column, vector?, accumulators)`.
@@ -36,6 +39,11 @@ const UNROLL: i64 = 2;
 /// and four chains hide an add's or a max's latency (softmax_rows: 1.49 → 1.37 ns/element on
 /// one Zen 5 core, against two).
 const ROW_UNROLL: i64 = 4;
+/// Elements per tile of a pointwise kernel whose transcendentals run on [`crate::lanes`]: two
+/// f32 rows of it (argument and result) stay in L1 with the kernel's inputs.
+const TILE: usize = 512;
+/// Rows shorter than this keep the inline math (a call per short row costs more than it saves).
+const MIN_TILE_COLS: usize = 64;
 
 /// The kernel signature.
 pub fn signature(call_conv: CallConv) -> Signature {
@@ -567,6 +575,8 @@ impl Gen<'_> {
     /// Elementwise kernel over the flat range `[start, end)` of `rows × cols`.
     fn pointwise_kernel(&mut self, b: &mut FunctionBuilder, start: Value, end: Value) {
         let cols = self.spec.cols as i64;
+        let wide = self.wide_nodes();
+        let slots = self.tile_slots(b, wide.len());
         self.outer_loop(b, start, end, |g, b, i| {
             let r = if g.spec.rows == 1 { g.iconst(b, 0) } else { b.ins().udiv_imm_s(i, cols) };
             let row_start = b.ins().imul_imm_s(r, cols);
@@ -575,22 +585,122 @@ impl Gen<'_> {
             let c = g.iconst(b, cols);
             let jend = b.ins().smin(rem, c);
             g.start_row(b, r);
-            let roots = g.spec.outputs.clone();
+            let mut roots = g.spec.outputs.clone();
+            roots.extend(wide.iter().map(|&w| operands(&g.spec.nodes[w].op)[0]));
             g.hoist(b, &roots, true);
-            let outputs = g.spec.outputs.clone();
-            let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, _acc: &mut [Value]| {
-                let mut memo = HashMap::new();
-                let flat = b.ins().iadd(row_start, j);
-                // All values first, then the stores: an output may overwrite an input in place.
-                let vals: Vec<Value> = outputs.iter().map(|&n| g.elem(b, n, j, vec, &mut memo)).collect();
-                for (o, (&n, v)) in outputs.iter().zip(vals).enumerate() {
-                    let ty = g.spec.nodes[n].ty;
-                    g.store(b, o, flat, v, ty, vec);
-                }
-            };
-            g.columns(b, j0, jend, &[], &mut step);
+            if wide.is_empty() {
+                g.pointwise_outputs(b, row_start, j0, jend);
+            } else {
+                g.tiles(b, row_start, j0, jend, &wide, &slots);
+            }
             b.ins().iadd(row_start, jend)
         });
+    }
+
+    /// Columns `[j0, jend)` of the current row: every output computed and stored.
+    fn pointwise_outputs(&mut self, b: &mut FunctionBuilder, row_start: Value, j0: Value, jend: Value) {
+        let outputs = self.spec.outputs.clone();
+        let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, _acc: &mut [Value]| {
+            let mut memo = HashMap::new();
+            let flat = b.ins().iadd(row_start, j);
+            // All values first, then the stores: an output may overwrite an input in place.
+            let vals: Vec<Value> = outputs.iter().map(|&n| g.elem(b, n, j, vec, &mut memo)).collect();
+            for (o, (&n, v)) in outputs.iter().zip(vals).enumerate() {
+                let ty = g.spec.nodes[n].ty;
+                g.store(b, o, flat, v, ty, vec);
+            }
+        };
+        self.columns(b, j0, jend, &[], &mut step);
+    }
+
+    /// The transcendental nodes a pointwise kernel hands to [`crate::lanes`] (in node order,
+    /// so each one's operand needs only earlier ones): all of them on a machine whose lanes are
+    /// wider than Cranelift's 128 bits and round as this kernel's math does, for rows of at
+    /// least one tile's worth of columns; none otherwise.
+    fn wide_nodes(&self) -> Vec<usize> {
+        let w = lanes::Width::native();
+        let wider = matches!(w, lanes::Width::Avx2 | lanes::Width::Avx512);
+        if !wider || w.has_fma() != self.m.has_fma || !lanes::kernel_calls() || self.spec.cols < MIN_TILE_COLS {
+            return Vec::new();
+        }
+        (0..self.spec.nodes.len())
+            .filter(|&n| {
+                let node = &self.spec.nodes[n];
+                matches!(node.op, KOp::Unary(u, _) if lanes::Func::of(u).is_some())
+                    && node.space == Space::Elem
+                    && node.ty == VType::Float
+            })
+            .collect()
+    }
+
+    /// Stack slots of one tile each: the argument row, then one result row per wide node.
+    fn tile_slots(&mut self, b: &mut FunctionBuilder, wide: usize) -> Vec<StackSlot> {
+        let bytes = (TILE * self.spec.float.size()) as u32;
+        if wide == 0 {
+            return Vec::new();
+        }
+        (0..=wide)
+            .map(|_| b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes, 6)))
+            .collect()
+    }
+
+    /// Columns `[j0, jend)` in tiles of [`TILE`]: per tile, one sweep per wide node computes its
+    /// operand into the argument row and calls [`lanes::kernel_entry`], which writes the node's
+    /// values into its result row; a last sweep computes the outputs, reading the wide nodes
+    /// from their rows (through `scratch`, as a row kernel reads a cached sweep value).
+    fn tiles(
+        &mut self,
+        b: &mut FunctionBuilder,
+        row_start: Value,
+        j0: Value,
+        jend: Value,
+        wide: &[usize],
+        slots: &[StackSlot],
+    ) {
+        let mut sig = Signature::new(b.func.signature.call_conv);
+        sig.params.extend([AbiParam::new(types::I64); 4]);
+        let sig = b.import_signature(sig);
+        let var = b.declare_var(types::I64);
+        b.def_var(var, j0);
+        let head = b.create_block();
+        b.ins().jump(head, &[]);
+        let done = |_: &mut Self, b: &mut FunctionBuilder, t0: Value| {
+            LoopTest::Until(b.ins().icmp(IntCC::SignedGreaterThanOrEqual, t0, jend))
+        };
+        let exit = self.head_tested_loop(b, head, var, done, |g, b, t0| {
+            let t_end = b.ins().iadd_imm_s(t0, TILE as i64);
+            let t1 = b.ins().smin(t_end, jend);
+            let len = b.ins().isub(t1, t0);
+            // A row's address minus t0 elements: indexing it by the column j lands in the tile.
+            let off = b.ins().ishl_imm_s(t0, g.shift);
+            let arg = b.ins().stack_addr(types::I64, slots[0], 0);
+            let arg_base = b.ins().isub(arg, off);
+            for (k, &w) in wide.iter().enumerate() {
+                g.sweep = k;
+                let x = operands(&g.spec.nodes[w].op)[0];
+                let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, _acc: &mut [Value]| {
+                    let mut memo = HashMap::new();
+                    let v = g.elem(b, x, j, vec, &mut memo);
+                    let a = g.addr(b, arg_base, j, g.shift);
+                    b.ins().store(flags(), v, a, 0);
+                };
+                g.columns(b, t0, t1, &[], &mut step);
+                let KOp::Unary(u, _) = g.spec.nodes[w].op else { unreachable!() };
+                let code = lanes::kernel_code(lanes::Func::of(u).expect("a wide node"), g.spec.float == Float::F64);
+                let dst = b.ins().stack_addr(types::I64, slots[k + 1], 0);
+                let entry = b.ins().iconst(types::I64, lanes::kernel_entry as *const () as usize as i64);
+                let code = b.ins().iconst(types::I64, code);
+                b.ins().call_indirect(sig, entry, &[code, arg, dst, len]);
+                let base = b.ins().isub(dst, off);
+                g.scratch.insert(w, (slots[k + 1], k));
+                g.scratch_addr.insert(w, base);
+            }
+            g.sweep = wide.len();
+            g.pointwise_outputs(b, row_start, t0, t1);
+            t1
+        });
+        b.switch_to_block(exit);
+        b.seal_block(exit);
     }
 
     /// `for (i = start; i < end; i = body(i))`: the outer loop of both kernel forms (over

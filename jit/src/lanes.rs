@@ -370,3 +370,52 @@ pub fn eval_unary(op: &Op, inputs: &[&Buffer]) -> Option<Buffer> {
     }
     Some(Buffer::new(data, x.shape()))
 }
+
+static KERNEL_CALLS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether kernels compiled from now on hand their transcendentals to the lanes (on machines
+/// wider than 128 bits): on unless `TRACEGRAD_JIT_LANES=0`, or switched by
+/// [`set_kernel_calls`].
+pub fn kernel_calls() -> bool {
+    static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENV.get_or_init(|| std::env::var("TRACEGRAD_JIT_LANES").map_or(true, |v| v != "0"))
+        && KERNEL_CALLS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Switches [`kernel_calls`] for kernels compiled later (tests compare both ways).
+pub fn set_kernel_calls(on: bool) {
+    KERNEL_CALLS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The `code` argument of [`kernel_entry`] for `f` in f32 or f64.
+pub fn kernel_code(f: Func, f64: bool) -> i64 {
+    let i = Func::ALL.iter().position(|&g| g == f).expect("every Func is in ALL") as i64;
+    i + if f64 { Func::ALL.len() as i64 } else { 0 }
+}
+
+/// The function a JIT kernel calls (through an address constant) for a tile: `dst[i] =
+/// f(src[i])` for `i < n`, with `f` and the precision given by `code` ([`kernel_code`]), at the
+/// native width.
+///
+/// # Safety
+/// `src` must point to `n` initialised elements of the precision and `dst` to room for `n`
+/// elements, not overlapping `src`; `code` must come from [`kernel_code`].
+pub unsafe extern "C" fn kernel_entry(code: i64, src: *const u8, dst: *mut u8, n: i64) {
+    let k = Func::ALL.len();
+    let (i, f64) = (code as usize % k, code as usize >= k);
+    let (f, w, n) = (Func::ALL[i], Width::native(), n as usize);
+    if f64 {
+        // SAFETY: the caller's contract: `n` f64 elements at `src`, room for `n` at `dst`,
+        // disjoint.
+        let (x, y) = unsafe {
+            (std::slice::from_raw_parts(src.cast::<f64>(), n), std::slice::from_raw_parts_mut(dst.cast(), n))
+        };
+        f64::apply_uninit_at(f, w, x, y);
+    } else {
+        // SAFETY: as above, for f32.
+        let (x, y) = unsafe {
+            (std::slice::from_raw_parts(src.cast::<f32>(), n), std::slice::from_raw_parts_mut(dst.cast(), n))
+        };
+        f32::apply_uninit_at(f, w, x, y);
+    }
+}
