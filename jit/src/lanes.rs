@@ -1,17 +1,18 @@
 //! [`crate::math`]'s functions on slices of Rust `f32`/`f64`, at the machine's full vector
 //! width.
 //!
-//! The algorithms are written once, over `math::Arith`: the JIT emits them as Cranelift IR (128-bit
-//! vectors, the widest Cranelift's x64 backend lowers), and here the same generic code runs on
-//! Rust scalars inside loops that rustc compiles three times, for AVX-512 (16 f32 lanes), AVX2
-//! (8 lanes) and plain x86-64, picked at run time ([`Width::native`]). Each operation is an
+//! The algorithms are written once, over `math::Arith`: the JIT emits them as Cranelift IR
+//! (128-bit vectors, the widest Cranelift's x64 backend lowers), and here the same generic code
+//! runs on Rust scalars inside loops that rustc compiles three times, for AVX-512 (16 f32
+//! lanes), AVX2 (8 lanes) and plain x86-64, picked at run time ([`Width::native`]). Each operation is an
 //! exactly rounded IEEE operation or bit manipulation, and the fused multiply-add is used
 //! exactly when the JIT uses it ([`crate::math::MathCtx::native`]), so every width gives the
 //! JIT's results bit for bit, with the same documented error bounds (`jit/tests/math.rs`
 //! checks both).
 //!
-//! Eager mode evaluates the transcendental unary ops here ([`eval_unary`]), so eager and
-//! compiled mode share one math library.
+//! Eager mode evaluates the transcendental unary ops here ([`eval_unary`]), and on machines
+//! wider than 128 bits the JIT's pointwise kernels call [`kernel_entry`] for theirs, a tile at
+//! a time, so eager and compiled mode share one math library at the machine's full width.
 
 use cranelift_codegen::ir::condcodes::FloatCC;
 use rayon::prelude::*;
