@@ -53,7 +53,11 @@ fn ddp_of_one_rank_is_the_module() {
     let x = Tensor::randn(&[16, 6]);
     let y = Tensor::from_vec((0..16).map(|i| i % 3).collect::<Vec<i64>>(), &[16]);
     let bare = mlp(1);
-    let ddp = DistributedDataParallel::new(mlp(1), &g).unwrap();
+    // The same weights by copy: tests run in parallel and draw from the default generator, so
+    // a second `mlp(1)` could start from another state.
+    let twin = mlp(1);
+    twin.load_state_dict(&bare.state_dict(), true).unwrap();
+    let ddp = DistributedDataParallel::new(twin, &g).unwrap();
     assert!(ddp.buckets().is_empty(), "one rank has nothing to average");
     let names: Vec<String> = ddp.named_parameters().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names[0], "module.0.weight");
