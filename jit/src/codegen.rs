@@ -660,14 +660,7 @@ impl Gen<'_> {
         let mut sig = Signature::new(b.func.signature.call_conv);
         sig.params.extend([AbiParam::new(types::I64); 4]);
         let sig = b.import_signature(sig);
-        let var = b.declare_var(types::I64);
-        b.def_var(var, j0);
-        let head = b.create_block();
-        b.ins().jump(head, &[]);
-        let done = |_: &mut Self, b: &mut FunctionBuilder, t0: Value| {
-            LoopTest::Until(b.ins().icmp(IntCC::SignedGreaterThanOrEqual, t0, jend))
-        };
-        let exit = self.head_tested_loop(b, head, var, done, |g, b, t0| {
+        self.outer_loop(b, j0, jend, |g, b, t0| {
             let t_end = b.ins().iadd_imm_s(t0, TILE as i64);
             let t1 = b.ins().smin(t_end, jend);
             let len = b.ins().isub(t1, t0);
@@ -699,8 +692,6 @@ impl Gen<'_> {
             g.pointwise_outputs(b, row_start, t0, t1);
             t1
         });
-        b.switch_to_block(exit);
-        b.seal_block(exit);
     }
 
     /// `for (i = start; i < end; i = body(i))`: the outer loop of both kernel forms (over

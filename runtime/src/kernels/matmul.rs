@@ -100,11 +100,31 @@ pub fn gemm_strided<T: 'static + Copy + Send + Sync + Zero + One>(
     rhs_cs: isize,
     par: Parallelism,
 ) {
+    gemm_strided_scaled(m, n, k, dst, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, T::one(), par)
+}
+
+/// [`gemm_strided`] with the product scaled: `dst = (accumulate ? dst : 0) + beta·lhs·rhs`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided_scaled<T: 'static + Copy + Send + Sync + Zero + One>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: &[T],
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: &[T],
+    rhs_rs: isize,
+    rhs_cs: isize,
+    beta: T,
+    par: Parallelism,
+) {
     assert_eq!(dst.len(), m * n, "gemm_strided: dst must hold exactly m*n = {}x{} elements", m, n);
     let op = Operands::checked(m, n, k, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs);
     // SAFETY: `dst` is an exclusive borrow of exactly m×n initialised elements (so it may be
     // read when accumulating), which cannot alias the shared `lhs`/`rhs`.
-    unsafe { op.run(dst.as_mut_ptr(), accumulate, T::one(), par) }
+    unsafe { op.run(dst.as_mut_ptr(), accumulate, beta, par) }
 }
 
 /// [`gemm_strided`] into storage that need not be initialised: `dst = lhs·rhs`.
@@ -274,6 +294,16 @@ struct Geometry {
     rhs_cs: isize,
 }
 
+impl Geometry {
+    /// op(a) (m×k) times op(b) (k×n), each a row-major stored matrix read transposed through
+    /// its strides when asked.
+    fn new(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Geometry {
+        let (lhs_rs, lhs_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
+        let (rhs_rs, rhs_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+        Geometry { m, n, k, lhs_rs, lhs_cs, rhs_rs, rhs_cs }
+    }
+}
+
 /// Element offsets of each output batch entry's `a` and `b` matrices, in row-major order of the
 /// broadcast batch shape. `sa`/`sb` are batch strides counted in whole matrices.
 fn batch_offsets(batch: &[usize], sa: &[usize], a_mat: usize, sb: &[usize], b_mat: usize) -> Vec<(usize, usize)> {
@@ -366,10 +396,7 @@ pub fn matmul(a: &Buffer, b: &Buffer, trans_a: bool, trans_b: bool) -> Buffer {
     out_shape.push(n);
     let nb = numel(&batch);
 
-    // Row/column strides of op(a) (m×k) and op(b) (k×n) inside one stored matrix.
-    let (lhs_rs, lhs_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
-    let (rhs_rs, rhs_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
-    let mut g = Geometry { m, n, k, lhs_rs, lhs_cs, rhs_rs, rhs_cs };
+    let mut g = Geometry::new(m, n, k, trans_a, trans_b);
 
     let offsets = if nb > 1 && !trans_a && numel(batch_a) == nb && numel(batch_b) == 1 {
         // Every a-matrix is distinct and stacked contiguously, b is shared, and the output is
@@ -404,42 +431,20 @@ pub fn matmul_accumulate(dst: &mut Data, a: &Buffer, b: &Buffer, trans_a: bool, 
     let (m, k) = if trans_a { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
     let (kb, n) = if trans_b { (sb[1], sb[0]) } else { (sb[0], sb[1]) };
     assert_eq!(k, kb, "matmul_accumulate: inner dimensions differ ({} and {})", ShapeDisplay(sa), ShapeDisplay(sb));
-    let (lhs_rs, lhs_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
-    let (rhs_rs, rhs_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+    let g = Geometry::new(m, n, k, trans_a, trans_b);
     let par = gemm_parallelism(m, n, k);
+    let (lr, lc, rr, rc) = (g.lhs_rs, g.lhs_cs, g.rhs_rs, g.rhs_cs);
     match (dst, a.data(), b.data()) {
         (Data::F32(d), Data::F32(x), Data::F32(y)) => {
-            accumulate_into(m, n, k, d, x, lhs_rs, lhs_cs, y, rhs_rs, rhs_cs, beta as f32, par)
+            gemm_strided_scaled(m, n, k, d, true, x, lr, lc, y, rr, rc, beta as f32, par)
         }
         (Data::F64(d), Data::F64(x), Data::F64(y)) => {
-            accumulate_into(m, n, k, d, x, lhs_rs, lhs_cs, y, rhs_rs, rhs_cs, beta, par)
+            gemm_strided_scaled(m, n, k, d, true, x, lr, lc, y, rr, rc, beta, par)
         }
         (d, x, y) => {
             panic!("matmul_accumulate: needs one float dtype, got {} += {} x {}", d.dtype(), x.dtype(), y.dtype())
         }
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn accumulate_into<T: 'static + Copy + Send + Sync + Zero + One>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [T],
-    lhs: &[T],
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: &[T],
-    rhs_rs: isize,
-    rhs_cs: isize,
-    beta: T,
-    par: Parallelism,
-) {
-    assert_eq!(dst.len(), m * n, "matmul_accumulate: dst must hold exactly m*n = {}x{} elements", m, n);
-    let op = Operands::checked(m, n, k, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs);
-    // SAFETY: `dst` is an exclusive borrow of exactly m×n initialised elements, read and
-    // written in place, which cannot alias the shared `lhs`/`rhs`.
-    unsafe { op.run(dst.as_mut_ptr(), true, beta, par) }
 }
 
 #[cfg(test)]
