@@ -10,10 +10,11 @@
 //! steps, then a scalar tail. Loads and stores never assume alignment. Row-constant values
 //! (broadcast operands, per-row reduction results, constants) are computed once per row and
 //! splatted. Transcendentals come from [`crate::math`], inline; on machines with vectors wider
-//! than 128 bits a pointwise kernel instead hands them, a tile at a time, to
-//! [`crate::lanes::kernel_entry`] (the same math, bit for bit, at full width).
+//! than 128 bits a kernel instead hands them to [`crate::lanes::kernel_entry`] (the same math,
+//! bit for bit, at full width), a tile at a time in a pointwise kernel and a row at a time in a
+//! row kernel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{
@@ -44,6 +45,9 @@ const ROW_UNROLL: i64 = 4;
 const TILE: usize = 512;
 /// Rows shorter than this keep the inline math (a call per short row costs more than it saves).
 const MIN_TILE_COLS: usize = 64;
+/// The most stack a row kernel's wide rows (an argument row and one result row per wide node,
+/// a whole kernel row each) may take; longer rows keep the inline math.
+const WIDE_ROW_BYTES: usize = 64 << 10;
 
 /// The kernel signature.
 pub fn signature(call_conv: CallConv) -> Signature {
@@ -82,8 +86,11 @@ struct Gen<'s> {
     /// Row kernels: `Elem` values kept in a per-row scratch row (a stack slot) by the sweep
     /// that first computes them, and reloaded by later sweeps instead of recomputed.
     scratch: HashMap<usize, (StackSlot, usize)>,
-    /// The scratch rows' addresses in the current row.
+    /// The scratch rows' addresses in the current row (or tile).
     scratch_addr: HashMap<usize, Value>,
+    /// `Elem` values whose scratch row [`lanes::kernel_entry`] has filled before any loop that
+    /// reads them: always reloaded, never computed.
+    filled: HashSet<usize>,
 }
 
 /// Emits the body of `spec` into `func` (whose signature must be [`signature`]).
@@ -124,6 +131,7 @@ pub fn emit(
         sweep: 0,
         scratch: HashMap::new(),
         scratch_addr: HashMap::new(),
+        filled: HashSet::new(),
     };
     if spec.row_kernel {
         g.row_kernel(&mut b, start, end);
@@ -289,11 +297,10 @@ impl Gen<'_> {
     /// The value of `n` when it needs no operand values: reloaded from scratch, a row value,
     /// an input load or a random draw. `None` for an op whose operands come first.
     fn leaf(&mut self, b: &mut FunctionBuilder, n: usize, rc: Value, vec: bool) -> Option<Value> {
-        if let Some(&(_, home)) = self.scratch.get(&n) {
-            if self.sweep > home {
-                let a = self.addr(b, self.scratch_addr[&n], rc, self.shift);
-                return Some(b.ins().load(if vec { self.vt } else { self.ft }, flags(), a, 0));
-            }
+        let reload = self.filled.contains(&n) || matches!(self.scratch.get(&n), Some(&(_, home)) if self.sweep > home);
+        if reload {
+            let a = self.addr(b, self.scratch_addr[&n], rc, self.shift);
+            return Some(b.ins().load(if vec { self.vt } else { self.ft }, flags(), a, 0));
         }
         let node = &self.spec.nodes[n];
         if node.space == Space::Row {
@@ -576,7 +583,7 @@ impl Gen<'_> {
     fn pointwise_kernel(&mut self, b: &mut FunctionBuilder, start: Value, end: Value) {
         let cols = self.spec.cols as i64;
         let wide = self.wide_nodes();
-        let slots = self.tile_slots(b, wide.len());
+        let slots = if wide.is_empty() { Vec::new() } else { self.slots(b, wide.len() + 1, TILE) };
         self.outer_loop(b, start, end, |g, b, i| {
             let r = if g.spec.rows == 1 { g.iconst(b, 0) } else { b.ins().udiv_imm_s(i, cols) };
             let row_start = b.ins().imul_imm_s(r, cols);
@@ -586,7 +593,7 @@ impl Gen<'_> {
             let jend = b.ins().smin(rem, c);
             g.start_row(b, r);
             let mut roots = g.spec.outputs.clone();
-            roots.extend(wide.iter().map(|&w| operands(&g.spec.nodes[w].op)[0]));
+            roots.extend(wide.iter().flat_map(|&w| operands(&g.spec.nodes[w].op)));
             g.hoist(b, &roots, true);
             if wide.is_empty() {
                 g.pointwise_outputs(b, row_start, j0, jend);
@@ -613,41 +620,73 @@ impl Gen<'_> {
         self.columns(b, j0, jend, &[], &mut step);
     }
 
-    /// The transcendental nodes a pointwise kernel hands to [`crate::lanes`] (in node order,
-    /// so each one's operand needs only earlier ones): all of them on a machine whose lanes are
-    /// wider than Cranelift's 128 bits and round as this kernel's math does, for rows of at
-    /// least one tile's worth of columns; none otherwise.
+    /// The transcendental nodes a kernel hands to [`crate::lanes`] (in node order, so each
+    /// one's operand needs only earlier ones): all of them on a machine whose lanes are wider
+    /// than Cranelift's 128 bits and round as this kernel's math does, for rows of at least one
+    /// tile's worth of columns; none otherwise.
     fn wide_nodes(&self) -> Vec<usize> {
         let w = lanes::Width::native();
         let wider = matches!(w, lanes::Width::Avx2 | lanes::Width::Avx512);
         if !wider || w.has_fma() != self.m.has_fma || !lanes::kernel_calls() || self.spec.cols < MIN_TILE_COLS {
             return Vec::new();
         }
-        (0..self.spec.nodes.len())
-            .filter(|&n| {
-                let node = &self.spec.nodes[n];
-                matches!(node.op, KOp::Unary(u, _) if lanes::Func::of(u).is_some())
-                    && node.space == Space::Elem
-                    && node.ty == VType::Float
-            })
-            .collect()
+        (0..self.spec.nodes.len()).filter(|&n| self.wide_func(n).is_some()).collect()
     }
 
-    /// Stack slots of one tile each: the argument row, then one result row per wide node.
-    fn tile_slots(&mut self, b: &mut FunctionBuilder, wide: usize) -> Vec<StackSlot> {
-        let bytes = (TILE * self.spec.float.size()) as u32;
-        if wide == 0 {
-            return Vec::new();
+    /// The lanes function computing `Elem` float node `n`, with the `Row` node of its parameter
+    /// (if it has one), when it is a transcendental the lanes have.
+    fn wide_func(&self, n: usize) -> Option<(lanes::Func, Option<usize>)> {
+        let node = &self.spec.nodes[n];
+        if node.space != Space::Elem || node.ty != VType::Float {
+            return None;
         }
-        (0..=wide)
+        match node.op {
+            KOp::Unary(u, _) => lanes::Func::of(u).map(|f| (f, None)),
+            KOp::ExpScaled(_, shift) if self.spec.nodes[shift].space == Space::Row => {
+                Some((lanes::Func::ExpScaled, Some(shift)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The [`lanes::kernel_entry`] call computing wide node `w` for `len` elements from the
+    /// operand at `arg` into `dst`. Its parameter, a `Row` value, must have been hoisted.
+    fn wide_call(&mut self, b: &mut FunctionBuilder, w: usize, arg: Value, dst: Value, len: Value) {
+        let (f, param) = self.wide_func(w).expect("a wide node");
+        let mut sig = Signature::new(b.func.signature.call_conv);
+        sig.params.extend([AbiParam::new(types::I64); 4]);
+        sig.params.push(AbiParam::new(types::F64));
+        let sig = b.import_signature(sig);
+        let p = match param {
+            Some(p) => {
+                let v = self.row(b, p);
+                if self.ft == types::F64 {
+                    v
+                } else {
+                    b.ins().fpromote(types::F64, v)
+                }
+            }
+            None => b.ins().f64const(0.0),
+        };
+        let code = lanes::kernel_code(f, self.spec.float == Float::F64);
+        let entry = b.ins().iconst(types::I64, lanes::kernel_entry as *const () as usize as i64);
+        let code = b.ins().iconst(types::I64, code);
+        b.ins().call_indirect(sig, entry, &[code, arg, dst, len, p]);
+    }
+
+    /// `count` stack slots of `elems` elements each.
+    fn slots(&mut self, b: &mut FunctionBuilder, count: usize, elems: usize) -> Vec<StackSlot> {
+        let bytes = (elems * self.spec.float.size()) as u32;
+        (0..count)
             .map(|_| b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, bytes, 6)))
             .collect()
     }
 
     /// Columns `[j0, jend)` in tiles of [`TILE`]: per tile, one sweep per wide node computes its
-    /// operand into the argument row and calls [`lanes::kernel_entry`], which writes the node's
-    /// values into its result row; a last sweep computes the outputs, reading the wide nodes
-    /// from their rows (through `scratch`, as a row kernel reads a cached sweep value).
+    /// operand into the argument row (`slots[0]`) and calls [`lanes::kernel_entry`], which
+    /// writes the node's values into its result row; a last sweep computes the outputs, reading
+    /// the wide nodes from their rows (through `scratch_addr`, as a row kernel reads a cached
+    /// sweep value).
     fn tiles(
         &mut self,
         b: &mut FunctionBuilder,
@@ -657,41 +696,39 @@ impl Gen<'_> {
         wide: &[usize],
         slots: &[StackSlot],
     ) {
-        let mut sig = Signature::new(b.func.signature.call_conv);
-        sig.params.extend([AbiParam::new(types::I64); 4]);
-        let sig = b.import_signature(sig);
         self.outer_loop(b, j0, jend, |g, b, t0| {
             let t_end = b.ins().iadd_imm_s(t0, TILE as i64);
             let t1 = b.ins().smin(t_end, jend);
             let len = b.ins().isub(t1, t0);
             // A row's address minus t0 elements: indexing it by the column j lands in the tile.
             let off = b.ins().ishl_imm_s(t0, g.shift);
-            let arg = b.ins().stack_addr(types::I64, slots[0], 0);
-            let arg_base = b.ins().isub(arg, off);
+            g.filled.clear();
             for (k, &w) in wide.iter().enumerate() {
-                g.sweep = k;
-                let x = operands(&g.spec.nodes[w].op)[0];
-                let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, _acc: &mut [Value]| {
-                    let mut memo = HashMap::new();
-                    let v = g.elem(b, x, j, vec, &mut memo);
-                    let a = g.addr(b, arg_base, j, g.shift);
-                    b.ins().store(flags(), v, a, 0);
-                };
-                g.columns(b, t0, t1, &[], &mut step);
-                let KOp::Unary(u, _) = g.spec.nodes[w].op else { unreachable!() };
-                let code = lanes::kernel_code(lanes::Func::of(u).expect("a wide node"), g.spec.float == Float::F64);
+                let arg = b.ins().stack_addr(types::I64, slots[0], 0);
+                let arg_base = b.ins().isub(arg, off);
+                g.store_operand(b, w, arg_base, t0, t1);
                 let dst = b.ins().stack_addr(types::I64, slots[k + 1], 0);
-                let entry = b.ins().iconst(types::I64, lanes::kernel_entry as *const () as usize as i64);
-                let code = b.ins().iconst(types::I64, code);
-                b.ins().call_indirect(sig, entry, &[code, arg, dst, len]);
+                g.wide_call(b, w, arg, dst, len);
                 let base = b.ins().isub(dst, off);
-                g.scratch.insert(w, (slots[k + 1], k));
                 g.scratch_addr.insert(w, base);
+                g.filled.insert(w);
             }
-            g.sweep = wide.len();
             g.pointwise_outputs(b, row_start, t0, t1);
             t1
         });
+    }
+
+    /// Stores wide node `w`'s operand at columns `[j0, jend)` to the row at `base` (indexed by
+    /// column).
+    fn store_operand(&mut self, b: &mut FunctionBuilder, w: usize, base: Value, j0: Value, jend: Value) {
+        let x = operands(&self.spec.nodes[w].op)[0];
+        let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, _acc: &mut [Value]| {
+            let mut memo = HashMap::new();
+            let v = g.elem(b, x, j, vec, &mut memo);
+            let a = g.addr(b, base, j, g.shift);
+            b.ins().store(flags(), v, a, 0);
+        };
+        self.columns(b, j0, jend, &[], &mut step);
     }
 
     /// `for (i = start; i < end; i = body(i))`: the outer loop of both kernel forms (over
@@ -850,11 +887,19 @@ impl Gen<'_> {
     }
 
     /// Row kernel over rows `[start, end)`: sweeps over each row, reductions between sweeps.
+    /// Wide nodes (on machines wider than 128 bits) are computed a whole row at a time by
+    /// [`lanes::kernel_entry`] at the start of the first sweep that can compute them, into
+    /// scratch rows that every later loop reads.
     fn row_kernel(&mut self, b: &mut FunctionBuilder, start: Value, end: Value) {
         let spec = self.spec;
         let cols = spec.cols as i64;
         let sweeps = Sweeps::of(spec);
-        self.plan_scratch(b, &sweeps);
+        let mut wide = self.wide_nodes();
+        if (wide.len() + 1) * spec.cols * spec.float.size() > WIDE_ROW_BYTES {
+            wide.clear();
+        }
+        self.plan_scratch(b, &sweeps, &wide);
+        let wide_slots = if wide.is_empty() { Vec::new() } else { self.slots(b, wide.len() + 1, spec.cols) };
         self.outer_loop(b, start, end, |g, b, r| {
             g.start_row(b, r);
             let slots: Vec<(usize, StackSlot)> = g.scratch.iter().map(|(&n, &(slot, _))| (n, slot)).collect();
@@ -862,11 +907,21 @@ impl Gen<'_> {
                 let a = b.ins().stack_addr(types::I64, slot, 0);
                 g.scratch_addr.insert(n, a);
             }
+            g.filled.clear();
             let row_start = b.ins().imul_imm_s(r, cols);
             let zero = g.iconst(b, 0);
             let c = g.iconst(b, cols);
             for s in 0..sweeps.count {
                 g.sweep = s;
+                for (k, &w) in wide.iter().enumerate().filter(|&(_, &w)| sweeps.level[w] == s) {
+                    g.hoist(b, &operands(&spec.nodes[w].op), true);
+                    let arg = b.ins().stack_addr(types::I64, wide_slots[0], 0);
+                    g.store_operand(b, w, arg, zero, c);
+                    let dst = b.ins().stack_addr(types::I64, wide_slots[k + 1], 0);
+                    g.wide_call(b, w, arg, dst, c);
+                    g.scratch_addr.insert(w, dst);
+                    g.filled.insert(w);
+                }
                 g.sweep_row(b, &sweeps, row_start, zero, c);
             }
             // Per-row outputs.
@@ -881,10 +936,11 @@ impl Gen<'_> {
     }
 
     /// Keeps the expensive `Elem` values a later sweep needs again in scratch rows (stack
-    /// slots), if they fit.
-    fn plan_scratch(&mut self, b: &mut FunctionBuilder, sweeps: &Sweeps) {
+    /// slots), if they fit; the `wide` ones have rows of their own.
+    fn plan_scratch(&mut self, b: &mut FunctionBuilder, sweeps: &Sweeps, wide: &[usize]) {
         let spec = self.spec;
-        let cached = sweeps.reused_expensive(spec);
+        let mut cached = sweeps.reused_expensive(spec);
+        cached.retain(|n, _| !wide.contains(n));
         let row_bytes = spec.cols * spec.float.size();
         if !cached.is_empty() && row_bytes * cached.len() <= 64 << 10 {
             for (n, home) in cached {

@@ -11,8 +11,9 @@
 //! checks both).
 //!
 //! Eager mode evaluates the transcendental unary ops here ([`eval_unary`]), and on machines
-//! wider than 128 bits the JIT's pointwise kernels call [`kernel_entry`] for theirs, a tile at
-//! a time, so eager and compiled mode share one math library at the machine's full width.
+//! wider than 128 bits the JIT's kernels call [`kernel_entry`] for theirs (pointwise kernels a
+//! tile at a time, row kernels a row at a time), so eager and compiled mode share one math
+//! library at the machine's full width.
 
 use cranelift_codegen::ir::condcodes::FloatCC;
 use rayon::prelude::*;
@@ -41,14 +42,26 @@ pub enum Func {
     Gelu,
     /// GELU's tanh approximation.
     GeluTanh,
+    /// `e^x · 2^p`, with `p` the call's parameter (an integer, the same for every element):
+    /// [`crate::math::exp_scaled`], the exponential of softmax's row kernels.
+    ExpScaled,
 }
 
 impl Func {
     /// Every function.
-    pub const ALL: [Func; 8] =
-        [Func::Exp, Func::Log, Func::Tanh, Func::Sigmoid, Func::Silu, Func::Erf, Func::Gelu, Func::GeluTanh];
+    pub const ALL: [Func; 9] = [
+        Func::Exp,
+        Func::Log,
+        Func::Tanh,
+        Func::Sigmoid,
+        Func::Silu,
+        Func::Erf,
+        Func::Gelu,
+        Func::GeluTanh,
+        Func::ExpScaled,
+    ];
 
-    /// The function computing `op`, if it is one of them.
+    /// The function computing `op`, if it is one of them ([`Func::ExpScaled`] is no unary op).
     pub fn of(op: UnaryOp) -> Option<Func> {
         Some(match op {
             UnaryOp::Exp => Func::Exp,
@@ -228,10 +241,10 @@ macro_rules! lane_arith {
 lane_arith!(f32, u32, false);
 lane_arith!(f64, u64, true);
 
-/// `y[i] = f(x[i])` through backend `A`, written so that the loop vectorizes at the width of
-/// the function it is inlined into. Every element of `y` is written.
+/// `y[i] = f(x[i])` (with parameter `p`) through backend `A`, written so that the loop
+/// vectorizes at the width of the function it is inlined into. Every element of `y` is written.
 #[inline(always)]
-fn map<A: Arith + Default>(f: Func, x: &[A::V], y: &mut [MaybeUninit<A::V>]) {
+fn map<A: Arith + Default>(f: Func, x: &[A::V], p: A::V, y: &mut [MaybeUninit<A::V>]) {
     macro_rules! each {
         ($g:path) => {
             for (a, b) in x.iter().zip(y.iter_mut()) {
@@ -248,31 +261,36 @@ fn map<A: Arith + Default>(f: Func, x: &[A::V], y: &mut [MaybeUninit<A::V>]) {
         Func::Erf => each!(math::erf_g),
         Func::Gelu => each!(math::gelu_g),
         Func::GeluTanh => each!(math::gelu_tanh_g),
+        Func::ExpScaled => {
+            for (a, b) in x.iter().zip(y.iter_mut()) {
+                b.write(math::exp_scaled_g(&mut A::default(), *a, p));
+            }
+        }
     }
 }
 
 macro_rules! paths {
     ($t:ty, $plain:ident, $fma128:ident, $avx2:ident, $avx512:ident) => {
-        fn $plain(f: Func, x: &[$t], y: &mut [MaybeUninit<$t>]) {
-            map::<Lane<$t, false>>(f, x, y)
+        fn $plain(f: Func, x: &[$t], p: $t, y: &mut [MaybeUninit<$t>]) {
+            map::<Lane<$t, false>>(f, x, p, y)
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "fma")]
-        fn $fma128(f: Func, x: &[$t], y: &mut [MaybeUninit<$t>]) {
-            map::<Lane<$t, true>>(f, x, y)
+        fn $fma128(f: Func, x: &[$t], p: $t, y: &mut [MaybeUninit<$t>]) {
+            map::<Lane<$t, true>>(f, x, p, y)
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
-        fn $avx2(f: Func, x: &[$t], y: &mut [MaybeUninit<$t>]) {
-            map::<Lane<$t, true>>(f, x, y)
+        fn $avx2(f: Func, x: &[$t], p: $t, y: &mut [MaybeUninit<$t>]) {
+            map::<Lane<$t, true>>(f, x, p, y)
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,fma")]
-        fn $avx512(f: Func, x: &[$t], y: &mut [MaybeUninit<$t>]) {
-            map::<Lane<$t, true>>(f, x, y)
+        fn $avx512(f: Func, x: &[$t], p: $t, y: &mut [MaybeUninit<$t>]) {
+            map::<Lane<$t, true>>(f, x, p, y)
         }
     };
 }
@@ -282,43 +300,61 @@ paths!(f64, plain_f64, fma128_f64, avx2_f64, avx512_f64);
 
 /// A float type the lanes handle.
 pub trait LaneFloat: Copy {
-    /// `y = f(x)` elementwise on path `w`, writing every element of `y` (which need not be
-    /// initialised).
+    /// `y = f(x)` elementwise on path `w`, with parameter `p` (read by [`Func::ExpScaled`]
+    /// only), writing every element of `y` (which need not be initialised).
     ///
     /// # Panics
     /// If `x` and `y` differ in length, or this machine cannot run `w`.
-    fn apply_uninit_at(f: Func, w: Width, x: &[Self], y: &mut [MaybeUninit<Self>]);
+    fn apply_with_uninit_at(f: Func, w: Width, x: &[Self], p: f64, y: &mut [MaybeUninit<Self>]);
+
+    /// `y = f(x)` elementwise on path `w` (parameter 0), writing every element of `y` (which
+    /// need not be initialised).
+    ///
+    /// # Panics
+    /// As [`LaneFloat::apply_with_uninit_at`].
+    fn apply_uninit_at(f: Func, w: Width, x: &[Self], y: &mut [MaybeUninit<Self>]) {
+        Self::apply_with_uninit_at(f, w, x, 0.0, y)
+    }
+
+    /// `y = f(x)` elementwise on path `w`, with parameter `p`.
+    ///
+    /// # Panics
+    /// As [`LaneFloat::apply_with_uninit_at`].
+    fn apply_with_at(f: Func, w: Width, x: &[Self], p: f64, y: &mut [Self]) {
+        // SAFETY: `MaybeUninit<T>` has `T`'s layout, and the callee only writes initialised
+        // values of `T` through the view.
+        let y = unsafe { &mut *(y as *mut [Self] as *mut [MaybeUninit<Self>]) };
+        Self::apply_with_uninit_at(f, w, x, p, y)
+    }
 
     /// `y = f(x)` elementwise on path `w`.
     ///
     /// # Panics
     /// As [`LaneFloat::apply_uninit_at`].
     fn apply_at(f: Func, w: Width, x: &[Self], y: &mut [Self]) {
-        // SAFETY: `MaybeUninit<T>` has `T`'s layout, and the callee only writes initialised
-        // values of `T` through the view.
-        let y = unsafe { &mut *(y as *mut [Self] as *mut [MaybeUninit<Self>]) };
-        Self::apply_uninit_at(f, w, x, y)
+        Self::apply_with_at(f, w, x, 0.0, y)
     }
 }
 
 macro_rules! lane_float {
     ($t:ty, $plain:ident, $fma128:ident, $avx2:ident, $avx512:ident) => {
         impl LaneFloat for $t {
-            fn apply_uninit_at(f: Func, w: Width, x: &[$t], y: &mut [MaybeUninit<$t>]) {
+            fn apply_with_uninit_at(f: Func, w: Width, x: &[$t], p: f64, y: &mut [MaybeUninit<$t>]) {
                 assert_eq!(x.len(), y.len(), "lanes: input and output lengths differ");
                 assert!(w.supported(), "lanes: this machine cannot run the {w:?} path");
+                let p = p as $t;
                 match w {
-                    Width::Plain => $plain(f, x, y),
+                    Width::Plain => $plain(f, x, p, y),
                     // SAFETY: `w.supported()` checked that the CPU has every feature the path
                     // was compiled for.
                     #[cfg(target_arch = "x86_64")]
-                    Width::Fma128 => unsafe { $fma128(f, x, y) },
+                    Width::Fma128 => unsafe { $fma128(f, x, p, y) },
                     // SAFETY: as above.
                     #[cfg(target_arch = "x86_64")]
-                    Width::Avx2 => unsafe { $avx2(f, x, y) },
+                    Width::Avx2 => unsafe { $avx2(f, x, p, y) },
                     // SAFETY: as above.
                     #[cfg(target_arch = "x86_64")]
-                    Width::Avx512 => unsafe { $avx512(f, x, y) },
+                    Width::Avx512 => unsafe { $avx512(f, x, p, y) },
                     #[cfg(not(target_arch = "x86_64"))]
                     _ => unreachable!("only the plain path is supported here"),
                 }
@@ -394,14 +430,14 @@ pub fn kernel_code(f: Func, f64: bool) -> i64 {
     i + if f64 { Func::ALL.len() as i64 } else { 0 }
 }
 
-/// The function a JIT kernel calls (through an address constant) for a tile: `dst[i] =
-/// f(src[i])` for `i < n`, with `f` and the precision given by `code` ([`kernel_code`]), at the
-/// native width.
+/// The function a JIT kernel calls (through an address constant) for a tile or a row: `dst[i] =
+/// f(src[i])` for `i < n`, with parameter `p` (exactly representable in the precision), `f` and
+/// the precision given by `code` ([`kernel_code`]), at the native width.
 ///
 /// # Safety
 /// `src` must point to `n` initialised elements of the precision and `dst` to room for `n`
 /// elements, not overlapping `src`; `code` must come from [`kernel_code`].
-pub unsafe extern "C" fn kernel_entry(code: i64, src: *const u8, dst: *mut u8, n: i64) {
+pub unsafe extern "C" fn kernel_entry(code: i64, src: *const u8, dst: *mut u8, n: i64, p: f64) {
     let k = Func::ALL.len();
     let (i, f64) = (code as usize % k, code as usize >= k);
     let (f, w, n) = (Func::ALL[i], Width::native(), n as usize);
@@ -411,12 +447,12 @@ pub unsafe extern "C" fn kernel_entry(code: i64, src: *const u8, dst: *mut u8, n
         let (x, y) = unsafe {
             (std::slice::from_raw_parts(src.cast::<f64>(), n), std::slice::from_raw_parts_mut(dst.cast(), n))
         };
-        f64::apply_uninit_at(f, w, x, y);
+        f64::apply_with_uninit_at(f, w, x, p, y);
     } else {
         // SAFETY: as above, for f32.
         let (x, y) = unsafe {
             (std::slice::from_raw_parts(src.cast::<f32>(), n), std::slice::from_raw_parts_mut(dst.cast(), n))
         };
-        f32::apply_uninit_at(f, w, x, y);
+        f32::apply_with_uninit_at(f, w, x, p, y);
     }
 }

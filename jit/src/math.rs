@@ -165,11 +165,10 @@ pub(crate) fn exp_scaled_g<A: Arith>(e: &mut A, x: A::V, shift: A::V) -> A::V {
     let below = e.cmp(FloatCC::LessThan, xc, lo);
     let xc = e.sel(below, lo, xc);
     let (k, r) = e.reduce_ln2(xc);
-    let c = if e.wide() { &EXP_F64[..] } else { &EXP_F32[..] };
     // 2·e^r = 2 + r·2H(r), H = 1 + r·P(r): the doubled coefficients give exactly twice exp's
     // values.
-    let coeffs: Vec<f64> = std::iter::once(1.0).chain(c.iter().copied()).map(|k| 2.0 * k).collect();
-    let h = e.poly(r, &coeffs);
+    let coeffs = if e.wide() { &EXP_F64_H2[..] } else { &EXP_F32_H2[..] };
+    let h = e.poly(r, coeffs);
     let two = e.c(2.0);
     let p = e.fma(h, r, two);
     // 2^(k − 1 + shift): the exponent bits of k + (magic − 1 + shift).
@@ -571,6 +570,21 @@ const EXP_F64: [f64; 10] = [
     2.763406699169935e-07,
     2.511054336677029e-08,
 ];
+/// `2·(1, EXP_F32…)`: the coefficients of `2H(r)`, `H = 1 + r·P(r)` (exact doublings).
+const EXP_F32_H2: [f64; 6] = doubled_h(&EXP_F32);
+/// The same for f64.
+const EXP_F64_H2: [f64; 11] = doubled_h(&EXP_F64);
+
+/// `2·(1, c₀, c₁, …)`.
+const fn doubled_h<const N: usize>(c: &[f64]) -> [f64; N] {
+    let mut out = [2.0; N];
+    let mut i = 0;
+    while i < c.len() {
+        out[i + 1] = 2.0 * c[i];
+        i += 1;
+    }
+    out
+}
 /// `P(z)` with `log(1+f) = 2s + s·z·P(z)`, s = f/(2+f), z = s² ≤ 0.0297 (f in
 /// [√½ − 1, √2 − 1]): within 5.0e-11.
 const LOG_F32: [f64; 4] = [0.6666666269302368, 0.4000096917152405, 0.28499168157577515, 0.24268320202827454];

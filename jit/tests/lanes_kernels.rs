@@ -29,6 +29,9 @@ fn graph(dtype: DType, rows: usize, cols: usize, f: UnaryOp, g2: UnaryOp) -> Gra
     g
 }
 
+/// `lanes::set_kernel_calls` is process-wide: the tests that switch it take turns.
+static SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn data(dtype: DType, n: usize, seed: u64, scale: f64) -> Vec<f64> {
     let mut s = seed;
     (0..n)
@@ -51,6 +54,7 @@ fn buffer(dtype: DType, v: Vec<f64>, shape: &[usize]) -> Buffer {
 
 #[test]
 fn kernels_with_lane_calls_match_inline_math_bit_for_bit() {
+    let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let wide = matches!(Width::native(), Width::Avx2 | Width::Avx512);
     let fs = [UnaryOp::Exp, UnaryOp::Tanh, UnaryOp::Silu, UnaryOp::Erf, UnaryOp::Gelu, UnaryOp::GeluTanh];
     for dtype in [DType::F32, DType::F64] {
@@ -85,6 +89,66 @@ fn kernels_with_lane_calls_match_inline_math_bit_for_bit() {
                         p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
                         "{f:?}/{g2:?} {dtype} [{rows}, {cols}] element {k}: with lanes {p:e}, inline {q:e}"
                     );
+                }
+            }
+        }
+    }
+}
+
+/// softmax, log_softmax and `f(x) / Σ f(x)` over the rows of `x`: row kernels whose exponential
+/// (`exp_scaled`, with a row-constant shift) and `f` run on the lanes a whole row at a time.
+fn row_graph(dtype: DType, rows: usize, cols: usize, f: UnaryOp) -> Graph {
+    use tracegrad_compiler::composite::{log_softmax, softmax};
+    let mut g = Graph::new();
+    let x = g.add_input("x", InputRole::Data, TensorType::new(dtype, &[rows, cols]));
+    let s = softmax(&mut g, &x, -1).unwrap();
+    g.add_output("softmax", s);
+    let l = log_softmax(&mut g, &x, -1).unwrap();
+    g.add_output("log_softmax", l);
+    let fx = g.unary(f, &x).unwrap();
+    let sum = g.sum(&fx, &[-1], true).unwrap();
+    let q = g.div(&fx, &sum).unwrap();
+    g.add_output("normalized", q);
+    g
+}
+
+#[test]
+fn row_kernels_with_lane_calls_match_inline_math_bit_for_bit() {
+    let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let wide = matches!(Width::native(), Width::Avx2 | Width::Avx512);
+    let fs = [UnaryOp::Exp, UnaryOp::Sigmoid, UnaryOp::GeluTanh];
+    for dtype in [DType::F32, DType::F64] {
+        for (rows, cols) in [(6, 1000), (5, 64), (2, 63), (2, 20000)] {
+            for (i, &f) in fs.iter().enumerate() {
+                let g = row_graph(dtype, rows, cols, f);
+                let mut v = data(dtype, rows * cols, 3 + i as u64, 30.0);
+                // Rows with +inf, all -inf, a NaN, and a huge range (terms that underflow).
+                if rows >= 5 {
+                    v[cols + 7] = f64::INFINITY;
+                    v[2 * cols..3 * cols].fill(f64::NEG_INFINITY);
+                    v[3 * cols + 1] = f64::NAN;
+                    v[4 * cols + 3] = 1e4;
+                }
+                let inputs = [buffer(dtype, v, &[rows, cols])];
+                lanes::set_kernel_calls(true);
+                let with = Executable::new(&g, Backend::Jit).unwrap();
+                lanes::set_kernel_calls(false);
+                let without = Executable::new(&g, Backend::Jit).unwrap();
+                lanes::set_kernel_calls(true);
+                let calls = with.clif_text().contains("call_indirect");
+                // A 20000-column row does not fit the stack's wide rows: inline math.
+                assert_eq!(calls, wide && (64..20000).contains(&cols), "{f:?} {dtype} [{rows}, {cols}]: lane calls");
+                assert!(!without.clif_text().contains("call_indirect"));
+                let a = with.run(&inputs, &NoCallbacks).unwrap();
+                let b = without.run(&inputs, &NoCallbacks).unwrap();
+                for (o, (a, b)) in a.iter().zip(&b).enumerate() {
+                    let (a, b) = (a.to_f64_vec(), b.to_f64_vec());
+                    for (k, (p, q)) in a.iter().zip(&b).enumerate() {
+                        assert!(
+                            p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
+                            "{f:?} {dtype} [{rows}, {cols}] output {o} element {k}: with lanes {p:e}, inline {q:e}"
+                        );
+                    }
                 }
             }
         }

@@ -830,6 +830,18 @@ fn check<T: Flt + LaneFloat>(
     reference: fn(f64) -> Ref,
     bound: Bound,
 ) {
+    check_with(name, emit, func.map(|f| (f, 0.0)), xs, reference, bound)
+}
+
+/// [`check`], with the lanes function's parameter.
+fn check_with<T: Flt + LaneFloat>(
+    name: &str,
+    emit: Emit,
+    func: Option<(Func, f64)>,
+    xs: &[T],
+    reference: fn(f64) -> Ref,
+    bound: Bound,
+) {
     let refs: Vec<Ref> = xs.iter().map(|x| reference(x.to_f64())).collect();
     let mut outs: Vec<(Cfg, bool, Vec<T>)> = Vec::new();
     for cfg in CFGS {
@@ -862,7 +874,8 @@ fn check<T: Flt + LaneFloat>(
     }
     for w in Width::ALL.into_iter().filter(|w| func.is_some() && w.supported()) {
         let mut ys = vec![T::from_f64(0.0); xs.len()];
-        T::apply_at(func.unwrap(), w, xs, &mut ys);
+        let (f, p) = func.unwrap();
+        T::apply_with_at(f, w, xs, p, &mut ys);
         let (cfg, _, y0) = outs.iter().find(|(_, f, _)| *f == w.has_fma()).expect("a JIT kernel of this rounding");
         for (i, x) in xs.iter().enumerate() {
             assert!(
@@ -1027,12 +1040,13 @@ fn exp_scaled_f32() {
     // Shift 0: any x (above the threshold: exp's accuracy; overflow at the same point).
     let lo = exp_scaled_lo(false, 0);
     let (inside, below): (Vec<f32>, Vec<f32>) = xs.iter().partition(|&&x| f64::from(x) >= lo || x.is_nan());
-    check("exp_scaled(·, 0) f32", exp_scaled_by::<0>, None, &inside, ref32::exp, EXP);
+    check("exp_scaled(·, 0) f32", exp_scaled_by::<0>, Some(Func::ExpScaled), &inside, ref32::exp, EXP);
     clamped_below(exp_scaled_by::<0>, &below, lo as f32);
     // Shift 64: x ≤ 0.
     let lo = exp_scaled_lo(false, 64);
     let (inside, below): (Vec<f32>, Vec<f32>) = xs.iter().filter(|&&x| x <= 0.0).partition(|&&x| f64::from(x) >= lo);
-    check("exp_scaled(·, 64) f32", exp_scaled_by::<64>, None, &inside, |x| Ref::f(x.exp() * 2f64.powi(64)), EXP);
+    let shifted = |x: f64| Ref::f(x.exp() * 2f64.powi(64));
+    check_with("exp_scaled(·, 64) f32", exp_scaled_by::<64>, Some((Func::ExpScaled, 64.0)), &inside, shifted, EXP);
     clamped_below(exp_scaled_by::<64>, &below, lo as f32);
 }
 
@@ -1041,7 +1055,7 @@ fn exp_scaled_f64() {
     let xs = samples64(1e-20, 760.0, true, &[709.782712893384, 709.5, -706.0, -750.36]);
     let lo = exp_scaled_lo(true, 0);
     let (inside, below): (Vec<f64>, Vec<f64>) = xs.iter().partition(|&&x| x >= lo || x.is_nan());
-    check("exp_scaled(·, 0) f64", exp_scaled_by::<0>, None, &inside, ref64::exp, EXP);
+    check("exp_scaled(·, 0) f64", exp_scaled_by::<0>, Some(Func::ExpScaled), &inside, ref64::exp, EXP);
     clamped_below(exp_scaled_by::<0>, &below, lo);
     let lo = exp_scaled_lo(true, 64);
     let (inside, below): (Vec<f64>, Vec<f64>) = xs.iter().filter(|&&x| x <= 0.0).partition(|&&x| x >= lo);
@@ -1049,7 +1063,7 @@ fn exp_scaled_f64() {
         let r = ref64::exp(x);
         Ref { m: r.m, k: r.k + 64 }
     };
-    check("exp_scaled(·, 64) f64", exp_scaled_by::<64>, None, &inside, shifted, EXP);
+    check_with("exp_scaled(·, 64) f64", exp_scaled_by::<64>, Some((Func::ExpScaled, 64.0)), &inside, shifted, EXP);
     clamped_below(exp_scaled_by::<64>, &below, lo);
 }
 
@@ -1194,7 +1208,7 @@ fn exhaustive_f32() {
     }
     let fns: [Case; 9] = [
         ("exp", math::exp, Some(Func::Exp), ref32::exp, EXP),
-        ("exp_scaled", exp_scaled_by::<0>, None, exp_scaled0, EXP),
+        ("exp_scaled", exp_scaled_by::<0>, Some(Func::ExpScaled), exp_scaled0, EXP),
         ("log", math::log, Some(Func::Log), ref32::log, LOG),
         ("tanh", math::tanh, Some(Func::Tanh), ref32::tanh, TANH),
         ("sigmoid", math::sigmoid, Some(Func::Sigmoid), ref32::sigmoid, SIGMOID),
