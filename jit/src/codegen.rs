@@ -58,6 +58,11 @@ pub fn signature(call_conv: CallConv) -> Signature {
     sig
 }
 
+/// Flags for a `bitcast` between vector types: lanes in little-endian order.
+fn little() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(Endianness::Little)
+}
+
 fn flags() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
 }
@@ -343,6 +348,18 @@ impl Gen<'_> {
                 let byte = b.ins().uload8(types::I32, flags(), a, 0);
                 b.ins().icmp_imm_s(IntCC::NotEqual, byte, 0)
             }
+            (VType::Bool, true) if self.mt == types::I32X4 => {
+                // Four bytes at once, zero-extended to 32-bit lanes, then compared with 0.
+                let a = self.addr(b, self.in_ptr[i], index, 0);
+                let word = b.ins().load(types::I32, flags(), a, 0);
+                let v = b.ins().scalar_to_vector(types::I32X4, word);
+                let bytes = b.ins().bitcast(types::I8X16, little(), v);
+                let halves = b.ins().uwiden_low(bytes);
+                let words = b.ins().uwiden_low(halves);
+                let zero = b.ins().iconst(types::I32, 0);
+                let zero = b.ins().splat(types::I32X4, zero);
+                b.ins().icmp(IntCC::NotEqual, words, zero)
+            }
             (VType::Bool, true) => {
                 let a = self.addr(b, self.in_ptr[i], index, 0);
                 let lane = self.mt.lane_type();
@@ -367,6 +384,19 @@ impl Gen<'_> {
             (VType::Bool, false) => {
                 let a = self.addr(b, self.out_ptr[out], index, 0);
                 b.ins().store(flags(), v, a, 0);
+            }
+            (VType::Bool, true) if self.mt == types::I32X4 => {
+                // The 0/−1 lanes narrowed (saturating) to bytes, masked to 0/1, stored as one
+                // 32-bit word.
+                let a = self.addr(b, self.out_ptr[out], index, 0);
+                let halves = b.ins().snarrow(v, v);
+                let bytes = b.ins().snarrow(halves, halves);
+                let one = b.ins().iconst(types::I8, 1);
+                let one = b.ins().splat(types::I8X16, one);
+                let bits = b.ins().band(bytes, one);
+                let words = b.ins().bitcast(types::I32X4, little(), bits);
+                let word = b.ins().extractlane(words, 0);
+                b.ins().store(flags(), word, a, 0);
             }
             (VType::Bool, true) => {
                 let a = self.addr(b, self.out_ptr[out], index, 0);
