@@ -14,6 +14,7 @@ pub mod philox;
 pub mod pool;
 pub mod random;
 pub mod shape;
+pub mod team;
 
 pub use buffer::{Buffer, Data, Element};
 pub use dtype::DType;

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use rayon::prelude::*;
 use tracegrad_compiler::interpret::{eval_node, interpret, CallbackResults, CallbackRunner};
 use tracegrad_compiler::ops::{OpError, OpResult, TensorType};
 use tracegrad_runtime::kernels::matmul::matmul_accumulate;
@@ -54,7 +53,7 @@ impl Executable {
         for (&v, b) in p.inputs.iter().zip(inputs) {
             vals[v] = Some(b);
         }
-        match self.execute(&mut vals, callbacks) {
+        match tracegrad_runtime::team::scope(|| self.execute(&mut vals, callbacks)) {
             Ok(()) => Ok(p.outputs.iter().map(|&v| vals[v].clone().expect("output computed")).collect()),
             Err(error) => {
                 let inputs = p.inputs.iter().map(|&v| vals[v].take().expect("inputs are kept until the end")).collect();
@@ -172,7 +171,7 @@ impl Executable {
             let per = items.div_ceil(chunks);
             let per = if k.spec.row_kernel { per } else { per.next_multiple_of(16) };
             let f = k.f;
-            (0..items.div_ceil(per)).into_par_iter().for_each(|c| {
+            tracegrad_runtime::team::for_each(items.div_ceil(per), &|c| {
                 let (s, e) = (c * per, ((c + 1) * per).min(items));
                 let p = &ptrs;
                 // SAFETY: as above; chunks write disjoint ranges of the outputs.

@@ -234,7 +234,7 @@ impl<T: 'static + Copy + Send + Sync + Zero + One> Operands<T> {
         }
         let out = Dst(dst);
         let out = &out;
-        (0..blocks).into_par_iter().for_each(|b| {
+        crate::team::for_each(blocks, &|b| {
             let (i0, j0) = if cols < n { (0, b * cols) } else { (b * rows, 0) };
             let (mb, nb) = (rows.min(m - i0), cols.min(n - j0));
             // SAFETY: the blocks are disjoint sets of elements of `dst`.
