@@ -354,7 +354,9 @@ fn run_backward(root: &Tensor, grad: Tensor) -> Result<(), BackwardError> {
                 Some(g) => {
                     let inputs: Vec<&Tensor> = node.inputs.iter().collect();
                     let out = Tensor::from_buffer(output.clone());
-                    let mut gs = op.vjp(&mut Eager, &inputs, &out, g).map_err(|e| BackwardError(e.to_string()))?;
+                    let needs: Vec<bool> = inputs.iter().map(|t| t.requires_grad()).collect();
+                    let mut gs =
+                        op.vjp_for(&mut Eager, &inputs, &out, g, &needs).map_err(|e| BackwardError(e.to_string()))?;
                     gs.resize(node.inputs.len(), None);
                     gs
                 }

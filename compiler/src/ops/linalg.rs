@@ -40,15 +40,32 @@ pub(super) fn infer(op: &Op, t: &[TensorType]) -> Result<TensorType, String> {
     Ok(TensorType { dtype: a.dtype, shape })
 }
 
-pub(super) fn vjp<E: Emitter>(op: &Op, e: &mut E, x: &[&E::Value], g: &E::Value) -> OpResult<Vec<Option<E::Value>>> {
+pub(super) fn vjp<E: Emitter>(
+    op: &Op,
+    e: &mut E,
+    x: &[&E::Value],
+    g: &E::Value,
+    needs: [bool; 2],
+) -> OpResult<Vec<Option<E::Value>>> {
     let Op::MatMul { trans_a: ta, trans_b: tb } = *op else { unreachable!() };
     let (a, b) = (x[0], x[1]);
     // C = op(A)·op(B). d op(A) = G·op(B)ᵀ and d op(B) = op(A)ᵀ·G; a transposed operand takes the
     // transpose of that, which gemm reads for free through strides.
-    let ga = if ta { e.matmul_t(b, g, tb, true)? } else { e.matmul_t(g, b, false, !tb)? };
-    let gb = if tb { e.matmul_t(g, a, true, ta)? } else { e.matmul_t(a, g, !ta, false)? };
-    let (sa, sb) = (e.shape(a), e.shape(b));
-    Ok(vec![Some(e.sum_to(&ga, &sa)?), Some(e.sum_to(&gb, &sb)?)])
+    let ga = if !needs[0] {
+        None
+    } else {
+        let ga = if ta { e.matmul_t(b, g, tb, true)? } else { e.matmul_t(g, b, false, !tb)? };
+        let sa = e.shape(a);
+        Some(e.sum_to(&ga, &sa)?)
+    };
+    let gb = if !needs[1] {
+        None
+    } else {
+        let gb = if tb { e.matmul_t(g, a, true, ta)? } else { e.matmul_t(a, g, !ta, false)? };
+        let sb = e.shape(b);
+        Some(e.sum_to(&gb, &sb)?)
+    };
+    Ok(vec![ga, gb])
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -521,7 +521,7 @@ impl Op {
                 pointwise::vjp(self, e, inputs, output, grad)
             }
             Op::Reduce { .. } | Op::ArgReduce { .. } | Op::Softmax { .. } => reduce::vjp(self, e, inputs, output, grad),
-            Op::MatMul { .. } => linalg::vjp(self, e, inputs, grad),
+            Op::MatMul { .. } => linalg::vjp(self, e, inputs, grad, [true, true]),
             Op::Reshape(_) | Op::Permute(_) | Op::Expand(_) | Op::Narrow { .. } | Op::Cat { .. } => {
                 layout::vjp(self, e, inputs, grad)
             }
@@ -534,6 +534,27 @@ impl Op {
                 linalg::vjp_ext(self, e, inputs, output, grad)
             }
             _ => nn::vjp(self, e, inputs, grad),
+        }
+    }
+
+    /// [`Op::vjp`] computing only the gradients `needs` asks for (one flag per input; the
+    /// others come back `None`): eager mode's backward skips the products that a compiled
+    /// plan's dead-code elimination drops, such as a first layer's input gradient. Only the
+    /// products (matmul, conv) take the mask; other ops' gradients are cheap and computed
+    /// whole.
+    pub fn vjp_for<E: Emitter>(
+        &self,
+        e: &mut E,
+        inputs: &[&E::Value],
+        output: &E::Value,
+        grad: &E::Value,
+        needs: &[bool],
+    ) -> OpResult<Vec<Option<E::Value>>> {
+        let two = |i: usize| needs.get(i).copied().unwrap_or(true);
+        match self {
+            Op::MatMul { .. } => linalg::vjp(self, e, inputs, grad, [two(0), two(1)]),
+            Op::Conv2d { .. } => nn::conv2d_vjp(self, e, inputs, grad, [two(0), two(1)]),
+            _ => self.vjp(e, inputs, output, grad),
         }
     }
 

@@ -140,20 +140,34 @@ pub(super) fn eval(op: &Op, x: &[&Buffer], _out: &TensorType) -> Buffer {
     }
 }
 
+/// The gradients of a 2-D convolution's input and weight, those `needs` asks for.
+pub(super) fn conv2d_vjp<E: Emitter>(
+    op: &Op,
+    e: &mut E,
+    x: &[&E::Value],
+    g: &E::Value,
+    needs: [bool; 2],
+) -> OpResult<Vec<Option<E::Value>>> {
+    let Op::Conv2d { stride, padding } = op else { unreachable!("conv2d_vjp differentiates a Conv2d") };
+    let (xs, ws) = (e.shape(x[0]), e.shape(x[1]));
+    let gi = if needs[0] {
+        let op = Op::Conv2dGradInput { stride: *stride, padding: *padding, input_hw: [xs[2], xs[3]] };
+        Some(e.emit(op, &[g, x[1]])?)
+    } else {
+        None
+    };
+    let gw = if needs[1] {
+        let op = Op::Conv2dGradWeight { stride: *stride, padding: *padding, kernel_hw: [ws[2], ws[3]] };
+        Some(e.emit(op, &[x[0], g])?)
+    } else {
+        None
+    };
+    Ok(vec![gi, gw])
+}
+
 pub(super) fn vjp<E: Emitter>(op: &Op, e: &mut E, x: &[&E::Value], g: &E::Value) -> OpResult<Vec<Option<E::Value>>> {
     Ok(match op {
-        Op::Conv2d { stride, padding } => {
-            let (xs, ws) = (e.shape(x[0]), e.shape(x[1]));
-            let gi = e.emit(
-                Op::Conv2dGradInput { stride: *stride, padding: *padding, input_hw: [xs[2], xs[3]] },
-                &[g, x[1]],
-            )?;
-            let gw = e.emit(
-                Op::Conv2dGradWeight { stride: *stride, padding: *padding, kernel_hw: [ws[2], ws[3]] },
-                &[x[0], g],
-            )?;
-            vec![Some(gi), Some(gw)]
-        }
+        Op::Conv2d { .. } => conv2d_vjp(op, e, x, g, [true, true])?,
         Op::Conv2dGradInput { stride, padding, .. } => {
             // y = convᵀ_w(go): d/dgo = conv_w(g); d/dw = grad_weight(g, go).
             let ws = e.shape(x[1]);
