@@ -67,8 +67,6 @@ unary_methods! {
     sqrt => UnaryOp::Sqrt;
     /// `1/sqrt(x)`.
     rsqrt => UnaryOp::Rsqrt;
-    /// `max(x, 0)`.
-    relu => UnaryOp::Relu;
     /// `x²`.
     square => UnaryOp::Square;
     /// `1/x`.
@@ -76,6 +74,8 @@ unary_methods! {
 }
 
 fused_unary_methods! {
+    /// `max(x, 0)`.
+    relu => UnaryOp::Relu;
     /// `e^x`.
     exp => UnaryOp::Exp;
     /// Natural logarithm.
