@@ -16,7 +16,6 @@
 //! library at the machine's full width.
 
 use cranelift_codegen::ir::condcodes::FloatCC;
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use tracegrad_compiler::ops::{Op, UnaryOp};
 use tracegrad_runtime::{Buffer, DType, Data};
@@ -378,7 +377,7 @@ pub fn apply<T: LaneFloat>(f: Func, x: &[T], y: &mut [T]) {
 const CHUNK: usize = 1 << 14;
 
 /// Evaluates `op` on `inputs` here if it is a unary function of [`Func`] on f32 or f64, at the
-/// native width (split over rayon from `2·CHUNK` elements); `None` for anything else (the
+/// native width (split over the runtime's team from `2·CHUNK` elements); `None` for anything else (the
 /// caller runs the op's reference kernel).
 pub fn eval_unary(op: &Op, inputs: &[&Buffer]) -> Option<Buffer> {
     let Op::Unary(u) = op else { return None };
@@ -389,7 +388,9 @@ pub fn eval_unary(op: &Op, inputs: &[&Buffer]) -> Option<Buffer> {
         let w = Width::native();
         let spare = &mut out.spare_capacity_mut()[..v.len()];
         if v.len() >= 2 * CHUNK {
-            spare.par_chunks_mut(CHUNK).zip(v.par_chunks(CHUNK)).for_each(|(o, v)| T::apply_uninit_at(f, w, v, o));
+            tracegrad_runtime::team::for_each_chunk_mut(spare, CHUNK, &|i, o| {
+                T::apply_uninit_at(f, w, &v[i * CHUNK..i * CHUNK + o.len()], o)
+            });
         } else {
             T::apply_uninit_at(f, w, v, spare);
         }

@@ -374,6 +374,15 @@ pub fn vec_or_panic<T: Clone>(n: usize, value: T) -> Vec<T> {
     })
 }
 
+/// An empty vector with room for `n` elements of `T` that panics with the size (catchable)
+/// where the allocator refuses, instead of aborting the process.
+#[track_caller]
+pub fn vec_with_capacity_or_panic<T>(n: usize) -> Vec<T> {
+    try_empty_vec(n).unwrap_or_else(|_| {
+        panic!("out of memory allocating {n} elements ({} bytes)", n.saturating_mul(std::mem::size_of::<T>()))
+    })
+}
+
 /// `vec![value; n]` that reports allocation failure instead of aborting.
 fn try_filled_vec<T: Clone>(n: usize, value: T) -> Result<Vec<T>, std::collections::TryReserveError> {
     let mut v = try_empty_vec(n)?;

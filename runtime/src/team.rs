@@ -239,6 +239,41 @@ pub fn for_each(n: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
+/// A pointer that may cross to the team's threads (see [`for_each_chunk_mut`]).
+struct SendPtr<T>(*mut T);
+// SAFETY: only used to hand out disjoint chunks of one `&mut [T]` with `T: Send`.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+/// `f(i, piece)` for every `chunk`-long piece of `data` (the last may be shorter; `chunk > 0`),
+/// in parallel as [`for_each`].
+pub fn for_each_chunk_mut<T: Send>(data: &mut [T], chunk: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
+    assert!(chunk > 0, "for_each_chunk_mut: chunk must be positive");
+    let len = data.len();
+    let base = SendPtr(data.as_mut_ptr());
+    let base = &base;
+    for_each(len.div_ceil(chunk), &|i| {
+        let start = i * chunk;
+        let end = (start + chunk).min(len);
+        // SAFETY: `for_each` runs each index once, so the pieces `[start, end)` handed out are
+        // disjoint ranges inside `data`, which this call borrows mutably until every task ended.
+        let piece = unsafe { std::slice::from_raw_parts_mut(base.0.add(start), end - start) };
+        f(i, piece)
+    });
+}
+
+/// `f(k, item)` for every `item_len`-long item of `data` (`item_len > 0`; a shorter last one
+/// included), in parallel as [`for_each`], several items to a task (about four tasks a thread).
+pub fn for_each_item_mut<T: Send>(data: &mut [T], item_len: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
+    assert!(item_len > 0, "for_each_item_mut: items must be non-empty");
+    let items = data.len().div_ceil(item_len);
+    let per_task = items.div_ceil(rayon::current_num_threads() * 4).max(1);
+    for_each_chunk_mut(data, item_len * per_task, &|t, block| {
+        for (k, item) in block.chunks_mut(item_len).enumerate() {
+            f(t * per_task + k, item);
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +295,24 @@ mod tests {
                 run()
             }
             assert!(hits.iter().all(|h| h.load(SeqCst) == 50), "inside a scope: {inside}");
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_slice_once() {
+        for len in [0usize, 1, 99, 100, 101, 1000] {
+            let mut v = vec![0u32; len];
+            scope(|| {
+                for_each_chunk_mut(&mut v, 10, &|i, piece| {
+                    for (k, x) in piece.iter_mut().enumerate() {
+                        *x += (i * 10 + k) as u32 + 1;
+                    }
+                })
+            });
+            assert!(v.iter().enumerate().all(|(k, &x)| x == k as u32 + 1), "len {len}");
+            let mut w = vec![0u32; len];
+            for_each_item_mut(&mut w, 7, &|k, item| item.iter_mut().for_each(|x| *x = k as u32));
+            assert!(w.iter().enumerate().all(|(i, &x)| x == (i / 7) as u32), "len {len}");
         }
     }
 

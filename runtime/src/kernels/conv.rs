@@ -15,9 +15,9 @@
 
 use crate::buffer::Buffer;
 use crate::kernels::matmul::{gemm_strided, schedule, Schedule};
+use crate::team;
 use gemm::Parallelism;
 use num_traits::Float;
-use rayon::prelude::*;
 use std::ops::AddAssign;
 
 /// The element types these kernels run on (f32 and f64).
@@ -166,7 +166,7 @@ impl Conv {
         if plane == 0 || rows == 0 {
             col.fill(T::zero());
         } else if wide {
-            col.par_chunks_mut(rows).zip(x.par_chunks(plane)).for_each(|(cc, xc)| self.im2col_channel(xc, cc));
+            team::for_each_item_mut(col, rows, &|c, cc| self.im2col_channel(&x[c * plane..(c + 1) * plane], cc));
         } else {
             col.chunks_mut(rows).zip(x.chunks(plane)).for_each(|(cc, xc)| self.im2col_channel(xc, cc));
         }
@@ -177,7 +177,7 @@ impl Conv {
         let (plane, rows) = (self.h * self.w, self.kh * self.kw * self.l());
         if plane == 0 || rows == 0 {
         } else if wide {
-            dx.par_chunks_mut(plane).zip(col.par_chunks(rows)).for_each(|(dc, cc)| self.col2im_channel(cc, dc));
+            team::for_each_item_mut(dx, plane, &|c, dc| self.col2im_channel(&col[c * rows..(c + 1) * rows], dc));
         } else {
             dx.chunks_mut(plane).zip(col.chunks(rows)).for_each(|(dc, cc)| self.col2im_channel(cc, dc));
         }
@@ -221,9 +221,9 @@ fn conv2d_typed<T: ConvFloat>(x: &[T], w: &[T], n: usize, o: usize, g: &Conv) ->
             }
         }
         Schedule::Batch => {
-            y.par_chunks_mut(o * l)
-                .zip(x.par_chunks(chw))
-                .for_each_init(Vec::new, |col, (yn, xn)| sample(xn, yn, col, Parallelism::None));
+            per_sample_tasks(&mut y, o * l, n, &|s, yn, col| {
+                sample(&x[s * chw..(s + 1) * chw], yn, col, Parallelism::None)
+            });
         }
     }
     y
@@ -253,9 +253,9 @@ fn conv2d_grad_input_typed<T: ConvFloat>(gy: &[T], w: &[T], n: usize, o: usize, 
             }
         }
         Schedule::Batch => {
-            dx.par_chunks_mut(chw)
-                .zip(gy.par_chunks(o * l))
-                .for_each_init(Vec::new, |col, (dxn, gn)| sample(gn, dxn, col, Parallelism::None));
+            per_sample_tasks(&mut dx, chw, n, &|s, dxn, col| {
+                sample(&gy[s * o * l..(s + 1) * o * l], dxn, col, Parallelism::None)
+            });
         }
     }
     dx
@@ -288,14 +288,12 @@ fn conv2d_grad_weight_typed<T: ConvFloat>(x: &[T], gy: &[T], n: usize, o: usize,
             // Contiguous sample ranges, one partial sum each, added up in range order so the
             // result does not depend on which thread finished first.
             let chunk = n.div_ceil(rayon::current_num_threads().min(n));
-            let partials: Vec<Vec<T>> = (0..n.div_ceil(chunk))
-                .into_par_iter()
-                .map(|ci| {
-                    let mut part = crate::buffer::vec_or_panic(o * ckk, T::zero());
-                    accumulate(ci * chunk..((ci + 1) * chunk).min(n), &mut part, &mut Vec::new(), Parallelism::None);
-                    part
-                })
-                .collect();
+            let mut partials: Vec<Vec<T>> = vec![Vec::new(); n.div_ceil(chunk)];
+            team::for_each_item_mut(&mut partials, 1, &|ci, part| {
+                let part = &mut part[0];
+                *part = crate::buffer::vec_or_panic(o * ckk, T::zero());
+                accumulate(ci * chunk..((ci + 1) * chunk).min(n), part, &mut Vec::new(), Parallelism::None);
+            });
             for part in &partials {
                 for (d, p) in dw.iter_mut().zip(part) {
                     *d += *p;
@@ -445,7 +443,7 @@ impl Pool {
             return;
         }
         if self.wide() {
-            dst.par_chunks_mut(plane_len).enumerate().for_each(|(i, d)| f(i, d));
+            team::for_each_item_mut(dst, plane_len, &f);
         } else {
             dst.chunks_mut(plane_len).enumerate().for_each(|(i, d)| f(i, d));
         }
@@ -648,6 +646,21 @@ pub fn avg_pool2d_grad(
     crate::dispatch!(float, g.data(), "avg_pool2d_grad", |gv: T| {
         Buffer::from_vec(avg_pool_grad_typed::<T>(&p, gv, count_include_pad), input_shape)
     })
+}
+
+/// One sample's work: `(sample index, its output, im2col scratch)`.
+type SampleFn<'a, T> = dyn Fn(usize, &mut [T], &mut Vec<T>) + Sync + 'a;
+
+/// `sample(s, out_s, col)` for every sample `s < n` of `out` (`per` elements each), in
+/// parallel over the team: a few samples per task, each task with its own im2col scratch.
+fn per_sample_tasks<T: Send>(out: &mut [T], per: usize, n: usize, sample: &SampleFn<'_, T>) {
+    let per_task = n.div_ceil(rayon::current_num_threads() * 4).max(1);
+    team::for_each_chunk_mut(out, per * per_task, &|t, block| {
+        let mut col = Vec::new();
+        for (k, item) in block.chunks_mut(per).enumerate() {
+            sample(t * per_task + k, item, &mut col);
+        }
+    });
 }
 
 #[cfg(test)]

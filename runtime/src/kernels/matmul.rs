@@ -13,7 +13,6 @@ use crate::buffer::{Buffer, Data};
 use crate::shape::{broadcast_shapes, broadcast_strides, numel, Dims, ShapeDisplay};
 use gemm::Parallelism;
 use num_traits::{One, Zero};
-use rayon::prelude::*;
 use std::any::TypeId;
 use std::mem::MaybeUninit;
 
@@ -353,7 +352,7 @@ fn batched<T: 'static + Copy + Send + Sync + Zero + One>(
             }
         }
         Schedule::Batch => {
-            spare.par_chunks_mut(mat).zip(offsets.par_iter()).for_each(|(dst, &off)| run(dst, off, Parallelism::None));
+            crate::team::for_each_item_mut(spare, mat, &|k, dst| run(dst, offsets[k], Parallelism::None));
         }
     }
     // SAFETY: every product wrote all of its m×n chunk (`gemm_strided_uninit`), and the chunks

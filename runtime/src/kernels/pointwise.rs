@@ -1,27 +1,46 @@
 //! Elementwise loops: unary maps and broadcasting binary/ternary zips.
 //!
 //! The scalar function comes from the op definition (compiler crate); these loops only own the
-//! iteration order and the split across rayon threads above [`PAR_THRESHOLD`] elements.
+//! iteration order and the split across threads (the runtime's team, [`crate::team`]) above
+//! [`PAR_THRESHOLD`] elements.
+
+use std::mem::MaybeUninit;
 
 use crate::buffer::Element;
 use crate::shape::{broadcast_strides, numel};
-use rayon::prelude::*;
+use crate::team;
 
 /// Below this many elements a loop runs on the calling thread: small tensors must not pay for
 /// thread hand-off.
 pub const PAR_THRESHOLD: usize = 1 << 15;
-/// Smallest piece of work handed to one rayon task.
+/// Elements per parallel task.
 const MIN_CHUNK: usize = 1 << 13;
+
+/// A fresh `n`-element output filled in parallel pieces of [`MIN_CHUNK`]: `fill(start, piece)`
+/// must write every element of `piece`, which holds output positions `start..`. A cached block
+/// of the size (`crate::pool`) is reused when there is one; nothing is zeroed first.
+fn par_collect<U: Element>(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<U>]) + Sync) -> Vec<U> {
+    let mut out = crate::pool::take_vec::<U>(n);
+    if out.capacity() < n {
+        out = crate::buffer::vec_with_capacity_or_panic(n);
+    }
+    team::for_each_chunk_mut(&mut out.spare_capacity_mut()[..n], MIN_CHUNK, &|i, piece| fill(i * MIN_CHUNK, piece));
+    // SAFETY: the pieces cover the first `n` elements of the spare capacity, and `fill` wrote
+    // every element of each.
+    unsafe { out.set_len(n) };
+    out
+}
 
 /// `f` applied to every element.
 pub fn map<T: Element, U: Element>(x: &[T], f: impl Fn(T) -> U + Sync + Send) -> Vec<U> {
     if x.len() < PAR_THRESHOLD {
         x.iter().map(|&v| f(v)).collect()
     } else {
-        // A large output reuses a cached block of its size (`crate::pool`) when there is one.
-        let mut out = crate::pool::take_vec(x.len());
-        x.par_iter().with_min_len(MIN_CHUNK).map(|&v| f(v)).collect_into_vec(&mut out);
-        out
+        par_collect(x.len(), |s, piece| {
+            for (d, &v) in piece.iter_mut().zip(&x[s..]) {
+                d.write(f(v));
+            }
+        })
     }
 }
 
@@ -39,9 +58,11 @@ pub fn zip<A: Element, B: Element, U: Element>(
         if n < PAR_THRESHOLD {
             return a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect();
         }
-        let mut out = crate::pool::take_vec(n);
-        a.par_iter().with_min_len(MIN_CHUNK).zip(b.par_iter()).map(|(&x, &y)| f(x, y)).collect_into_vec(&mut out);
-        return out;
+        return par_collect(n, |s, piece| {
+            for ((d, &x), &y) in piece.iter_mut().zip(&a[s..]).zip(&b[s..]) {
+                d.write(f(x, y));
+            }
+        });
     }
     if b.len() == 1 && a.len() == n {
         let y = b[0];
@@ -100,14 +121,11 @@ pub fn zip3<C: Element, A: Element, B: Element, U: Element>(
         if n < PAR_THRESHOLD {
             return c.iter().zip(a).zip(b).map(|((&cv, &av), &bv)| f(cv, av, bv)).collect();
         }
-        let mut v = crate::pool::take_vec(n);
-        c.par_iter()
-            .with_min_len(MIN_CHUNK)
-            .zip(a.par_iter())
-            .zip(b.par_iter())
-            .map(|((&cv, &av), &bv)| f(cv, av, bv))
-            .collect_into_vec(&mut v);
-        return v;
+        return par_collect(n, |s, piece| {
+            for (((d, &cv), &av), &bv) in piece.iter_mut().zip(&c[s..]).zip(&a[s..]).zip(&b[s..]) {
+                d.write(f(cv, av, bv));
+            }
+        });
     }
     let sc = broadcast_strides(csh, out);
     let sa = broadcast_strides(ash, out);
@@ -169,7 +187,7 @@ pub fn strided_rows<U: Element>(out: &[usize], fill: impl Fn(usize, usize, &mut 
         }
     } else {
         let rows_per_task = (MIN_CHUNK / row).max(1);
-        dst.par_chunks_mut(row * rows_per_task).enumerate().for_each(|(t, block)| {
+        team::for_each_chunk_mut(&mut dst, row * rows_per_task, &|t, block| {
             for (r, chunk) in block.chunks_mut(row).enumerate() {
                 fill((t * rows_per_task + r) * row, row, chunk);
             }

@@ -5,8 +5,8 @@
 //! non-adjacent dimensions are done by the caller as a sequence of these.
 
 use crate::buffer::Element;
+use crate::team;
 use num_traits::Float;
-use rayon::prelude::*;
 
 use super::pointwise::PAR_THRESHOLD;
 
@@ -59,7 +59,7 @@ pub fn fold<T: Element, A: Copy + Send + Sync, U: Element>(
             work(o, dst);
         }
     } else {
-        out.par_chunks_mut(inner).enumerate().for_each(|(o, dst)| work(o, dst));
+        team::for_each_item_mut(&mut out, inner, &work);
     }
     out
 }
@@ -92,10 +92,16 @@ pub fn sum<T: Element + Float>(x: &[T], outer: usize, r: usize, inner: usize) ->
         x.chunks(r).map(row_sum).collect()
     } else if outer == 1 {
         // One long row: split it, then add the partial sums.
-        let partials: Vec<T> = x.par_chunks(1 << 14).map(row_sum).collect();
+        const PIECE: usize = 1 << 14;
+        let mut partials = vec![T::zero(); x.len().div_ceil(PIECE)];
+        team::for_each_item_mut(&mut partials, 1, &|i, p| {
+            p[0] = row_sum(&x[i * PIECE..((i + 1) * PIECE).min(x.len())])
+        });
         vec![partials.into_iter().fold(T::zero(), |a, b| a + b)]
     } else {
-        x.par_chunks(r).map(row_sum).collect()
+        let mut out = vec![T::zero(); outer];
+        team::for_each_item_mut(&mut out, 1, &|o, d| d[0] = row_sum(&x[o * r..(o + 1) * r]));
+        out
     }
 }
 

@@ -2,8 +2,8 @@
 //! The row maximum is subtracted first, so logits of ±1000 stay finite.
 
 use crate::buffer::Element;
+use crate::team;
 use num_traits::Float;
-use rayon::prelude::*;
 
 use super::pointwise::PAR_THRESHOLD;
 
@@ -54,7 +54,7 @@ pub fn softmax<T: Element + Float>(x: &[T], outer: usize, r: usize, inner: usize
             work(o, dst);
         }
     } else {
-        out.par_chunks_mut(block).enumerate().for_each(|(o, dst)| work(o, dst));
+        team::for_each_item_mut(&mut out, block, &work);
     }
     out
 }
