@@ -539,9 +539,9 @@ impl Op {
 
     /// [`Op::vjp`] computing only the gradients `needs` asks for (one flag per input; the
     /// others come back `None`): eager mode's backward skips the products that a compiled
-    /// plan's dead-code elimination drops, such as a first layer's input gradient. Only the
-    /// products (matmul, conv) take the mask; other ops' gradients are cheap and computed
-    /// whole.
+    /// plan's dead-code elimination drops, such as a first layer's input gradient or a masked
+    /// fill's value. The products (matmul, conv) and `where` take the mask; other ops'
+    /// gradients are cheap and computed whole.
     pub fn vjp_for<E: Emitter>(
         &self,
         e: &mut E,
@@ -554,6 +554,7 @@ impl Op {
         match self {
             Op::MatMul { .. } => linalg::vjp(self, e, inputs, grad, [two(0), two(1)]),
             Op::Conv2d { .. } => nn::conv2d_vjp(self, e, inputs, grad, [two(0), two(1)]),
+            Op::Where => pointwise::where_vjp(e, inputs, grad, [two(1), two(2)]),
             _ => self.vjp(e, inputs, output, grad),
         }
     }

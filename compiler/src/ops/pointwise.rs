@@ -649,13 +649,7 @@ pub(super) fn vjp<E: Emitter>(
             vec![Some(e.sum_to(&ga, &sa)?), Some(e.sum_to(&gc, &sc)?)]
         }
         Op::Compare(_) => vec![None, None],
-        Op::Where => {
-            let z = e.zeros_like(g)?;
-            let ga = e.where_(x[0], g, &z)?;
-            let gb = e.where_(x[0], &z, g)?;
-            let (sa, sb) = (e.shape(x[1]), e.shape(x[2]));
-            vec![None, Some(e.sum_to(&ga, &sa)?), Some(e.sum_to(&gb, &sb)?)]
-        }
+        Op::Where => where_vjp(e, x, g, [true, true])?,
         Op::Clamp { min, max } => {
             // The gradient passes where min <= x <= max (inclusive, as PyTorch).
             let a = x[0];
@@ -715,4 +709,31 @@ pub(super) fn jit_lowerable(op: &Op, operands: &[DType], out: DType) -> bool {
         },
         _ => false,
     }
+}
+
+/// `where(c, a, b)`'s gradients for `a` and `b`, those `needs` asks for: the output gradient
+/// where the condition picks the operand, zero elsewhere (a scalar zero, broadcast, not a
+/// zero tensor), summed back to the operand's shape.
+pub(super) fn where_vjp<E: Emitter>(
+    e: &mut E,
+    x: &[&E::Value],
+    g: &E::Value,
+    needs: [bool; 2],
+) -> OpResult<Vec<Option<E::Value>>> {
+    let z = e.scalar(0.0, e.dtype(g))?;
+    let ga = if needs[0] {
+        let ga = e.where_(x[0], g, &z)?;
+        let sa = e.shape(x[1]);
+        Some(e.sum_to(&ga, &sa)?)
+    } else {
+        None
+    };
+    let gb = if needs[1] {
+        let gb = e.where_(x[0], &z, g)?;
+        let sb = e.shape(x[2]);
+        Some(e.sum_to(&gb, &sb)?)
+    } else {
+        None
+    };
+    Ok(vec![None, ga, gb])
 }

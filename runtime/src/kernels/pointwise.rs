@@ -136,6 +136,12 @@ pub fn zip3<C: Element, A: Element, B: Element, U: Element>(
         let cs = &c[oc..];
         // As in `zip`: slices where the strides are 1 or 0 (a masked fill's rows).
         match (last_stride(&sc), last_stride(&sa), last_stride(&sb)) {
+            (1, 1, 1) => dst
+                .iter_mut()
+                .zip(&cs[..len])
+                .zip(&a[oa..oa + len])
+                .zip(&b[ob..ob + len])
+                .for_each(|(((d, &cv), &x), &y)| *d = f(cv, x, y)),
             (1, 1, 0) => {
                 let y = b[ob];
                 dst.iter_mut().zip(&cs[..len]).zip(&a[oa..oa + len]).for_each(|((d, &cv), &x)| *d = f(cv, x, y));
