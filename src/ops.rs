@@ -470,25 +470,51 @@ impl Tensor {
     /// Splits into `chunks` pieces of `ceil(n/chunks)` (maybe fewer pieces).
     #[track_caller]
     pub fn chunk(&self, chunks: usize, dim: isize) -> Vec<Tensor> {
-        eager(|e| c::chunk(e, self, chunks, dim))
+        self.pieces(dim, |t| eager(|e| c::chunk(e, t, chunks, dim)))
     }
 
     /// Splits into pieces of `size` (the last smaller).
     #[track_caller]
     pub fn split(&self, size: usize, dim: isize) -> Vec<Tensor> {
-        eager(|e| c::split(e, self, size, dim))
+        self.pieces(dim, |t| eager(|e| c::split(e, t, size, dim)))
     }
 
     /// Splits into exactly `sections` pieces as evenly as possible.
     #[track_caller]
     pub fn tensor_split(&self, sections: usize, dim: isize) -> Vec<Tensor> {
-        eager(|e| c::tensor_split(e, self, sections, dim))
+        self.pieces(dim, |t| eager(|e| c::tensor_split(e, t, sections, dim)))
     }
 
     /// Splits at the given indices.
     #[track_caller]
     pub fn tensor_split_at(&self, indices: &[usize], dim: isize) -> Vec<Tensor> {
-        eager(|e| c::tensor_split_at(e, self, indices, dim))
+        self.pieces(dim, |t| eager(|e| c::tensor_split_at(e, t, indices, dim)))
+    }
+
+    /// The pieces `split` cuts `self` into along `dim` (consecutive, covering the dim). In
+    /// eager mode with a gradient to record they share one node whose backward is a single
+    /// `cat` of their gradients (zeros for a piece without one), as PyTorch's SplitBackward,
+    /// instead of one zero-padded gradient per piece summed up. Traced, they stay narrows.
+    #[track_caller]
+    fn pieces(&self, dim: isize, split: impl Fn(&Tensor) -> Vec<Tensor>) -> Vec<Tensor> {
+        if crate::trace_seam::is_tracing() || !is_grad_enabled() || !self.requires_grad() {
+            return split(self);
+        }
+        let parts = crate::autograd::no_grad(|| split(self));
+        let d = eager(|_| tracegrad_compiler::emitter::norm_dim("split", dim, self.dim()));
+        let shapes: Vec<Vec<usize>> = parts.iter().map(|p| p.shape().to_vec()).collect();
+        let dtype = self.dtype();
+        let backward: crate::autograd::CustomBackward = std::sync::Arc::new(move |grads: &[Option<Tensor>]| {
+            let gs: Vec<Tensor> = grads
+                .iter()
+                .zip(&shapes)
+                .map(|(g, s)| g.clone().unwrap_or_else(|| Tensor::zeros_dtype(s, dtype)))
+                .collect();
+            let refs: Vec<&Tensor> = gs.iter().collect();
+            Ok(vec![Some(Tensor::cat(&refs, d as isize))])
+        });
+        let bufs = parts.iter().map(|p| p.buffer()).collect();
+        crate::autograd::custom_op("split", std::slice::from_ref(self), bufs, backward)
     }
 
     /// `start..start+len` of `dim`.
