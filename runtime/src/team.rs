@@ -205,7 +205,7 @@ fn take() -> bool {
 /// Runs `f(i)` for every `i < n`, in parallel: on the team inside a [`scope`] (the caller
 /// works too), on rayon otherwise. A panic in a task is re-raised here once all tasks ended.
 pub fn for_each(n: usize, f: &(dyn Fn(usize) + Sync)) {
-    if n <= 1 || IN_JOB.with(Cell::get) {
+    if n <= 1 || IN_JOB.with(Cell::get) || rayon::current_num_threads() < 2 {
         (0..n).for_each(f);
         return;
     }
