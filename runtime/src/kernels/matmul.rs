@@ -220,13 +220,31 @@ impl<T: 'static + Copy + Send + Sync + Zero + One> Operands<T> {
             return;
         }
         // Blocks of whole columns (at least 16 wide), else of whole rows, one per thread.
+        // gemm computes dstᵀ = rhsᵀ·lhsᵀ and packs whatever is not stored the way its kernel
+        // reads it: a column-strided lhs (a transposed view, as in a weight gradient gᵀ·x) is
+        // packed whole by every column block, so such products split their rows instead, and
+        // each block packs only its own rows. On mlp_train_step_large's weight gradients that
+        // halves the packing buffers (two 516 KiB → two 258 KiB) and runs faster.
         let threads = match par {
             Parallelism::Rayon(t) => t.max(1),
             _ => 1,
         };
-        let cols = if n >= 32 { n.div_ceil(threads).next_multiple_of(16).min(n) } else { n };
-        let rows = if cols == n && m >= 32 { m.div_ceil(threads).next_multiple_of(16).min(m) } else { m };
-        let blocks = n.div_ceil(cols) * m.div_ceil(rows);
+        let rows_first = self.lhs_cs != 1 && self.rhs_cs == 1 && m >= 32;
+        // Blocks are multiples of 16 wide; a remainder narrower than that joins the last block
+        // (a one-row block would take gemm's matrix-vector path, whose sums differ in the last
+        // bit from the full product's).
+        let split = |len: usize| {
+            let size = len.div_ceil(threads).next_multiple_of(16).min(len);
+            (size, (len / size).max(1))
+        };
+        let ((cols, col_blocks), (rows, row_blocks)) = if n >= 32 && !rows_first {
+            (split(n), (m, 1))
+        } else if m >= 32 {
+            ((n, 1), split(m))
+        } else {
+            ((n, 1), (m, 1))
+        };
+        let blocks = col_blocks * row_blocks;
         if threads == 1 || blocks == 1 {
             // SAFETY: forwarded.
             return unsafe { self.block(dst, accumulate, beta, 0, m, 0, n) };
@@ -234,8 +252,11 @@ impl<T: 'static + Copy + Send + Sync + Zero + One> Operands<T> {
         let out = Dst(dst);
         let out = &out;
         crate::team::for_each(blocks, &|b| {
-            let (i0, j0) = if cols < n { (0, b * cols) } else { (b * rows, 0) };
-            let (mb, nb) = (rows.min(m - i0), cols.min(n - j0));
+            // Exactly one of the two counts exceeds 1; the last block runs to the end.
+            let (bi, bj) = (b % row_blocks, b % col_blocks);
+            let (i0, j0) = (bi * rows, bj * cols);
+            let mb = if bi + 1 == row_blocks { m - i0 } else { rows };
+            let nb = if bj + 1 == col_blocks { n - j0 } else { cols };
             // SAFETY: the blocks are disjoint sets of elements of `dst`.
             unsafe { self.block(out.0, accumulate, beta, i0, mb, j0, nb) };
         });
@@ -634,25 +655,30 @@ mod tests {
 
     #[test]
     fn threaded_blocks_match_one_thread() {
-        // Column blocks (n ≥ 32), row blocks (narrow outputs), uneven last blocks, transposed
-        // operands, accumulation, and the uninitialised-destination entry point.
+        // Column blocks (n ≥ 32), row blocks (narrow outputs, and transposed lhs), uneven last
+        // blocks, both lhs layouts, accumulation, and the uninitialised-destination entry point.
         for &(m, n, k) in &[(64, 100, 37), (100, 10, 23), (33, 33, 5), (7, 200, 64), (50, 1, 9)] {
-            let lhs = lcg(m as u64, m * k); // stored k×m, read transposed
-            let rhs = lcg(n as u64 + 1, k * n);
-            let init = lcg(7, m * n);
-            let mut one = init.clone();
-            gemm_strided(m, n, k, &mut one, true, &lhs, 1, m as isize, &rhs, n as isize, 1, Parallelism::None);
-            for threads in [2, 3, 4] {
-                let mut many = init.clone();
-                let par = Parallelism::Rayon(threads);
-                gemm_strided(m, n, k, &mut many, true, &lhs, 1, m as isize, &rhs, n as isize, 1, par);
-                assert_eq!(many, one, "{m}×{n}×{k} on {threads} threads, accumulating");
-                let mut fresh = vec![MaybeUninit::<f64>::uninit(); m * n];
-                gemm_strided_uninit(m, n, k, &mut fresh, &lhs, 1, m as isize, &rhs, n as isize, 1, par);
-                // SAFETY: gemm_strided_uninit wrote every element.
-                let fresh: Vec<f64> = fresh.into_iter().map(|v| unsafe { v.assume_init() }).collect();
-                for ((f, o), i) in fresh.iter().zip(&one).zip(&init) {
-                    assert!((f + i - o).abs() < 1e-12, "{m}×{n}×{k} on {threads} threads, fresh");
+            for transposed in [true, false] {
+                // Stored k×m and read transposed, or stored m×k.
+                let lhs = lcg(m as u64, m * k);
+                let (lrs, lcs) = if transposed { (1, m as isize) } else { (k as isize, 1) };
+                let rhs = lcg(n as u64 + 1, k * n);
+                let init = lcg(7, m * n);
+                let mut one = init.clone();
+                gemm_strided(m, n, k, &mut one, true, &lhs, lrs, lcs, &rhs, n as isize, 1, Parallelism::None);
+                let what = format!("{m}×{n}×{k}, lhs transposed: {transposed}");
+                for threads in [2, 3, 4] {
+                    let mut many = init.clone();
+                    let par = Parallelism::Rayon(threads);
+                    gemm_strided(m, n, k, &mut many, true, &lhs, lrs, lcs, &rhs, n as isize, 1, par);
+                    assert_eq!(many, one, "{what} on {threads} threads, accumulating");
+                    let mut fresh = vec![MaybeUninit::<f64>::uninit(); m * n];
+                    gemm_strided_uninit(m, n, k, &mut fresh, &lhs, lrs, lcs, &rhs, n as isize, 1, par);
+                    // SAFETY: gemm_strided_uninit wrote every element.
+                    let fresh: Vec<f64> = fresh.into_iter().map(|v| unsafe { v.assume_init() }).collect();
+                    for ((f, o), i) in fresh.iter().zip(&one).zip(&init) {
+                        assert!((f + i - o).abs() < 1e-12, "{what} on {threads} threads, fresh");
+                    }
                 }
             }
         }
