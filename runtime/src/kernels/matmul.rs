@@ -76,8 +76,9 @@ fn span(what: &str, rows: usize, cols: usize, rs: isize, cs: isize) -> usize {
 /// `(p, j)` is `rhs[p*rhs_rs + j*rhs_cs]`; strides are in elements and must be non-negative
 /// (zero is allowed), and every addressed element must lie inside its slice (checked).
 ///
-/// With `Parallelism::Rayon(t)` the output is cut into `t` blocks of whole columns (or of whole
-/// rows, when it is too narrow), each one single-threaded gemm on rayon. gemm's own threading
+/// With `Parallelism::Rayon(t)` the output is cut into up to `t` blocks of whole columns (or of
+/// whole rows, when it is too narrow or the lhs is a transposed view), each one single-threaded
+/// gemm on the runtime's team. gemm's own threading
 /// splits one product into many small tasks: on a 64×784 · 784×256 product (a linear layer's
 /// forward pass) it ran slower on two threads than on one, where the column split runs 1.8×
 /// faster.
