@@ -96,6 +96,9 @@ struct Gen<'s> {
     /// `Elem` values whose scratch row [`lanes::kernel_entry`] has filled before any loop that
     /// reads them: always reloaded, never computed.
     filled: HashSet<usize>,
+    /// Column values of an unrolled step, `j + k`, as (`j`, `k`): their loads and stores
+    /// address `j` and carry `k` in the instruction's displacement.
+    col_off: HashMap<Value, (Value, i64)>,
 }
 
 /// Emits the body of `spec` into `func` (whose signature must be [`signature`]).
@@ -137,6 +140,7 @@ pub fn emit(
         scratch: HashMap::new(),
         scratch_addr: HashMap::new(),
         filled: HashSet::new(),
+        col_off: HashMap::new(),
     };
     if spec.row_kernel {
         g.row_kernel(&mut b, start, end);
@@ -186,6 +190,22 @@ impl Gen<'_> {
     fn addr(&self, b: &mut FunctionBuilder, ptr: Value, index: Value, shift: i64) -> Value {
         let off = if shift == 0 { index } else { b.ins().ishl_imm_s(index, shift) };
         b.ins().iadd(ptr, off)
+    }
+
+    /// The address of element `row + rc` of the array at `ptr` (elements of `1 << shift`
+    /// bytes), as a register part and a displacement: `ptr + row·size` is the same for a whole
+    /// loop (Cranelift computes it once, before the loop), and an unrolled step's column
+    /// `j + k` (see [`Gen::col_off`]) becomes `j` in the address and `k·size` in the
+    /// displacement, so x64 addresses every step's element as `disp(base, j, size)` with no
+    /// instruction of its own.
+    fn place(&self, b: &mut FunctionBuilder, ptr: Value, row: Option<Value>, rc: Value, shift: i64) -> (Value, i32) {
+        let (j, k) = self.col_off.get(&rc).copied().unwrap_or((rc, 0));
+        let base = match row {
+            Some(r) => self.addr(b, ptr, r, shift),
+            None => ptr,
+        };
+        let disp = i32::try_from(k << shift).expect("an unrolled step's displacement fits in 32 bits");
+        (self.addr(b, base, j, shift), disp)
     }
 
     /// The scalar value of `Row` node `n` in the current row (computed where first asked:
@@ -304,8 +324,8 @@ impl Gen<'_> {
     fn leaf(&mut self, b: &mut FunctionBuilder, n: usize, rc: Value, vec: bool) -> Option<Value> {
         let reload = self.filled.contains(&n) || matches!(self.scratch.get(&n), Some(&(_, home)) if self.sweep > home);
         if reload {
-            let a = self.addr(b, self.scratch_addr[&n], rc, self.shift);
-            return Some(b.ins().load(if vec { self.vt } else { self.ft }, flags(), a, 0));
+            let (a, d) = self.place(b, self.scratch_addr[&n], None, rc, self.shift);
+            return Some(b.ins().load(if vec { self.vt } else { self.ft }, flags(), a, d));
         }
         let node = &self.spec.nodes[n];
         if node.space == Space::Row {
@@ -314,8 +334,7 @@ impl Gen<'_> {
         match node.op {
             KOp::Input(i) => {
                 let ty = node.ty;
-                let j = b.ins().iadd(self.base[i], rc);
-                Some(self.load(b, i, j, ty, vec))
+                Some(self.load(b, i, rc, ty, vec))
             }
             KOp::Random { state, at, mask } => Some(self.random(b, state, at, mask, rc, vec)),
             _ => None,
@@ -326,32 +345,34 @@ impl Gen<'_> {
     fn finish(&mut self, b: &mut FunctionBuilder, n: usize, v: Value, rc: Value, memo: &mut HashMap<usize, Value>) {
         if let Some(&(_, home)) = self.scratch.get(&n) {
             if self.sweep == home {
-                let a = self.addr(b, self.scratch_addr[&n], rc, self.shift);
-                b.ins().store(flags(), v, a, 0);
+                let (a, d) = self.place(b, self.scratch_addr[&n], None, rc, self.shift);
+                b.ins().store(flags(), v, a, d);
             }
         }
         memo.insert(n, v);
     }
 
-    fn load(&mut self, b: &mut FunctionBuilder, i: usize, index: Value, ty: VType, vec: bool) -> Value {
+    /// Input `i` at column `rc` of the current row.
+    fn load(&mut self, b: &mut FunctionBuilder, i: usize, rc: Value, ty: VType, vec: bool) -> Value {
+        let row = Some(self.base[i]);
         match (ty, vec) {
             (VType::Float, false) => {
-                let a = self.addr(b, self.in_ptr[i], index, self.shift);
-                b.ins().load(self.ft, flags(), a, 0)
+                let (a, d) = self.place(b, self.in_ptr[i], row, rc, self.shift);
+                b.ins().load(self.ft, flags(), a, d)
             }
             (VType::Float, true) => {
-                let a = self.addr(b, self.in_ptr[i], index, self.shift);
-                b.ins().load(self.vt, flags(), a, 0)
+                let (a, d) = self.place(b, self.in_ptr[i], row, rc, self.shift);
+                b.ins().load(self.vt, flags(), a, d)
             }
             (VType::Bool, false) => {
-                let a = self.addr(b, self.in_ptr[i], index, 0);
-                let byte = b.ins().uload8(types::I32, flags(), a, 0);
+                let (a, d) = self.place(b, self.in_ptr[i], row, rc, 0);
+                let byte = b.ins().uload8(types::I32, flags(), a, d);
                 b.ins().icmp_imm_s(IntCC::NotEqual, byte, 0)
             }
             (VType::Bool, true) if self.mt == types::I32X4 => {
                 // Four bytes at once, zero-extended to 32-bit lanes, then compared with 0.
-                let a = self.addr(b, self.in_ptr[i], index, 0);
-                let word = b.ins().load(types::I32, flags(), a, 0);
+                let (a, d) = self.place(b, self.in_ptr[i], row, rc, 0);
+                let word = b.ins().load(types::I32, flags(), a, d);
                 let v = b.ins().scalar_to_vector(types::I32X4, word);
                 let bytes = b.ins().bitcast(types::I8X16, little(), v);
                 let halves = b.ins().uwiden_low(bytes);
@@ -361,12 +382,12 @@ impl Gen<'_> {
                 b.ins().icmp(IntCC::NotEqual, words, zero)
             }
             (VType::Bool, true) => {
-                let a = self.addr(b, self.in_ptr[i], index, 0);
+                let (a, d) = self.place(b, self.in_ptr[i], row, rc, 0);
                 let lane = self.mt.lane_type();
                 let zero = b.ins().iconst(lane, 0);
                 let mut v = b.ins().splat(self.mt, zero);
                 for k in 0..self.lanes {
-                    let byte = b.ins().uload8(lane, flags(), a, k as i32);
+                    let byte = b.ins().uload8(lane, flags(), a, d + k as i32);
                     let mask = b.ins().ineg(byte);
                     v = b.ins().insertlane(v, mask, k as u8);
                 }
@@ -375,20 +396,23 @@ impl Gen<'_> {
         }
     }
 
-    fn store(&mut self, b: &mut FunctionBuilder, out: usize, index: Value, v: Value, ty: VType, vec: bool) {
+    /// Stores `v` as output `out`'s element `row + j`.
+    #[allow(clippy::too_many_arguments)]
+    fn store(&mut self, b: &mut FunctionBuilder, out: usize, row: Value, j: Value, v: Value, ty: VType, vec: bool) {
+        let row = Some(row);
         match (ty, vec) {
             (VType::Float, _) => {
-                let a = self.addr(b, self.out_ptr[out], index, self.shift);
-                b.ins().store(flags(), v, a, 0);
+                let (a, d) = self.place(b, self.out_ptr[out], row, j, self.shift);
+                b.ins().store(flags(), v, a, d);
             }
             (VType::Bool, false) => {
-                let a = self.addr(b, self.out_ptr[out], index, 0);
-                b.ins().store(flags(), v, a, 0);
+                let (a, d) = self.place(b, self.out_ptr[out], row, j, 0);
+                b.ins().store(flags(), v, a, d);
             }
             (VType::Bool, true) if self.mt == types::I32X4 => {
                 // The 0/−1 lanes narrowed (saturating) to bytes, masked to 0/1, stored as one
                 // 32-bit word.
-                let a = self.addr(b, self.out_ptr[out], index, 0);
+                let (a, d) = self.place(b, self.out_ptr[out], row, j, 0);
                 let halves = b.ins().snarrow(v, v);
                 let bytes = b.ins().snarrow(halves, halves);
                 let one = b.ins().iconst(types::I8, 1);
@@ -396,14 +420,14 @@ impl Gen<'_> {
                 let bits = b.ins().band(bytes, one);
                 let words = b.ins().bitcast(types::I32X4, little(), bits);
                 let word = b.ins().extractlane(words, 0);
-                b.ins().store(flags(), word, a, 0);
+                b.ins().store(flags(), word, a, d);
             }
             (VType::Bool, true) => {
-                let a = self.addr(b, self.out_ptr[out], index, 0);
+                let (a, d) = self.place(b, self.out_ptr[out], row, j, 0);
                 for k in 0..self.lanes {
                     let lane = b.ins().extractlane(v, k as u8);
                     let bit = b.ins().band_imm_s(lane, 1);
-                    b.ins().istore8(flags(), bit, a, k as i32);
+                    b.ins().istore8(flags(), bit, a, d + k as i32);
                 }
             }
         }
@@ -639,12 +663,11 @@ impl Gen<'_> {
         let outputs = self.spec.outputs.clone();
         let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, _acc: &mut [Value]| {
             let mut memo = HashMap::new();
-            let flat = b.ins().iadd(row_start, j);
             // All values first, then the stores: an output may overwrite an input in place.
             let vals: Vec<Value> = outputs.iter().map(|&n| g.elem(b, n, j, vec, &mut memo)).collect();
             for (o, (&n, v)) in outputs.iter().zip(vals).enumerate() {
                 let ty = g.spec.nodes[n].ty;
-                g.store(b, o, flat, v, ty, vec);
+                g.store(b, o, row_start, j, v, ty, vec);
             }
         };
         self.columns(b, j0, jend, &[], &mut step);
@@ -755,8 +778,8 @@ impl Gen<'_> {
         let mut step = |g: &mut Gen, b: &mut FunctionBuilder, j: Value, vec: bool, _acc: &mut [Value]| {
             let mut memo = HashMap::new();
             let v = g.elem(b, x, j, vec, &mut memo);
-            let a = g.addr(b, base, j, g.shift);
-            b.ins().store(flags(), v, a, 0);
+            let (a, d) = g.place(b, base, None, j, g.shift);
+            b.ins().store(flags(), v, a, d);
         };
         self.columns(b, j0, jend, &[], &mut step);
     }
@@ -868,6 +891,7 @@ impl Gen<'_> {
         let j = b.use_var(j_var);
         for u in 0..unroll {
             let ju = b.ins().iadd_imm_s(j, u * w);
+            self.col_off.insert(ju, (j, u * w));
             let mut vals: Vec<Value> = vec_vars.iter().map(|vs| b.use_var(vs[u as usize])).collect();
             step(self, b, ju, true, &mut vals);
             for (vs, v) in vec_vars.iter().zip(vals) {
@@ -958,7 +982,8 @@ impl Gen<'_> {
             for (o, &n) in spec.outputs.iter().enumerate() {
                 if spec.nodes[n].space == Space::Row {
                     let v = g.row(b, n);
-                    g.store(b, o, r, v, spec.nodes[n].ty, false);
+                    let zero = g.iconst(b, 0);
+                    g.store(b, o, r, zero, v, spec.nodes[n].ty, false);
                 }
             }
             b.ins().iadd_imm_s(r, 1)
@@ -1018,13 +1043,10 @@ impl Gen<'_> {
                 let v = g.elem(b, x, j, vec, &mut memo);
                 *a = combine(b, k, *a, v);
             }
-            if !outs.is_empty() {
-                let flat = b.ins().iadd(row_start, j);
-                for &(o, n) in &outs {
-                    let v = g.elem(b, n, j, vec, &mut memo);
-                    let ty = g.spec.nodes[n].ty;
-                    g.store(b, o, flat, v, ty, vec);
-                }
+            for &(o, n) in &outs {
+                let v = g.elem(b, n, j, vec, &mut memo);
+                let ty = g.spec.nodes[n].ty;
+                g.store(b, o, row_start, j, v, ty, vec);
             }
         };
         let finals = self.columns(b, zero, c, &inits, &mut step);
