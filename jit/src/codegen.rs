@@ -39,7 +39,7 @@ const UNROLL: i64 = 2;
 /// The same for a row kernel's sweeps: reductions carry one accumulator per unrolled vector,
 /// and four chains hide an add's or a max's latency (softmax_rows: 1.49 → 1.37 ns/element on
 /// one Zen 5 core, against two).
-const ROW_UNROLL: i64 = 4;
+pub(crate) const ROW_UNROLL: i64 = 4;
 /// Elements per tile of a pointwise kernel whose transcendentals run on [`crate::lanes`]: two
 /// f32 rows of it (argument and result) stay in L1 with the kernel's inputs.
 const TILE: usize = 512;
@@ -99,6 +99,8 @@ struct Gen<'s> {
     /// Column values of an unrolled step, `j + k`, as (`j`, `k`): their loads and stores
     /// address `j` and carry `k` in the instruction's displacement.
     col_off: HashMap<Value, (Value, i64)>,
+    /// Row kernels: reductions of the current row whose value a lane call returned.
+    given: HashSet<usize>,
 }
 
 /// Emits the body of `spec` into `func` (whose signature must be [`signature`]).
@@ -141,6 +143,7 @@ pub fn emit(
         scratch_addr: HashMap::new(),
         filled: HashSet::new(),
         col_off: HashMap::new(),
+        given: HashSet::new(),
     };
     if spec.row_kernel {
         g.row_kernel(&mut b, start, end);
@@ -703,17 +706,31 @@ impl Gen<'_> {
     }
 
     /// The [`lanes::kernel_entry`] call computing wide node `w` for `len` elements from the
-    /// operand at `arg` into `dst`. Its parameter, a `Row` value, must have been hoisted.
-    fn wide_call(&mut self, b: &mut FunctionBuilder, w: usize, arg: Value, dst: Value, len: Value) {
+    /// operand at `arg` into `dst`. Its parameter, a `Row` value, must have been hoisted. With
+    /// `sub`, a `Row` node, the lanes read `arg − sub` (the node's operand is that difference);
+    /// with `sum`, the call returns the kernel-order sum of what it writes (see
+    /// [`lanes::kernel_entry`]), as this kernel's float.
+    #[allow(clippy::too_many_arguments)]
+    fn wide_call(
+        &mut self,
+        b: &mut FunctionBuilder,
+        w: usize,
+        arg: Value,
+        dst: Value,
+        len: Value,
+        sub: Option<usize>,
+        sum: bool,
+    ) -> Option<Value> {
         let (f, param) = self.wide_func(w).expect("a wide node");
         let mut sig = Signature::new(b.func.signature.call_conv);
         sig.params.extend([AbiParam::new(types::I64); 4]);
-        sig.params.push(AbiParam::new(types::F64));
+        sig.params.extend([AbiParam::new(types::F64); 2]);
+        sig.returns.push(AbiParam::new(types::F64));
         let sig = b.import_signature(sig);
-        let p = match param {
-            Some(p) => {
-                let v = self.row(b, p);
-                if self.ft == types::F64 {
+        let wide_f64 = |g: &mut Self, b: &mut FunctionBuilder, n: Option<usize>| match n {
+            Some(n) => {
+                let v = g.row(b, n);
+                if g.ft == types::F64 {
                     v
                 } else {
                     b.ins().fpromote(types::F64, v)
@@ -721,10 +738,24 @@ impl Gen<'_> {
             }
             None => b.ins().f64const(0.0),
         };
-        let code = lanes::kernel_code(f, self.spec.float == Float::F64);
+        let p = wide_f64(self, b, param);
+        let c = wide_f64(self, b, sub);
+        let code = lanes::kernel_code(f, self.spec.float == Float::F64) + if sum { lanes::CODE_SUM } else { 0 };
         let entry = b.ins().iconst(types::I64, lanes::kernel_entry as *const () as usize as i64);
         let code = b.ins().iconst(types::I64, code);
-        b.ins().call_indirect(sig, entry, &[code, arg, dst, len, p]);
+        let call = b.ins().call_indirect(sig, entry, &[code, arg, dst, len, c, p]);
+        let s = b.inst_results(call)[0];
+        sum.then(|| if self.ft == types::F64 { s } else { b.ins().fdemote(types::F32, s) })
+    }
+
+    /// Where wide node `w`'s operand is `x − c` for a float input `x` and a `Row` value `c`
+    /// (softmax's `x − max`), the input and `c`: the lanes compute the difference themselves.
+    fn shifted_input(&self, w: usize) -> Option<(usize, usize)> {
+        let x = operands(&self.spec.nodes[w].op)[0];
+        let KOp::Binary(BinaryOp::Sub, i, c) = self.spec.nodes[x].op else { return None };
+        let (input, shift) = (&self.spec.nodes[i], &self.spec.nodes[c]);
+        let float_input = matches!(input.op, KOp::Input(_)) && input.space == Space::Elem && input.ty == VType::Float;
+        (float_input && shift.space == Space::Row && shift.ty == VType::Float).then_some((i, c))
     }
 
     /// `count` stack slots of `elems` elements each.
@@ -757,11 +788,17 @@ impl Gen<'_> {
             let off = b.ins().ishl_imm_s(t0, g.shift);
             g.filled.clear();
             for (k, &w) in wide.iter().enumerate() {
-                let arg = b.ins().stack_addr(types::I64, slots[0], 0);
-                let arg_base = b.ins().isub(arg, off);
-                g.store_operand(b, w, arg_base, t0, t1);
+                let arg = match g.input_row(b, w, t0) {
+                    Some(arg) => arg,
+                    None => {
+                        let arg = b.ins().stack_addr(types::I64, slots[0], 0);
+                        let arg_base = b.ins().isub(arg, off);
+                        g.store_operand(b, w, arg_base, t0, t1);
+                        arg
+                    }
+                };
                 let dst = b.ins().stack_addr(types::I64, slots[k + 1], 0);
-                g.wide_call(b, w, arg, dst, len);
+                g.wide_call(b, w, arg, dst, len, None, false);
                 let base = b.ins().isub(dst, off);
                 g.scratch_addr.insert(w, base);
                 g.filled.insert(w);
@@ -769,6 +806,24 @@ impl Gen<'_> {
             g.pointwise_outputs(b, row_start, t0, t1);
             t1
         });
+    }
+
+    /// Where wide node `w`'s operand is a float input, the address of its element at column
+    /// `j0` of the current row: the lanes read the input's row where it lies, and no sweep
+    /// copies it to the argument row first.
+    fn input_row(&mut self, b: &mut FunctionBuilder, w: usize, j0: Value) -> Option<Value> {
+        self.input_at(b, operands(&self.spec.nodes[w].op)[0], j0)
+    }
+
+    /// The address of float input node `x`'s element at column `j0` of the current row.
+    fn input_at(&mut self, b: &mut FunctionBuilder, x: usize, j0: Value) -> Option<Value> {
+        let node = &self.spec.nodes[x];
+        let KOp::Input(i) = node.op else { return None };
+        if node.space != Space::Elem || node.ty != VType::Float {
+            return None;
+        }
+        let (a, d) = self.place(b, self.in_ptr[i], Some(self.base[i]), j0, self.shift);
+        Some(if d == 0 { a } else { b.ins().iadd_imm_s(a, i64::from(d)) })
     }
 
     /// Stores wide node `w`'s operand at columns `[j0, jend)` to the row at `base` (indexed by
@@ -962,6 +1017,7 @@ impl Gen<'_> {
                 g.scratch_addr.insert(n, a);
             }
             g.filled.clear();
+            g.given.clear();
             let row_start = b.ins().imul_imm_s(r, cols);
             let zero = g.iconst(b, 0);
             let c = g.iconst(b, cols);
@@ -969,10 +1025,34 @@ impl Gen<'_> {
                 g.sweep = s;
                 for (k, &w) in wide.iter().enumerate().filter(|&(_, &w)| sweeps.level[w] == s) {
                     g.hoist(b, &operands(&spec.nodes[w].op), true);
-                    let arg = b.ins().stack_addr(types::I64, wide_slots[0], 0);
-                    g.store_operand(b, w, arg, zero, c);
+                    // The operand: an input row read in place, `x − c` computed by the lanes
+                    // from the input row, or a row this sweep stores first.
+                    let shifted = g.shifted_input(w);
+                    let direct = match shifted {
+                        Some((x, _)) => g.input_at(b, x, zero),
+                        None => g.input_row(b, w, zero),
+                    };
+                    let arg = match direct {
+                        Some(arg) => arg,
+                        None => {
+                            let arg = b.ins().stack_addr(types::I64, wide_slots[0], 0);
+                            g.store_operand(b, w, arg, zero, c);
+                            arg
+                        }
+                    };
+                    // A sum of the node over the row comes back with the call.
+                    let sum = sweeps
+                        .reductions
+                        .iter()
+                        .copied()
+                        .find(|&rn| matches!(spec.nodes[rn].op, KOp::Reduce(RowReduction::Sum, x) if x == w));
                     let dst = b.ins().stack_addr(types::I64, wide_slots[k + 1], 0);
-                    g.wide_call(b, w, arg, dst, c);
+                    let sub = shifted.filter(|_| direct.is_some()).map(|(_, c)| c);
+                    if let Some(total) = g.wide_call(b, w, arg, dst, c, sub, sum.is_some()) {
+                        let rn = sum.expect("a sum was asked for");
+                        g.row_val.insert(rn, total);
+                        g.given.insert(rn);
+                    }
                     g.scratch_addr.insert(w, dst);
                     g.filled.insert(w);
                 }
@@ -1010,8 +1090,12 @@ impl Gen<'_> {
     /// `Elem` outputs it stores.
     fn sweep_row(&mut self, b: &mut FunctionBuilder, sweeps: &Sweeps, row_start: Value, zero: Value, c: Value) {
         let (spec, s) = (self.spec, self.sweep);
-        let reds: Vec<usize> =
-            sweeps.reductions.iter().copied().filter(|&n| sweeps.of_reduction(spec, n) == s).collect();
+        let reds: Vec<usize> = sweeps
+            .reductions
+            .iter()
+            .copied()
+            .filter(|&n| sweeps.of_reduction(spec, n) == s && !self.given.contains(&n))
+            .collect();
         let outs: Vec<(usize, usize)> =
             sweeps.elem_outputs.iter().copied().filter(|&(_, n)| sweeps.level[n] == s).collect();
         if reds.is_empty() && outs.is_empty() {

@@ -12,8 +12,9 @@
 //!
 //! Eager mode evaluates the transcendental unary ops here ([`eval_unary`]), and on machines
 //! wider than 128 bits the JIT's kernels call [`kernel_entry`] for theirs (pointwise kernels a
-//! tile at a time, row kernels a row at a time), so eager and compiled mode share one math
-//! library at the machine's full width.
+//! tile at a time, row kernels a row at a time, where the call also subtracts a row constant
+//! from the operand and returns the row's sum in the kernel's own order), so eager and
+//! compiled mode share one math library at the machine's full width.
 
 use cranelift_codegen::ir::condcodes::FloatCC;
 use std::mem::MaybeUninit;
@@ -240,14 +241,18 @@ macro_rules! lane_arith {
 lane_arith!(f32, u32, false);
 lane_arith!(f64, u64, true);
 
-/// `y[i] = f(x[i])` (with parameter `p`) through backend `A`, written so that the loop
+/// `y[i] = f(x[i] − c)` (with parameter `p`) through backend `A`, written so that the loop
 /// vectorizes at the width of the function it is inlined into. Every element of `y` is written.
+/// `c` is 0 for a plain call, whose `x[i] − 0` is `x[i]` exactly (−0 included: −0 − 0 = −0).
 #[inline(always)]
-fn map<A: Arith + Default>(f: Func, x: &[A::V], p: A::V, y: &mut [MaybeUninit<A::V>]) {
+fn map<A: Arith + Default>(f: Func, x: &[A::V], c: A::V, p: A::V, y: &mut [MaybeUninit<A::V>])
+where
+    A::V: std::ops::Sub<Output = A::V>,
+{
     macro_rules! each {
         ($g:path) => {
             for (a, b) in x.iter().zip(y.iter_mut()) {
-                b.write($g(&mut A::default(), *a));
+                b.write($g(&mut A::default(), *a - c));
             }
         };
     }
@@ -262,40 +267,197 @@ fn map<A: Arith + Default>(f: Func, x: &[A::V], p: A::V, y: &mut [MaybeUninit<A:
         Func::GeluTanh => each!(math::gelu_tanh_g),
         Func::ExpScaled => {
             for (a, b) in x.iter().zip(y.iter_mut()) {
-                b.write(math::exp_scaled_g(&mut A::default(), *a, p));
+                b.write(math::exp_scaled_g(&mut A::default(), *a - c, p));
             }
         }
     }
 }
 
+/// The sum of `y` in exactly the order a row kernel's sweep adds it up, so that a kernel can
+/// take a lane call's sum instead of running its own loop, bit for bit: `unroll` vector
+/// accumulators of `lanes` lanes (128 bits) take element `j` into partial `j mod
+/// (lanes·unroll)` while whole unrolled steps fit; single vector steps then add into the
+/// first accumulator, and a scalar accumulator takes the rest. At the end the vector
+/// accumulators are added in order, and their lanes, in order, into the scalar one.
+#[inline(always)]
+fn kernel_sum<T, const LANES: usize, const N: usize>(y: &[T], whole: impl FnOnce(&[T]) -> [T; N]) -> T
+where
+    T: Copy + Default + std::ops::Add<Output = T>,
+{
+    let split = y.len() / N * N;
+    let mut part = whole(&y[..split]);
+    let mut vectors = y[split..].chunks_exact(LANES);
+    for chunk in &mut vectors {
+        for l in 0..LANES {
+            part[l] = part[l] + chunk[l];
+        }
+    }
+    let mut s = T::default();
+    for &v in vectors.remainder() {
+        s = s + v;
+    }
+    for l in 0..LANES {
+        let mut v = part[l];
+        for u in 1..N / LANES {
+            v = v + part[u * LANES + l];
+        }
+        s = s + v;
+    }
+    s
+}
+
+/// The `N` partial sums of [`kernel_sum`] over `y` (whole chunks of `N`), lane by lane.
+#[inline(always)]
+fn partials<T, const N: usize>(y: &[T]) -> [T; N]
+where
+    T: Copy + Default + std::ops::Add<Output = T>,
+{
+    let mut part = [T::default(); N];
+    for chunk in y.chunks_exact(N) {
+        for (p, &v) in part.iter_mut().zip(chunk) {
+            *p = *p + v;
+        }
+    }
+    part
+}
+
+/// [`partials`] in AVX-512 registers: 16 f32 or 8 f64, one register (rustc keeps the
+/// portable loop's partials in memory, or splits them in 64-bit pieces).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn partials_avx512_f32(y: &[f32]) -> [f32; 16] {
+    use std::arch::x86_64::{_mm512_add_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps};
+    let mut acc = _mm512_setzero_ps();
+    for chunk in y.chunks_exact(16) {
+        // SAFETY: the chunk holds 16 f32s; the load is unaligned.
+        acc = _mm512_add_ps(acc, unsafe { _mm512_loadu_ps(chunk.as_ptr()) });
+    }
+    let mut out = [0.0f32; 16];
+    // SAFETY: `out` has room for 16 f32s; the store is unaligned.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    out
+}
+
+/// As [`partials_avx512_f32`], for f64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn partials_avx512_f64(y: &[f64]) -> [f64; 8] {
+    use std::arch::x86_64::{_mm512_add_pd, _mm512_loadu_pd, _mm512_setzero_pd, _mm512_storeu_pd};
+    let mut acc = _mm512_setzero_pd();
+    for chunk in y.chunks_exact(8) {
+        // SAFETY: the chunk holds 8 f64s; the load is unaligned.
+        acc = _mm512_add_pd(acc, unsafe { _mm512_loadu_pd(chunk.as_ptr()) });
+    }
+    let mut out = [0.0f64; 8];
+    // SAFETY: `out` has room for 8 f64s; the store is unaligned.
+    unsafe { _mm512_storeu_pd(out.as_mut_ptr(), acc) };
+    out
+}
+
+/// [`partials`] in two AVX registers: 16 f32 or 8 f64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+fn partials_avx2_f32(y: &[f32]) -> [f32; 16] {
+    use std::arch::x86_64::{_mm256_add_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps};
+    let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for chunk in y.chunks_exact(16) {
+        // SAFETY: the chunk holds 16 f32s; the loads are unaligned.
+        unsafe {
+            a = _mm256_add_ps(a, _mm256_loadu_ps(chunk.as_ptr()));
+            b = _mm256_add_ps(b, _mm256_loadu_ps(chunk.as_ptr().add(8)));
+        }
+    }
+    let mut out = [0.0f32; 16];
+    // SAFETY: `out` has room for 16 f32s; the stores are unaligned.
+    unsafe {
+        _mm256_storeu_ps(out.as_mut_ptr(), a);
+        _mm256_storeu_ps(out.as_mut_ptr().add(8), b);
+    }
+    out
+}
+
+/// As [`partials_avx2_f32`], for f64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+fn partials_avx2_f64(y: &[f64]) -> [f64; 8] {
+    use std::arch::x86_64::{_mm256_add_pd, _mm256_loadu_pd, _mm256_setzero_pd, _mm256_storeu_pd};
+    let (mut a, mut b) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    for chunk in y.chunks_exact(8) {
+        // SAFETY: the chunk holds 8 f64s; the loads are unaligned.
+        unsafe {
+            a = _mm256_add_pd(a, _mm256_loadu_pd(chunk.as_ptr()));
+            b = _mm256_add_pd(b, _mm256_loadu_pd(chunk.as_ptr().add(4)));
+        }
+    }
+    let mut out = [0.0f64; 8];
+    // SAFETY: `out` has room for 8 f64s; the stores are unaligned.
+    unsafe {
+        _mm256_storeu_pd(out.as_mut_ptr(), a);
+        _mm256_storeu_pd(out.as_mut_ptr().add(4), b);
+    }
+    out
+}
+
 macro_rules! paths {
-    ($t:ty, $plain:ident, $fma128:ident, $avx2:ident, $avx512:ident) => {
-        fn $plain(f: Func, x: &[$t], p: $t, y: &mut [MaybeUninit<$t>]) {
-            map::<Lane<$t, false>>(f, x, p, y)
+    ($t:ty, $lanes:expr, $plain:ident, $fma128:ident, $avx2:ident, $avx512:ident, $p_avx2:ident, $p_avx512:ident) => {
+        /// `y = f(x − c)`, and with `sum` the kernel-order sum of `y` ([`kernel_sum`]).
+        fn $plain(f: Func, x: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>], sum: bool) -> $t {
+            map::<Lane<$t, false>>(f, x, c, p, y);
+            if sum {
+                kernel_sum::<$t, $lanes, { $lanes * ROW_UNROLL }>(written(y), partials)
+            } else {
+                0.0
+            }
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "fma")]
-        fn $fma128(f: Func, x: &[$t], p: $t, y: &mut [MaybeUninit<$t>]) {
-            map::<Lane<$t, true>>(f, x, p, y)
+        fn $fma128(f: Func, x: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>], sum: bool) -> $t {
+            map::<Lane<$t, true>>(f, x, c, p, y);
+            if sum {
+                kernel_sum::<$t, $lanes, { $lanes * ROW_UNROLL }>(written(y), partials)
+            } else {
+                0.0
+            }
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
-        fn $avx2(f: Func, x: &[$t], p: $t, y: &mut [MaybeUninit<$t>]) {
-            map::<Lane<$t, true>>(f, x, p, y)
+        fn $avx2(f: Func, x: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>], sum: bool) -> $t {
+            map::<Lane<$t, true>>(f, x, c, p, y);
+            if sum {
+                kernel_sum::<$t, $lanes, { $lanes * ROW_UNROLL }>(written(y), |y| $p_avx2(y))
+            } else {
+                0.0
+            }
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,fma")]
-        fn $avx512(f: Func, x: &[$t], p: $t, y: &mut [MaybeUninit<$t>]) {
-            map::<Lane<$t, true>>(f, x, p, y)
+        fn $avx512(f: Func, x: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>], sum: bool) -> $t {
+            map::<Lane<$t, true>>(f, x, c, p, y);
+            if sum {
+                kernel_sum::<$t, $lanes, { $lanes * ROW_UNROLL }>(written(y), |y| $p_avx512(y))
+            } else {
+                0.0
+            }
         }
     };
 }
 
-paths!(f32, plain_f32, fma128_f32, avx2_f32, avx512_f32);
-paths!(f64, plain_f64, fma128_f64, avx2_f64, avx512_f64);
+/// A row kernel's unrolled vector accumulators ([`crate::codegen`]'s `ROW_UNROLL`).
+const ROW_UNROLL: usize = crate::codegen::ROW_UNROLL as usize;
+
+/// `y` once [`map`] has written every element.
+#[inline(always)]
+fn written<T>(y: &[MaybeUninit<T>]) -> &[T] {
+    // SAFETY: called only after `map`, which writes every element of `y`; `MaybeUninit<T>`
+    // has `T`'s layout.
+    unsafe { &*(y as *const [MaybeUninit<T>] as *const [T]) }
+}
+
+paths!(f32, 4, plain_f32, fma128_f32, avx2_f32, avx512_f32, partials_avx2_f32, partials_avx512_f32);
+paths!(f64, 2, plain_f64, fma128_f64, avx2_f64, avx512_f64, partials_avx2_f64, partials_avx512_f64);
 
 /// A float type the lanes handle.
 pub trait LaneFloat: Copy {
@@ -304,7 +466,17 @@ pub trait LaneFloat: Copy {
     ///
     /// # Panics
     /// If `x` and `y` differ in length, or this machine cannot run `w`.
-    fn apply_with_uninit_at(f: Func, w: Width, x: &[Self], p: f64, y: &mut [MaybeUninit<Self>]);
+    fn apply_with_uninit_at(f: Func, w: Width, x: &[Self], p: f64, y: &mut [MaybeUninit<Self>]) {
+        Self::shifted_at(f, w, x, 0.0, p, y, false);
+    }
+
+    /// `y = f(x − c)` elementwise on path `w`, with parameter `p`, writing every element of
+    /// `y`; with `sum`, returns the sum of `y` added up in the order of a row kernel's sweep
+    /// (`ROW_UNROLL` accumulators of 128 bits), else 0.
+    ///
+    /// # Panics
+    /// As [`LaneFloat::apply_with_uninit_at`].
+    fn shifted_at(f: Func, w: Width, x: &[Self], c: f64, p: f64, y: &mut [MaybeUninit<Self>], sum: bool) -> f64;
 
     /// `y = f(x)` elementwise on path `w` (parameter 0), writing every element of `y` (which
     /// need not be initialised).
@@ -338,25 +510,26 @@ pub trait LaneFloat: Copy {
 macro_rules! lane_float {
     ($t:ty, $plain:ident, $fma128:ident, $avx2:ident, $avx512:ident) => {
         impl LaneFloat for $t {
-            fn apply_with_uninit_at(f: Func, w: Width, x: &[$t], p: f64, y: &mut [MaybeUninit<$t>]) {
+            fn shifted_at(f: Func, w: Width, x: &[$t], c: f64, p: f64, y: &mut [MaybeUninit<$t>], sum: bool) -> f64 {
                 assert_eq!(x.len(), y.len(), "lanes: input and output lengths differ");
                 assert!(w.supported(), "lanes: this machine cannot run the {w:?} path");
-                let p = p as $t;
-                match w {
-                    Width::Plain => $plain(f, x, p, y),
+                let (c, p) = (c as $t, p as $t);
+                let s = match w {
+                    Width::Plain => $plain(f, x, c, p, y, sum),
                     // SAFETY: `w.supported()` checked that the CPU has every feature the path
                     // was compiled for.
                     #[cfg(target_arch = "x86_64")]
-                    Width::Fma128 => unsafe { $fma128(f, x, p, y) },
+                    Width::Fma128 => unsafe { $fma128(f, x, c, p, y, sum) },
                     // SAFETY: as above.
                     #[cfg(target_arch = "x86_64")]
-                    Width::Avx2 => unsafe { $avx2(f, x, p, y) },
+                    Width::Avx2 => unsafe { $avx2(f, x, c, p, y, sum) },
                     // SAFETY: as above.
                     #[cfg(target_arch = "x86_64")]
-                    Width::Avx512 => unsafe { $avx512(f, x, p, y) },
+                    Width::Avx512 => unsafe { $avx512(f, x, c, p, y, sum) },
                     #[cfg(not(target_arch = "x86_64"))]
                     _ => unreachable!("only the plain path is supported here"),
-                }
+                };
+                f64::from(s)
             }
         }
     };
@@ -425,22 +598,30 @@ pub fn set_kernel_calls(on: bool) {
     KERNEL_CALLS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The `code` argument of [`kernel_entry`] for `f` in f32 or f64.
+/// [`kernel_code`]'s flag: the call returns the kernel-order sum of what it writes.
+pub const CODE_SUM: i64 = 1 << 8;
+
+/// The `code` argument of [`kernel_entry`] for `f` in f32 or f64 (add [`CODE_SUM`] for the
+/// sum).
 pub fn kernel_code(f: Func, f64: bool) -> i64 {
     let i = Func::ALL.iter().position(|&g| g == f).expect("every Func is in ALL") as i64;
     i + if f64 { Func::ALL.len() as i64 } else { 0 }
 }
 
 /// The function a JIT kernel calls (through an address constant) for a tile or a row: `dst[i] =
-/// f(src[i])` for `i < n`, with parameter `p` (exactly representable in the precision), `f` and
-/// the precision given by `code` ([`kernel_code`]), at the native width.
+/// f(src[i] − c)` for `i < n`, with parameter `p` (`c` and `p` exactly representable in the
+/// precision), `f` and the precision given by `code` ([`kernel_code`]), at the native width.
+/// With [`CODE_SUM`] in `code` it returns the sum of `dst` in the order a row kernel's sweep
+/// adds it up (`ROW_UNROLL` accumulators of 128 bits), else 0.
 ///
 /// # Safety
 /// `src` must point to `n` initialised elements of the precision and `dst` to room for `n`
 /// elements, not overlapping `src`; `code` must come from [`kernel_code`].
-pub unsafe extern "C" fn kernel_entry(code: i64, src: *const u8, dst: *mut u8, n: i64, p: f64) {
+pub unsafe extern "C" fn kernel_entry(code: i64, src: *const u8, dst: *mut u8, n: i64, c: f64, p: f64) -> f64 {
     let k = Func::ALL.len();
-    let (i, f64) = (code as usize % k, code as usize >= k);
+    let sum = code & CODE_SUM != 0;
+    let code = (code & !CODE_SUM) as usize;
+    let (i, f64) = (code % k, code >= k);
     let (f, w, n) = (Func::ALL[i], Width::native(), n as usize);
     if f64 {
         // SAFETY: the caller's contract: `n` f64 elements at `src`, room for `n` at `dst`,
@@ -448,12 +629,12 @@ pub unsafe extern "C" fn kernel_entry(code: i64, src: *const u8, dst: *mut u8, n
         let (x, y) = unsafe {
             (std::slice::from_raw_parts(src.cast::<f64>(), n), std::slice::from_raw_parts_mut(dst.cast(), n))
         };
-        f64::apply_with_uninit_at(f, w, x, p, y);
+        f64::shifted_at(f, w, x, c, p, y, sum)
     } else {
         // SAFETY: as above, for f32.
         let (x, y) = unsafe {
             (std::slice::from_raw_parts(src.cast::<f32>(), n), std::slice::from_raw_parts_mut(dst.cast(), n))
         };
-        f32::apply_with_uninit_at(f, w, x, p, y);
+        f32::shifted_at(f, w, x, c, p, y, sum)
     }
 }
