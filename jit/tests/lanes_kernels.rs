@@ -81,8 +81,6 @@ fn kernels_with_lane_calls_match_inline_math_bit_for_bit() {
                     !calls
                 );
                 assert!(!without.clif_text().contains("call_indirect"));
-                // Softmax's sum of exponentials comes back with the exponentials' call.
-                assert_eq!(with.clif_text().contains("= call_indirect"), calls, "{f:?} {dtype} [{rows}, {cols}]: sums");
                 let a = with.run(&inputs, &NoCallbacks).unwrap();
                 let b = without.run(&inputs, &NoCallbacks).unwrap();
                 let (a, b) = (a[0].to_f64_vec(), b[0].to_f64_vec());
@@ -143,8 +141,6 @@ fn row_kernels_with_lane_calls_match_inline_math_bit_for_bit() {
                 // A 20000-column row does not fit the stack's wide rows: inline math.
                 assert_eq!(calls, wide && (64..20000).contains(&cols), "{f:?} {dtype} [{rows}, {cols}]: lane calls");
                 assert!(!without.clif_text().contains("call_indirect"));
-                // Softmax's sum of exponentials comes back with the exponentials' call.
-                assert_eq!(with.clif_text().contains("= call_indirect"), calls, "{f:?} {dtype} [{rows}, {cols}]: sums");
                 let a = with.run(&inputs, &NoCallbacks).unwrap();
                 let b = without.run(&inputs, &NoCallbacks).unwrap();
                 for (o, (a, b)) in a.iter().zip(&b).enumerate() {
