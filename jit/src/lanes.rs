@@ -321,82 +321,79 @@ where
     part
 }
 
-/// [`partials`] in AVX-512 registers: 16 f32 or 8 f64, one register (rustc keeps the
-/// portable loop's partials in memory, or splits them in 64-bit pieces).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn partials_avx512_f32(y: &[f32]) -> [f32; 16] {
-    use std::arch::x86_64::{_mm512_add_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_storeu_ps};
-    let mut acc = _mm512_setzero_ps();
-    for chunk in y.chunks_exact(16) {
-        // SAFETY: the chunk holds 16 f32s; the load is unaligned.
-        acc = _mm512_add_ps(acc, unsafe { _mm512_loadu_ps(chunk.as_ptr()) });
-    }
-    let mut out = [0.0f32; 16];
-    // SAFETY: `out` has room for 16 f32s; the store is unaligned.
-    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
-    out
-}
-
-/// As [`partials_avx512_f32`], for f64.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn partials_avx512_f64(y: &[f64]) -> [f64; 8] {
-    use std::arch::x86_64::{_mm512_add_pd, _mm512_loadu_pd, _mm512_setzero_pd, _mm512_storeu_pd};
-    let mut acc = _mm512_setzero_pd();
-    for chunk in y.chunks_exact(8) {
-        // SAFETY: the chunk holds 8 f64s; the load is unaligned.
-        acc = _mm512_add_pd(acc, unsafe { _mm512_loadu_pd(chunk.as_ptr()) });
-    }
-    let mut out = [0.0f64; 8];
-    // SAFETY: `out` has room for 8 f64s; the store is unaligned.
-    unsafe { _mm512_storeu_pd(out.as_mut_ptr(), acc) };
-    out
-}
-
-/// [`partials`] in two AVX registers: 16 f32 or 8 f64.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-fn partials_avx2_f32(y: &[f32]) -> [f32; 16] {
-    use std::arch::x86_64::{_mm256_add_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps};
-    let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for chunk in y.chunks_exact(16) {
-        // SAFETY: the chunk holds 16 f32s; the loads are unaligned.
-        unsafe {
-            a = _mm256_add_ps(a, _mm256_loadu_ps(chunk.as_ptr()));
-            b = _mm256_add_ps(b, _mm256_loadu_ps(chunk.as_ptr().add(8)));
+/// [`partials`] in `REGS` registers of `W` lanes through intrinsics: rustc keeps the
+/// portable loop's partials in memory, or splits them in 64-bit pieces.
+macro_rules! wide_partials {
+    ($name:ident, $t:ty, $feature:literal, $vt:ty, $regs:expr, $w:expr, $load:ident, $store:ident, $zero:ident, $add:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        fn $name(y: &[$t]) -> [$t; $regs * $w] {
+            use std::arch::x86_64::{$add, $load, $store, $zero};
+            let mut acc: [$vt; $regs] = [$zero(); $regs];
+            for chunk in y.chunks_exact($regs * $w) {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: the chunk holds `REGS·W` elements; the load is unaligned.
+                    *a = $add(*a, unsafe { $load(chunk.as_ptr().add(k * $w)) });
+                }
+            }
+            let mut out = [0.0; $regs * $w];
+            for (k, a) in acc.iter().enumerate() {
+                // SAFETY: `out` has room for `REGS·W` elements; the store is unaligned.
+                unsafe { $store(out.as_mut_ptr().add(k * $w), *a) };
+            }
+            out
         }
-    }
-    let mut out = [0.0f32; 16];
-    // SAFETY: `out` has room for 16 f32s; the stores are unaligned.
-    unsafe {
-        _mm256_storeu_ps(out.as_mut_ptr(), a);
-        _mm256_storeu_ps(out.as_mut_ptr().add(8), b);
-    }
-    out
+    };
 }
 
-/// As [`partials_avx2_f32`], for f64.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-fn partials_avx2_f64(y: &[f64]) -> [f64; 8] {
-    use std::arch::x86_64::{_mm256_add_pd, _mm256_loadu_pd, _mm256_setzero_pd, _mm256_storeu_pd};
-    let (mut a, mut b) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-    for chunk in y.chunks_exact(8) {
-        // SAFETY: the chunk holds 8 f64s; the loads are unaligned.
-        unsafe {
-            a = _mm256_add_pd(a, _mm256_loadu_pd(chunk.as_ptr()));
-            b = _mm256_add_pd(b, _mm256_loadu_pd(chunk.as_ptr().add(4)));
-        }
-    }
-    let mut out = [0.0f64; 8];
-    // SAFETY: `out` has room for 8 f64s; the stores are unaligned.
-    unsafe {
-        _mm256_storeu_pd(out.as_mut_ptr(), a);
-        _mm256_storeu_pd(out.as_mut_ptr().add(4), b);
-    }
-    out
-}
+wide_partials!(
+    partials_avx512_f32,
+    f32,
+    "avx512f",
+    std::arch::x86_64::__m512,
+    4 * ROW_UNROLL / 16,
+    16,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_setzero_ps,
+    _mm512_add_ps
+);
+wide_partials!(
+    partials_avx512_f64,
+    f64,
+    "avx512f",
+    std::arch::x86_64::__m512d,
+    2 * ROW_UNROLL / 8,
+    8,
+    _mm512_loadu_pd,
+    _mm512_storeu_pd,
+    _mm512_setzero_pd,
+    _mm512_add_pd
+);
+wide_partials!(
+    partials_avx2_f32,
+    f32,
+    "avx",
+    std::arch::x86_64::__m256,
+    4 * ROW_UNROLL / 8,
+    8,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_setzero_ps,
+    _mm256_add_ps
+);
+wide_partials!(
+    partials_avx2_f64,
+    f64,
+    "avx",
+    std::arch::x86_64::__m256d,
+    2 * ROW_UNROLL / 4,
+    4,
+    _mm256_loadu_pd,
+    _mm256_storeu_pd,
+    _mm256_setzero_pd,
+    _mm256_add_pd
+);
 
 macro_rules! paths {
     ($t:ty, $lanes:expr, $plain:ident, $fma128:ident, $avx2:ident, $avx512:ident, $p_avx2:ident, $p_avx512:ident) => {
