@@ -16,6 +16,12 @@ use num_traits::{One, Zero};
 use std::any::TypeId;
 use std::mem::MaybeUninit;
 
+/// The largest packed rhs panel one gemm call may allocate (see `Operands::block`).
+const PANEL_BYTES: usize = 128 << 10;
+
+/// Rows up to which a product is left whole in depth (see `Operands::block`).
+const MR_MAX: usize = 16;
+
 /// Multiply-adds below which threading does not pay for itself (gemm's own default threshold).
 pub(crate) const PAR_THRESHOLD: usize = 48 * 48 * 256;
 
@@ -270,35 +276,54 @@ impl<T: 'static + Copy + Send + Sync + Zero + One> Operands<T> {
     #[allow(clippy::too_many_arguments)]
     unsafe fn block(&self, dst: *mut T, accumulate: bool, beta: T, i0: usize, mb: usize, j0: usize, nb: usize) {
         let n_stride = isize::try_from(self.n).expect("gemm_strided: n overflows isize");
-        // SAFETY: T is f32 or f64 (checked in `Operands::checked`), the only types gemm is asked
-        // to handle here. The block's elements of `dst` (offsets i·n + j) lie inside the m×n
-        // destination (caller). Every element gemm reads from `lhs` (offsets i·lhs_rs + p·lhs_cs,
-        // i0 ≤ i < i0 + mb, p < k) and `rhs` (p·rhs_rs + j·rhs_cs, j0 ≤ j < j0 + nb) lies within
-        // the operand slices: strides are non-negative and the largest offset + 1 (`span`) was
-        // checked against the slice lengths. m, n, k are non-zero. With read_dst = false gemm
-        // never reads dst, and alpha only scales dst; beta scales the product.
-        unsafe {
-            gemm::gemm(
-                mb,
-                nb,
-                self.k,
-                dst.add(i0 * self.n + j0),
-                1,
-                n_stride,
-                accumulate,
-                self.lhs.offset(i0 as isize * self.lhs_rs),
-                self.lhs_cs,
-                self.lhs_rs,
-                self.rhs.offset(j0 as isize * self.rhs_cs),
-                self.rhs_cs,
-                self.rhs_rs,
-                T::one(),
-                beta,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
+        // gemm copies a row-strided rhs (a transposed view: a linear layer's x·Wᵀ) into a packed
+        // panel of all `nb` columns over its whole depth block, a fresh allocation per call.
+        // With few rows to amortise it over (k ≥ 8·m: a small batch), the panel outweighs the
+        // product's output and input, so such products run as several products over slices of
+        // k, each adding into dst, deep enough that a block of up to 128 columns packs at most
+        // PANEL_BYTES (mlp_train_step's first layer: two blocks of 128 weight rows at once held
+        // 2·200 KiB; now 2·100 KiB, for about 5% more time). Larger batches keep gemm's depth:
+        // re-reading their output per slice cost mlp_train_step_large 10%. A handful of rows
+        // (batch 1) takes gemm's matrix-vector paths, which pack nothing. The slices depend on
+        // the whole product only, so every thread count adds in the same order.
+        let size = std::mem::size_of::<T>();
+        let small_batch = self.rhs_cs != 1 && self.k >= 8 * self.m && self.m > MR_MAX;
+        let depth = if small_batch { (PANEL_BYTES / (self.n.min(128) * size)).max(128) } else { self.k };
+        let depth = self.k.div_ceil(self.k.div_ceil(depth)); // even slices
+        for p0 in (0..self.k).step_by(depth) {
+            let kp = depth.min(self.k - p0);
+            // SAFETY: T is f32 or f64 (checked in `Operands::checked`), the only types gemm is
+            // asked to handle here. The block's elements of `dst` (offsets i·n + j) lie inside
+            // the m×n destination (caller). Every element gemm reads from `lhs` (offsets i·lhs_rs
+            // + p·lhs_cs, i0 ≤ i < i0 + mb, p0 ≤ p < p0 + kp ≤ k) and `rhs` (p·rhs_rs + j·rhs_cs,
+            // j0 ≤ j < j0 + nb) lies within the operand slices: strides are non-negative and the
+            // largest offset + 1 (`span`) was checked against the slice lengths. m, n, kp are
+            // non-zero. With read_dst = false (the first slice, not accumulating) gemm never
+            // reads dst; later slices read what the earlier ones wrote. alpha only scales dst;
+            // beta scales the product.
+            unsafe {
+                gemm::gemm(
+                    mb,
+                    nb,
+                    kp,
+                    dst.add(i0 * self.n + j0),
+                    1,
+                    n_stride,
+                    accumulate || p0 > 0,
+                    self.lhs.offset(i0 as isize * self.lhs_rs + p0 as isize * self.lhs_cs),
+                    self.lhs_cs,
+                    self.lhs_rs,
+                    self.rhs.offset(j0 as isize * self.rhs_cs + p0 as isize * self.rhs_rs),
+                    self.rhs_cs,
+                    self.rhs_rs,
+                    T::one(),
+                    beta,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
         }
     }
 }
@@ -652,6 +677,32 @@ mod tests {
         assert_eq!(dst, before);
         gemm_strided(2, 3, 0, &mut dst, false, &[], 0, 0, &[], 0, 0, Parallelism::None);
         assert_eq!(dst, vec![0.0; 6]);
+    }
+
+    #[test]
+    fn small_batch_products_slice_their_depth_alike_on_any_thread_count() {
+        // x·Wᵀ with 20 rows and 700-deep rows of W: gemm would pack whole 128-column panels, so
+        // the product runs as slices of k (f64: 128 deep, six slices).
+        let (m, n, k) = (20, 200, 700);
+        let x = lcg(1, m * k);
+        let w = lcg(2, n * k); // stored n×k, read transposed
+        let mut want = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum();
+            }
+        }
+        let mut one = vec![0.0f64; m * n];
+        gemm_strided(m, n, k, &mut one, false, &x, k as isize, 1, &w, 1, k as isize, Parallelism::None);
+        for (a, b) in one.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-11 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        for threads in [2, 3] {
+            let mut many = vec![0.0f64; m * n];
+            let par = Parallelism::Rayon(threads);
+            gemm_strided(m, n, k, &mut many, false, &x, k as isize, 1, &w, 1, k as isize, par);
+            assert_eq!(many, one, "{threads} threads");
+        }
     }
 
     #[test]
