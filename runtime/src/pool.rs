@@ -212,6 +212,29 @@ mod tests {
     }
 
     #[test]
+    fn broadcast_zips_and_strided_copies_write_every_element_of_cached_blocks() {
+        let _serial = serial();
+        // Rows of 1000 with a row vector (a bias add), then a transposed copy: each output
+        // takes a cached block full of NaN, which any element left unwritten would show.
+        let (rows, cols) = (N / 1000 + 7, 1000);
+        let n = rows * cols;
+        for _ in 0..2 {
+            let stale = Buffer::from_vec(vec![f32::NAN; n], &[n]);
+            let addr = stale.data().as_ptr();
+            drop(stale);
+            let x: Vec<f32> = (0..n).map(|i| (i % 977) as f32).collect();
+            let w: Vec<f32> = (0..cols).map(|j| j as f32 * 0.5).collect();
+            let y = crate::kernels::pointwise::zip(&x, &[rows, cols], &w, &[cols], &[rows, cols], |a, b| a + b);
+            assert_eq!(y.as_ptr() as *const u8, addr, "the zip's output is the cached block");
+            assert!(y.iter().enumerate().all(|(i, &v)| v == x[i] + w[i % cols]));
+            drop(y);
+            let t = crate::kernels::layout::strided_copy(&x, &[cols, rows], &[1, cols]);
+            assert_eq!(t.as_ptr() as *const u8, addr, "the copy's output is the cached block");
+            assert!(t.iter().enumerate().all(|(i, &v)| v == x[(i % rows) * cols + i / rows]));
+        }
+    }
+
+    #[test]
     fn small_blocks_are_not_cached_and_into_data_keeps_its_storage() {
         let _serial = serial();
         let small = Buffer::from_vec(vec![0u8; 1000], &[1000]);

@@ -1,6 +1,8 @@
 //! Data-movement kernels: permute, expand (broadcast copy), narrow and cat.
 //! Every result is a fresh contiguous buffer: tracegrad's views copy (see ARCHITECTURE.md).
 
+use std::mem::MaybeUninit;
+
 use crate::buffer::{Buffer, Element};
 use crate::dispatch;
 use crate::shape::{broadcast_strides, contiguous_strides, numel, Dims};
@@ -13,13 +15,15 @@ pub fn strided_copy<T: Element>(src: &[T], out: &[usize], strides: &[usize]) -> 
         return vec![src[0]];
     }
     let last = strides[out.len() - 1];
-    strided_rows(out, |row_start, len, dst: &mut [T]| {
+    strided_rows(out, |row_start, len, dst: &mut [MaybeUninit<T>]| {
         let base = offset(row_start, out, strides);
         if last == 1 {
-            dst[..len].copy_from_slice(&src[base..base + len]);
+            for (d, &v) in dst[..len].iter_mut().zip(&src[base..base + len]) {
+                d.write(v);
+            }
         } else {
             for (j, d) in dst.iter_mut().enumerate().take(len) {
-                *d = src[base + j * last];
+                d.write(src[base + j * last]);
             }
         }
     })

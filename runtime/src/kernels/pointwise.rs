@@ -74,22 +74,30 @@ pub fn zip<A: Element, B: Element, U: Element>(
     }
     let sa = broadcast_strides(ash, out);
     let sb = broadcast_strides(bsh, out);
-    strided_rows(out, |row_start, len, dst: &mut [U]| {
+    strided_rows(out, |row_start, len, dst: &mut [MaybeUninit<U>]| {
         let (oa, ob) = (offset(row_start, out, &sa), offset(row_start, out, &sb));
         let dst = &mut dst[..len];
         // Rows of a bias add or a broadcast row run over slices (strides 1 or 0), which
         // vectorize; other strides index element by element.
         match (last_stride(&sa), last_stride(&sb)) {
-            (1, 1) => dst.iter_mut().zip(&a[oa..oa + len]).zip(&b[ob..ob + len]).for_each(|((d, &x), &y)| *d = f(x, y)),
+            (1, 1) => dst.iter_mut().zip(&a[oa..oa + len]).zip(&b[ob..ob + len]).for_each(|((d, &x), &y)| {
+                d.write(f(x, y));
+            }),
             (1, 0) => {
                 let y = b[ob];
-                dst.iter_mut().zip(&a[oa..oa + len]).for_each(|(d, &x)| *d = f(x, y));
+                dst.iter_mut().zip(&a[oa..oa + len]).for_each(|(d, &x)| {
+                    d.write(f(x, y));
+                });
             }
             (0, 1) => {
                 let x = a[oa];
-                dst.iter_mut().zip(&b[ob..ob + len]).for_each(|(d, &y)| *d = f(x, y));
+                dst.iter_mut().zip(&b[ob..ob + len]).for_each(|(d, &y)| {
+                    d.write(f(x, y));
+                });
             }
-            (ia, ib) => dst.iter_mut().enumerate().for_each(|(j, d)| *d = f(a[oa + j * ia], b[ob + j * ib])),
+            (ia, ib) => dst.iter_mut().enumerate().for_each(|(j, d)| {
+                d.write(f(a[oa + j * ia], b[ob + j * ib]));
+            }),
         }
     })
 }
@@ -130,29 +138,32 @@ pub fn zip3<C: Element, A: Element, B: Element, U: Element>(
     let sc = broadcast_strides(csh, out);
     let sa = broadcast_strides(ash, out);
     let sb = broadcast_strides(bsh, out);
-    strided_rows(out, |row_start, len, dst: &mut [U]| {
+    strided_rows(out, |row_start, len, dst: &mut [MaybeUninit<U>]| {
         let (oc, oa, ob) = (offset(row_start, out, &sc), offset(row_start, out, &sa), offset(row_start, out, &sb));
         let dst = &mut dst[..len];
         let cs = &c[oc..];
         // As in `zip`: slices where the strides are 1 or 0 (a masked fill's rows).
         match (last_stride(&sc), last_stride(&sa), last_stride(&sb)) {
-            (1, 1, 1) => dst
-                .iter_mut()
-                .zip(&cs[..len])
-                .zip(&a[oa..oa + len])
-                .zip(&b[ob..ob + len])
-                .for_each(|(((d, &cv), &x), &y)| *d = f(cv, x, y)),
+            (1, 1, 1) => dst.iter_mut().zip(&cs[..len]).zip(&a[oa..oa + len]).zip(&b[ob..ob + len]).for_each(
+                |(((d, &cv), &x), &y)| {
+                    d.write(f(cv, x, y));
+                },
+            ),
             (1, 1, 0) => {
                 let y = b[ob];
-                dst.iter_mut().zip(&cs[..len]).zip(&a[oa..oa + len]).for_each(|((d, &cv), &x)| *d = f(cv, x, y));
+                dst.iter_mut().zip(&cs[..len]).zip(&a[oa..oa + len]).for_each(|((d, &cv), &x)| {
+                    d.write(f(cv, x, y));
+                });
             }
             (1, 0, 1) => {
                 let x = a[oa];
-                dst.iter_mut().zip(&cs[..len]).zip(&b[ob..ob + len]).for_each(|((d, &cv), &y)| *d = f(cv, x, y));
+                dst.iter_mut().zip(&cs[..len]).zip(&b[ob..ob + len]).for_each(|((d, &cv), &y)| {
+                    d.write(f(cv, x, y));
+                });
             }
-            (ic, ia, ib) => {
-                dst.iter_mut().enumerate().for_each(|(j, d)| *d = f(c[oc + j * ic], a[oa + j * ia], b[ob + j * ib]))
-            }
+            (ic, ia, ib) => dst.iter_mut().enumerate().for_each(|(j, d)| {
+                d.write(f(c[oc + j * ic], a[oa + j * ia], b[ob + j * ib]));
+            }),
         }
     })
 }
@@ -174,31 +185,40 @@ pub fn offset(mut linear: usize, shape: &[usize], strides: &[usize]) -> usize {
 }
 
 /// Runs `fill(row_start, row_len, row)` over the rows (last dimension) of a fresh output of
-/// shape `out`, in parallel when the output is large. A rank-0 output is one row of length 1.
-pub fn strided_rows<U: Element>(out: &[usize], fill: impl Fn(usize, usize, &mut [U]) + Sync + Send) -> Vec<U> {
+/// shape `out`, in parallel when the output is large; `fill` must write every element of its
+/// row. A rank-0 output is one row of length 1. As with [`map`], a cached block of the size
+/// (`crate::pool`) is reused when there is one, and nothing is zeroed first.
+pub fn strided_rows<U: Element>(
+    out: &[usize],
+    fill: impl Fn(usize, usize, &mut [MaybeUninit<U>]) + Sync + Send,
+) -> Vec<U> {
     let n = numel(out);
     let row = if out.is_empty() { 1 } else { out[out.len() - 1].max(1) };
-    let mut dst = crate::buffer::vec_or_panic(n, U::default());
+    let mut dst = crate::pool::take_vec::<U>(n);
+    if dst.capacity() < n {
+        dst = crate::buffer::vec_with_capacity_or_panic(n);
+    }
+    let spare = &mut dst.spare_capacity_mut()[..n];
     if n == 0 {
-        return dst;
-    }
-    if out.is_empty() {
+        // Nothing to write.
+    } else if out.is_empty() {
         // A scalar: pretend it is shape [1] with stride-0 offsets.
-        fill(0, 1, &mut dst);
-        return dst;
-    }
-    if n < PAR_THRESHOLD {
-        for (r, chunk) in dst.chunks_mut(row).enumerate() {
+        fill(0, 1, spare);
+    } else if n < PAR_THRESHOLD {
+        for (r, chunk) in spare.chunks_mut(row).enumerate() {
             fill(r * row, row, chunk);
         }
     } else {
         let rows_per_task = (MIN_CHUNK / row).max(1);
-        team::for_each_chunk_mut(&mut dst, row * rows_per_task, &|t, block| {
+        team::for_each_chunk_mut(spare, row * rows_per_task, &|t, block| {
             for (r, chunk) in block.chunks_mut(row).enumerate() {
                 fill((t * rows_per_task + r) * row, row, chunk);
             }
         });
     }
+    // SAFETY: the rows cover the first `n` elements of the spare capacity, and `fill` wrote
+    // every element of each.
+    unsafe { dst.set_len(n) };
     dst
 }
 
