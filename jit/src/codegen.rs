@@ -12,7 +12,8 @@
 //! splatted. Transcendentals come from [`crate::math`], inline; on machines with vectors wider
 //! than 128 bits a kernel instead hands them to [`crate::lanes::kernel_entry`] (the same math,
 //! bit for bit, at full width), a tile at a time in a pointwise kernel and a row at a time in a
-//! row kernel.
+//! row kernel; a row kernel's last sweep of the form `((x − c) ∘ p)·w + b` goes to
+//! [`crate::lanes::affine_entry`] whole.
 
 use std::collections::{HashMap, HashSet};
 
@@ -680,14 +681,119 @@ impl Gen<'_> {
         self.columns(b, j0, jend, &[], &mut step);
     }
 
+    /// Whether this kernel may call [`crate::lanes`]: a machine whose lanes are wider than
+    /// Cranelift's 128 bits and round as this kernel's math does, calls switched on, and rows
+    /// of at least [`MIN_TILE_COLS`].
+    fn lane_calls(&self) -> bool {
+        let w = lanes::Width::native();
+        let wider = matches!(w, lanes::Width::Avx2 | lanes::Width::Avx512);
+        wider && w.has_fma() == self.m.has_fma && lanes::kernel_calls() && self.spec.cols >= MIN_TILE_COLS
+    }
+
+    /// A row kernel's last sweep as one [`lanes::affine_entry`] call, when it has no
+    /// reduction and one float output of that form over a row-major input or a wide node's
+    /// row (`wide`), with row values for `c` and `p` and per-column inputs for `w` and `b`.
+    fn affine_sweep(&self, sweeps: &Sweeps, wide: &[usize]) -> Option<Affine> {
+        let spec = self.spec;
+        let last = sweeps.count - 1;
+        if last == 0 || !self.lane_calls() || sweeps.reductions.iter().any(|&rn| sweeps.of_reduction(spec, rn) == last)
+        {
+            return None;
+        }
+        let outs: Vec<(usize, usize)> =
+            sweeps.elem_outputs.iter().copied().filter(|&(_, n)| sweeps.level[n] == last).collect();
+        let [(out, root)] = outs[..] else { return None };
+        let float = |n: usize| spec.nodes[n].ty == VType::Float;
+        let row = |n: usize| spec.nodes[n].space == Space::Row && float(n);
+        // A per-column float input (the same row for every row: layer_norm's weight and bias).
+        let column = |n: usize| match spec.nodes[n].op {
+            KOp::Input(i) => {
+                let m = &spec.inputs[i];
+                m.space == Space::Elem && m.ty == VType::Float && m.contiguous && m.outer.is_empty()
+            }
+            _ => false,
+        };
+        let binary = |n: usize| match spec.nodes[n].op {
+            KOp::Binary(op, a, b) if float(n) => Some((op, a, b)),
+            _ => None,
+        };
+        let mut code = if spec.float == Float::F64 { lanes::AFFINE_F64 } else { 0 };
+        let mut n = root;
+        let (mut c, mut p, mut w, mut b) = (None, None, None, None);
+        // Matched from the output inwards: + b, · w, ∘ p, − c.
+        if let Some((BinaryOp::Add, l, r)) = binary(n) {
+            if let Some((v, t)) = [(r, l), (l, r)].into_iter().find(|&(v, _)| column(v)) {
+                (b, n, code) = (Some(v), t, code | lanes::AFFINE_B);
+            }
+        }
+        if let Some((BinaryOp::Mul, l, r)) = binary(n) {
+            if let Some((v, t)) = [(r, l), (l, r)].into_iter().find(|&(v, _)| column(v)) {
+                (w, n, code) = (Some(v), t, code | lanes::AFFINE_W);
+            }
+        }
+        match binary(n) {
+            Some((BinaryOp::Mul, l, r)) if row(r) || row(l) => {
+                let (v, t) = if row(r) { (r, l) } else { (l, r) };
+                (p, n, code) = (Some(v), t, code | lanes::AFFINE_MUL_P);
+            }
+            Some((BinaryOp::Div, l, r)) if row(r) => (p, n, code) = (Some(r), l, code | lanes::AFFINE_DIV_P),
+            Some((BinaryOp::Sub, l, r)) if row(r) => (p, n, code) = (Some(r), l, code | lanes::AFFINE_SUB_P),
+            _ => {}
+        }
+        if let Some((BinaryOp::Sub, l, r)) = binary(n) {
+            if row(r) {
+                (c, n, code) = (Some(r), l, code | lanes::AFFINE_SUB_C);
+            }
+        }
+        let node = &spec.nodes[n];
+        let source = match node.op {
+            KOp::Input(i) => {
+                let m = &spec.inputs[i];
+                node.space == Space::Elem && float(n) && m.contiguous && m.space == Space::Elem
+            }
+            _ => wide.contains(&n),
+        };
+        (source && n != root).then_some(Affine { out, x: n, c, p, w, b, code })
+    }
+
+    /// The [`lanes::affine_entry`] call storing the current row of `a.out`.
+    fn affine_call(&mut self, b: &mut FunctionBuilder, a: &Affine, row_start: Value, zero: Value, cols: Value) {
+        let mut sig = Signature::new(b.func.signature.call_conv);
+        sig.params.extend([AbiParam::new(types::I64); 6]);
+        sig.params.extend([AbiParam::new(types::F64); 2]);
+        let sig = b.import_signature(sig);
+        let x = match self.input_at(b, a.x, zero) {
+            Some(x) => x,
+            None => self.scratch_addr[&a.x],
+        };
+        let null = self.iconst(b, 0);
+        let w = a.w.and_then(|n| self.input_at(b, n, zero)).unwrap_or(null);
+        let bias = a.b.and_then(|n| self.input_at(b, n, zero)).unwrap_or(null);
+        let y = self.addr(b, self.out_ptr[a.out], row_start, self.shift);
+        let scalar = |g: &mut Self, b: &mut FunctionBuilder, n: Option<usize>| match n {
+            Some(n) => {
+                let v = g.row(b, n);
+                if g.ft == types::F64 {
+                    v
+                } else {
+                    b.ins().fpromote(types::F64, v)
+                }
+            }
+            None => b.ins().f64const(0.0),
+        };
+        let c = scalar(self, b, a.c);
+        let p = scalar(self, b, a.p);
+        let code = self.iconst(b, a.code);
+        let entry = b.ins().iconst(types::I64, lanes::affine_entry as *const () as usize as i64);
+        b.ins().call_indirect(sig, entry, &[code, x, w, bias, y, cols, c, p]);
+    }
+
     /// The transcendental nodes a kernel hands to [`crate::lanes`] (in node order, so each
     /// one's operand needs only earlier ones): all of them on a machine whose lanes are wider
     /// than Cranelift's 128 bits and round as this kernel's math does, for rows of at least one
     /// tile's worth of columns; none otherwise.
     fn wide_nodes(&self) -> Vec<usize> {
-        let w = lanes::Width::native();
-        let wider = matches!(w, lanes::Width::Avx2 | lanes::Width::Avx512);
-        if !wider || w.has_fma() != self.m.has_fma || !lanes::kernel_calls() || self.spec.cols < MIN_TILE_COLS {
+        if !self.lane_calls() {
             return Vec::new();
         }
         (0..self.spec.nodes.len()).filter(|&n| self.wide_func(n).is_some()).collect()
@@ -1013,6 +1119,7 @@ impl Gen<'_> {
         }
         self.plan_scratch(b, &sweeps, &wide);
         let wide_slots = if wide.is_empty() { Vec::new() } else { self.slots(b, wide.len() + 1, spec.cols) };
+        let affine = self.affine_sweep(&sweeps, &wide);
         self.outer_loop(b, start, end, |g, b, r| {
             g.start_row(b, r);
             let slots: Vec<(usize, StackSlot)> = g.scratch.iter().map(|(&n, &(slot, _))| (n, slot)).collect();
@@ -1060,7 +1167,10 @@ impl Gen<'_> {
                     g.scratch_addr.insert(w, dst);
                     g.filled.insert(w);
                 }
-                g.sweep_row(b, &sweeps, row_start, zero, c);
+                match &affine {
+                    Some(a) if s + 1 == sweeps.count => g.affine_call(b, a, row_start, zero, c),
+                    _ => g.sweep_row(b, &sweeps, row_start, zero, c),
+                }
             }
             // Per-row outputs.
             for (o, &n) in spec.outputs.iter().enumerate() {
@@ -1148,6 +1258,19 @@ impl Gen<'_> {
             self.row_val.insert(rn, t);
         }
     }
+}
+
+/// A row kernel's last sweep done by [`lanes::affine_entry`]: output `out` (an output index)
+/// is `((x − c) ∘ p) · w + b` with the steps `code` names; `x` is a node (a row-major input,
+/// or a wide node's row), `c` and `p` `Row` nodes, `w` and `b` per-column input nodes.
+struct Affine {
+    out: usize,
+    x: usize,
+    c: Option<usize>,
+    p: Option<usize>,
+    w: Option<usize>,
+    b: Option<usize>,
+    code: i64,
 }
 
 /// How a loop's head decides: run the body while the condition holds, or until it does.

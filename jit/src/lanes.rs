@@ -14,7 +14,9 @@
 //! wider than 128 bits the JIT's kernels call [`kernel_entry`] for theirs (pointwise kernels a
 //! tile at a time, row kernels a row at a time, where the call also subtracts a row constant
 //! from the operand and returns the row's sum in the kernel's own order), so eager and
-//! compiled mode share one math library at the machine's full width.
+//! compiled mode share one math library at the machine's full width. A row kernel's last
+//! sweep of the form `((x − c) ∘ p)·w + b` (layer_norm's normalize, softmax's scaling) runs
+//! here too, through [`affine_entry`]: plain IEEE steps in the kernel's order, so the same bits.
 
 use cranelift_codegen::ir::condcodes::FloatCC;
 use std::mem::MaybeUninit;
@@ -633,5 +635,216 @@ pub unsafe extern "C" fn kernel_entry(code: i64, src: *const u8, dst: *mut u8, n
             (std::slice::from_raw_parts(src.cast::<f32>(), n), std::slice::from_raw_parts_mut(dst.cast(), n))
         };
         f32::shifted_at(f, w, x, c, p, y, sum)
+    }
+}
+
+/// [`affine_entry`]'s code: `t = x − c` first.
+pub const AFFINE_SUB_C: i64 = 1;
+/// [`affine_entry`]'s code: then `t = t · p`.
+pub const AFFINE_MUL_P: i64 = 2;
+/// [`affine_entry`]'s code: then `t = t / p`.
+pub const AFFINE_DIV_P: i64 = 4;
+/// [`affine_entry`]'s code: then `t = t − p`.
+pub const AFFINE_SUB_P: i64 = 8;
+/// [`affine_entry`]'s code: then `t = t · w[i]`.
+pub const AFFINE_W: i64 = 16;
+/// [`affine_entry`]'s code: then `t = t + b[i]`.
+pub const AFFINE_B: i64 = 32;
+/// [`affine_entry`]'s code: the elements are f64 (else f32).
+pub const AFFINE_F64: i64 = 64;
+
+/// The steps of [`affine_entry`] over slices, each an IEEE operation in the order the code
+/// gives (rustc contracts nothing into a fused multiply-add), so any width writes the bits a
+/// row kernel's own sweep would. `w` and `b` are read only when asked for.
+#[inline(always)]
+fn affine_rows<T, const SUB_C: bool, const OP: u8, const W: bool, const B: bool>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    c: T,
+    p: T,
+    y: &mut [MaybeUninit<T>],
+) where
+    T: Copy
+        + std::ops::Add<Output = T>
+        + std::ops::Sub<Output = T>
+        + std::ops::Mul<Output = T>
+        + std::ops::Div<Output = T>,
+{
+    let (w, b) = (if W { w } else { x }, if B { b } else { x });
+    for (((d, &v), &wv), &bv) in y.iter_mut().zip(x).zip(w).zip(b) {
+        let mut t = v;
+        if SUB_C {
+            t = t - c;
+        }
+        match OP {
+            1 => t = t * p,
+            2 => t = t / p,
+            3 => t = t - p,
+            _ => {}
+        }
+        if W {
+            t = t * wv;
+        }
+        if B {
+            t = t + bv;
+        }
+        d.write(t);
+    }
+}
+
+/// [`affine_rows`] for the steps in `code`, each combination its own loop.
+#[inline(always)]
+fn affine_code<T>(code: i64, x: &[T], w: &[T], b: &[T], c: T, p: T, y: &mut [MaybeUninit<T>])
+where
+    T: Copy
+        + std::ops::Add<Output = T>
+        + std::ops::Sub<Output = T>
+        + std::ops::Mul<Output = T>
+        + std::ops::Div<Output = T>,
+{
+    macro_rules! op {
+        ($s:literal, $w:literal, $b:literal) => {
+            if code & AFFINE_MUL_P != 0 {
+                affine_rows::<T, $s, 1, $w, $b>(x, w, b, c, p, y)
+            } else if code & AFFINE_DIV_P != 0 {
+                affine_rows::<T, $s, 2, $w, $b>(x, w, b, c, p, y)
+            } else if code & AFFINE_SUB_P != 0 {
+                affine_rows::<T, $s, 3, $w, $b>(x, w, b, c, p, y)
+            } else {
+                affine_rows::<T, $s, 0, $w, $b>(x, w, b, c, p, y)
+            }
+        };
+    }
+    match (code & AFFINE_SUB_C != 0, code & AFFINE_W != 0, code & AFFINE_B != 0) {
+        (false, false, false) => op!(false, false, false),
+        (false, false, true) => op!(false, false, true),
+        (false, true, false) => op!(false, true, false),
+        (false, true, true) => op!(false, true, true),
+        (true, false, false) => op!(true, false, false),
+        (true, false, true) => op!(true, false, true),
+        (true, true, false) => op!(true, true, false),
+        (true, true, true) => op!(true, true, true),
+    }
+}
+
+macro_rules! affine_paths {
+    ($t:ty, $plain:ident, $avx2:ident, $avx512:ident) => {
+        fn $plain(code: i64, x: &[$t], w: &[$t], b: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>]) {
+            affine_code(code, x, w, b, c, p, y)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn $avx2(code: i64, x: &[$t], w: &[$t], b: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>]) {
+            affine_code(code, x, w, b, c, p, y)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        fn $avx512(code: i64, x: &[$t], w: &[$t], b: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>]) {
+            affine_code(code, x, w, b, c, p, y)
+        }
+    };
+}
+
+affine_paths!(f32, affine_plain_f32, affine_avx2_f32, affine_avx512_f32);
+affine_paths!(f64, affine_plain_f64, affine_avx2_f64, affine_avx512_f64);
+
+/// `y[i] = ((x[i] − c) ∘ p) · w[i] + b[i]` on path `wd`, each step present as `code` asks
+/// ([`AFFINE_SUB_C`] … [`AFFINE_B`]; `∘` one of `·`, `/`, `−`), for `T` f32 or f64 as
+/// `AFFINE_F64` says. `w` and `b` may be empty when not asked for.
+///
+/// # Panics
+/// If a slice asked for differs in length from `x`, `y` does, or this machine cannot run `wd`.
+#[allow(clippy::too_many_arguments)]
+pub fn affine_at<T: AffineFloat>(
+    code: i64,
+    wd: Width,
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    c: f64,
+    p: f64,
+    y: &mut [MaybeUninit<T>],
+) {
+    let n = x.len();
+    assert_eq!(y.len(), n, "lanes: input and output lengths differ");
+    assert!(code & AFFINE_W == 0 || w.len() == n, "lanes: the weight row's length differs");
+    assert!(code & AFFINE_B == 0 || b.len() == n, "lanes: the bias row's length differs");
+    assert!(wd.supported(), "lanes: this machine cannot run the {wd:?} path");
+    T::affine(code, wd, x, w, b, c, p, y)
+}
+
+/// The float types of [`affine_at`].
+pub trait AffineFloat: Sized {
+    /// [`affine_at`] once its arguments are checked.
+    #[allow(clippy::too_many_arguments)]
+    fn affine(code: i64, wd: Width, x: &[Self], w: &[Self], b: &[Self], c: f64, p: f64, y: &mut [MaybeUninit<Self>]);
+}
+
+macro_rules! affine_float {
+    ($t:ty, $plain:ident, $avx2:ident, $avx512:ident) => {
+        impl AffineFloat for $t {
+            fn affine(code: i64, wd: Width, x: &[$t], w: &[$t], b: &[$t], c: f64, p: f64, y: &mut [MaybeUninit<$t>]) {
+                let (c, p) = (c as $t, p as $t);
+                match wd {
+                    // SAFETY: `affine_at` checked that the CPU has every feature the path was
+                    // compiled for.
+                    #[cfg(target_arch = "x86_64")]
+                    Width::Avx512 => unsafe { $avx512(code, x, w, b, c, p, y) },
+                    // SAFETY: as above.
+                    #[cfg(target_arch = "x86_64")]
+                    Width::Avx2 => unsafe { $avx2(code, x, w, b, c, p, y) },
+                    _ => $plain(code, x, w, b, c, p, y),
+                }
+            }
+        }
+    };
+}
+
+affine_float!(f32, affine_plain_f32, affine_avx2_f32, affine_avx512_f32);
+affine_float!(f64, affine_plain_f64, affine_avx2_f64, affine_avx512_f64);
+
+/// The function a row kernel calls (through an address constant) for its last sweep when
+/// that sweep is one output of the form [`affine_at`] computes (layer_norm's
+/// `((x − mean)·rstd)·w + b`, softmax's `e·(1/s)`, log_softmax's `(x − max) − log s`): a row
+/// at this machine's full width, the same bits as the kernel's own sweep.
+///
+/// # Safety
+/// `x` (and `w`, `b` where `code` asks for them) must point to `n` initialised elements of
+/// the precision and `y` to room for `n`, not overlapping any of them (row kernels never
+/// write an output over an input: see `exec::memory`).
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn affine_entry(
+    code: i64,
+    x: *const u8,
+    w: *const u8,
+    b: *const u8,
+    y: *mut u8,
+    n: i64,
+    c: f64,
+    p: f64,
+) {
+    let n = n as usize;
+    macro_rules! run {
+        ($t:ty) => {{
+            // SAFETY: the caller's contract: `n` elements at `x` (and at `w`, `b` when asked
+            // for; otherwise no slice is formed from them), room for `n` at `y`, disjoint.
+            let (x, w, b, y) = unsafe {
+                (
+                    std::slice::from_raw_parts(x.cast::<$t>(), n),
+                    if code & AFFINE_W != 0 { std::slice::from_raw_parts(w.cast::<$t>(), n) } else { &[] },
+                    if code & AFFINE_B != 0 { std::slice::from_raw_parts(b.cast::<$t>(), n) } else { &[] },
+                    std::slice::from_raw_parts_mut(y.cast::<MaybeUninit<$t>>(), n),
+                )
+            };
+            affine_at::<$t>(code, Width::native(), x, w, b, c, p, y)
+        }};
+    }
+    if code & AFFINE_F64 != 0 {
+        run!(f64)
+    } else {
+        run!(f32)
     }
 }

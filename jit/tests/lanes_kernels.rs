@@ -48,6 +48,22 @@ fn data(dtype: DType, n: usize, seed: u64, scale: f64) -> Vec<f64> {
         .collect()
 }
 
+/// How CLIF text writes `iconst` of the address `a` (Cranelift's `Imm64` display): the
+/// calls to one lanes entry show as that constant.
+fn clif_addr(a: usize) -> String {
+    let x = a as u64;
+    if x < 10_000 {
+        return x.to_string();
+    }
+    let mut pos = (64 - x.leading_zeros() - 1) & 0xf0;
+    let mut s = format!("0x{:04x}", (x >> pos) & 0xffff);
+    while pos > 0 {
+        pos -= 16;
+        s += &format!("_{:04x}", (x >> pos) & 0xffff);
+    }
+    s
+}
+
 fn buffer(dtype: DType, v: Vec<f64>, shape: &[usize]) -> Buffer {
     Buffer::from_vec(v, shape).cast(dtype)
 }
@@ -137,8 +153,9 @@ fn row_kernels_with_lane_calls_match_inline_math_bit_for_bit() {
                 lanes::set_kernel_calls(false);
                 let without = Executable::new(&g, Backend::Jit).unwrap();
                 lanes::set_kernel_calls(true);
-                let calls = with.clif_text().contains("call_indirect");
-                // A 20000-column row does not fit the stack's wide rows: inline math.
+                let calls = with.clif_text().contains(&clif_addr(lanes::kernel_entry as *const () as usize));
+                // A 20000-column row does not fit the stack's wide rows: inline math (a
+                // last sweep may still call `affine_entry`).
                 assert_eq!(calls, wide && (64..20000).contains(&cols), "{f:?} {dtype} [{rows}, {cols}]: lane calls");
                 assert!(!without.clif_text().contains("call_indirect"));
                 let a = with.run(&inputs, &NoCallbacks).unwrap();
@@ -151,6 +168,160 @@ fn row_kernels_with_lane_calls_match_inline_math_bit_for_bit() {
                             "{f:?} {dtype} [{rows}, {cols}] output {o} element {k}: with lanes {p:e}, inline {q:e}"
                         );
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Row kernels whose last sweep is one output `((x − c) ∘ p) · w + b` (any of its steps):
+/// layer_norm with and without its affine, an RMS norm, softmax, log_softmax and a row sum
+/// division, each alone in its graph.
+fn affine_graphs(dtype: DType, rows: usize, cols: usize) -> Vec<(&'static str, Graph)> {
+    use tracegrad_compiler::composite::{layer_norm, log_softmax, mean, softmax};
+    let input = |g: &mut Graph| g.add_input("x", InputRole::Data, TensorType::new(dtype, &[rows, cols]));
+    let column = |g: &mut Graph, name: &str| g.add_input(name, InputRole::Data, TensorType::new(dtype, &[cols]));
+    let mut out = Vec::new();
+    for (name, weight, bias) in
+        [("layer_norm", true, true), ("layer_norm, no affine", false, false), ("layer_norm, weight", true, false)]
+    {
+        let mut g = Graph::new();
+        let x = input(&mut g);
+        let w = weight.then(|| column(&mut g, "w"));
+        let b = bias.then(|| column(&mut g, "b"));
+        let y = layer_norm(&mut g, &x, &[cols], w.as_ref(), b.as_ref(), 1e-5).unwrap();
+        g.add_output("y", y);
+        out.push((name, g));
+    }
+    let mut g = Graph::new();
+    let x = input(&mut g);
+    let w = column(&mut g, "w");
+    let x2 = g.mul(&x, &x).unwrap();
+    let ms = mean(&mut g, &x2, &[-1], true).unwrap();
+    let ms = g.add_scalar(&ms, 1e-6).unwrap();
+    let r = g.unary(UnaryOp::Rsqrt, &ms).unwrap();
+    let y = g.mul(&x, &r).unwrap();
+    let y = g.mul(&w, &y).unwrap();
+    g.add_output("y", y);
+    out.push(("rms_norm", g));
+    let mut g = Graph::new();
+    let x = input(&mut g);
+    let y = softmax(&mut g, &x, -1).unwrap();
+    g.add_output("y", y);
+    out.push(("softmax", g));
+    let mut g = Graph::new();
+    let x = input(&mut g);
+    let y = log_softmax(&mut g, &x, -1).unwrap();
+    g.add_output("y", y);
+    out.push(("log_softmax", g));
+    let mut g = Graph::new();
+    let x = input(&mut g);
+    let s = g.sum(&x, &[-1], true).unwrap();
+    let y = g.div(&x, &s).unwrap();
+    g.add_output("y", y);
+    out.push(("x / sum", g));
+    out
+}
+
+#[test]
+fn affine_last_sweeps_match_inline_math_bit_for_bit() {
+    let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let wide = matches!(Width::native(), Width::Avx2 | Width::Avx512);
+    for dtype in [DType::F32, DType::F64] {
+        for (rows, cols) in [(6, 1000), (5, 64), (5, 1003), (2, 70), (2, 63), (2, 20000)] {
+            for (name, g) in affine_graphs(dtype, rows, cols) {
+                let mut v = data(dtype, rows * cols, 11, 30.0);
+                if rows >= 5 {
+                    v[cols + 7] = f64::INFINITY;
+                    v[3 * cols + 1] = f64::NAN;
+                }
+                let mut inputs = vec![buffer(dtype, v, &[rows, cols])];
+                for k in 1..g.inputs.len() {
+                    inputs.push(buffer(dtype, data(dtype, cols, 20 + k as u64, 2.0), &[cols]));
+                }
+                lanes::set_kernel_calls(true);
+                let with = Executable::new(&g, Backend::Jit).unwrap();
+                lanes::set_kernel_calls(false);
+                let without = Executable::new(&g, Backend::Jit).unwrap();
+                lanes::set_kernel_calls(true);
+                // Softmax's exponential needs a stack row, which 20000 columns do not fit:
+                // that kernel keeps its inline math, and so its last sweep too.
+                let expected = wide && cols >= 64 && !(name == "softmax" && cols == 20000);
+                let calls = with.clif_text().contains(&clif_addr(lanes::affine_entry as *const () as usize));
+                assert_eq!(calls, expected, "{name} {dtype} [{rows}, {cols}]: affine calls");
+                assert!(!without.clif_text().contains("call_indirect"));
+                let a = with.run(&inputs, &NoCallbacks).unwrap();
+                let b = without.run(&inputs, &NoCallbacks).unwrap();
+                let (a, b) = (a[0].to_f64_vec(), b[0].to_f64_vec());
+                for (k, (p, q)) in a.iter().zip(&b).enumerate() {
+                    assert!(
+                        p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
+                        "{name} {dtype} [{rows}, {cols}] element {k}: with lanes {p:e}, inline {q:e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every combination of `lanes::affine_at`'s steps, on every path this machine runs, against
+/// the same steps written out one element at a time.
+#[test]
+fn affine_steps_agree_on_every_width() {
+    use lanes::{AFFINE_B, AFFINE_DIV_P, AFFINE_MUL_P, AFFINE_SUB_C, AFFINE_SUB_P, AFFINE_W};
+    use std::mem::MaybeUninit;
+    fn check<T>(code: i64, n: usize)
+    where
+        T: lanes::AffineFloat + Copy + Into<f64> + std::fmt::Debug,
+        T: std::ops::Add<Output = T>
+            + std::ops::Sub<Output = T>
+            + std::ops::Mul<Output = T>
+            + std::ops::Div<Output = T>,
+        T: From<f32>,
+    {
+        let gen =
+            |seed: u64| -> Vec<T> { data(DType::F32, n, seed, 5.0).into_iter().map(|v| T::from(v as f32)).collect() };
+        let (x, w, b) = (gen(1), gen(2), gen(3));
+        let (c, p) = (0.375f32, -1.625f32);
+        let expect: Vec<T> = (0..n)
+            .map(|i| {
+                let mut t = x[i];
+                if code & AFFINE_SUB_C != 0 {
+                    t = t - T::from(c);
+                }
+                if code & AFFINE_MUL_P != 0 {
+                    t = t * T::from(p);
+                } else if code & AFFINE_DIV_P != 0 {
+                    t = t / T::from(p);
+                } else if code & AFFINE_SUB_P != 0 {
+                    t = t - T::from(p);
+                }
+                if code & AFFINE_W != 0 {
+                    t = t * w[i];
+                }
+                if code & AFFINE_B != 0 {
+                    t = t + b[i];
+                }
+                t
+            })
+            .collect();
+        for wd in Width::ALL.into_iter().filter(|w| w.supported()) {
+            let mut y = vec![MaybeUninit::<T>::uninit(); n];
+            lanes::affine_at(code, wd, &x, &w, &b, f64::from(c), f64::from(p), &mut y);
+            for (i, (y, e)) in y.iter().zip(&expect).enumerate() {
+                // SAFETY: `affine_at` writes every element.
+                let y = unsafe { y.assume_init() };
+                assert_eq!(y.into().to_bits(), (*e).into().to_bits(), "code {code} {wd:?} element {i} of {n}");
+            }
+        }
+    }
+    for sub_c in [0, AFFINE_SUB_C] {
+        for op in [0, AFFINE_MUL_P, AFFINE_DIV_P, AFFINE_SUB_P] {
+            for wb in [0, AFFINE_W, AFFINE_B, AFFINE_W | AFFINE_B] {
+                let code = sub_c | op | wb;
+                for n in [0, 1, 15, 16, 17, 100, 1003] {
+                    check::<f32>(code, n);
+                    check::<f64>(code | lanes::AFFINE_F64, n);
                 }
             }
         }
