@@ -756,6 +756,22 @@ impl Gen<'_> {
         (source && n != root).then_some(Affine { out, x: n, c, p, w, b, code })
     }
 
+    /// `Row` node `n`'s value in the current row as an f64 (a lanes call's scalar argument),
+    /// or 0 without one.
+    fn row_f64(&mut self, b: &mut FunctionBuilder, n: Option<usize>) -> Value {
+        match n {
+            Some(n) => {
+                let v = self.row(b, n);
+                if self.ft == types::F64 {
+                    v
+                } else {
+                    b.ins().fpromote(types::F64, v)
+                }
+            }
+            None => b.ins().f64const(0.0),
+        }
+    }
+
     /// The [`lanes::affine_entry`] call storing the current row of `a.out`.
     fn affine_call(&mut self, b: &mut FunctionBuilder, a: &Affine, row_start: Value, zero: Value, cols: Value) {
         let mut sig = Signature::new(b.func.signature.call_conv);
@@ -770,19 +786,8 @@ impl Gen<'_> {
         let w = a.w.and_then(|n| self.input_at(b, n, zero)).unwrap_or(null);
         let bias = a.b.and_then(|n| self.input_at(b, n, zero)).unwrap_or(null);
         let y = self.addr(b, self.out_ptr[a.out], row_start, self.shift);
-        let scalar = |g: &mut Self, b: &mut FunctionBuilder, n: Option<usize>| match n {
-            Some(n) => {
-                let v = g.row(b, n);
-                if g.ft == types::F64 {
-                    v
-                } else {
-                    b.ins().fpromote(types::F64, v)
-                }
-            }
-            None => b.ins().f64const(0.0),
-        };
-        let c = scalar(self, b, a.c);
-        let p = scalar(self, b, a.p);
+        let c = self.row_f64(b, a.c);
+        let p = self.row_f64(b, a.p);
         let code = self.iconst(b, a.code);
         let entry = b.ins().iconst(types::I64, lanes::affine_entry as *const () as usize as i64);
         b.ins().call_indirect(sig, entry, &[code, x, w, bias, y, cols, c, p]);
@@ -837,19 +842,8 @@ impl Gen<'_> {
         sig.params.extend([AbiParam::new(types::F64); 2]);
         sig.returns.push(AbiParam::new(types::F64));
         let sig = b.import_signature(sig);
-        let wide_f64 = |g: &mut Self, b: &mut FunctionBuilder, n: Option<usize>| match n {
-            Some(n) => {
-                let v = g.row(b, n);
-                if g.ft == types::F64 {
-                    v
-                } else {
-                    b.ins().fpromote(types::F64, v)
-                }
-            }
-            None => b.ins().f64const(0.0),
-        };
-        let p = wide_f64(self, b, param);
-        let c = wide_f64(self, b, sub);
+        let p = self.row_f64(b, param);
+        let c = self.row_f64(b, sub);
         let code = lanes::kernel_code(f, self.spec.float == Float::F64) + if sum { lanes::CODE_SUM } else { 0 };
         let entry = b.ins().iconst(types::I64, lanes::kernel_entry as *const () as usize as i64);
         let code = b.ins().iconst(types::I64, code);

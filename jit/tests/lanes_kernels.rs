@@ -64,6 +64,18 @@ fn clif_addr(a: usize) -> String {
     s
 }
 
+/// Asserts that `with` (a run with lane calls) and `without` (inline math) hold the same bits
+/// element for element (any NaN matching any NaN).
+fn assert_same_bits(with: &Buffer, without: &Buffer, what: &str) {
+    let (a, b) = (with.to_f64_vec(), without.to_f64_vec());
+    for (k, (p, q)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
+            "{what} element {k}: with lanes {p:e}, inline {q:e}"
+        );
+    }
+}
+
 fn buffer(dtype: DType, v: Vec<f64>, shape: &[usize]) -> Buffer {
     Buffer::from_vec(v, shape).cast(dtype)
 }
@@ -99,13 +111,7 @@ fn kernels_with_lane_calls_match_inline_math_bit_for_bit() {
                 assert!(!without.clif_text().contains("call_indirect"));
                 let a = with.run(&inputs, &NoCallbacks).unwrap();
                 let b = without.run(&inputs, &NoCallbacks).unwrap();
-                let (a, b) = (a[0].to_f64_vec(), b[0].to_f64_vec());
-                for (k, (p, q)) in a.iter().zip(&b).enumerate() {
-                    assert!(
-                        p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
-                        "{f:?}/{g2:?} {dtype} [{rows}, {cols}] element {k}: with lanes {p:e}, inline {q:e}"
-                    );
-                }
+                assert_same_bits(&a[0], &b[0], &format!("{f:?}/{g2:?} {dtype} [{rows}, {cols}]"));
             }
         }
     }
@@ -161,13 +167,7 @@ fn row_kernels_with_lane_calls_match_inline_math_bit_for_bit() {
                 let a = with.run(&inputs, &NoCallbacks).unwrap();
                 let b = without.run(&inputs, &NoCallbacks).unwrap();
                 for (o, (a, b)) in a.iter().zip(&b).enumerate() {
-                    let (a, b) = (a.to_f64_vec(), b.to_f64_vec());
-                    for (k, (p, q)) in a.iter().zip(&b).enumerate() {
-                        assert!(
-                            p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
-                            "{f:?} {dtype} [{rows}, {cols}] output {o} element {k}: with lanes {p:e}, inline {q:e}"
-                        );
-                    }
+                    assert_same_bits(a, b, &format!("{f:?} {dtype} [{rows}, {cols}] output {o}"));
                 }
             }
         }
@@ -252,13 +252,7 @@ fn affine_last_sweeps_match_inline_math_bit_for_bit() {
                 assert!(!without.clif_text().contains("call_indirect"));
                 let a = with.run(&inputs, &NoCallbacks).unwrap();
                 let b = without.run(&inputs, &NoCallbacks).unwrap();
-                let (a, b) = (a[0].to_f64_vec(), b[0].to_f64_vec());
-                for (k, (p, q)) in a.iter().zip(&b).enumerate() {
-                    assert!(
-                        p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
-                        "{name} {dtype} [{rows}, {cols}] element {k}: with lanes {p:e}, inline {q:e}"
-                    );
-                }
+                assert_same_bits(&a[0], &b[0], &format!("{name} {dtype} [{rows}, {cols}]"));
             }
         }
     }
