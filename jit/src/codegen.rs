@@ -174,25 +174,27 @@ impl Gen<'_> {
         self.splat.clear();
         self.row_index = Some(r);
         let rows = self.spec.rows;
-        self.base = Vec::with_capacity(self.spec.inputs.len());
-        for i in 0..self.spec.inputs.len() {
-            let mut acc: Option<Value> = None;
-            for &(div, modulo, stride) in &self.spec.inputs[i].outer {
-                let mut t = if div == 1 { r } else { b.ins().udiv_imm_s(r, div as i64) };
-                if div * modulo < rows {
-                    t = b.ins().urem_imm_s(t, modulo as i64);
-                }
-                if stride != 1 {
-                    t = b.ins().imul_imm_s(t, stride as i64);
-                }
-                acc = Some(match acc {
-                    Some(a) => b.ins().iadd(a, t),
-                    None => t,
-                });
+        self.base = (0..self.spec.inputs.len()).map(|i| self.input_base(b, i, r, rows)).collect();
+    }
+
+    /// The element offset of input `i`'s row `r`, for `r` in `0..rows` (terms whose period
+    /// `rows` does not exceed skip the wrap).
+    fn input_base(&mut self, b: &mut FunctionBuilder, i: usize, r: Value, rows: usize) -> Value {
+        let mut acc: Option<Value> = None;
+        for &(div, modulo, stride) in &self.spec.inputs[i].outer {
+            let mut t = if div == 1 { r } else { b.ins().udiv_imm_s(r, div as i64) };
+            if div * modulo < rows {
+                t = b.ins().urem_imm_s(t, modulo as i64);
             }
-            let v = acc.unwrap_or_else(|| self.iconst(b, 0));
-            self.base.push(v);
+            if stride != 1 {
+                t = b.ins().imul_imm_s(t, stride as i64);
+            }
+            acc = Some(match acc {
+                Some(a) => b.ins().iadd(a, t),
+                None => t,
+            });
         }
+        acc.unwrap_or_else(|| self.iconst(b, 0))
     }
 
     fn addr(&self, b: &mut FunctionBuilder, ptr: Value, index: Value, shift: i64) -> Value {
@@ -753,7 +755,17 @@ impl Gen<'_> {
             }
             _ => wide.contains(&n),
         };
-        (source && n != root).then_some(Affine { out, x: n, c, p, w, b, code })
+        // The input whose next row the call prefetches: the kernel's row-major input (the
+        // source itself when it is one), which its first sweep reads from the outer caches.
+        let streamed = |i: usize| {
+            let m = &spec.inputs[i];
+            m.space == Space::Elem && m.ty == VType::Float && m.contiguous && !m.outer.is_empty()
+        };
+        let ahead = match node.op {
+            KOp::Input(i) if streamed(i) => Some(i),
+            _ => (0..spec.inputs.len()).find(|&i| streamed(i)),
+        };
+        (source && n != root).then_some(Affine { out, x: n, c, p, w, b, code, ahead })
     }
 
     /// `Row` node `n`'s value in the current row as an f64 (a lanes call's scalar argument),
@@ -777,6 +789,7 @@ impl Gen<'_> {
         let mut sig = Signature::new(b.func.signature.call_conv);
         sig.params.extend([AbiParam::new(types::I64); 6]);
         sig.params.extend([AbiParam::new(types::F64); 2]);
+        sig.params.push(AbiParam::new(types::I64));
         let sig = b.import_signature(sig);
         let x = match self.input_at(b, a.x, zero) {
             Some(x) => x,
@@ -789,8 +802,18 @@ impl Gen<'_> {
         let c = self.row_f64(b, a.c);
         let p = self.row_f64(b, a.p);
         let code = self.iconst(b, a.code);
+        let ahead = match a.ahead {
+            Some(i) => {
+                let r = self.row_index.expect("a row is started before its sweeps");
+                let next = b.ins().iadd_imm_s(r, 1);
+                // After the last row this may point past the input: the call only prefetches it.
+                let base = self.input_base(b, i, next, self.spec.rows);
+                self.addr(b, self.in_ptr[i], base, self.shift)
+            }
+            None => null,
+        };
         let entry = b.ins().iconst(types::I64, lanes::affine_entry as *const () as usize as i64);
-        b.ins().call_indirect(sig, entry, &[code, x, w, bias, y, cols, c, p]);
+        b.ins().call_indirect(sig, entry, &[code, x, w, bias, y, cols, c, p, ahead]);
     }
 
     /// The transcendental nodes a kernel hands to [`crate::lanes`] (in node order, so each
@@ -1265,6 +1288,8 @@ struct Affine {
     w: Option<usize>,
     b: Option<usize>,
     code: i64,
+    /// The input whose next row the call prefetches.
+    ahead: Option<usize>,
 }
 
 /// How a loop's head decides: run the body while the condition holds, or until it does.

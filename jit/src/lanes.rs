@@ -653,10 +653,37 @@ pub const AFFINE_B: i64 = 32;
 /// [`affine_entry`]'s code: the elements are f64 (else f32).
 pub const AFFINE_F64: i64 = 64;
 
+/// Elements [`affine_rows`] computes between two prefetches of the row ahead.
+const AFFINE_CHUNK: usize = 64;
+
+/// Asks the cache for the `bytes` bytes at address `at`: a hint, never an access (a prefetch
+/// reads nothing the program sees and cannot fault, so any address will do).
+#[inline(always)]
+fn prefetch(at: usize, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut o = 0;
+        while o < bytes {
+            let line = std::ptr::without_provenance::<i8>(at.wrapping_add(o));
+            // SAFETY: PREFETCHT0 is a hint: it loads no value and raises no fault, whatever
+            // the address (Intel SDM, "PREFETCHh"); SSE is part of x86-64.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line) };
+            o += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (at, bytes);
+}
+
 /// The steps of [`affine_entry`] over slices, each an IEEE operation in the order the code
 /// gives (rustc contracts nothing into a fused multiply-add), so any width writes the bits a
-/// row kernel's own sweep would. `w` and `b` are read only when asked for.
+/// row kernel's own sweep would. `w` and `b` are read only when asked for. With `ahead`
+/// nonzero, each chunk of [`AFFINE_CHUNK`] elements first prefetches the same chunk of the
+/// row at `ahead` (the row the kernel reads next), so that row streams in from the outer
+/// caches while this one computes: a row of 4 KiB is one page, which the hardware prefetcher
+/// does not cross.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn affine_rows<T, const SUB_C: bool, const OP: u8, const W: bool, const B: bool>(
     x: &[T],
     w: &[T],
@@ -664,6 +691,7 @@ fn affine_rows<T, const SUB_C: bool, const OP: u8, const W: bool, const B: bool>
     c: T,
     p: T,
     y: &mut [MaybeUninit<T>],
+    ahead: usize,
 ) where
     T: Copy
         + std::ops::Add<Output = T>
@@ -672,7 +700,7 @@ fn affine_rows<T, const SUB_C: bool, const OP: u8, const W: bool, const B: bool>
         + std::ops::Div<Output = T>,
 {
     let (w, b) = (if W { w } else { x }, if B { b } else { x });
-    for (((d, &v), &wv), &bv) in y.iter_mut().zip(x).zip(w).zip(b) {
+    let step = |v: T, wv: T, bv: T| {
         let mut t = v;
         if SUB_C {
             t = t - c;
@@ -689,13 +717,34 @@ fn affine_rows<T, const SUB_C: bool, const OP: u8, const W: bool, const B: bool>
         if B {
             t = t + bv;
         }
-        d.write(t);
+        t
+    };
+    let n = x.len();
+    let (xc, xt) = x.as_chunks::<AFFINE_CHUNK>();
+    let (wc, wt) = w[..n].as_chunks::<AFFINE_CHUNK>();
+    let (bc, bt) = b[..n].as_chunks::<AFFINE_CHUNK>();
+    let (yc, yt) = y[..n].as_chunks_mut::<AFFINE_CHUNK>();
+    let bytes = AFFINE_CHUNK * std::mem::size_of::<T>();
+    for (k, (((d, x), w), b)) in yc.iter_mut().zip(xc).zip(wc).zip(bc).enumerate() {
+        if ahead != 0 {
+            prefetch(ahead.wrapping_add(k * bytes), bytes);
+        }
+        for i in 0..AFFINE_CHUNK {
+            d[i].write(step(x[i], w[i], b[i]));
+        }
+    }
+    if ahead != 0 {
+        prefetch(ahead.wrapping_add(xc.len() * bytes), std::mem::size_of_val(xt));
+    }
+    for (((d, &v), &wv), &bv) in yt.iter_mut().zip(xt).zip(wt).zip(bt) {
+        d.write(step(v, wv, bv));
     }
 }
 
 /// [`affine_rows`] for the steps in `code`, each combination its own loop.
 #[inline(always)]
-fn affine_code<T>(code: i64, x: &[T], w: &[T], b: &[T], c: T, p: T, y: &mut [MaybeUninit<T>])
+#[allow(clippy::too_many_arguments)]
+fn affine_code<T>(code: i64, x: &[T], w: &[T], b: &[T], c: T, p: T, y: &mut [MaybeUninit<T>], ahead: usize)
 where
     T: Copy
         + std::ops::Add<Output = T>
@@ -706,13 +755,13 @@ where
     macro_rules! op {
         ($s:literal, $w:literal, $b:literal) => {
             if code & AFFINE_MUL_P != 0 {
-                affine_rows::<T, $s, 1, $w, $b>(x, w, b, c, p, y)
+                affine_rows::<T, $s, 1, $w, $b>(x, w, b, c, p, y, ahead)
             } else if code & AFFINE_DIV_P != 0 {
-                affine_rows::<T, $s, 2, $w, $b>(x, w, b, c, p, y)
+                affine_rows::<T, $s, 2, $w, $b>(x, w, b, c, p, y, ahead)
             } else if code & AFFINE_SUB_P != 0 {
-                affine_rows::<T, $s, 3, $w, $b>(x, w, b, c, p, y)
+                affine_rows::<T, $s, 3, $w, $b>(x, w, b, c, p, y, ahead)
             } else {
-                affine_rows::<T, $s, 0, $w, $b>(x, w, b, c, p, y)
+                affine_rows::<T, $s, 0, $w, $b>(x, w, b, c, p, y, ahead)
             }
         };
     }
@@ -730,20 +779,23 @@ where
 
 macro_rules! affine_paths {
     ($t:ty, $plain:ident, $avx2:ident, $avx512:ident) => {
-        fn $plain(code: i64, x: &[$t], w: &[$t], b: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>]) {
-            affine_code(code, x, w, b, c, p, y)
+        #[allow(clippy::too_many_arguments)]
+        fn $plain(code: i64, x: &[$t], w: &[$t], b: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>], ahead: usize) {
+            affine_code(code, x, w, b, c, p, y, ahead)
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]
-        fn $avx2(code: i64, x: &[$t], w: &[$t], b: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>]) {
-            affine_code(code, x, w, b, c, p, y)
+        #[allow(clippy::too_many_arguments)]
+        fn $avx2(code: i64, x: &[$t], w: &[$t], b: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>], ahead: usize) {
+            affine_code(code, x, w, b, c, p, y, ahead)
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f")]
-        fn $avx512(code: i64, x: &[$t], w: &[$t], b: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>]) {
-            affine_code(code, x, w, b, c, p, y)
+        #[allow(clippy::too_many_arguments)]
+        fn $avx512(code: i64, x: &[$t], w: &[$t], b: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>], ahead: usize) {
+            affine_code(code, x, w, b, c, p, y, ahead)
         }
     };
 }
@@ -753,7 +805,9 @@ affine_paths!(f64, affine_plain_f64, affine_avx2_f64, affine_avx512_f64);
 
 /// `y[i] = ((x[i] − c) ∘ p) · w[i] + b[i]` on path `wd`, each step present as `code` asks
 /// ([`AFFINE_SUB_C`] … [`AFFINE_B`]; `∘` one of `·`, `/`, `−`), for `T` f32 or f64 as
-/// `AFFINE_F64` says. `w` and `b` may be empty when not asked for.
+/// `AFFINE_F64` says. `w` and `b` may be empty when not asked for. `ahead`, when not 0,
+/// is the address of a row of `x.len()` elements to prefetch meanwhile (the row a kernel
+/// reads next): only a hint to the cache, so it may be any address.
 ///
 /// # Panics
 /// If a slice asked for differs in length from `x`, `y` does, or this machine cannot run `wd`.
@@ -767,36 +821,57 @@ pub fn affine_at<T: AffineFloat>(
     c: f64,
     p: f64,
     y: &mut [MaybeUninit<T>],
+    ahead: usize,
 ) {
     let n = x.len();
     assert_eq!(y.len(), n, "lanes: input and output lengths differ");
     assert!(code & AFFINE_W == 0 || w.len() == n, "lanes: the weight row's length differs");
     assert!(code & AFFINE_B == 0 || b.len() == n, "lanes: the bias row's length differs");
     assert!(wd.supported(), "lanes: this machine cannot run the {wd:?} path");
-    T::affine(code, wd, x, w, b, c, p, y)
+    T::affine(code, wd, x, w, b, c, p, y, ahead)
 }
 
 /// The float types of [`affine_at`].
 pub trait AffineFloat: Sized {
     /// [`affine_at`] once its arguments are checked.
     #[allow(clippy::too_many_arguments)]
-    fn affine(code: i64, wd: Width, x: &[Self], w: &[Self], b: &[Self], c: f64, p: f64, y: &mut [MaybeUninit<Self>]);
+    fn affine(
+        code: i64,
+        wd: Width,
+        x: &[Self],
+        w: &[Self],
+        b: &[Self],
+        c: f64,
+        p: f64,
+        y: &mut [MaybeUninit<Self>],
+        ahead: usize,
+    );
 }
 
 macro_rules! affine_float {
     ($t:ty, $plain:ident, $avx2:ident, $avx512:ident) => {
         impl AffineFloat for $t {
-            fn affine(code: i64, wd: Width, x: &[$t], w: &[$t], b: &[$t], c: f64, p: f64, y: &mut [MaybeUninit<$t>]) {
+            fn affine(
+                code: i64,
+                wd: Width,
+                x: &[$t],
+                w: &[$t],
+                b: &[$t],
+                c: f64,
+                p: f64,
+                y: &mut [MaybeUninit<$t>],
+                ahead: usize,
+            ) {
                 let (c, p) = (c as $t, p as $t);
                 match wd {
                     // SAFETY: `affine_at` checked that the CPU has every feature the path was
                     // compiled for.
                     #[cfg(target_arch = "x86_64")]
-                    Width::Avx512 => unsafe { $avx512(code, x, w, b, c, p, y) },
+                    Width::Avx512 => unsafe { $avx512(code, x, w, b, c, p, y, ahead) },
                     // SAFETY: as above.
                     #[cfg(target_arch = "x86_64")]
-                    Width::Avx2 => unsafe { $avx2(code, x, w, b, c, p, y) },
-                    _ => $plain(code, x, w, b, c, p, y),
+                    Width::Avx2 => unsafe { $avx2(code, x, w, b, c, p, y, ahead) },
+                    _ => $plain(code, x, w, b, c, p, y, ahead),
                 }
             }
         }
@@ -809,12 +884,14 @@ affine_float!(f64, affine_plain_f64, affine_avx2_f64, affine_avx512_f64);
 /// The function a row kernel calls (through an address constant) for its last sweep when
 /// that sweep is one output of the form [`affine_at`] computes (layer_norm's
 /// `((x − mean)·rstd)·w + b`, softmax's `e·(1/s)`, log_softmax's `(x − max) − log s`): a row
-/// at this machine's full width, the same bits as the kernel's own sweep.
+/// at this machine's full width, the same bits as the kernel's own sweep. `ahead` is the
+/// kernel's next row of its row-major input, prefetched meanwhile, or null.
 ///
 /// # Safety
 /// `x` (and `w`, `b` where `code` asks for them) must point to `n` initialised elements of
 /// the precision and `y` to room for `n`, not overlapping any of them (row kernels never
-/// write an output over an input: see `exec::memory`).
+/// write an output over an input: see `exec::memory`). `ahead` is never read, only
+/// prefetched, and may be any address (null for none).
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn affine_entry(
     code: i64,
@@ -825,6 +902,7 @@ pub unsafe extern "C" fn affine_entry(
     n: i64,
     c: f64,
     p: f64,
+    ahead: *const u8,
 ) {
     let n = n as usize;
     macro_rules! run {
@@ -839,7 +917,7 @@ pub unsafe extern "C" fn affine_entry(
                     std::slice::from_raw_parts_mut(y.cast::<MaybeUninit<$t>>(), n),
                 )
             };
-            affine_at::<$t>(code, Width::native(), x, w, b, c, p, y)
+            affine_at::<$t>(code, Width::native(), x, w, b, c, p, y, ahead as usize)
         }};
     }
     if code & AFFINE_F64 != 0 {

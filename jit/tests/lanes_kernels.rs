@@ -299,13 +299,22 @@ fn affine_steps_agree_on_every_width() {
                 t
             })
             .collect();
+        // No row to prefetch, the row after `x` (past its allocation), and an address no
+        // allocation holds: a prefetch is a hint, so none may change a bit or fault.
+        let aheads = [0, x.as_ptr().wrapping_add(n) as usize, 16];
         for wd in Width::ALL.into_iter().filter(|w| w.supported()) {
-            let mut y = vec![MaybeUninit::<T>::uninit(); n];
-            lanes::affine_at(code, wd, &x, &w, &b, f64::from(c), f64::from(p), &mut y);
-            for (i, (y, e)) in y.iter().zip(&expect).enumerate() {
-                // SAFETY: `affine_at` writes every element.
-                let y = unsafe { y.assume_init() };
-                assert_eq!(y.into().to_bits(), (*e).into().to_bits(), "code {code} {wd:?} element {i} of {n}");
+            for ahead in aheads {
+                let mut y = vec![MaybeUninit::<T>::uninit(); n];
+                lanes::affine_at(code, wd, &x, &w, &b, f64::from(c), f64::from(p), &mut y, ahead);
+                for (i, (y, e)) in y.iter().zip(&expect).enumerate() {
+                    // SAFETY: `affine_at` writes every element.
+                    let y = unsafe { y.assume_init() };
+                    assert_eq!(
+                        y.into().to_bits(),
+                        (*e).into().to_bits(),
+                        "code {code} {wd:?} element {i} of {n}, ahead {ahead:#x}"
+                    );
+                }
             }
         }
     }
@@ -313,7 +322,7 @@ fn affine_steps_agree_on_every_width() {
         for op in [0, AFFINE_MUL_P, AFFINE_DIV_P, AFFINE_SUB_P] {
             for wb in [0, AFFINE_W, AFFINE_B, AFFINE_W | AFFINE_B] {
                 let code = sub_c | op | wb;
-                for n in [0, 1, 15, 16, 17, 100, 1003] {
+                for n in [0, 1, 15, 16, 17, 63, 64, 65, 100, 1003] {
                     check::<f32>(code, n);
                     check::<f64>(code | lanes::AFFINE_F64, n);
                 }
