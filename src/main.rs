@@ -445,6 +445,10 @@ fn train_distributed(args: &TrainArgs, cfg: &TrainConfig, train: &Labeled, test:
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = tracegrad_jit::lanes::Width::env_cap() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Some(Command::Train(args)) => train(args),
         Some(Command::Dump(args)) => dump(args),

@@ -28,14 +28,30 @@ MEMCPY_ITERS = 20
 TRANSFORMER = {"B": 8, "T": 64, "D": 128, "H": 4}
 
 
+# TRACEGRAD_ISA=avx2 (as for `tracegrad bench`) caps the peers at AVX2 too, so that an AVX-512
+# machine measures what an AVX2 machine would run: XLA's CPU backend, PyTorch's ATen kernels,
+# MKL and oneDNN. Set here, before the scripts import jax or torch; values already in the
+# environment are kept (XLA_FLAGS gains the flag unless it names one).
+ISA_CAP = os.environ.get("TRACEGRAD_ISA", "").lower() or None
+if ISA_CAP not in (None, "avx2", "avx512"):
+    sys.exit(f"TRACEGRAD_ISA={os.environ['TRACEGRAD_ISA']!r}: expected avx2 or avx512, or leave it unset")
+if ISA_CAP == "avx2":
+    if "xla_cpu_max_isa" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_max_isa=AVX2").strip()
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+    os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+
 def isa():
+    """The widest vector extension in use: the CPU's, or avx2 under TRACEGRAD_ISA=avx2."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         flags = []
     if "avx512f" in flags:
-        return "avx512"
+        return "avx2" if ISA_CAP == "avx2" else "avx512"
     if "avx2" in flags:
         return "avx2"
     return "sse"

@@ -80,7 +80,8 @@ impl Func {
 }
 
 /// A compiled path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Ordered narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Width {
     /// Plain x86-64 (SSE2) without FMA: what the JIT computes without FMA.
     Plain,
@@ -119,11 +120,39 @@ impl Width {
         self != Width::Plain
     }
 
-    /// The widest path this machine runs; its rounding is the JIT's (FMA exactly when the
-    /// JIT's [`crate::math::MathCtx::native`] has it).
+    /// The widest path this machine runs, up to [`Width::cap`]; its rounding is the JIT's
+    /// (FMA exactly when the JIT's [`crate::math::MathCtx::native`] has it).
     pub fn native() -> Width {
         static NATIVE: std::sync::OnceLock<Width> = std::sync::OnceLock::new();
-        *NATIVE.get_or_init(|| Width::ALL.into_iter().rev().find(|w| w.supported()).unwrap_or(Width::Plain))
+        *NATIVE.get_or_init(|| {
+            let cap = Width::cap();
+            Width::ALL.into_iter().rev().find(|&w| w <= cap && w.supported()).unwrap_or(Width::Plain)
+        })
+    }
+
+    /// The widest path this process may use: [`Width::Avx2`] when `TRACEGRAD_ISA=avx2` is in
+    /// the environment (an AVX-512 machine then runs its kernels as an AVX2 machine would:
+    /// the lanes at 256 bits and Cranelift without AVX-512 encodings), [`Width::Avx512`] when
+    /// it is unset or `avx512`.
+    ///
+    /// # Panics
+    /// On any other value of `TRACEGRAD_ISA` (programs check [`Width::env_cap`] first).
+    pub fn cap() -> Width {
+        static CAP: std::sync::OnceLock<Width> = std::sync::OnceLock::new();
+        *CAP.get_or_init(|| Width::env_cap().unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    /// [`Width::cap`] as `TRACEGRAD_ISA` gives it, or why the value is not one.
+    pub fn env_cap() -> Result<Width, String> {
+        match std::env::var("TRACEGRAD_ISA") {
+            Err(std::env::VarError::NotPresent) => Ok(Width::Avx512),
+            Err(e) => Err(format!("TRACEGRAD_ISA: {e}")),
+            Ok(v) => match v.to_ascii_lowercase().as_str() {
+                "avx512" => Ok(Width::Avx512),
+                "avx2" => Ok(Width::Avx2),
+                _ => Err(format!("TRACEGRAD_ISA={v:?}: expected avx2 or avx512, or leave it unset")),
+            },
+        }
     }
 }
 

@@ -57,7 +57,15 @@ fn isa() -> Result<cranelift_codegen::isa::OwnedTargetIsa, String> {
     fb.set("opt_level", "speed").map_err(|e| e.to_string())?;
     fb.set("use_colocated_libcalls", "false").map_err(|e| e.to_string())?;
     fb.set("is_pic", "false").map_err(|e| e.to_string())?;
-    let ib = cranelift_native::builder().map_err(|e| format!("host machine is not supported by Cranelift: {e}"))?;
+    let mut ib = cranelift_native::builder().map_err(|e| format!("host machine is not supported by Cranelift: {e}"))?;
+    if crate::lanes::Width::cap() < crate::lanes::Width::Avx512 && cfg!(target_arch = "x86_64") {
+        // TRACEGRAD_ISA=avx2: no EVEX encodings, as on a machine without AVX-512.
+        for flag in
+            ["has_avx512f", "has_avx512vl", "has_avx512dq", "has_avx512bitalg", "has_avx512vbmi", "has_avx512vnni"]
+        {
+            ib.set(flag, "false").map_err(|e| format!("{flag}: {e}"))?;
+        }
+    }
     ib.finish(settings::Flags::new(fb)).map_err(|e| e.to_string())
 }
 
