@@ -5,8 +5,19 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+/// The bench with `args`, uncapped whatever the caller's environment says.
 fn bench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tracegrad")).arg("bench").args(args).output().expect("the tracegrad binary runs")
+    bench_with_isa(None, args)
+}
+
+/// The bench with `TRACEGRAD_ISA` set to `isa` (removed for `None`).
+fn bench_with_isa(isa: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tracegrad"));
+    match isa {
+        Some(v) => cmd.env("TRACEGRAD_ISA", v),
+        None => cmd.env_remove("TRACEGRAD_ISA"),
+    };
+    cmd.arg("bench").args(args).output().expect("the tracegrad binary runs")
 }
 
 fn text(b: &[u8]) -> String {
@@ -79,12 +90,48 @@ fn json_lines_follow_the_contract() {
     positive(sgemm, "gflops");
     for r in [memcpy, sgemm] {
         assert!(
-            ["avx512", "avx2", "sse"].contains(&r["isa"].as_str().unwrap_or("?")) || !cfg!(target_arch = "x86_64"),
+            ["avx512", "avx512+gemm-avx2", "avx2", "sse"].contains(&r["isa"].as_str().unwrap_or("?"))
+                || !cfg!(target_arch = "x86_64"),
             "{r}"
         );
         assert!(r["threads"].as_u64().is_some_and(|t| t >= 1), "{r}");
     }
     assert_eq!(rows.len(), 2 + 2 * 2, "two reference rows and two modes of two workloads:\n{stdout}");
+}
+
+/// `TRACEGRAD_ISA=avx2` shows in the reference rows' `isa`: `avx2` where the products run at
+/// AVX2 too, `avx2+gemm-avx512` where gemm's AVX-512 kernels are built in and the CPU has
+/// AVX-512. An unknown value stops the bench before it runs anything.
+#[test]
+fn an_isa_cap_is_reported_and_a_bad_one_refused() {
+    let out = bench_with_isa(Some("avx2"), &["--json", "--iters", "1", "--workload", "mlp_inference_b1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let memcpy: Value = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| r["workload"] == "memcpy")
+        .unwrap_or_else(|| panic!("no memcpy row in:\n{stdout}"));
+    #[cfg(target_arch = "x86_64")]
+    {
+        let expect = if !std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                "avx2"
+            } else {
+                "sse"
+            }
+        } else if cfg!(feature = "gemm-avx512") {
+            "avx2+gemm-avx512"
+        } else {
+            "avx2"
+        };
+        assert_eq!(memcpy["isa"], expect, "{memcpy}");
+    }
+    let bad = bench_with_isa(Some("avx9"), &["--iters", "1", "--workload", "mlp_inference_b1"]);
+    assert!(!bad.status.success(), "an unknown TRACEGRAD_ISA must fail");
+    let stderr = text(&bad.stderr);
+    assert!(stderr.contains("TRACEGRAD_ISA") && stderr.contains("\"avx9\""), "{stderr}");
+    assert!(bad.stdout.is_empty(), "nothing should run: {}", text(&bad.stdout));
 }
 
 #[test]

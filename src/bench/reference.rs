@@ -40,18 +40,20 @@ impl ReferenceSize {
 
 /// The widest x86 vector extension the kernels use: the CPU's widest (`avx512` for AVX-512F,
 /// `avx2` or `sse`), or `avx2` on an AVX-512 CPU capped by `TRACEGRAD_ISA=avx2` in a build
-/// without the `gemm-avx512` feature. Capped with that feature on, gemm's products still run
-/// at AVX-512: `avx2+gemm-avx512`. On other architectures, the architecture's name.
+/// without the `gemm-avx512` feature. Where gemm's width differs from the kernels' on an
+/// AVX-512 CPU, both are named: `avx2+gemm-avx512` (capped, feature on) or
+/// `avx512+gemm-avx2` (not capped, feature off). On other architectures, the architecture's
+/// name.
 pub fn isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            if tracegrad_jit::lanes::Width::cap() >= tracegrad_jit::lanes::Width::Avx512 {
-                "avx512"
-            } else if cfg!(feature = "gemm-avx512") {
-                "avx2+gemm-avx512"
-            } else {
-                "avx2"
+            let capped = tracegrad_jit::lanes::Width::cap() < tracegrad_jit::lanes::Width::Avx512;
+            match (capped, cfg!(feature = "gemm-avx512")) {
+                (false, true) => "avx512",
+                (false, false) => "avx512+gemm-avx2",
+                (true, true) => "avx2+gemm-avx512",
+                (true, false) => "avx2",
             }
         } else if std::arch::is_x86_feature_detected!("avx2") {
             "avx2"
