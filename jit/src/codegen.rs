@@ -707,12 +707,14 @@ impl Gen<'_> {
         let [(out, root)] = outs[..] else { return None };
         let float = |n: usize| spec.nodes[n].ty == VType::Float;
         let row = |n: usize| spec.nodes[n].space == Space::Row && float(n);
-        // A per-column float input (the same row for every row: layer_norm's weight and bias).
+        // An input of float rows read along the row: the same row for every row (`outer`
+        // empty: a per-column input, layer_norm's weight and bias) or one that moves with it.
+        let float_rows = |i: usize| {
+            let m = &spec.inputs[i];
+            m.space == Space::Elem && m.ty == VType::Float && m.contiguous
+        };
         let column = |n: usize| match spec.nodes[n].op {
-            KOp::Input(i) => {
-                let m = &spec.inputs[i];
-                m.space == Space::Elem && m.ty == VType::Float && m.contiguous && m.outer.is_empty()
-            }
+            KOp::Input(i) => float_rows(i) && spec.inputs[i].outer.is_empty(),
             _ => false,
         };
         let binary = |n: usize| match spec.nodes[n].op {
@@ -757,10 +759,7 @@ impl Gen<'_> {
         };
         // The input whose next row the call prefetches: the kernel's row-major input (the
         // source itself when it is one), which its first sweep reads from the outer caches.
-        let streamed = |i: usize| {
-            let m = &spec.inputs[i];
-            m.space == Space::Elem && m.ty == VType::Float && m.contiguous && !m.outer.is_empty()
-        };
+        let streamed = |i: usize| float_rows(i) && !spec.inputs[i].outer.is_empty();
         let ahead = match node.op {
             KOp::Input(i) if streamed(i) => Some(i),
             _ => (0..spec.inputs.len()).find(|&i| streamed(i)),

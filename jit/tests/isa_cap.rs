@@ -14,11 +14,14 @@ use tracegrad_jit::{Backend, Executable};
 use tracegrad_runtime::{Buffer, DType};
 
 const CHILD: &str = "TRACEGRAD_ISA_TEST_CHILD";
+/// The kernels' rows and columns.
+const ROWS: usize = 6;
+const COLS: usize = 1000;
 
 /// A pointwise kernel with transcendentals (tiles of lane calls), softmax (row lane calls)
 /// and layer_norm with weight and bias (the affine lane call), over rows of 1000.
 fn graph() -> Graph {
-    let (rows, cols) = (6, 1000);
+    let (rows, cols) = (ROWS, COLS);
     let mut g = Graph::new();
     let t = TensorType::new(DType::F32, &[rows, cols]);
     let x = g.add_input("x", InputRole::Data, t);
@@ -37,7 +40,7 @@ fn graph() -> Graph {
 
 /// FNV-1a over the outputs' bits.
 fn fingerprint() -> u64 {
-    let (rows, cols) = (6, 1000);
+    let (rows, cols) = (ROWS, COLS);
     let ramp = |n: usize, k: f64| -> Vec<f32> { (0..n).map(|i| ((i as f64 * k).sin() * 6.0) as f32).collect() };
     let inputs = [
         Buffer::from_vec(ramp(rows * cols, 0.37), &[rows, cols]),
