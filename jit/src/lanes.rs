@@ -237,6 +237,10 @@ macro_rules! lane_arith {
                 a | b
             }
             #[inline(always)]
+            fn bxor(&mut self, a: $i, b: $i) -> $i {
+                a ^ b
+            }
+            #[inline(always)]
             fn shl(&mut self, a: $i, n: u32) -> $i {
                 a << n
             }

@@ -12,7 +12,7 @@
 //! # Instructions and ISA requirements
 //!
 //! The emitted IR uses only `fadd fsub fmul fdiv fabs fneg sqrt fcmp select bitselect bitcast
-//! iadd band bor ishl ushr` and constants (`f32const f64const iconst splat`), plus `fma` when
+//! iadd band bor bxor ishl ushr` and constants (`f32const f64const iconst splat`), plus `fma` when
 //! [`MathCtx::has_fma`] is set. Everything but `fma` lowers on x86-64 with SSE2 alone (tested
 //! with SSE2-only, SSE4.2, AVX2 and AVX-512 flag sets; SSE4.1 turns the vector selects into
 //! `blendv`). `fma` lowers to `vfmadd` only when the ISA has the `has_fma` flag — without it
@@ -504,6 +504,11 @@ pub(crate) fn gelu_tanh_g<A: Arith>(e: &mut A, x: A::V) -> A::V {
 // ---------------------------------------------------------------------------------------------
 // Constants.
 
+/// Where [`Arith::scaled_sigmoid`] clamps its argument from above (f32): e^{−w} < 2^−125 rounds
+/// 1 + e^{−w} to 1, and 2^k stays normal (k ≥ −126).
+const SIGMOID_WMAX_F32: f64 = 87.0;
+/// [`SIGMOID_WMAX_F32`] for f64 (k ≥ −1010).
+const SIGMOID_WMAX_F64: f64 = 700.0;
 /// `log2(e)`.
 const LOG2E: f64 = std::f64::consts::LOG2_E;
 /// exp's argument clamp (f32). Below it, e^x·|pref| rounds to 0 for every prefactor the
@@ -852,6 +857,10 @@ impl Arith for Em<'_, '_> {
         self.b.ins().bor(a, b)
     }
 
+    fn bxor(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().bxor(a, b)
+    }
+
     fn shl(&mut self, a: Value, n: u32) -> Value {
         self.b.ins().ishl_imm_u(a, i64::from(n))
     }
@@ -933,6 +942,8 @@ pub(crate) trait Arith {
     fn band(&mut self, a: Self::I, b: Self::I) -> Self::I;
     /// `a | b`.
     fn bor(&mut self, a: Self::I, b: Self::I) -> Self::I;
+    /// `a ^ b`.
+    fn bxor(&mut self, a: Self::I, b: Self::I) -> Self::I;
     /// `a << n`.
     fn shl(&mut self, a: Self::I, n: u32) -> Self::I;
     /// `a >> n`, logical.
@@ -1096,19 +1107,7 @@ pub(crate) trait Arith {
     /// into the subnormals. With one scale the caller guarantees x ≥ −87 (f32) / −708 (f64).
     #[inline(always)]
     fn exp_parts(&mut self, x: Self::V, lo: Option<Self::V>, two_scales: bool, clamp: Clamp) -> ExpParts<Self::V> {
-        let (xlo, xhi) = if self.wide() { (EXP_MIN_F64, 710.0) } else { (EXP_MIN_F32, 89.0) };
-        let xc = if clamp.hi { self.min_const(x, xhi) } else { x };
-        let xc = if clamp.lo { self.max_const(xc, xlo) } else { xc };
-        let (k, mut r) = self.reduce_ln2(xc);
-        if let Some(l) = lo {
-            r = self.add(r, l);
-        }
-        let c = if self.wide() { &EXP_F64[..] } else { &EXP_F32[..] };
-        // e^r = 1 + r·H(r), H = 1 + r·P(r)
-        let h = self.poly_lead(r, 1.0, c, 1.0);
-        let q = self.mul(h, r);
-        let one = self.c(1.0);
-        let p = self.fma(h, r, one);
+        let (k, p, q) = self.exp_core(x, lo, clamp);
         if two_scales {
             let half = self.c(0.5);
             let h = self.mul(k, half);
@@ -1123,55 +1122,98 @@ pub(crate) trait Arith {
         }
     }
 
+    /// [`Arith::exp_parts`] before its scales: `(k, p, q)` with `e^(x + lo) = p·2^k` and
+    /// `q = p − 1` (more accurate), x clamped as `clamp` says.
+    #[inline(always)]
+    fn exp_core(&mut self, x: Self::V, lo: Option<Self::V>, clamp: Clamp) -> (Self::V, Self::V, Self::V) {
+        let (xlo, xhi) = if self.wide() { (EXP_MIN_F64, 710.0) } else { (EXP_MIN_F32, 89.0) };
+        let xc = if clamp.hi { self.min_const(x, xhi) } else { x };
+        let xc = if clamp.lo { self.max_const(xc, xlo) } else { xc };
+        let (k, mut r) = self.reduce_ln2(xc);
+        if let Some(l) = lo {
+            r = self.add(r, l);
+        }
+        let c = if self.wide() { &EXP_F64[..] } else { &EXP_F32[..] };
+        // e^r = 1 + r·H(r), H = 1 + r·P(r)
+        let h = self.poly_lead(r, 1.0, c, 1.0);
+        let q = self.mul(h, r);
+        let one = self.c(1.0);
+        let p = self.fma(h, r, one);
+        (k, p, q)
+    }
+
     /// `pref·sigmoid(w + w_lo)` (`pref` = 1 when `None`), relative-accurate for all w.
     ///
     /// With T = 15.9 (f32) / 36 (f64), the largest |w| for which 1 + 2^k is exact, and
-    /// E = e^{arg} = (1 + q)·S, S = s1·s2, where arg = −w for w ≥ −T and arg = w below:
+    /// E = e^{arg} = (1 + q)·2^k, where arg = −w for w ≥ −T and arg = w below:
     /// - w ≥ −T: `pref/(1 + E)`;
     /// - w < −T: `pref·E/(1 + E)`.
     ///
-    /// The denominator `q·S + (1 + S)` is rounded once (1 + S is exact while it matters). Below
-    /// −T the numerator `pref·E` is `fma(pref·s1, q, pref·s1)`, rounded once, and its last,
-    /// possibly subnormal, scaling by s2 comes after the division, so the result rounds once
-    /// there too. Using E = e^{−|w|} for all w < 0 would be cheaper but costs an ulp where E
-    /// and the result lie in different binades.
+    /// The denominator `q·E₀ + (1 + E₀)`, E₀ = 2^k, is rounded once (1 + E₀ is exact while it
+    /// matters). Below −T, where the result may be subnormal, the numerator `pref·E` is
+    /// `fma(pref·S, q, pref·S)` with S = 2^(k + OFF), OFF = 64 (f32) / 512 (f64), rounded once
+    /// in the normal range, and the quotient's final scaling by 2^−OFF rounds once into the
+    /// subnormals. Above −T, w is clamped at [`SIGMOID_WMAX_F32`] (f64: [`SIGMOID_WMAX_F64`]),
+    /// which keeps 2^k normal; from there on 1 + E rounds to 1 anyway. Using E = e^{−|w|} for
+    /// all w < 0 would be cheaper but costs an ulp where E and the result lie in different
+    /// binades.
     #[inline(always)]
     fn scaled_sigmoid(&mut self, pref: Option<Self::V>, w: Self::V, w_lo: Option<Self::V>) -> Self::V {
-        let nt = self.c(if self.wide() { -36.0 } else { -15.9 });
+        let wide = self.wide();
+        let nt = self.c(if wide { -36.0 } else { -15.9 });
         let lower = self.cmp(FloatCC::LessThan, w, nt);
-        let nw = self.neg(w);
-        let arg = self.sel(lower, w, nw);
-        let arg_lo = w_lo.map(|l| {
-            let nl = self.neg(l);
-            self.sel(lower, l, nl)
-        });
-        // arg ≤ T: only the lower clamp matters.
-        let ep = self.exp_parts(arg, arg_lo, true, Clamp::LO);
-        let s2 = ep.s2.unwrap();
-        let one = self.c(1.0);
-        let sc = self.mul(ep.s1, s2);
-        let sp1 = self.add(sc, one);
-        let den = self.fma(ep.q, sc, sp1);
-        let ps = match pref {
-            None => ep.s1,
-            Some(x) => self.mul(x, ep.s1),
+        let wc = self.min_const(w, if wide { SIGMOID_WMAX_F64 } else { SIGMOID_WMAX_F32 });
+        // arg = −wc above −T, wc below: a sign flip, as `neg` would do it (NaN included).
+        let zero = self.c(0.0);
+        let nzero = self.c(-0.0);
+        let flip = self.sel(lower, zero, nzero);
+        let flip = self.bits(flip);
+        let flip_by = |e: &mut Self, v: Self::V| {
+            let b = e.bits(v);
+            let b = e.bxor(b, flip);
+            e.float(b)
         };
-        let pe = self.fma(ps, ep.q, ps);
+        let arg = flip_by(self, wc);
+        let arg_lo = w_lo.map(|l| flip_by(self, l));
+        // arg ≤ T: only the lower clamp matters.
+        let (k, _, q) = self.exp_core(arg, arg_lo, Clamp::LO);
+        // Below −T: S = 2^(k + OFF), and f2 = 2^−OFF (the exponent bits of 1 lowered by OFF,
+        // an integer add of −OFF·2^mantissa_bits, whose bit pattern is the float −2^65 (f32) /
+        // −2^513 (f64)); above, S = 2^k and f2 = 1.
+        let (off, off_pattern) = if wide { (512.0, -(2f64.powi(513))) } else { (64.0, -(2f64.powi(65))) };
+        let off = self.c(off);
+        let off = self.sel(lower, off, zero);
+        let kk = self.add(k, off);
+        let s = self.pow2(kk);
+        let one = self.c(1.0);
+        let off_pattern = self.c(off_pattern);
+        let down = self.sel(lower, off_pattern, zero);
+        let one_bits = self.bits(one);
+        let down = self.bits(down);
+        let f2 = self.iadd(one_bits, down);
+        let f2 = self.float(f2);
+        // E₀ = 2^k, rounded once (to a subnormal or zero far below −T).
+        let e0 = self.mul(s, f2);
+        let ep1 = self.add(e0, one);
+        let den = self.fma(q, e0, ep1);
+        let ps = match pref {
+            None => s,
+            Some(x) => self.mul(x, s),
+        };
+        let pe = self.fma(ps, q, ps);
         let num = self.sel(lower, pe, pref.unwrap_or(one));
         // Below exp's clamp e^{w} must be exactly 0, even when multiplied by a huge |pref| (with
         // no prefactor the clamped product already rounds to 0).
-        let s2 = match pref {
-            None => s2,
+        let f2 = match pref {
+            None => f2,
             Some(_) => {
-                let zero = self.c(0.0);
-                let xlo = self.c(if self.wide() { EXP_MIN_F64 } else { EXP_MIN_F32 });
+                let xlo = self.c(if wide { EXP_MIN_F64 } else { EXP_MIN_F32 });
                 let under = self.cmp(FloatCC::LessThan, w, xlo);
-                self.sel(under, zero, s2)
+                self.sel(under, zero, f2)
             }
         };
-        let f2 = self.sel(lower, s2, one);
-        let q = self.div(num, den);
-        self.mul(q, f2)
+        let r = self.div(num, den);
+        self.mul(r, f2)
     }
 
     /// `erf(u)` for |u| ≤ 1, given `t = u²`: `u + u·P(t)`.

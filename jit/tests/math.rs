@@ -572,6 +572,7 @@ const ALLOWED: &[Opcode] = &[
     Opcode::Iadd,
     Opcode::Band,
     Opcode::Bor,
+    Opcode::Bxor,
     Opcode::Ishl,
     Opcode::Ushr,
     Opcode::F32const,
@@ -1098,27 +1099,43 @@ fn tanh_f64() {
     check("tanh f64", math::tanh, Some(Func::Tanh), &xs, ref64::tanh, TANH);
 }
 
+/// sigmoid's and silu's thresholds: where exp's two-scale result turns subnormal, the lower
+/// branch (−15.9 / −36), its offset scale's ends (exp's clamp) and the upper clamp (87 / 700).
+const SIGMOID_EXTRA_F32: [f32; 11] =
+    [-87.33655, -103.2789, 16.635532, -15.9, -15.900001, -110.0, -110.00001, 86.99999, 87.0, 87.00001, 88.72284];
+const SIGMOID_EXTRA_F64: [f64; 9] = [
+    -708.3964185322641,
+    36.7368005696771,
+    -36.0,
+    -36.00000000000001,
+    -760.0,
+    699.9999999999999,
+    700.0,
+    700.0000000000001,
+    709.782712893384,
+];
+
 #[test]
 fn sigmoid_f32() {
-    let xs = samples32((0.25, 110.0), (0.0, 110.0), true, &[-87.33655, -103.2789, 16.635532]);
+    let xs = samples32((0.25, 110.0), (0.0, 110.0), true, &SIGMOID_EXTRA_F32);
     check("sigmoid f32", math::sigmoid, Some(Func::Sigmoid), &xs, ref32::sigmoid, SIGMOID);
 }
 
 #[test]
 fn sigmoid_f64() {
-    let xs = samples64(1e-20, 750.0, true, &[-708.3964185322641, -744.440_071_921_381_2, 36.7368005696771]);
+    let xs = samples64(1e-20, 750.0, true, &[&SIGMOID_EXTRA_F64[..], &[-744.440_071_921_381_2]].concat());
     check("sigmoid f64", math::sigmoid, Some(Func::Sigmoid), &xs, ref64::sigmoid, SIGMOID);
 }
 
 #[test]
 fn silu_f32() {
-    let xs = samples32((0.25, 120.0), (0.0, 1e6), true, &[-87.33655, -103.2789, 16.635532]);
+    let xs = samples32((0.25, 120.0), (0.0, 1e6), true, &SIGMOID_EXTRA_F32);
     check("silu f32", math::silu, Some(Func::Silu), &xs, ref32::silu, SILU);
 }
 
 #[test]
 fn silu_f64() {
-    let xs = samples64(1e-20, 800.0, true, &[-708.3964185322641, -740.0, 36.7368005696771]);
+    let xs = samples64(1e-20, 800.0, true, &[&SIGMOID_EXTRA_F64[..], &[-740.0]].concat());
     check("silu f64", math::silu, Some(Func::Silu), &xs, ref64::silu, SILU);
 }
 
