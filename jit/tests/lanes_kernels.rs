@@ -330,3 +330,34 @@ fn affine_steps_agree_on_every_width() {
         }
     }
 }
+
+/// A shifted call computes `f(x − c)`; a plain one (`c` = +0) skips the subtraction, which
+/// changes nothing, while `c` = −0 must still turn `x` = −0 into +0 (`−0 − (−0) = +0`).
+#[test]
+fn shifted_calls_subtract_every_c_but_plus_zero_exactly() {
+    use lanes::{Func, LaneFloat};
+    use std::mem::MaybeUninit;
+    for w in Width::ALL.into_iter().filter(|w| w.supported()) {
+        // 37 elements: vector bodies and a scalar tail on every width.
+        let x: Vec<f32> = (0..37).map(|i| if i % 2 == 0 { -0.0 } else { i as f32 * 0.25 - 4.0 }).collect();
+        for (c, sign_of_zero) in [(0.0f64, -1.0f32), (-0.0, 1.0), (1.5, f32::NAN)] {
+            let mut y = vec![MaybeUninit::<f32>::uninit(); x.len()];
+            f32::shifted_at(Func::Tanh, w, &x, c, 0.0, &mut y, false);
+            let mut want = vec![0f32; x.len()];
+            let shifted: Vec<f32> = x.iter().map(|&v| v - c as f32).collect();
+            f32::apply_at(Func::Tanh, w, &shifted, &mut want);
+            for (k, (y, want)) in y.iter().zip(&want).enumerate() {
+                // SAFETY: `shifted_at` wrote every element.
+                let y = unsafe { y.assume_init() };
+                assert_eq!(y.to_bits(), want.to_bits(), "{w:?} c = {c:?}, element {k}");
+                if x[k] == 0.0 && !sign_of_zero.is_nan() {
+                    assert_eq!(
+                        y.to_bits(),
+                        (0.0f32.copysign(sign_of_zero)).to_bits(),
+                        "{w:?} c = {c:?}: tanh of a zero"
+                    );
+                }
+            }
+        }
+    }
+}
