@@ -512,8 +512,8 @@ const SIGMOID_WMAX_F64: f64 = 700.0;
 /// `log2(e)`.
 const LOG2E: f64 = std::f64::consts::LOG2_E;
 /// exp's argument clamp (f32). Below it, e^x·|pref| rounds to 0 for every prefactor the
-/// emitters use (|pref| ≤ |x| for silu, ≤ 16 for gelu_tanh's clamped w), and 2^⌊k/2⌉ stays
-/// normal.
+/// emitters use (|pref| ≤ |x| for silu, ≤ 16 for gelu_tanh's clamped w), and 2^⌊k/2⌉ (and
+/// sigmoid's 2^(k + 64), f64: 2^(k + 512)) stays normal.
 const EXP_MIN_F32: f64 = -110.0;
 /// Same, f64.
 const EXP_MIN_F64: f64 = -760.0;
