@@ -652,15 +652,38 @@ pub fn kernel_code(f: Func, f64: bool) -> i64 {
 /// With [`CODE_SUM`] in `code` it returns the sum of `dst` in the order a row kernel's sweep
 /// adds it up (`ROW_UNROLL` accumulators of 128 bits), else 0.
 ///
+/// First it asks the cache for the `n` elements' bytes at each of the `ahead_count` addresses
+/// at `ahead` (a pointwise kernel's outputs a few tiles on: see [`crate::codegen`]'s
+/// `PREFETCH_TILES`); the addresses are hints, read by no access, so any value will do.
+///
 /// # Safety
 /// `src` must point to `n` initialised elements of the precision and `dst` to room for `n`
-/// elements, not overlapping `src`; `code` must come from [`kernel_code`].
-pub unsafe extern "C" fn kernel_entry(code: i64, src: *const u8, dst: *mut u8, n: i64, c: f64, p: f64) -> f64 {
+/// elements, not overlapping `src`; `ahead` must point to `ahead_count` readable `usize`s
+/// (any pointer when it is 0); `code` must come from [`kernel_code`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn kernel_entry(
+    code: i64,
+    src: *const u8,
+    dst: *mut u8,
+    n: i64,
+    ahead: *const usize,
+    ahead_count: i64,
+    c: f64,
+    p: f64,
+) -> f64 {
     let k = Func::ALL.len();
     let sum = code & CODE_SUM != 0;
     let code = (code & !CODE_SUM) as usize;
     let (i, f64) = (code % k, code >= k);
     let (f, w, n) = (Func::ALL[i], Width::native(), n as usize);
+    if ahead_count > 0 {
+        // SAFETY: the caller's contract: `ahead_count` addresses at `ahead`.
+        let at = unsafe { std::slice::from_raw_parts(ahead, ahead_count as usize) };
+        let bytes = n * if f64 { 8 } else { 4 };
+        for &a in at {
+            prefetch(a, bytes);
+        }
+    }
     if f64 {
         // SAFETY: the caller's contract: `n` f64 elements at `src`, room for `n` at `dst`,
         // disjoint.

@@ -361,3 +361,40 @@ fn shifted_calls_subtract_every_c_but_plus_zero_exactly() {
         }
     }
 }
+
+/// `kernel_entry`'s prefetch addresses are hints: none, a past-the-end one, an unmapped one
+/// and null give the same bits as a call without them (and no fault).
+#[test]
+fn kernel_entry_prefetches_any_address_without_effect() {
+    use lanes::Func;
+    let x: Vec<f32> = (0..300).map(|i| i as f32 * 0.07 - 10.0).collect();
+    let past_end = x.as_ptr().wrapping_add(x.len()) as usize;
+    let ahead = [0usize, past_end, 16, usize::MAX - 63];
+    for f in [Func::Tanh, Func::Sigmoid, Func::Exp] {
+        for count in [0, 1, ahead.len() as i64] {
+            let (mut y0, mut y1) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            let code = lanes::kernel_code(f, false) + lanes::CODE_SUM;
+            // SAFETY: `x` holds `x.len()` f32s and each `y` room for as many, disjoint; `ahead`
+            // holds `count` (≤ its length) addresses.
+            let (s0, s1) = unsafe {
+                let call = |y: &mut Vec<f32>, n: i64| {
+                    lanes::kernel_entry(
+                        code,
+                        x.as_ptr().cast(),
+                        y.as_mut_ptr().cast(),
+                        x.len() as i64,
+                        ahead.as_ptr(),
+                        n,
+                        0.5,
+                        0.0,
+                    )
+                };
+                (call(&mut y0, 0), call(&mut y1, count))
+            };
+            assert_eq!(s0.to_bits(), s1.to_bits(), "{f:?}, {count} addresses: the sum");
+            for (i, (a, b)) in y0.iter().zip(&y1).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{f:?}, {count} addresses: element {i}");
+            }
+        }
+    }
+}
