@@ -438,9 +438,10 @@ wide_partials!(
 
 macro_rules! paths {
     ($t:ty, $lanes:expr, $plain:ident, $fma128:ident, $avx2:ident, $avx512:ident, $p_avx2:ident, $p_avx512:ident) => {
-        /// `y = f(x − c)`, and with `sum` the kernel-order sum of `y` ([`kernel_sum`]).
-        fn $plain(f: Func, x: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>], sum: bool) -> $t {
-            map::<Lane<$t, false>>(f, x, (c.to_bits() != 0).then_some(c), p, y);
+        /// `y = f(x − c)` (`y = f(x)` without `c`), and with `sum` the kernel-order sum of `y`
+        /// ([`kernel_sum`]).
+        fn $plain(f: Func, x: &[$t], c: Option<$t>, p: $t, y: &mut [MaybeUninit<$t>], sum: bool) -> $t {
+            map::<Lane<$t, false>>(f, x, c, p, y);
             if sum {
                 kernel_sum::<$t, $lanes, { $lanes * ROW_UNROLL }>(written(y), partials)
             } else {
@@ -450,8 +451,8 @@ macro_rules! paths {
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "fma")]
-        fn $fma128(f: Func, x: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>], sum: bool) -> $t {
-            map::<Lane<$t, true>>(f, x, (c.to_bits() != 0).then_some(c), p, y);
+        fn $fma128(f: Func, x: &[$t], c: Option<$t>, p: $t, y: &mut [MaybeUninit<$t>], sum: bool) -> $t {
+            map::<Lane<$t, true>>(f, x, c, p, y);
             if sum {
                 kernel_sum::<$t, $lanes, { $lanes * ROW_UNROLL }>(written(y), partials)
             } else {
@@ -461,8 +462,8 @@ macro_rules! paths {
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
-        fn $avx2(f: Func, x: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>], sum: bool) -> $t {
-            map::<Lane<$t, true>>(f, x, (c.to_bits() != 0).then_some(c), p, y);
+        fn $avx2(f: Func, x: &[$t], c: Option<$t>, p: $t, y: &mut [MaybeUninit<$t>], sum: bool) -> $t {
+            map::<Lane<$t, true>>(f, x, c, p, y);
             if sum {
                 kernel_sum::<$t, $lanes, { $lanes * ROW_UNROLL }>(written(y), |y| $p_avx2(y))
             } else {
@@ -472,8 +473,8 @@ macro_rules! paths {
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,fma")]
-        fn $avx512(f: Func, x: &[$t], c: $t, p: $t, y: &mut [MaybeUninit<$t>], sum: bool) -> $t {
-            map::<Lane<$t, true>>(f, x, (c.to_bits() != 0).then_some(c), p, y);
+        fn $avx512(f: Func, x: &[$t], c: Option<$t>, p: $t, y: &mut [MaybeUninit<$t>], sum: bool) -> $t {
+            map::<Lane<$t, true>>(f, x, c, p, y);
             if sum {
                 kernel_sum::<$t, $lanes, { $lanes * ROW_UNROLL }>(written(y), |y| $p_avx512(y))
             } else {
@@ -552,6 +553,8 @@ macro_rules! lane_float {
                 assert_eq!(x.len(), y.len(), "lanes: input and output lengths differ");
                 assert!(w.supported(), "lanes: this machine cannot run the {w:?} path");
                 let (c, p) = (c as $t, p as $t);
+                // A plain call (c = +0) runs the loop without the subtraction (see `map`).
+                let c = (c.to_bits() != 0).then_some(c);
                 let s = match w {
                     Width::Plain => $plain(f, x, c, p, y, sum),
                     // SAFETY: `w.supported()` checked that the CPU has every feature the path
